@@ -1,0 +1,148 @@
+"""Newton-Schulz orthogonalization: the one piece of Muon that needs a whole matrix.
+
+`newton_schulz(G)` returns an approximation of the orthogonal polar factor U V^T of G = U S V^T by
+running a fixed odd matrix polynomial a few times. The quintic iteration with Keller Jordan's
+coefficients (3.4445, -4.7750, 2.0315) does not converge to exactly 1: it drives every singular
+value into a band around 1 (roughly [0.7, 1.2]), which is what Muon wants and is much cheaper than
+an SVD. Polar Express (Amsel, Persson, Musco, Gower, "The Polar Express: Optimal Matrix Sign Methods
+and Their Application to the Muon Algorithm", arXiv:2505.16932) uses a different, minimax-optimal
+polynomial per step; its 5-step table is the one published in modded-nanogpt.
+
+The function is pure and deterministic. It works on any batch of matrices (..., m, n), transposes
+tall matrices so the Gram matrix X X^T is the small one, normalizes by the Frobenius norm in the
+input's precision (so a tiny-norm input does not underflow when cast to bfloat16), and then runs the
+iteration in `compute_dtype`. The result is returned in `compute_dtype`; callers decide when to cast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "NSConfig",
+    "JORDAN_COEFFICIENTS",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "newton_schulz",
+    "ns_flops",
+    "matrix_view_shape",
+    "resolve_ns_dtype",
+]
+
+# Keller Jordan's quintic coefficients (https://kellerjordan.github.io/posts/muon/).
+JORDAN_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+# Polar Express, 5 steps, safety factor 2e-2 (arXiv:2505.16932; table as used by modded-nanogpt).
+# Steps beyond the table reuse its last row, which is the converged polynomial.
+POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+_POLAR_EXPRESS_SAFETY = 1.0 + 2e-2
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+COEFFICIENT_SETS = ("jordan", "polar_express")
+
+
+@dataclass(frozen=True)
+class NSConfig:
+    """How to orthogonalize. `dtype` is the compute dtype of the iteration ("float32", "bfloat16",
+    "float64", or "auto": bfloat16 on accelerators, float32 on CPU where bf16 matmul is ~90x slower)."""
+
+    steps: int = 5
+    dtype: str = "bfloat16"
+    coefficients: str = "jordan"
+    eps: float = 1e-7
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"ns_steps must be an integer >= 1, got {self.steps!r}")
+        if self.dtype not in _DTYPES and self.dtype != "auto":
+            raise ValueError(
+                f"ns_dtype must be one of {sorted(_DTYPES) + ['auto']}, got {self.dtype!r}"
+            )
+        if self.coefficients not in COEFFICIENT_SETS:
+            raise ValueError(
+                f"ns_coefficients must be one of {list(COEFFICIENT_SETS)}, got {self.coefficients!r}"
+            )
+        if not (self.eps > 0 and self.eps < 1):
+            raise ValueError(f"ns eps must be in (0, 1), got {self.eps!r}")
+
+    def torch_dtype(self, device: torch.device | str | None = None) -> torch.dtype:
+        return resolve_ns_dtype(self.dtype, device)
+
+
+def resolve_ns_dtype(name: str, device: torch.device | str | None) -> torch.dtype:
+    """Map a dtype name to a torch dtype; "auto" picks by device type."""
+    if name == "auto":
+        device_type = torch.device(device).type if device is not None else "cpu"
+        return torch.float32 if device_type == "cpu" else torch.bfloat16
+    return _DTYPES[name]
+
+
+def matrix_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """The shape Newton-Schulz sees for a parameter of `shape`.
+
+    2-D stays as is, 3-D is a batch of matrices, 4-D conv weights (out, in, kh, kw) become
+    (out, in*kh*kw): rows stay output neurons, which keeps the FSDP2 row sharding meaningful.
+    """
+    shape = tuple(shape)
+    if len(shape) in (2, 3):
+        return shape
+    if len(shape) == 4:
+        return (shape[0], shape[1] * shape[2] * shape[3])
+    raise ValueError(
+        f"Newton-Schulz needs a 2-D, 3-D (stacked) or 4-D (conv) tensor, got shape {shape}"
+    )
+
+
+def ns_flops(shape: tuple[int, ...], steps: int) -> int:
+    """Matmul FLOPs of `steps` iterations on a (batch of) matrix of `shape` (after matrix_view_shape).
+
+    Per step with k = min(m, n), l = max(m, n): X X^T is 2 k^2 l, A A is 2 k^3, B X is 2 k^2 l.
+    torch's FlopCounterMode counts the same (tested).
+    """
+    view = matrix_view_shape(shape)
+    batch = 1
+    for d in view[:-2]:
+        batch *= d
+    m, n = view[-2], view[-1]
+    k, l = min(m, n), max(m, n)
+    return batch * steps * (4 * k * k * l + 2 * k * k * k)
+
+
+def newton_schulz(
+    G: torch.Tensor,
+    steps: int = 5,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    coefficients: str = "jordan",
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Approximately orthogonalize each matrix in G (..., m, n); returns `compute_dtype`."""
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a tensor with >= 2 dims, got shape {tuple(G.shape)}")
+    if coefficients not in COEFFICIENT_SETS:
+        raise ValueError(f"unknown coefficients {coefficients!r}; use one of {COEFFICIENT_SETS}")
+    transpose = G.size(-2) > G.size(-1)
+    X = G.mT if transpose else G
+    # Normalize before the cast: dividing in the input precision keeps tiny-norm inputs from
+    # flushing to zero in bfloat16.
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    if coefficients == "polar_express":
+        X = X / (norm * _POLAR_EXPRESS_SAFETY + eps)
+    else:
+        X = X / (norm + eps)
+    X = X.to(compute_dtype)
+    for step in range(steps):
+        if coefficients == "jordan":
+            a, b, c = JORDAN_COEFFICIENTS
+        else:
+            a, b, c = POLAR_EXPRESS_COEFFICIENTS[min(step, len(POLAR_EXPRESS_COEFFICIENTS) - 1)]
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if transpose else X

@@ -1,0 +1,129 @@
+"""Split a model's parameters the usual Muon way, and step several optimizers as one.
+
+Hidden matrices (2-D and up, inside the network) go to NorMuon/Muon. Embeddings, the output head,
+norms and biases go to torch's own AdamW: orthogonalizing an embedding table or a head treats
+vocabulary rows as neurons, which the Muon and NorMuon papers both avoid. The choice is by name
+pattern and overridable.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SplitConfig", "split_params", "CombinedOptimizer", "build_optimizers"]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """`adamw_patterns`: fnmatch patterns of names that go to AdamW even when 2-D+ (embeddings and
+    heads by default). `matrix_patterns`: names forced to the matrix optimizer (checked first)."""
+
+    adamw_patterns: tuple[str, ...] = ("*emb*", "*embedding*", "*lm_head*", "*head.*", "*wte*",
+                                       "*wpe*", "*output.weight")
+    matrix_patterns: tuple[str, ...] = ()
+
+
+def split_params(named_params: Iterable[tuple[str, torch.nn.Parameter]],
+                 config: SplitConfig | None = None
+                 ) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Parameter]]]:
+    """(matrix params, adamw params), each a list of (name, param), trainable params only."""
+    config = config or SplitConfig()
+    matrices, others = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        forced = any(fnmatch.fnmatch(name, pat) for pat in config.matrix_patterns)
+        if forced and p.ndim < 2:
+            raise ValueError(f"parameter {name!r} matches matrix_patterns but has shape "
+                             f"{tuple(p.shape)}; only 2-D+ parameters can be orthogonalized")
+        excluded = any(fnmatch.fnmatch(name, pat) for pat in config.adamw_patterns)
+        (matrices if forced or (p.ndim >= 2 and not excluded) else others).append((name, p))
+    return matrices, others
+
+
+class CombinedOptimizer:
+    """Steps several optimizers as one (e.g. NorMuon for matrices + AdamW for the rest)."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        if not optimizers:
+            raise ValueError("CombinedOptimizer needs at least one optimizer")
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = state_dict["optimizers"]
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"state dict holds {len(states)} optimizers, this has "
+                             f"{len(self.optimizers)}")
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
+
+
+@dataclass
+class OptimizerConfig:
+    """What `build_optimizers` needs. `name`: the matrix optimizer, normuon | muon | adamw."""
+
+    name: str = "normuon"
+    lr: float = 0.02
+    momentum: float = 0.95
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_dtype: str = "auto"
+    ns_coefficients: str = "jordan"
+    adamw_lr: float = 3e-3
+    adamw_betas: tuple[float, float] = (0.9, 0.95)
+    adamw_weight_decay: float = 0.0
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+def build_optimizers(model: torch.nn.Module, config: OptimizerConfig | None = None,
+                     strategy="replicated", **optimizer_kwargs) -> CombinedOptimizer:
+    """Matrix optimizer (NorMuon/Muon, or AdamW as a baseline) + AdamW for the rest."""
+    from dist_ortho.optimizer import Muon, NorMuon
+
+    config = config or OptimizerConfig()
+    matrices, others = split_params(model.named_parameters(), config.split)
+    opts: list[torch.optim.Optimizer] = []
+    common = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                  nesterov=config.nesterov, ns_steps=config.ns_steps, ns_dtype=config.ns_dtype,
+                  ns_coefficients=config.ns_coefficients, strategy=strategy, **optimizer_kwargs)
+    if config.name == "adamw":
+        others = matrices + others
+        matrices = []
+    elif config.name not in ("normuon", "muon"):
+        raise ValueError(f"optimizer name must be normuon, muon or adamw, got {config.name!r}")
+    if matrices:
+        if config.name == "normuon":
+            opts.append(NorMuon(matrices, beta2=config.beta2, **common))
+        else:
+            opts.append(Muon(matrices, **common))
+    if others:
+        opts.append(torch.optim.AdamW([p for _, p in others], lr=config.adamw_lr,
+                                      betas=config.adamw_betas,
+                                      weight_decay=config.adamw_weight_decay))
+    return CombinedOptimizer(opts)

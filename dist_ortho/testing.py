@@ -1,0 +1,85 @@
+"""Run a function on P real gloo processes and collect what each rank returns.
+
+Used by the test suite (and handy for users' own checks): one spawn per world size runs many
+cases, a collective timeout makes a hang fail fast instead of stalling CI, and exceptions come back
+with their rank and traceback.
+
+    results = spawn(my_module.worker, world_size=4, args=(cases,))  # worker(rank, world_size, *args)
+
+`worker` must be importable by name from a fresh interpreter (defined at module level in a module
+on sys.path), as with any `spawn` start method.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+from datetime import timedelta
+
+import torch.multiprocessing as mp
+
+__all__ = ["spawn", "DistributedFailure"]
+
+
+class DistributedFailure(RuntimeError):
+    pass
+
+
+def _entry(fn, rank: int, world_size: int, store_path: str, out_dir: str, timeout_s: float,
+           args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    result_path = os.path.join(out_dir, f"rank{rank}.pkl")
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        try:
+            payload = ("ok", fn(rank, world_size, *args))
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # report every failure to the parent, whatever it was
+        payload = ("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    with open(result_path + ".tmp", "wb") as f:
+        pickle.dump(payload, f)
+    os.replace(result_path + ".tmp", result_path)
+
+
+def spawn(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0,
+          join_timeout_s: float = 600.0) -> list:
+    """Run fn(rank, world_size, *args) on world_size gloo ranks; return each rank's result."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, store_path, tmp, timeout_s,
+                                                  args), daemon=False)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(join_timeout_s)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results, errors = [], []
+        for r in range(world_size):
+            path = os.path.join(tmp, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                errors.append(f"rank {r}: no result (exit code {procs[r].exitcode}"
+                              f"{', killed after join timeout' if r in hung else ''})")
+                results.append(None)
+                continue
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                errors.append(value)
+            results.append(value)
+        if errors:
+            raise DistributedFailure("\n".join(errors))
+        return results

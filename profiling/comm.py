@@ -1,0 +1,225 @@
+"""Count every collective where it happens: at the dispatcher, from the op's own arguments.
+
+All c10d collectives (the `torch.distributed` calls FSDP2 and our strategies make, sync or async)
+and the functional collectives DTensor uses pass through `TorchDispatchMode`, as torch's own
+`CommDebugMode` relies on. `CommCounter` is such a mode: for each op it records the kind, the bytes
+this rank sends to and receives from other ranks (the convention of `strategies.base`), the element
+count, dtype, group size, and the phase the caller was in when it issued the op. An async
+collective is recorded when issued, so it belongs to the issuing phase.
+
+Nothing is monkeypatched, and it works on any backend (gloo, NCCL, the fake process group).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["CommRecord", "CommCounter", "summarize"]
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    op: str
+    kind: str
+    phase: str
+    send_bytes: float
+    recv_bytes: float
+    numel: int
+    dtype: str
+    group_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _group(obj) -> tuple[int, int]:
+    """(rank in group, group size) of a boxed ProcessGroup argument."""
+    from torch._C._distributed_c10d import ProcessGroup
+
+    pg = ProcessGroup.unbox(obj) if not isinstance(obj, ProcessGroup) else obj
+    return pg.rank(), pg.size()
+
+
+def _named_group(name: str) -> tuple[int, int]:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(name)
+    return pg.rank(), pg.size()
+
+
+def _flat(tensors) -> list[torch.Tensor]:
+    out = []
+    for t in tensors:
+        out.extend(_flat(t) if isinstance(t, (list, tuple)) else [t])
+    return out
+
+
+def _split_bytes(t: torch.Tensor, splits, P: int) -> list[int]:
+    """Bytes of each of the P dim-0 splits of an all-to-all buffer (even when splits is empty)."""
+    if t.dim() == 0 or t.shape[0] == 0:
+        return [0] * P if not splits else [0] * len(splits)
+    row = _nbytes(t) // t.shape[0]
+    if not splits:
+        return [_nbytes(t) // P] * P
+    return [s * row for s in splits]
+
+
+def _c10d(name: str, args) -> tuple[str, float, float, int, torch.dtype, int] | None:
+    """(kind, send, recv, numel, dtype, group size) of a c10d op, or None if not a collective."""
+    if name in ("_allgather_base_",):
+        out, inp, pg = args[0], args[1], args[2]
+        me, P = _group(pg)
+        s = _nbytes(inp)
+        return "all_gather", (P - 1) * s, (P - 1) * s, inp.numel(), inp.dtype, P
+    if name in ("allgather_", "allgather_into_tensor_coalesced_", "allgather_coalesced_"):
+        outs, ins, pg = args[0], args[1], args[2]
+        me, P = _group(pg)
+        ins = _flat(ins)
+        s = sum(_nbytes(t) for t in ins)
+        return "all_gather", (P - 1) * s, (P - 1) * s, sum(t.numel() for t in ins), ins[0].dtype, P
+    if name in ("_reduce_scatter_base_", "reduce_scatter_", "reduce_scatter_tensor_coalesced_"):
+        outs, ins, pg = args[0], args[1], args[2]
+        me, P = _group(pg)
+        outs = _flat([outs])
+        s = sum(_nbytes(t) for t in outs)
+        return ("reduce_scatter", (P - 1) * s, (P - 1) * s, sum(t.numel() for t in outs),
+                outs[0].dtype, P)
+    if name in ("allreduce_", "allreduce_coalesced_"):
+        ts, pg = _flat([args[0]]), args[1]
+        me, P = _group(pg)
+        n = sum(_nbytes(t) for t in ts)
+        wire = 2.0 * (P - 1) / P * n
+        return "all_reduce", wire, wire, sum(t.numel() for t in ts), ts[0].dtype, P
+    if name == "alltoall_base_":
+        out, inp, pg, out_splits, in_splits = args[:5]
+        me, P = _group(pg)
+        sent = _split_bytes(inp, list(in_splits), P)
+        got = _split_bytes(out, list(out_splits), P)
+        return ("all_to_all", sum(sent) - sent[me], sum(got) - got[me], inp.numel(), inp.dtype, P)
+    if name == "alltoall_":
+        outs, ins, pg = args[0], args[1], args[2]
+        me, P = _group(pg)
+        return ("all_to_all", sum(_nbytes(t) for r, t in enumerate(ins) if r != me),
+                sum(_nbytes(t) for r, t in enumerate(outs) if r != me),
+                sum(t.numel() for t in ins), ins[0].dtype, P)
+    if name == "broadcast_":
+        ts, pg, root = _flat([args[0]]), args[1], args[2]
+        me, P = _group(pg)
+        n = sum(_nbytes(t) for t in ts)
+        return ("broadcast", (P - 1) * n if me == root else 0, 0 if me == root else n,
+                sum(t.numel() for t in ts), ts[0].dtype, P)
+    if name == "gather_":
+        outs, ins, pg, root = args[0], _flat([args[1]]), args[2], args[3]
+        me, P = _group(pg)
+        n = sum(_nbytes(t) for t in ins)
+        if me == root:
+            pieces = _flat(outs)
+            recv = sum(_nbytes(t) for r, t in enumerate(pieces) if r != me)
+            return "gather", 0, recv, sum(t.numel() for t in ins), ins[0].dtype, P
+        return "gather", n, 0, sum(t.numel() for t in ins), ins[0].dtype, P
+    if name == "scatter_":
+        outs, ins, pg, root = _flat([args[0]]), args[1], args[2], args[3]
+        me, P = _group(pg)
+        n = sum(_nbytes(t) for t in outs)
+        if me == root:
+            pieces = _flat(ins)
+            sent = sum(_nbytes(t) for r, t in enumerate(pieces) if r != me)
+            return "scatter", sent, 0, sum(t.numel() for t in outs), outs[0].dtype, P
+        return "scatter", 0, n, sum(t.numel() for t in outs), outs[0].dtype, P
+    if name == "reduce_":
+        ts, pg, root = _flat([args[0]]), args[1], args[3]
+        me, P = _group(pg)
+        n = sum(_nbytes(t) for t in ts)
+        return ("reduce", 0 if me == root else n, (P - 1) * n if me == root else 0,
+                sum(t.numel() for t in ts), ts[0].dtype, P)
+    if name in ("send", "recv_"):
+        ts = _flat([args[0]])
+        n = sum(_nbytes(t) for t in ts)
+        me, P = _group(args[1])
+        return ("send", n, 0, ts[0].numel(), ts[0].dtype, P) if name == "send" else \
+            ("recv", 0, n, ts[0].numel(), ts[0].dtype, P)
+    return None
+
+
+def _functional(name: str, args) -> tuple[str, float, float, int, torch.dtype, int] | None:
+    """The same for functional collectives (DTensor redistribution, full_tensor)."""
+    if name in ("all_gather_into_tensor",):
+        inp, _, group_name = args[0], args[1], args[2]
+        me, P = _named_group(group_name)
+        s = _nbytes(inp)
+        return "all_gather", (P - 1) * s, (P - 1) * s, inp.numel(), inp.dtype, P
+    if name in ("reduce_scatter_tensor",):
+        inp, group_name = args[0], args[3]
+        me, P = _named_group(group_name)
+        s = _nbytes(inp) // P
+        return "reduce_scatter", (P - 1) * s, (P - 1) * s, inp.numel(), inp.dtype, P
+    if name in ("all_reduce",):
+        inp, group_name = args[0], args[2]
+        me, P = _named_group(group_name)
+        wire = 2.0 * (P - 1) / P * _nbytes(inp)
+        return "all_reduce", wire, wire, inp.numel(), inp.dtype, P
+    if name in ("all_to_all_single",):
+        inp, out_splits, in_splits, group_name = args[0], args[1], args[2], args[3]
+        me, P = _named_group(group_name)
+        sent = _split_bytes(inp, list(in_splits), P)
+        row = _nbytes(inp) // inp.shape[0] if inp.dim() and inp.shape[0] else 0
+        got = [s * row for s in out_splits] if out_splits else sent
+        return ("all_to_all", sum(sent) - sent[me], sum(got) - got[me], inp.numel(), inp.dtype, P)
+    if name in ("broadcast",):
+        inp, src, group_name = args[0], args[1], args[2]
+        me, P = _named_group(group_name)
+        n = _nbytes(inp)
+        return ("broadcast", (P - 1) * n if me == src else 0, 0 if me == src else n, inp.numel(),
+                inp.dtype, P)
+    return None
+
+
+class CommCounter(TorchDispatchMode):
+    """Records every collective issued inside `with CommCounter() as c:`.
+
+    `phase` is the label given to records; a profiler changes it as the step moves on.
+    """
+
+    def __init__(self, phase: str = "step") -> None:
+        super().__init__()
+        self.phase = phase
+        self.records: list[CommRecord] = []
+        self.unparsed: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        namespace = func.namespace
+        if namespace in ("c10d", "_c10d_functional"):
+            name = func._schema.name.split("::")[-1]
+            parsed = (_c10d(name, args) if namespace == "c10d" else _functional(name, args))
+            if parsed is not None:
+                kind, send, recv, numel, dtype, P = parsed
+                self.records.append(CommRecord(name, kind, self.phase, float(send), float(recv),
+                                               int(numel), str(dtype).replace("torch.", ""), P))
+            elif name not in ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier"):
+                self.unparsed.append(name)
+        return func(*args, **kwargs)
+
+    def totals(self, phases: set[str] | None = None) -> dict[str, tuple[float, float]]:
+        """{kind: (send bytes, recv bytes)} over records (optionally of some phases)."""
+        return summarize(r for r in self.records if phases is None or r.phase in phases)
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.unparsed.clear()
+
+
+def summarize(records) -> dict[str, tuple[float, float]]:
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for r in records:
+        out[r.kind][0] += r.send_bytes
+        out[r.kind][1] += r.recv_bytes
+    return {k: (v[0], v[1]) for k, v in out.items()}

@@ -1,0 +1,95 @@
+"""Thin helpers over torch.distributed that every strategy shares.
+
+They exist for three reasons: gloo has no uneven list all-gather / all-to-all, so pieces are packed
+into one flat buffer and sent with `all_gather_into_tensor` (padded to equal size) or
+`all_to_all_single` (exact split sizes); a world of one rank must take the same code path with the
+communication skipped; and async collectives need their buffers kept alive until `wait()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["pack_padded", "all_gather_flat", "Exchange", "exchange"]
+
+
+def pack_padded(pieces: Sequence[torch.Tensor], padded_numels: Sequence[int], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """Flatten pieces into one buffer, each zero-padded to its slot size (equal on all ranks)."""
+    flat = torch.zeros(sum(padded_numels), dtype=dtype, device=device)
+    offset = 0
+    for piece, slot in zip(pieces, padded_numels):
+        assert piece.numel() <= slot
+        flat[offset:offset + piece.numel()].copy_(piece.reshape(-1))
+        offset += slot
+    return flat
+
+
+def all_gather_flat(flat: torch.Tensor, group: dist.ProcessGroup | None,
+                    world_size: int) -> torch.Tensor:
+    """(world_size, len(flat)) with row r = rank r's buffer. No communication when alone."""
+    if world_size == 1:
+        return flat.unsqueeze(0)
+    out = torch.empty(world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
+    dist.all_gather_into_tensor(out, flat, group=group)
+    return out.view(world_size, flat.numel())
+
+
+class Exchange:
+    """An in-flight all-to-all; `wait()` returns the piece received from each source rank."""
+
+    def __init__(self, output: torch.Tensor, recv_numels: Sequence[int], handle, keep_alive) -> None:
+        self._output = output
+        self._recv_numels = list(recv_numels)
+        self._handle = handle
+        self._keep_alive = keep_alive
+        self._pieces: list[torch.Tensor] | None = None
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._pieces is None:
+            if self._handle is not None:
+                self._handle.wait()
+            self._pieces = list(torch.split(self._output, self._recv_numels))
+            self._keep_alive = None
+        return self._pieces
+
+
+def exchange(send: Sequence[torch.Tensor], recv_numels: Sequence[int], rank: int,
+             group: dist.ProcessGroup | None, world_size: int, async_op: bool = False) -> Exchange:
+    """All-to-all of flat pieces: send[d] goes to rank d, recv_numels[s] elements come from rank s.
+
+    The piece a rank would send to itself never enters the collective (it is copied locally), so the
+    bytes on the wire are exactly the off-diagonal ones.
+    """
+    assert len(send) == world_size and len(recv_numels) == world_size
+    assert send[rank].numel() == recv_numels[rank]
+    dtype, device = send[rank].dtype, send[rank].device
+    if world_size == 1:
+        return Exchange(send[0].reshape(-1), recv_numels, None, None)
+    in_splits = [0 if d == rank else send[d].numel() for d in range(world_size)]
+    out_splits = [0 if s == rank else recv_numels[s] for s in range(world_size)]
+    inp = torch.cat([send[d].reshape(-1) for d in range(world_size) if d != rank]) \
+        if sum(in_splits) else torch.empty(0, dtype=dtype, device=device)
+    wire = torch.empty(sum(out_splits), dtype=dtype, device=device)
+    handle = dist.all_to_all_single(wire, inp, out_splits, in_splits, group=group,
+                                    async_op=async_op)
+    if not async_op:
+        handle = None
+    # Reassemble in source order with our own piece in its slot, after the wire data arrives.
+    return _AssembledExchange(wire, out_splits, send[rank].reshape(-1), rank, recv_numels,
+                              handle, inp)
+
+
+class _AssembledExchange(Exchange):
+    def __init__(self, wire, out_splits, own, rank, recv_numels, handle, keep_alive) -> None:
+        super().__init__(wire, out_splits, handle, keep_alive)
+        self._own, self._rank = own, rank
+
+    def wait(self) -> list[torch.Tensor]:
+        pieces = super().wait()
+        pieces = list(pieces)
+        pieces[self._rank] = self._own
+        return pieces

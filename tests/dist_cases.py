@@ -1,0 +1,219 @@
+"""Workers run on real gloo process groups by the distributed tests (see dist_ortho.testing.spawn).
+
+Each worker runs many cases in one process group and returns plain data; the tests assert on it.
+Inputs are built from the same seeded global tensors on every rank and sharded locally with
+`distribute_tensor(src_data_rank=None)`, so the comparison with the single-process reference is
+exact up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from dist_ortho import NorMuon, Muon, NSConfig, ReferenceHParams, reference_step
+from profiling.comm import CommCounter
+
+MIXED = [(16, 16), (24, 8), (8, 24), (1, 16), (5, 12), (10, 8), (3, 6, 4), (6, 2, 3, 3)]
+SINGLE = [(10, 6)]
+FEW = [(7, 5), (9, 9)]
+SMALL_BF16 = [(12, 8), (8, 12), (5, 5)]
+
+
+def full_tensor(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def exactness_cases(strategies: list[str]) -> list[dict]:
+    cases = []
+    for s in strategies:
+        opts = {"bucket_bytes": 1024} if s == "bucketed_async" else {}
+        cases += [
+            dict(strategy=s, options=opts, shapes=MIXED, ns_dtype="float32", algo="normuon"),
+            dict(strategy=s, options=opts, shapes=MIXED, ns_dtype="float32", algo="normuon",
+                 nesterov=False, weight_decay=0.1),
+            dict(strategy=s, options={}, shapes=SINGLE, ns_dtype="float32", algo="normuon"),
+            dict(strategy=s, options={}, shapes=FEW, ns_dtype="float32", algo="normuon"),
+            dict(strategy=s, options=opts, shapes=MIXED, ns_dtype="float32", algo="muon"),
+            dict(strategy=s, options={}, shapes=SMALL_BF16, ns_dtype="bfloat16", algo="normuon"),
+        ]
+    cases.append(dict(strategy="bucketed_async", options={}, shapes=MIXED, ns_dtype="float32",
+                      algo="normuon"))
+    cases.append(dict(strategy="allgather_scatter", options={"assignment": "lpt"}, shapes=MIXED,
+                      ns_dtype="float32", algo="normuon"))
+    for case in cases:
+        case.setdefault("nesterov", True)
+        case.setdefault("weight_decay", 0.0)
+    return cases
+
+
+def _make_params(shapes, mesh, placements):
+    from torch.distributed.tensor import distribute_tensor
+
+    params = []
+    for i, shape in enumerate(shapes):
+        full = full_tensor(shape, 1000 + i)
+        if mesh is None:
+            params.append(torch.nn.Parameter(full))
+        else:
+            params.append(torch.nn.Parameter(distribute_tensor(full, mesh, placements,
+                                                               src_data_rank=None)))
+    return params
+
+
+def _set_grads(params, shapes, step: int, mesh, placements):
+    from torch.distributed.tensor import distribute_tensor
+
+    grads = []
+    for i, (p, shape) in enumerate(zip(params, shapes)):
+        g = full_tensor(shape, 7919 * (step + 1) + i)
+        grads.append(g)
+        p.grad = g.clone() if mesh is None else distribute_tensor(g, mesh, placements,
+                                                                  src_data_rank=None)
+    return grads
+
+
+def _gather(p) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p.detach().clone()
+
+
+def run_case(case: dict, mesh, placements, steps: int = 3) -> dict:
+    """Step a strategy and the reference side by side; return errors, bytes and FLOPs."""
+    shapes = case["shapes"]
+    params = _make_params(shapes, mesh, placements)
+    names = [f"w{i}" for i in range(len(shapes))]
+    cls = NorMuon if case["algo"] == "normuon" else Muon
+    kwargs = dict(lr=0.02, momentum=0.95, weight_decay=case["weight_decay"],
+                  nesterov=case["nesterov"], ns_dtype=case["ns_dtype"])
+    if case["algo"] == "normuon":
+        kwargs["beta2"] = 0.95
+    import strategies
+
+    opt = cls(list(zip(names, params)), strategy=strategies.build(case["strategy"],
+                                                                   **case["options"]), **kwargs)
+    ref = [full_tensor(s, 1000 + i) for i, s in enumerate(shapes)]
+    start = [r.clone() for r in ref]
+    ref_state: dict = {}
+    hp = ReferenceHParams(lr=0.02, momentum=0.95, beta2=0.95, weight_decay=case["weight_decay"],
+                          nesterov=case["nesterov"], ns=NSConfig(dtype=case["ns_dtype"]))
+    counted, planned = [], []
+    plan = opt.plan()
+    for step in range(steps):
+        grads = _set_grads(params, shapes, step, mesh, placements)
+        with CommCounter() as counter:
+            opt.step()
+        counted.append(counter.totals())
+        planned.append(plan.mine.bytes_by_kind())
+        reference_step(ref, grads, ref_state, hp, case["algo"])
+    errors = []
+    for p, r, s in zip(params, ref, start):
+        got = _gather(p)
+        errors.append(float((got.detach() - r).norm() / (r - s).norm()))
+    return dict(errors=errors, counted=counted, planned=planned,
+                executed_flops=opt.executed_ns_flops, planned_flops=steps * plan.mine.ns_flops,
+                all_planned_flops=[steps * c.ns_flops for c in plan.ranks],
+                owners=list(plan.owner), unparsed=list(counter.unparsed))
+
+
+def exactness_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    return [run_case(case, mesh, [Shard(0)]) for case in cases]
+
+
+def hsdp_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """2-D mesh (replicate x shard): scheduling happens across the shard axis only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    return [run_case(case, mesh, [Replicate(), Shard(0)]) for case in cases]
+
+
+def plain_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """Plain replicated tensors on the world group (DDP-style): owners compute and broadcast."""
+    return [run_case(case, None, None) for case in cases]
+
+
+def bad_input_worker(rank: int, world_size: int) -> dict:
+    """Every bad input must raise ValueError at construction on every rank, before collectives."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import strategies
+
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    def param(shape, placement=Shard(0), dtype=torch.float32):
+        t = full_tensor(shape, 3).to(dtype)
+        return torch.nn.Parameter(distribute_tensor(t, mesh, [placement], src_data_rank=None))
+
+    attempts = {
+        "shard1": lambda: NorMuon([("tp.weight", param((8, 8), Shard(1)))]),
+        "vector": lambda: NorMuon([("norm.weight", param((8,)))]),
+        "bucket_too_small": lambda: NorMuon(
+            [("big", param((64, 64))), ("small", param((4, 4)))],
+            strategy=strategies.build("bucketed_async", bucket_bytes=1000)),
+        "unknown_strategy": lambda: NorMuon([("w", param((8, 8)))], strategy="ring_of_fire"),
+        "bad_option": lambda: strategies.build("bucketed_async", max_in_flight=0),
+        "unknown_option": lambda: strategies.build("balanced", bucket_bytes=10),
+        "mixed_dtypes": lambda: NorMuon([("a", param((8, 8))),
+                                         ("b", param((8, 8), dtype=torch.float64))]),
+        "nan_lr": lambda: NorMuon([("w", param((8, 8)))], lr=float("nan")),
+        "beta_one": lambda: NorMuon([("w", param((8, 8)))], beta2=1.0),
+    }
+    messages = {}
+    for key, attempt in attempts.items():
+        try:
+            attempt()
+            messages[key] = None
+        except ValueError as exc:
+            messages[key] = str(exc)
+    # every rank reaches this barrier: nothing above started a collective that could hang
+    dist.barrier()
+    return messages
+
+
+def nonfinite_worker(rank: int, world_size: int) -> dict:
+    """NaN on one rank's gradient shard: every rank skips the step and keeps its weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    w = torch.nn.Parameter(distribute_tensor(full_tensor((8, 6), 5), mesh, [Shard(0)],
+                                             src_data_rank=None))
+    opt = NorMuon([w], strategy="balanced", ns_dtype="float32")
+    before = w.to_local().clone()
+    g = full_tensor((8, 6), 6)
+    g[7, 0] = float("nan")  # lives on the last rank's shard only
+    w.grad = distribute_tensor(g, mesh, [Shard(0)], src_data_rank=None)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    unchanged = bool(torch.equal(before, w.to_local()))
+    state_untouched = "momentum_buffer" not in opt.state[w]
+    # a finite step afterwards still works and matches on every rank
+    w.grad = distribute_tensor(full_tensor((8, 6), 7), mesh, [Shard(0)], src_data_rank=None)
+    opt.step()
+    return dict(unchanged=unchanged, state_untouched=state_untouched,
+                skipped=opt.skipped_steps, warned=any("non-finite" in str(c.message)
+                                                      for c in caught),
+                finite_after=bool(torch.isfinite(w.to_local()).all()))
+
+
+def world_one_check(rank: int, world_size: int) -> dict:
+    assert world_size == 1
+    return dict(results=exactness_worker(rank, world_size, exactness_cases(
+        ["replicated", "round_robin", "allgather_scatter", "bucketed_async", "balanced"])[:12]))
+
+
+def isclose(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-9)

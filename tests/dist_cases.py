@@ -217,3 +217,69 @@ def world_one_check(rank: int, world_size: int) -> dict:
 
 def isclose(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-9)
+
+
+def _tiny_gpt(seed: int):
+    from dist_ortho.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("gpt-tiny", n_layers=2, d_model=48, n_heads=4, seq_len=16)
+
+
+def _batch(step: int, global_batch: int, seq: int):
+    g = torch.Generator().manual_seed(500 + step)
+    tokens = torch.randint(0, 256, (global_batch, seq + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def fsdp_train_worker(rank: int, world_size: int, strategy_names: list[str],
+                      steps: int = 4) -> dict:
+    """Train a fully_shard-wrapped GPT under each strategy; every rank also trains the unwrapped
+    single-process model on the whole global batch, which is the reference."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_ortho import OptimizerConfig, build_optimizers
+
+    config = OptimizerConfig(ns_dtype="float32", adamw_lr=1e-3)
+    global_batch, seq = 6, 16
+    per_rank = global_batch // world_size
+
+    reference = _tiny_gpt(0)
+    ref_opt = build_optimizers(reference, config, strategy="replicated")
+    ref_losses = []
+    for step in range(steps):
+        x, y = _batch(step, global_batch, seq)
+        _, loss = reference(x, y)
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_losses.append(loss.item())
+    ref_params = {n: p.detach() for n, p in reference.named_parameters()}
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    out = {}
+    for name in strategy_names:
+        model = _tiny_gpt(0)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = build_optimizers(model, config, strategy=name)
+        losses = []
+        for step in range(steps):
+            x, y = _batch(step, global_batch, seq)
+            rows = slice(rank * per_rank, (rank + 1) * per_rank)
+            _, loss = model(x[rows], y[rows])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            # the global loss is the mean of the equal-size rank losses
+            global_loss = loss.detach().clone()
+            dist.all_reduce(global_loss)
+            losses.append(global_loss.item() / world_size)
+        errors = {}
+        for n, p in model.named_parameters():
+            full = p.full_tensor().detach()
+            errors[n] = float((full - ref_params[n]).norm() / ref_params[n].norm())
+        out[name] = dict(losses=losses, param_errors=errors)
+    return dict(reference_losses=ref_losses, runs=out)

@@ -19,7 +19,7 @@ from dist_ortho.sharding import dtype_size
 from strategies import owner_exchange as ox
 from strategies.balanced import orthogonalize_owned
 from strategies.base import CommItem, ExecContext, Plan, Strategy
-from strategies.collectives import all_gather_flat, exchange, pack_padded
+from strategies.collectives import all_gather_flat, pack_padded
 from strategies.ownership import OWNERSHIP_POLICIES, assign
 from strategies.replicated import padded_numels, rebuild_full
 
@@ -84,8 +84,5 @@ class AllGatherScatter(Strategy):
         del gathered
         results = orthogonalize_owned(matrices, full, ctx, self.options.batch_same_shape)
         with ctx.phase("comm_wait"):
-            back = exchange(ox.return_send(matrices, owners, me, P, results, ctx.out_dtype,
-                                           ctx.device),
-                            ox.return_recv_numels(matrices, owners, me, P),
-                            me, ctx.group, P).wait()
+            back = ox.send_back(matrices, owners, results, ctx).wait()
         return ox.split_returns(matrices, owners, me, P, back)

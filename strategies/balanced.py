@@ -20,7 +20,6 @@ import torch
 from dist_ortho.sharding import dtype_size
 from strategies import owner_exchange as ox
 from strategies.base import CommItem, ExecContext, Plan, Strategy
-from strategies.collectives import exchange
 from strategies.ownership import lpt_owners
 
 __all__ = ["BalancedOptions", "Balanced", "orthogonalize_owned"]
@@ -94,16 +93,10 @@ class Balanced(Strategy):
     def _execute_sharded(self, plan: Plan, indices, inputs, ctx: ExecContext):
         matrices = [plan.matrices[i] for i in indices]
         owners = [plan.owner[i] for i in indices]
-        P, me = ctx.world_size, ctx.rank
         with ctx.phase("comm_wait"):
-            pieces = exchange(ox.forward_send(matrices, owners, me, P, inputs),
-                              ox.forward_recv_numels(matrices, owners, me, P),
-                              me, ctx.group, P).wait()
-        full = ox.assemble(matrices, owners, me, P, pieces)
+            pieces = ox.send_forward(matrices, owners, inputs, ctx).wait()
+        full = ox.assemble(matrices, owners, ctx.rank, ctx.world_size, pieces)
         results = orthogonalize_owned(matrices, full, ctx, self.options.batch_same_shape)
         with ctx.phase("comm_wait"):
-            back = exchange(ox.return_send(matrices, owners, me, P, results, ctx.out_dtype,
-                                           ctx.device),
-                            ox.return_recv_numels(matrices, owners, me, P),
-                            me, ctx.group, P).wait()
-        return ox.split_returns(matrices, owners, me, P, back)
+            back = ox.send_back(matrices, owners, results, ctx).wait()
+        return ox.split_returns(matrices, owners, ctx.rank, ctx.world_size, back)

@@ -157,10 +157,14 @@ class Strategy:
             if m.world_size != world_size:
                 raise ValueError(f"matrix {m.name!r} was described for world size {m.world_size}, "
                                  f"not {world_size}")
-        dtypes = {(m.dtype, m.out_dtype) for m in matrices}
-        if len(dtypes) > 1:
-            names = {str(d): next(m.name for m in matrices if (m.dtype, m.out_dtype) == d)
-                     for d in dtypes}
+        # first parameter of each (dtype, wire dtype), in parameter order so that every rank
+        # raises the very same message
+        first_of: dict[tuple, str] = {}
+        for m in matrices:
+            first_of.setdefault((m.dtype, m.out_dtype), m.name)
+        if len(first_of) > 1:
+            names = ", ".join(f"{n!r}: {str(d[0]).replace('torch.', '')}"
+                              for d, n in first_of.items())
             raise ValueError(
                 f"mixed parameter dtypes in one optimizer ({names}); strategies pack matrices into "
                 f"shared communication buffers of one dtype. Cast the parameters to one dtype or "

@@ -27,7 +27,6 @@ from dist_ortho.sharding import dtype_size
 from strategies import owner_exchange as ox
 from strategies.balanced import orthogonalize_owned, owner_plan
 from strategies.base import ExecContext, Plan, Strategy
-from strategies.collectives import exchange
 from strategies.ownership import lpt_owners
 
 __all__ = ["BucketedAsyncOptions", "BucketedAsync", "make_buckets"]
@@ -130,9 +129,7 @@ class BucketedAsync(Strategy):
 
         def forward(ks):
             ms, os_ = [matrices[k] for k in ks], [plan.owner[matrices[k].index] for k in ks]
-            return exchange(ox.forward_send(ms, os_, me, P, [inputs[k] for k in ks]),
-                            ox.forward_recv_numels(ms, os_, me, P), me, ctx.group, P,
-                            async_op=True)
+            return ox.send_forward(ms, os_, [inputs[k] for k in ks], ctx, async_op=True)
 
         def finish(pending_return):
             ks, handle = pending_return
@@ -151,10 +148,7 @@ class BucketedAsync(Strategy):
             ms, os_ = [matrices[k] for k in ks], [plan.owner[matrices[k].index] for k in ks]
             full = ox.assemble(ms, os_, me, P, pieces)
             results = orthogonalize_owned(ms, full, ctx, self.options.batch_same_shape)
-            returns.append((ks, exchange(ox.return_send(ms, os_, me, P, results, ctx.out_dtype,
-                                                        ctx.device),
-                                         ox.return_recv_numels(ms, os_, me, P), me, ctx.group,
-                                         P, async_op=True)))
+            returns.append((ks, ox.send_back(ms, os_, results, ctx, async_op=True)))
             while len(returns) > self.options.max_in_flight:
                 finish(returns.popleft())
             in_flight = following

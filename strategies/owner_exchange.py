@@ -18,9 +18,10 @@ from collections.abc import Sequence
 import torch
 
 from dist_ortho.sharding import MatrixSpec
+from strategies.collectives import Exchange, exchange
 
 __all__ = ["forward_send", "forward_recv_numels", "assemble", "return_send",
-           "return_recv_numels", "split_returns", "exchange_bytes"]
+           "return_recv_numels", "split_returns", "exchange_bytes", "send_forward", "send_back"]
 
 
 def _owned(matrices: Sequence[MatrixSpec], owners: Sequence[int], rank: int) -> list[int]:
@@ -105,3 +106,19 @@ def exchange_bytes(matrices, owners, world_size: int, itemsize: int,
                     recv += m.shard_numel(r)
         out.append((send * itemsize, recv * itemsize))
     return out
+
+
+def send_forward(matrices, owners, inputs: Sequence[torch.Tensor], ctx,
+                 async_op: bool = False) -> Exchange:
+    """Start the forward exchange; `.wait()` gives the pieces `assemble` expects."""
+    P, me = ctx.world_size, ctx.rank
+    return exchange(forward_send(matrices, owners, me, P, inputs),
+                    forward_recv_numels(matrices, owners, me, P), me, ctx.group, P, async_op)
+
+
+def send_back(matrices, owners, results: dict[int, torch.Tensor], ctx,
+              async_op: bool = False) -> Exchange:
+    """Start the return exchange; `split_returns` cuts what `.wait()` gives into my shards."""
+    P, me = ctx.world_size, ctx.rank
+    return exchange(return_send(matrices, owners, me, P, results, ctx.out_dtype, ctx.device),
+                    return_recv_numels(matrices, owners, me, P), me, ctx.group, P, async_op)

@@ -297,3 +297,24 @@ def test_build_optimizers_steps_all_params_and_round_trips():
     assert all(not torch.equal(before[n], p) for n, p in net.named_parameters())
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_regression_mixed_dtype_error_identical_across_hash_seeds():
+    """Bug: the message listed dtypes from a set, so ranks (different PYTHONHASHSEED) raised
+    different texts. Errors must be identical on every rank."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from dist_ortho import NorMuon\n"
+            "try:\n"
+            "    NorMuon([('a', torch.nn.Parameter(torch.randn(4, 4))),"
+            " ('b', torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))),"
+            " ('c', torch.nn.Parameter(torch.randn(4, 4).bfloat16()))])\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    outputs = set()
+    for seed in ("1", "2", "3", "4"):
+        env = {**__import__("os").environ, "PYTHONHASHSEED": seed}
+        outputs.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                   env=env, check=True).stdout)
+    assert len(outputs) == 1 and "mixed parameter dtypes" in outputs.pop()

@@ -214,12 +214,20 @@ class _Orthogonalized(torch.optim.Optimizer):
                                   shape=shape, stride=torch.empty(shape, device="meta").stride())
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating state to the parameter's dtype on load, which would round v to
+        # bf16 for bf16 parameters; keep the saved float32 tensors and put them back afterwards.
+        # torch maps saved ids to parameters by position across param groups; so do we.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        exact = {}
+        for saved_id, p in zip(saved_ids, params):
+            entry = state_dict["state"].get(saved_id, {})
+            exact[p] = {k: entry[k] for k in ("v", "step") if k in entry}
         super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype on load; v and step stay float32.
-        for state in self.state.values():
-            for key in ("v", "step"):
-                if key in state and state[key].dtype != torch.float32:
-                    state[key] = state[key].float()
+        for p, kept in exact.items():
+            for key, value in kept.items():
+                self.state[p][key] = value.to(device=self.state[p][key].device,
+                                              dtype=torch.float32, copy=True)
 
     # -- the step --------------------------------------------------------------------------------
     def _phase(self, name: str):

@@ -193,13 +193,16 @@ def test_state_dict_round_trip_continues_identically():
     assert all(s["v"].dtype == torch.float32 for s in opt2.state.values())
 
 
-def test_bf16_params_keep_float32_row_state_after_load():
+def test_regression_bf16_params_keep_exact_float32_row_state_after_load():
+    """Bug: torch cast v to the bf16 parameter dtype on load and .float() could not undo it."""
     p = torch.nn.Parameter(randn(8, 8, seed=40).bfloat16())
     opt = NorMuon([p], ns_dtype="float32")
     p.grad = randn(8, 8, seed=41).bfloat16()
     opt.step()
+    saved_v = opt.state[p]["v"].clone()
+    assert not torch.equal(saved_v, saved_v.bfloat16().float())  # the bug would be visible
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
-    assert opt.state[p]["v"].dtype == torch.float32
+    assert opt.state[p]["v"].dtype == torch.float32 and torch.equal(opt.state[p]["v"], saved_v)
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ and the functional collectives DTensor uses pass through `TorchDispatchMode`, as
 `CommDebugMode` relies on. `CommCounter` is such a mode: for each op it records the kind, the bytes
 this rank sends to and receives from other ranks (the convention of `strategies.base`), the element
 count, dtype, group size, and the phase the caller was in when it issued the op. An async
-collective is recorded when issued, so it belongs to the issuing phase.
+collective is recorded when issued, so it belongs to the issuing phase. Ops on DTensors are handed
+to DTensor first (the mode answers NotImplemented), so collectives DTensor issues inside its own
+dispatch, such as an implicit redistribution, are seen too.
 
 Nothing is monkeypatched, and it works on any backend (gloo, NCCL, the fake process group).
 """
@@ -182,6 +184,17 @@ def _functional(name: str, args) -> tuple[str, float, float, int, torch.dtype, i
     return None
 
 
+_DTENSOR: list = []  # the DTensor class, imported on first use
+
+
+def _is_dtensor_op(types) -> bool:
+    if not _DTENSOR:
+        from torch.distributed.tensor import DTensor
+
+        _DTENSOR.append(DTensor)
+    return any(issubclass(t, _DTENSOR[0]) for t in types)
+
+
 class CommCounter(TorchDispatchMode):
     """Records every collective issued inside `with CommCounter() as c:`.
 
@@ -195,6 +208,12 @@ class CommCounter(TorchDispatchMode):
         self.unparsed: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _is_dtensor_op(types):
+            # Let DTensor run first: the collectives it issues while redistributing (e.g. a
+            # Partial -> Replicate all-reduce inside an elementwise op) then come back through
+            # this mode as plain-tensor ops and are counted. Answering for DTensor ourselves
+            # would run its whole dispatch with this mode switched off, and miss them.
+            return NotImplemented
         kwargs = kwargs or {}
         namespace = func.namespace
         if namespace in ("c10d", "_c10d_functional"):

@@ -100,13 +100,14 @@ def run_case(case: dict, mesh, placements, steps: int = 3) -> dict:
     ref_state: dict = {}
     hp = ReferenceHParams(lr=0.02, momentum=0.95, beta2=0.95, weight_decay=case["weight_decay"],
                           nesterov=case["nesterov"], ns=NSConfig(dtype=case["ns_dtype"]))
-    counted, planned = [], []
+    counted, planned, unparsed = [], [], []
     plan = opt.plan()
     for step in range(steps):
         grads = _set_grads(params, shapes, step, mesh, placements)
         with CommCounter() as counter:
             opt.step()
         counted.append(counter.totals())
+        unparsed.extend(counter.unparsed)
         planned.append(plan.mine.bytes_by_kind())
         reference_step(ref, grads, ref_state, hp, case["algo"])
     errors = []
@@ -116,7 +117,7 @@ def run_case(case: dict, mesh, placements, steps: int = 3) -> dict:
     return dict(errors=errors, counted=counted, planned=planned,
                 executed_flops=opt.executed_ns_flops, planned_flops=steps * plan.mine.ns_flops,
                 all_planned_flops=[steps * c.ns_flops for c in plan.ranks],
-                owners=list(plan.owner), unparsed=list(counter.unparsed))
+                owners=list(plan.owner), unparsed=unparsed)
 
 
 def exactness_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:

@@ -15,6 +15,10 @@ import torch.distributed as dist
 
 __all__ = ["pack_padded", "all_gather_flat", "Exchange", "exchange"]
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); we support
+# torch >= 2.6, which has only the old one. Same c10d op underneath either way.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def pack_padded(pieces: Sequence[torch.Tensor], padded_numels: Sequence[int], dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
@@ -34,7 +38,7 @@ def all_gather_flat(flat: torch.Tensor, group: dist.ProcessGroup | None,
     if world_size == 1:
         return flat.unsqueeze(0)
     out = torch.empty(world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
-    dist.all_gather_into_tensor(out, flat, group=group)
+    _all_gather_single(out, flat, group=group)
     return out.view(world_size, flat.numel())
 
 

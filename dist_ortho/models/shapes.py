@@ -152,13 +152,17 @@ def _derive_seed(*parts: int) -> int:
     return h
 
 
-def _full_random(shape: torch.Size, *seed_parts: int, std: float = 1.0) -> torch.Tensor:
-    gen = torch.Generator(device="cpu").manual_seed(_derive_seed(*seed_parts))
-    return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+def _full_random(shape: torch.Size, *seed_parts: int, std: float = 1.0,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    # Generated where it is used: an 8B model's full gradients drawn on the CPU of every rank at
+    # every step would dominate a GPU run. Values depend on the device type's generator (CPU and
+    # CUDA streams differ), never on the world size.
+    gen = torch.Generator(device=device).manual_seed(_derive_seed(*seed_parts))
+    return torch.randn(shape, generator=gen, dtype=torch.float32, device=device) * std
 
 
 def _to_param_layout(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Turn a full (global) CPU tensor into something shaped and placed like ``p``."""
+    """Turn a full (global) tensor into something shaped and placed like ``p``."""
     if isinstance(p, DTensor):
         # src_data_rank=None: every rank already holds the same full tensor, so
         # each one slices out its own shard locally with no communication.
@@ -256,7 +260,8 @@ def synthetic_grads(model: nn.Module, step: int, seed: int) -> None:
     for name, p in model.named_parameters():
         # FSDP2 keeps the original parameter names, so a sharded and an
         # unsharded model hash every parameter to the same generator seed.
-        full = _full_random(p.shape, seed, step, zlib.crc32(name.encode()))
+        device = (p.to_local() if isinstance(p, DTensor) else p).device
+        full = _full_random(p.shape, seed, step, zlib.crc32(name.encode()), device=device)
         p.grad = _to_param_layout(full, p)
 
 

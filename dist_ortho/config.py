@@ -5,10 +5,11 @@ A config file has up to eight sections; every key is optional and falls back to 
     model:      preset, num_layers (override of the preset's depth), dtype (parameter dtype)
     optimizer:  name normuon|muon|adamw, lr, momentum, beta2, weight_decay, nesterov, ns_steps,
                 ns_dtype auto|float32|bfloat16, ns_coefficients jordan|polar_express,
-                adamw_lr, adamw_betas, adamw_weight_decay
+                adamw_lr, adamw_betas, adamw_weight_decay, nonfinite skip|raise
     strategy:   name (see `strategies.available()`), options (checked by `strategies.build`)
     train:      steps, warmup_steps (excluded from timings), batch_size (per rank), seq_len, seed,
-                data stdlib|synthetic, grad_clip (null = off), log_every
+                data stdlib|synthetic, grad_clip (null = off), log_every; testing aids (off by
+                default): inject_nan_step/_rank/_param, fault_step/_rank/_mode kill|hang|kill_in_save
     dist:       backend auto|gloo|nccl, timeout_s
     profiling:  enabled, memory, trace_step (null = no trace)
     output:     dir, name (null = "<preset>-<strategy>-p<world size>")
@@ -23,7 +24,8 @@ and `true` work, and so does `3e-4` (plain PyYAML reads that as a string; our lo
 (ns_dtype: float32 on CPU, where bfloat16 matmul is ~90x slower, bfloat16 on accelerators; backend:
 gloo on CPU, nccl on CUDA), so a run's recorded config says what actually ran. `config_hash` is a
 short, stable digest of everything that changes what a run computes or measures: every section but
-`output` and `checkpoint`, which only say where files go.
+`output` and `checkpoint`, which only say where files go. Keys added after results existed
+(`HASH_NEW_KEYS`) count only when set away from their default, so those results stay complete.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class OptimizerSection:
     adamw_lr: float = 3e-3
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_weight_decay: float = 0.0
+    # what a step does when a gradient holds NaN/Inf on any rank: skip it on every rank (weights
+    # and optimizer state untouched; counted in the profiler's `skipped` rows) or raise
+    nonfinite: str = field(default="skip", metadata=_choices("skip", "raise"))
 
     def check(self, key: str) -> None:
         _positive(f"{key}.lr", self.lr)
@@ -112,11 +117,13 @@ class OptimizerSection:
         _nonnegative(f"{key}.adamw_weight_decay", self.adamw_weight_decay)
 
     def to_optimizer_config(self):
-        """The `dist_ortho.param_groups.OptimizerConfig` for `build_optimizers`."""
+        """The `dist_ortho.param_groups.OptimizerConfig` for `build_optimizers` (`nonfinite` is
+        not part of it: pass `nonfinite=` to `build_optimizers`, as `dist_ortho.run` does)."""
         from dist_ortho.param_groups import OptimizerConfig
 
+        known = {f.name for f in dataclasses.fields(OptimizerConfig)}
         return OptimizerConfig(**{f.name: getattr(self, f.name)
-                                  for f in dataclasses.fields(self)})
+                                  for f in dataclasses.fields(self) if f.name in known})
 
 
 @dataclass
@@ -158,6 +165,18 @@ class TrainConfig:
     data: str = field(default="stdlib", metadata=_choices("stdlib", "synthetic"))
     grad_clip: float | None = None
     log_every: int = 10
+    # Testing aids, off by default (see dist_ortho.run). At 0-based step `inject_nan_step`, rank
+    # `inject_nan_rank` writes a NaN into its shard of the gradient of `inject_nan_param` (null:
+    # the model's first parameter), after the gradients and before the optimizer step.
+    inject_nan_step: int | None = None
+    inject_nan_rank: int = 0
+    inject_nan_param: str | None = None
+    # At step `fault_step`, rank `fault_rank` fails on purpose: "kill" (SIGKILL to itself after
+    # its gradients, before the optimizer step), "hang" (sleeps forever at that point) or
+    # "kill_in_save" (SIGKILL as it enters the checkpoint save that follows that step).
+    fault_step: int | None = None
+    fault_rank: int = 0
+    fault_mode: str = field(default="kill", metadata=_choices("kill", "hang", "kill_in_save"))
 
     def check(self, key: str) -> None:
         for name in ("steps", "batch_size", "seq_len", "log_every"):
@@ -171,6 +190,16 @@ class TrainConfig:
             raise ConfigError(f"{key}.seed", f"must be >= 0, got {self.seed}")
         if self.grad_clip is not None:
             _positive(f"{key}.grad_clip", self.grad_clip, "or null to turn clipping off")
+        for name in ("inject_nan_step", "fault_step"):
+            step = getattr(self, name)
+            if step is not None and not 0 <= step < self.steps:
+                raise ConfigError(f"{key}.{name}", f"must be in [0, train.steps={self.steps}) or "
+                                                   f"null, got {step}")
+        for name in ("inject_nan_rank", "fault_rank"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.inject_nan_param is not None and not self.inject_nan_param:
+            raise ConfigError(f"{key}.inject_nan_param", "must be a parameter name or null")
 
 
 @dataclass
@@ -267,6 +296,16 @@ class Config:
         if trace is not None and not 0 <= trace < self.train.steps:
             raise ConfigError("profiling.trace_step", f"must be in [0, train.steps="
                                                       f"{self.train.steps}) or null, got {trace}")
+        train, ckpt = self.train, self.checkpoint
+        if train.fault_step is not None and train.fault_mode == "kill_in_save":
+            saved = train.fault_step + 1  # the save that follows step fault_step, if any
+            if ckpt.dir is None or not (saved == train.steps
+                                        or (ckpt.every > 0 and saved % ckpt.every == 0)):
+                raise ConfigError("train.fault_step", f"fault_mode kill_in_save needs a checkpoint "
+                                                      f"save after step {train.fault_step}, but "
+                                                      f"checkpoint.dir={ckpt.dir!r} and "
+                                                      f"checkpoint.every={ckpt.every} save none "
+                                                      f"there")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -512,12 +551,20 @@ def resolve(config: Config, device_type: str | None = None) -> Config:
 
 
 HASH_EXCLUDED = ("output", "checkpoint")
+# keys added after results existed: hashed only when set away from their default
+HASH_NEW_KEYS = {("optimizer", "nonfinite"): "skip", ("train", "inject_nan_step"): None,
+                 ("train", "inject_nan_rank"): 0, ("train", "inject_nan_param"): None,
+                 ("train", "fault_step"): None, ("train", "fault_rank"): 0,
+                 ("train", "fault_mode"): "kill"}
 
 
 def config_hash(config: Config) -> str:
     """12 hex digits of sha256 over the canonical JSON of every section but output/checkpoint.
     Resolve first if "auto" choices should count as what they became."""
     data = {k: v for k, v in config.to_dict().items() if k not in HASH_EXCLUDED}
+    for (section, key), default in HASH_NEW_KEYS.items():
+        if data[section][key] == default:
+            del data[section][key]
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

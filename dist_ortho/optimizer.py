@@ -49,6 +49,29 @@ def _check_nonnegative(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def count_nonfinite(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
+                    world_size: int, device: torch.device) -> int:
+    """Number of gradient shards holding NaN/Inf, summed over the ranks of `group`: one tiny
+    all-reduce, so every rank gets the same verdict. A sum is NaN/Inf iff an element is (or the
+    sum overflows float32, which is no healthier)."""
+    sums = [torch.sum(g, dtype=torch.float32).to(device) for g in grads]
+    bad = ((~torch.isfinite(torch.stack(sums))).sum().to(torch.float32).reshape(1) if sums
+           else torch.zeros(1, device=device))
+    if world_size > 1:
+        dist.all_reduce(bad, group=group)
+    return int(bad.item())
+
+
+def handle_nonfinite(count: int, policy: str, who: str) -> None:
+    """Raise (policy "raise") or warn that the step is skipped (policy "skip")."""
+    message = f"{who}: non-finite gradient on {count} parameter shard(s) across ranks"
+    if policy == "raise":
+        raise FloatingPointError(message + "; nothing was updated (nonfinite='raise').")
+    warnings.warn(message + "; step skipped on every rank, weights and state unchanged.",
+                  RuntimeWarning, stacklevel=4)
+    log.warning("%s; step skipped on every rank", message)
+
+
 class _Orthogonalized(torch.optim.Optimizer):
     """Shared machinery of Muon and NorMuon; subclasses set `algorithm`."""
 
@@ -68,6 +91,7 @@ class _Orthogonalized(torch.optim.Optimizer):
         self.process_group = process_group
         self.phases = None  # a profiler's phase timer; None costs nothing
         self.skipped_steps = 0
+        self.last_step_skipped = False
         self.executed_ns_flops = 0  # NS FLOPs actually run on this rank, counted from the shapes
         self._layouts: dict[int, Layout] = {}
         self._names: dict[int, str] = {}
@@ -236,8 +260,12 @@ class _Orthogonalized(torch.optim.Optimizer):
         return self.phases.phase(name) if self.phases is not None else nullcontext()
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, companion_grads: Sequence[torch.Tensor] = ()):
+        """One step. `companion_grads`: this rank's gradient shards of other optimizers stepped
+        together with this one (CombinedOptimizer's AdamW); they join the non-finite check, so
+        that one all-reduce decides for all of them and `last_step_skipped` tells them."""
         loss = None
+        self.last_step_skipped = False
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -254,7 +282,12 @@ class _Orthogonalized(torch.optim.Optimizer):
         grads = [local_tensor(p.grad) for _, p in entries]
 
         with self._phase("nonfinite_check"):
-            if self._nonfinite_anywhere(grads, layout):
+            bad = count_nonfinite(list(grads) + [local_tensor(g) for g in companion_grads],
+                                  layout.group, layout.world_size, layout.device)
+            if bad:
+                handle_nonfinite(bad, self.nonfinite, type(self).__name__)
+                self.skipped_steps += 1
+                self.last_step_skipped = True
                 return loss
 
         with self._phase("momentum"):
@@ -285,23 +318,6 @@ class _Orthogonalized(torch.optim.Optimizer):
                 local.mul_(1 - group["lr"] * group["weight_decay"])
                 local.add_(update.reshape(local.shape).to(local.dtype), alpha=-group["lr"])
         return loss
-
-    def _nonfinite_anywhere(self, grads: Sequence[torch.Tensor], layout: Layout) -> bool:
-        sums = torch.stack([torch.sum(g, dtype=torch.float32) for g in grads])
-        bad = (~torch.isfinite(sums)).sum().to(torch.float32).reshape(1)
-        if layout.world_size > 1:
-            dist.all_reduce(bad, group=layout.group)
-        if bad.item() == 0:
-            return False
-        message = (f"{type(self).__name__}: non-finite gradient on {int(bad.item())} parameter "
-                   f"shard(s) across ranks")
-        if self.nonfinite == "raise":
-            raise FloatingPointError(message + "; nothing was updated (nonfinite='raise').")
-        self.skipped_steps += 1
-        warnings.warn(message + "; step skipped on every rank, weights and state unchanged.",
-                      RuntimeWarning, stacklevel=3)
-        log.warning("%s; step skipped (total skipped: %d)", message, self.skipped_steps)
-        return True
 
     def _make_orthogonalize(self, entries, layout: Layout):
         configs = [self._ns_config(g) for g, _ in entries]

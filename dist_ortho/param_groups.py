@@ -46,12 +46,24 @@ def split_params(named_params: Iterable[tuple[str, torch.nn.Parameter]],
 
 
 class CombinedOptimizer:
-    """Steps several optimizers as one (e.g. NorMuon for matrices + AdamW for the rest)."""
+    """Steps several optimizers as one (e.g. NorMuon for matrices + AdamW for the rest), all or
+    none: a NaN/Inf gradient anywhere, on any rank, skips (or raises, `nonfinite`) the whole step,
+    so AdamW's weights and moments never see what NorMuon refused. The matrix optimizer's one
+    all-reduce decides for everybody; without one, a check of its own does (same cost)."""
 
-    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], nonfinite: str = "skip",
+                 process_group=None) -> None:
+        from dist_ortho.optimizer import NONFINITE_POLICIES
+
         if not optimizers:
             raise ValueError("CombinedOptimizer needs at least one optimizer")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.optimizers = list(optimizers)
+        self.nonfinite = nonfinite
+        self.process_group = process_group
+        self.skipped_steps = 0
+        self.last_step_skipped = False
 
     @property
     def param_groups(self) -> list[dict]:
@@ -62,9 +74,41 @@ class CombinedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for opt in self.optimizers:
+        from dist_ortho.optimizer import _Orthogonalized, count_nonfinite, handle_nonfinite
+
+        leader = next((o for o in self.optimizers if isinstance(o, _Orthogonalized)), None)
+        others = [o for o in self.optimizers if o is not leader]
+        companion = [p.grad for o in others if not isinstance(o, _Orthogonalized)
+                     for g in o.param_groups for p in g["params"] if p.grad is not None]
+        self.last_step_skipped = False
+        if leader is not None:
+            leader.step(companion_grads=companion)
+            skipped = leader.last_step_skipped
+        else:
+            skipped = self._check_alone(companion, count_nonfinite, handle_nonfinite)
+        if skipped:
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            return loss
+        for opt in others:
             opt.step()
         return loss
+
+    def _check_alone(self, grads, count_nonfinite, handle_nonfinite) -> bool:
+        import torch.distributed as dist
+
+        from dist_ortho.sharding import local_tensor
+
+        if not grads:
+            return False
+        group = self.process_group if self.process_group is not None else (
+            dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        world = dist.get_world_size(group) if group is not None else 1
+        bad = count_nonfinite([local_tensor(g) for g in grads], group, world,
+                              local_tensor(grads[0]).device)
+        if bad:
+            handle_nonfinite(bad, self.nonfinite, type(self).__name__)
+        return bool(bad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
@@ -126,4 +170,5 @@ def build_optimizers(model: torch.nn.Module, config: OptimizerConfig | None = No
         opts.append(torch.optim.AdamW([p for _, p in others], lr=config.adamw_lr,
                                       betas=config.adamw_betas,
                                       weight_decay=config.adamw_weight_decay))
-    return CombinedOptimizer(opts)
+    return CombinedOptimizer(opts, nonfinite=optimizer_kwargs.get("nonfinite", "skip"),
+                             process_group=optimizer_kwargs.get("process_group"))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, ReferenceHParams,
-                        SplitConfig, build_optimizers, newton_schulz, ns_flops, reference_step,
-                        split_params)
+from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, OptimizerConfig,
+                        ReferenceHParams, SplitConfig, build_optimizers, newton_schulz, ns_flops,
+                        reference_step, split_params)
 from dist_ortho.newton_schulz import POLAR_EXPRESS_COEFFICIENTS, matrix_view_shape
 from dist_ortho.reference import normuon_update
 
@@ -321,3 +321,25 @@ def test_regression_mixed_dtype_error_identical_across_hash_seeds():
         outputs.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                    env=env, check=True).stdout)
     assert len(outputs) == 1 and "mixed parameter dtypes" in outputs.pop()
+
+
+@pytest.mark.parametrize("matrix_optimizer", ["normuon", "adamw"])
+def test_regression_nan_in_adamw_grad_skips_the_whole_combined_step(matrix_optimizer):
+    """Bug: NorMuon skipped a non-finite step but AdamW (embeddings, head, norms) still stepped,
+    writing NaN into its weights and advancing its step count. All or none now."""
+    net = TinyNet()
+    opt = build_optimizers(net, OptimizerConfig(name=matrix_optimizer, ns_dtype="float32"))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    net.tok_emb.weight.grad[0, 0] = float("nan")  # an AdamW parameter only
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt.step()
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    assert all(torch.equal(before[n], p) for n, p in net.named_parameters())
+    assert all(not o.state for o in opt.optimizers)
+    net.tok_emb.weight.grad[0, 0] = 1.0
+    opt.step()
+    assert not opt.last_step_skipped
+    assert all(torch.isfinite(p).all() and not torch.equal(before[n], p)
+               for n, p in net.named_parameters())

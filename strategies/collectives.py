@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["pack_padded", "all_gather_flat", "Exchange", "exchange"]
+__all__ = ["pack_padded", "all_gather_flat", "all_gather_single", "Exchange", "exchange"]
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); we support
 # torch >= 2.6, which has only the old one. Same c10d op underneath either way.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def pack_padded(pieces: Sequence[torch.Tensor], padded_numels: Sequence[int], dtype: torch.dtype,
@@ -38,7 +38,7 @@ def all_gather_flat(flat: torch.Tensor, group: dist.ProcessGroup | None,
     if world_size == 1:
         return flat.unsqueeze(0)
     out = torch.empty(world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
-    _all_gather_single(out, flat, group=group)
+    all_gather_single(out, flat, group=group)
     return out.view(world_size, flat.numel())
 
 

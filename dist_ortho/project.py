@@ -1,0 +1,267 @@
+"""`dist-ortho project`: project every strategy's optimizer step to large world sizes.
+
+    dist-ortho project --model llama-8b --world-sizes 8,64,512,1024 --hardware h100
+    python -m dist_ortho.project --model llama-70b --hardware h200 --param-dtype bfloat16
+
+For each world size and strategy, the cost model (`profiling.costmodel`) runs the strategy's own
+plan on the model's matrix shapes and prices it with a hardware preset (`profiling.hardware`:
+data-sheet bandwidths and FLOP rates, with stated efficiency and latency assumptions) or with
+constants calibrated on a real machine (a JSON/YAML file written by `calibrate`). Nothing runs on
+a GPU: these are predictions, and the table says which constants they came from.
+
+Writes to --out: <model>_<hardware>.csv and .md (the table), <model>_<hardware>_time.png and
+_bytes.png (log-log plots per strategy with the lower bounds drawn), and prints the table.
+Lower bounds: bytes per rank >= (P-1)/P^2 N (b_in + b_out) (every matrix assembled once and
+returned once), NS time >= total FLOPs / P / rate; "ratio" columns are a strategy's distance to
+them (1.0 = on the bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+__all__ = ["add_arguments", "main", "project"]
+
+DEFAULT_OUT = os.path.join("results", "projection")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="llama-8b",
+                        help="shape preset (dist_ortho.models.SHAPE_PRESETS), default llama-8b")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="override the preset's number of layers")
+    parser.add_argument("--world-sizes", default="8,64,512,1024",
+                        help="comma-separated world sizes (GPUs), default 8,64,512,1024")
+    parser.add_argument("--hardware", default="h100",
+                        help="preset name (h100, h200) or a calibrated constants file "
+                             "(.json/.yaml from profiling.costmodel.calibrate)")
+    parser.add_argument("--strategies", default="all",
+                        help="comma-separated strategy names, default all registered")
+    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="parameter (and momentum) dtype: the forward path's bytes")
+    parser.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="Newton-Schulz dtype: the return path's bytes and the FLOP rate")
+    parser.add_argument("--algorithm", default="normuon", choices=["normuon", "muon"])
+    parser.add_argument("--bucket-bytes", type=int, default=None,
+                        help="bucketed_async bucket size; default max(64 MiB, largest matrix, "
+                             "a quarter of all matrix bytes)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--no-plots", action="store_true", help="write the table only")
+
+
+def _world_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--world-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or any(p < 1 for p in sizes):
+        raise ValueError(f"--world-sizes must be positive integers, got {text!r}")
+    return sorted(set(sizes))
+
+
+def _constants_source(hardware: str):
+    from profiling.costmodel import load_constants
+    from profiling.hardware import HARDWARE_PRESETS
+
+    if hardware in HARDWARE_PRESETS:
+        return HARDWARE_PRESETS[hardware], hardware
+    if os.path.exists(hardware):
+        return load_constants(hardware), os.path.splitext(os.path.basename(hardware))[0]
+    raise ValueError(f"--hardware must be one of {sorted(HARDWARE_PRESETS)} or an existing "
+                     f"constants file, got {hardware!r}")
+
+
+def project(model: str, world_sizes: list[int], hardware: str = "h100",
+            strategy_names: list[str] | None = None, param_dtype: str = "float32",
+            ns_dtype: str = "bfloat16", algorithm: str = "normuon",
+            bucket_bytes: int | None = None, num_layers: int | None = None) -> list[dict]:
+    """One row per (world size, strategy): the prediction's summary plus its inputs."""
+    import strategies
+    from dist_ortho.models.shapes import matrix_shapes
+    from dist_ortho.sharding import dtype_size
+    from profiling.costmodel import _torch_dtype, predict
+
+    shapes = matrix_shapes(model, num_layers)
+    constants, hw_name = _constants_source(hardware)
+    measured_dtype = getattr(constants, "meta", {}).get("ns_dtype")
+    if measured_dtype and measured_dtype != ns_dtype:
+        print(f"dist-ortho project: note: the NS rate in {hardware} was measured in "
+              f"{measured_dtype}; --ns-dtype {ns_dtype} changes the return bytes, not that rate",
+              file=sys.stderr)
+    names = strategy_names or strategies.available()
+    for n in names:
+        strategies.options_class(n)  # ValueError naming the unknown strategy
+    itemsize = dtype_size(_torch_dtype(param_dtype))
+    largest = max(math.prod(s) for _, s in shapes) * itemsize
+    total = sum(math.prod(s) for _, s in shapes) * itemsize
+    if bucket_bytes is None:
+        # the strategy's 64 MiB default cannot hold a billion-parameter model's matrices; about
+        # four buckets keep a pipeline without cutting the model into one-matrix buckets, whose
+        # all-to-alls each wait on a single owner
+        bucket_bytes = max(64 * 2**20, largest, math.ceil(total / 4))
+    rows = []
+    for P in world_sizes:
+        for name in names:
+            options = {"bucket_bytes": bucket_bytes} if name == "bucketed_async" else {}
+            pred = predict(shapes, P, name, options, constants=constants,
+                           param_dtype=param_dtype, ns_dtype=ns_dtype, algorithm=algorithm)
+            row = dict(model=model, hardware=hw_name, param_dtype=param_dtype,
+                       ns_dtype=ns_dtype, algorithm=algorithm, **pred.summary())
+            row["options"] = ",".join(f"{k}={v}" for k, v in options.items())
+            memory = getattr(constants, "memory_bytes", None)
+            row["hbm_bytes"] = memory
+            rows.append(row)
+    return rows
+
+
+_COLUMNS = [  # (key, header, scale, format)
+    ("world_size", "P", 1, "d"),
+    ("strategy", "strategy", None, "s"),
+    ("step_s", "step ms", 1e3, ".3g"),
+    ("comm_s", "comm ms", 1e3, ".3g"),
+    ("ns_s", "NS ms", 1e3, ".3g"),
+    ("time_lower_bound_s", "bound ms", 1e3, ".3g"),
+    ("time_ratio", "time/bound", 1, ".3g"),
+    ("max_bytes_per_rank", "GB/rank", 1e-9, ".3g"),
+    ("bytes_ratio", "bytes/bound", 1, ".3g"),
+    ("flops_ratio", "NS FLOPs/bound", 1, ".3g"),
+    ("peak_bytes", "opt. peak GB", 1e-9, ".3g"),
+]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(h for _, h, _, _ in _COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in _COLUMNS) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for key, _, scale, fmt in _COLUMNS:
+            v = r.get(key)
+            if v is None:
+                cells.append("")
+            elif scale is None:
+                cells.append(str(v))
+            else:
+                v = v * scale
+                cells.append(format(int(v), fmt) if fmt == "d" else format(v, fmt))
+        hbm = r.get("hbm_bytes")
+        if hbm and r["peak_bytes"] > hbm:
+            cells[-1] += f" (> {hbm * 1e-9:.0f} GB HBM)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_plots(rows: list[dict], prefix: str) -> list[str]:
+    """Optimizer time and bytes per rank vs world size, per strategy, with the lower bounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["world_size"] for r in rows})
+    names = sorted({r["strategy"] for r in rows})
+    first = rows[0]
+    title = (f"{first['model']} on {first['hardware']}: {first['algorithm']}, params "
+             f"{first['param_dtype']}, NS {first['ns_dtype']}")
+    by = {(r["world_size"], r["strategy"]): r for r in rows}
+    any_name = names[0]
+
+    def bound(key):
+        return [by[(P, any_name)][key] for P in sizes]
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for n in names:
+        ax.plot(sizes, [by[(P, n)]["step_s"] for P in sizes], marker="o", label=n)
+    ax.plot(sizes, bound("ns_lower_bound_s"), "k--", label="NS bound: total FLOPs / P / rate")
+    ax.plot(sizes, bound("ns_whole_matrix_bound_s"), "k:",
+            label="NS bound, whole matrices per rank")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("world size P (GPUs)")
+    ax.set_ylabel("optimizer step time (s)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(prefix + "_time.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for n in names:
+        ax.plot(sizes, [by[(P, n)]["max_bytes_per_rank"] for P in sizes], marker="o", label=n)
+    ax.plot(sizes, bound("bytes_lower_bound_per_rank"), "k--",
+            label="bound: (P-1)/P^2 N (b_in + b_out)")
+    ax.plot(sizes, bound("bytes_whole_matrix_bound"), "k:",
+            label="bound, whole matrices per rank (owner receives the largest)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("world size P (GPUs)")
+    ax.set_ylabel("bytes per rank per step, busiest rank (B)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(prefix + "_bytes.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        sizes = _world_sizes(args.world_sizes)
+        names = None if args.strategies == "all" else [s.strip() for s in
+                                                       args.strategies.split(",") if s.strip()]
+        rows = project(args.model, sizes, args.hardware, names, args.param_dtype, args.ns_dtype,
+                       args.algorithm, args.bucket_bytes, args.num_layers)
+    except ValueError as exc:
+        print(f"dist-ortho project: {exc}", file=sys.stderr)
+        return 2
+    import pandas as pd
+
+    os.makedirs(args.out, exist_ok=True)
+    tag = rows[0]["hardware"]
+    suffix = "" if args.param_dtype == "float32" else f"_{args.param_dtype}"
+    prefix = os.path.join(args.out, f"{args.model}_{tag}{suffix}")
+    pd.DataFrame(rows).to_csv(prefix + ".csv", index=False)
+    from profiling.costmodel import CostConstants
+    from profiling.hardware import HARDWARE_PRESETS
+
+    if args.hardware in HARDWARE_PRESETS:
+        hw = HARDWARE_PRESETS[args.hardware]
+        note = (f"Hardware preset `{hw.name}`: {hw.description}. Data sheet: {hw.sources} "
+                f"Assumptions: NS matmuls sustain {hw.ns_efficiency:.0%} of peak; links "
+                f"{hw.link_efficiency:.0%} of line rate; latency per ring step "
+                f"{hw.intra_node_latency_s * 1e6:g} us (NVLink) / "
+                f"{hw.inter_node_latency_s * 1e6:g} us (IB), per all-to-all peer "
+                f"{hw.intra_node_peer_s * 1e6:g} / {hw.inter_node_peer_s * 1e6:g} us.")
+    else:
+        c: CostConstants = _constants_source(args.hardware)[0]
+        note = f"Constants from {args.hardware}: {c.source}."
+    table = markdown_table(rows)
+    header = (f"# Projection: {args.model}, {args.algorithm}, params {args.param_dtype}, "
+              f"NS {args.ns_dtype}\n\nPredicted by `profiling.costmodel` (not measured). {note}\n"
+              f"Bytes are the busiest rank's larger direction per step; bound columns are the "
+              f"owner-based lower bounds (see `dist_ortho/project.py`); opt. peak = optimizer "
+              f"state + the strategy's transient buffers on the busiest rank (parameters, "
+              f"gradients and activations come on top, so a row marked > HBM cannot run).\n\n")
+    with open(prefix + ".md", "w") as f:
+        f.write(header + table + "\n")
+    print(header + table)
+    if not args.no_plots:
+        for path in write_plots(rows, prefix):
+            print(f"wrote {path}")
+    print(f"wrote {prefix}.csv and {prefix}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m dist_ortho.project",
+                                      description=__doc__.split("\n")[0])
+    add_arguments(_parser)
+    raise SystemExit(main(_parser.parse_args()))

@@ -31,21 +31,10 @@ from dist_ortho.testing import spawn  # noqa: E402
 
 def worker(rank: int, world_size: int, model_name: str, steps: int, warmup: int,
            names: list[str]) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from common import sharded_runs
+    from dist_ortho.models import synthetic_grads
 
-    from dist_ortho import NorMuon
-    from dist_ortho.models import build_model, synthetic_grads
-
-    mesh = init_device_mesh("cpu", (world_size,))
-    runs = {}
-    for name in names:
-        model = build_model(model_name)
-        for layer in model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = NorMuon(list(model.named_parameters()), ns_dtype="float32", strategy=name)
-        runs[name] = (model, opt)
+    runs = sharded_runs(model_name, world_size, {n: n for n in names})
     times: dict[str, list[float]] = {n: [] for n in names}
     for step in range(warmup + steps):
         for name in names:

@@ -25,8 +25,6 @@ import resource
 import statistics
 import sys
 import time
-from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -37,21 +35,9 @@ if ROOT not in sys.path:
 
 import strategies  # noqa: E402
 from dist_ortho.testing import spawn  # noqa: E402
+from profiling.costmodel import PhaseTimer  # noqa: E402
 
 OUT = os.path.join(ROOT, "results", "costmodel_validation")
-
-
-class PhaseTimer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def phase(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - start
 
 
 def options_for(name: str, bucket_bytes: int) -> dict:
@@ -60,11 +46,8 @@ def options_for(name: str, bucket_bytes: int) -> dict:
 
 def worker(rank: int, world_size: int, model_name: str, steps: int, warmup: int,
            names: list[str], bucket_bytes: int) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from dist_ortho import NorMuon
-    from dist_ortho.models import build_model, synthetic_grads
+    from common import sharded_runs
+    from dist_ortho.models import synthetic_grads
     from profiling.costmodel import calibrate
 
     from dist_ortho.models.shapes import matrix_shapes
@@ -77,16 +60,8 @@ def worker(rank: int, world_size: int, model_name: str, steps: int, warmup: int,
     constants = calibrate(ns_shapes=tuple(NS_CALIBRATION_SHAPES) + tuple(model_shapes))
     calibration_s = time.perf_counter() - start
 
-    mesh = init_device_mesh("cpu", (world_size,))
-    runs = {}
-    for name in names:
-        model = build_model(model_name)
-        for layer in model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = NorMuon(list(model.named_parameters()), ns_dtype="float32",
-                      strategy=strategies.build(name, **options_for(name, bucket_bytes)))
-        runs[name] = (model, opt)
+    runs = sharded_runs(model_name, world_size,
+                        {n: strategies.build(n, **options_for(n, bucket_bytes)) for n in names})
     times: dict[str, list[float]] = {n: [] for n in names}
     phases: dict[str, list[dict]] = {n: [] for n in names}
     for step in range(warmup + steps):

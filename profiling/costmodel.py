@@ -934,7 +934,9 @@ def measure_ns(group=None, shapes: Sequence[tuple] = NS_CALIBRATION_SHAPES,
     return alone, loaded
 
 
-class _PhaseTimer:
+class PhaseTimer:
+    """Seconds per optimizer phase, summed: the cheapest timer an optimizer's `.phases` accepts."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
 
@@ -971,7 +973,7 @@ def measure_elementwise(group=None, param_sets: Sequence[Sequence[tuple]] = _EW_
         for step in range(repeats + 1):
             for p in params:
                 p.grad = torch.randn_like(p)
-            timer = _PhaseTimer()
+            timer = PhaseTimer()
             opt.phases = timer
             opt.step()
             # the optimizer's own top-level phases; the orthogonalization (and the "ns" and

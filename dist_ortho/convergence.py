@@ -381,8 +381,6 @@ def train_with_curve(config, conv: ConvergenceConfig, write: bool = True) -> Cur
     """Train one run of `config` with `dist_ortho.run`, recording its curve; on rank 0 write
     curve.csv and result.json into the run directory (with `write`) before `finish` marks it
     DONE. Reuses the caller's process group if there is one."""
-    import torch.distributed as dist
-
     from dist_ortho import models
     from dist_ortho.run import LogProgress, build_run, close, finish, train
     from profiling.profiler import atomic_write_text

@@ -172,44 +172,35 @@ def write_plots(rows: list[dict], prefix: str) -> list[str]:
     def bound(key):
         return [by[(P, any_name)][key] for P in sizes]
 
-    paths = []
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for n in names:
-        ax.plot(sizes, [by[(P, n)]["step_s"] for P in sizes], marker="o", label=n)
-    ax.plot(sizes, bound("ns_lower_bound_s"), "k--", label="NS bound: total FLOPs / P / rate")
-    ax.plot(sizes, bound("ns_whole_matrix_bound_s"), "k:",
-            label="NS bound, whole matrices per rank")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("world size P (GPUs)")
-    ax.set_ylabel("optimizer step time (s)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(prefix + "_time.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    def plot(key, bounds, ylabel, suffix):
+        """One log-log figure: `key` per strategy against P, with two lower bounds drawn."""
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for n in names:
+            ax.plot(sizes, [by[(P, n)][key] for P in sizes], marker="o", label=n)
+        for (bound_key, label), style in zip(bounds, ("k--", "k:")):
+            ax.plot(sizes, bound(bound_key), style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("world size P (GPUs)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(prefix + suffix, dpi=120)
+        plt.close(fig)
+        return prefix + suffix
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for n in names:
-        ax.plot(sizes, [by[(P, n)]["max_bytes_per_rank"] for P in sizes], marker="o", label=n)
-    ax.plot(sizes, bound("bytes_lower_bound_per_rank"), "k--",
-            label="bound: (P-1)/P^2 N (b_in + b_out)")
-    ax.plot(sizes, bound("bytes_whole_matrix_bound"), "k:",
-            label="bound, whole matrices per rank (owner receives the largest)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("world size P (GPUs)")
-    ax.set_ylabel("bytes per rank per step, busiest rank (B)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(prefix + "_bytes.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    return [
+        plot("step_s", [("ns_lower_bound_s", "NS bound: total FLOPs / P / rate"),
+                        ("ns_whole_matrix_bound_s", "NS bound, whole matrices per rank")],
+             "optimizer step time (s)", "_time.png"),
+        plot("max_bytes_per_rank",
+             [("bytes_lower_bound_per_rank", "bound: (P-1)/P^2 N (b_in + b_out)"),
+              ("bytes_whole_matrix_bound",
+               "bound, whole matrices per rank (owner receives the largest)")],
+             "bytes per rank per step, busiest rank (B)", "_bytes.png"),
+    ]
 
 
 def main(args: argparse.Namespace) -> int:

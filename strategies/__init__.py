@@ -19,7 +19,8 @@ from strategies.replicated import Replicated, ReplicatedOptions
 from strategies.round_robin import RoundRobin, RoundRobinOptions
 
 __all__ = ["available", "build", "register", "Strategy", "Plan", "RankCost", "CommItem",
-           "ExecContext", "EVERY_RANK", "options_class"]
+           "ExecContext", "EVERY_RANK", "options_class", "ReplicatedOptions", "RoundRobinOptions",
+           "AllGatherScatterOptions", "BucketedAsyncOptions", "BalancedOptions"]
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 

@@ -234,7 +234,6 @@ def test_bucketed_pipeline_hides_the_smaller_of_compute_and_transfer():
     fast_net = _constants(alpha=0.0, beta=1e-13, rate=1e9)  # compute dominates
     for c in (slow_net, fast_net):
         pred = cm.predict(shapes, P, "bucketed_async", opts, constants=c)
-        bal = cm.predict(shapes, P, "balanced", constants=c)
         t = pred.time
         assert len(pred.plan.details["buckets"]) == 4
         # never worse than doing everything in sequence, never better than the larger term

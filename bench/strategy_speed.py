@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import strategies  # noqa: E402
+from dist_ortho import strategies  # noqa: E402
 from dist_ortho.testing import spawn  # noqa: E402
 
 

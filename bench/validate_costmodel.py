@@ -3,7 +3,7 @@
     python bench/validate_costmodel.py --world-sizes 2,4 --model transformer-bench
 
 For each world size, one gloo process group (one thread per rank):
-1. calibrate (`profiling.costmodel.calibrate`): time every collective kind at several sizes, NS on a
+1. calibrate (`dist_ortho.profiling.costmodel.calibrate`): time every collective kind at several sizes, NS on a
    few shapes unlike the model's, and the optimizer's element-wise work; fit alpha, beta, the NS
    rate, and how many ranks the host runs at full speed;
 2. build the shape-only model, shard it with FSDP2 and step NorMuon (float32 NS) under every
@@ -33,9 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import strategies  # noqa: E402
+from dist_ortho import strategies  # noqa: E402
 from dist_ortho.testing import spawn  # noqa: E402
-from profiling.costmodel import PhaseTimer  # noqa: E402
+from dist_ortho.profiling.costmodel import PhaseTimer  # noqa: E402
 
 OUT = os.path.join(ROOT, "results", "costmodel_validation")
 
@@ -48,10 +48,10 @@ def worker(rank: int, world_size: int, model_name: str, steps: int, warmup: int,
            names: list[str], bucket_bytes: int) -> dict:
     from common import sharded_runs
     from dist_ortho.models import synthetic_grads
-    from profiling.costmodel import calibrate
+    from dist_ortho.profiling.costmodel import calibrate
 
     from dist_ortho.models.shapes import matrix_shapes
-    from profiling.costmodel import NS_CALIBRATION_SHAPES
+    from dist_ortho.profiling.costmodel import NS_CALIBRATION_SHAPES
 
     # NS is timed on the generic calibration shapes and on the model's own distinct shapes (CPU
     # BLAS speed depends on the shape; the parent also predicts without these per-shape times)
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from dist_ortho.models.shapes import matrix_shapes
-    from profiling.costmodel import CostConstants, predict
+    from dist_ortho.profiling.costmodel import CostConstants, predict
 
     names = strategies.available()
     shapes = matrix_shapes(args.model)

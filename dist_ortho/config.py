@@ -135,7 +135,7 @@ class StrategyConfig:
     options: dict = field(default_factory=dict)
 
     def check(self, key: str) -> None:
-        import strategies
+        from dist_ortho import strategies
 
         if self.name not in strategies.available():
             raise ConfigError(f"{key}.name", f"unknown strategy {self.name!r}; available: "

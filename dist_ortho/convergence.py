@@ -383,7 +383,7 @@ def train_with_curve(config, conv: ConvergenceConfig, write: bool = True) -> Cur
     DONE. Reuses the caller's process group if there is one."""
     from dist_ortho import models
     from dist_ortho.run import LogProgress, build_run, close, finish, train
-    from profiling.profiler import atomic_write_text
+    from dist_ortho.profiling.profiler import atomic_write_text
 
     if models.is_shape_only(config.model.preset):
         raise _err("run.model.preset", f"{config.model.preset!r} is a shape-only model; a "

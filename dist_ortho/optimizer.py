@@ -26,11 +26,11 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-import strategies as strategy_registry
+from dist_ortho import strategies as strategy_registry
 from dist_ortho.newton_schulz import NSConfig, matrix_view_shape, newton_schulz, ns_flops
 from dist_ortho.reference import NORM_EPS, ROW_EPS, shape_scale
 from dist_ortho.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
-from strategies.base import CommItem, ExecContext, Plan, Strategy, all_reduce_bytes
+from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy, all_reduce_bytes
 
 __all__ = ["NorMuon", "Muon", "NONFINITE_POLICIES"]
 
@@ -83,7 +83,7 @@ class _Orthogonalized(torch.optim.Optimizer):
             strategy = strategy_registry.build(strategy)
         elif not isinstance(strategy, Strategy):
             raise ValueError(f"strategy must be a name from {strategy_registry.available()} or a "
-                             f"strategies.Strategy instance, got {type(strategy).__name__}")
+                             f"dist_ortho.strategies.Strategy instance, got {type(strategy).__name__}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.strategy = strategy

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated world sizes (GPUs), default 8,64,512,1024")
     parser.add_argument("--hardware", default="h100",
                         help="preset name (h100, h200) or a calibrated constants file "
-                             "(.json/.yaml from profiling.costmodel.calibrate)")
+                             "(.json/.yaml from dist_ortho.profiling.costmodel.calibrate)")
     parser.add_argument("--strategies", default="all",
                         help="comma-separated strategy names, default all registered")
     parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -63,8 +63,8 @@ def _world_sizes(text: str) -> list[int]:
 
 
 def _constants_source(hardware: str):
-    from profiling.costmodel import load_constants
-    from profiling.hardware import HARDWARE_PRESETS
+    from dist_ortho.profiling.costmodel import load_constants
+    from dist_ortho.profiling.hardware import HARDWARE_PRESETS
 
     if hardware in HARDWARE_PRESETS:
         return HARDWARE_PRESETS[hardware], hardware
@@ -79,10 +79,10 @@ def project(model: str, world_sizes: list[int], hardware: str = "h100",
             ns_dtype: str = "bfloat16", algorithm: str = "normuon",
             bucket_bytes: int | None = None, num_layers: int | None = None) -> list[dict]:
     """One row per (world size, strategy): the prediction's summary plus its inputs."""
-    import strategies
+    from dist_ortho import strategies
     from dist_ortho.models.shapes import matrix_shapes
     from dist_ortho.sharding import dtype_size
-    from profiling.costmodel import _torch_dtype, predict
+    from dist_ortho.profiling.costmodel import _torch_dtype, predict
 
     shapes = matrix_shapes(model, num_layers)
     constants, hw_name = _constants_source(hardware)
@@ -220,8 +220,8 @@ def main(args: argparse.Namespace) -> int:
     suffix = "" if args.param_dtype == "float32" else f"_{args.param_dtype}"
     prefix = os.path.join(args.out, f"{args.model}_{tag}{suffix}")
     pd.DataFrame(rows).to_csv(prefix + ".csv", index=False)
-    from profiling.costmodel import CostConstants
-    from profiling.hardware import HARDWARE_PRESETS
+    from dist_ortho.profiling.costmodel import CostConstants
+    from dist_ortho.profiling.hardware import HARDWARE_PRESETS
 
     if args.hardware in HARDWARE_PRESETS:
         hw = HARDWARE_PRESETS[args.hardware]

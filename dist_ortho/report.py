@@ -55,7 +55,7 @@ class Results:
 
     def metrics(self, run: str):
         """That run's metrics.csv (warm-up steps removed), read once."""
-        from profiling import read_metrics
+        from dist_ortho.profiling import read_metrics
 
         if run not in self._metrics:
             df = read_metrics(self.runs_dir / run)
@@ -85,7 +85,7 @@ def load_results(path: str | Path) -> Results:
     if (root / "summary.csv").is_file():
         summary = pd.read_csv(root / "summary.csv")
     else:
-        from profiling import summarize_runs
+        from dist_ortho.profiling import summarize_runs
 
         summary = summarize_runs(runs_dir)
     if summary.empty:

@@ -282,7 +282,7 @@ def build_run(config: Config) -> RunState:
     """Process group, sharded model, optimizers, data and profiler for `config`; with
     `checkpoint.resume`, also the latest checkpoint (the run's first collective). Config errors
     (ConfigError) are raised before any collective, on every rank alike."""
-    import strategies
+    from dist_ortho import strategies
 
     # checks that need no process group: identical on every rank (same file, same overrides)
     config.check()
@@ -311,7 +311,7 @@ def _build(config: Config, strategy, device: torch.device, owns: bool) -> RunSta
 
     from dist_ortho.data import build_loader
     from dist_ortho.param_groups import build_optimizers
-    from profiling import Profiler, ProfilerConfig
+    from dist_ortho.profiling import Profiler, ProfilerConfig
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = resolve(config, device.type)
@@ -591,7 +591,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def finish(state: RunState) -> Path:
     """Save the final checkpoint (with checkpoint.dir, unless this step is saved already), write
     metrics (collective), metadata and run.json, then DONE last; returns the run dir."""
-    from profiling.env import environment, write_run_metadata
+    from dist_ortho.profiling.env import environment, write_run_metadata
 
     if state.config.checkpoint.dir is not None and state.last_checkpoint_step != state.step:
         save_checkpoint(state)

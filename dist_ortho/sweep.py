@@ -120,7 +120,7 @@ def _list(key: str, value) -> list:
 def load_study(path: str | Path, overrides: Sequence[str] | Mapping = (),
                output_dir: str | Path | None = None) -> Study:
     """Read and check a study file; `overrides` (k=v) apply to every point after the file's own."""
-    import strategies
+    from dist_ortho import strategies
 
     path = Path(path)
     if not path.is_file():
@@ -458,7 +458,7 @@ def write_failures(study: Study, results: Sequence[PointResult]) -> Path:
 def aggregate(study: Study, points: Sequence[Point]) -> Path | None:
     """summary.csv from the complete runs of this grid (stale run directories are left out), with
     the grid's own labels (point, strategy label, option set) added."""
-    from profiling import summarize_runs
+    from dist_ortho.profiling import summarize_runs
 
     complete = {p.name: p for p in points if is_complete(p)}
     path = study.dir / "summary.csv"

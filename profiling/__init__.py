@@ -8,9 +8,9 @@
 - `profiling.device`: the device-specific calls (sync, timing marks, memory counters).
 """
 
-from profiling.comm import CommCounter, CommRecord, summarize
-from profiling.env import environment, write_run_metadata
-from profiling.profiler import Profiler, ProfilerConfig
+from dist_ortho.profiling.comm import CommCounter, CommRecord, summarize
+from dist_ortho.profiling.env import environment, write_run_metadata
+from dist_ortho.profiling.profiler import Profiler, ProfilerConfig
 
 _LAZY = {"summarize_runs", "summarize_metrics", "read_metrics"}
 
@@ -18,7 +18,7 @@ _LAZY = {"summarize_runs", "summarize_metrics", "read_metrics"}
 def __getattr__(name: str):
     # pandas is imported only when a summary is asked for, not by every process that profiles
     if name in _LAZY:
-        from profiling import summary
+        from dist_ortho.profiling import summary
 
         return getattr(summary, name)
     raise AttributeError(f"module 'profiling' has no attribute {name!r}")

@@ -55,10 +55,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-import strategies as strategy_registry
+from dist_ortho import strategies as strategy_registry
 from dist_ortho.newton_schulz import matrix_view_shape, ns_flops
 from dist_ortho.sharding import MatrixSpec, chunk_sizes, dtype_size
-from strategies.base import EVERY_RANK, CommItem, Plan, Strategy, all_reduce_bytes
+from dist_ortho.strategies.base import EVERY_RANK, CommItem, Plan, Strategy, all_reduce_bytes
 
 __all__ = [
     "KINDS", "latency_steps", "CommModel", "ComputeModel", "CostConstants", "RankPrediction",
@@ -525,7 +525,7 @@ def predict(shapes, world_size: int, strategy="balanced", options: Mapping | Non
     constants: a CostConstants, a `profiling.hardware.HardwarePreset` (made into constants for
     this world size), or None for bytes / FLOPs / memory only.
     """
-    from profiling.hardware import HardwarePreset
+    from dist_ortho.profiling.hardware import HardwarePreset
 
     strat = _build_strategy(strategy, options)
     specs = matrix_specs(shapes, world_size, param_dtype, ns_dtype, ns_steps, sharded)
@@ -824,7 +824,7 @@ def _run_collective(kind: str, numel: int, group, device: torch.device, P: int, 
     x = torch.ones(numel, dtype=torch.float32, device=device)
     if kind == "all_gather":
         out = torch.empty(P * numel, dtype=torch.float32, device=device)
-        from strategies.collectives import all_gather_single  # the op the strategies issue
+        from dist_ortho.strategies.collectives import all_gather_single  # the op the strategies issue
 
         return lambda: all_gather_single(out, x, group=group)
     if kind == "all_to_all":
@@ -856,7 +856,7 @@ def measure_collectives(group=None, sizes_bytes: Sequence[int] = (2**12, 2**16, 
     """
     import torch.distributed as dist
 
-    from profiling.comm import CommCounter
+    from dist_ortho.profiling.comm import CommCounter
 
     P, me = dist.get_world_size(group), dist.get_rank(group)
     device = _device_of(group)

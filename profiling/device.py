@@ -111,7 +111,7 @@ class CPUOps(DeviceOps):
         return end - start
 
     def memory_meter(self) -> MemoryMeter:
-        from profiling.memory import LiveTensorMeter
+        from dist_ortho.profiling.memory import LiveTensorMeter
 
         return LiveTensorMeter(self.device)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from profiling.profiler import atomic_write_text
+from dist_ortho.profiling.profiler import atomic_write_text
 
 __all__ = ["environment", "git_info", "write_run_metadata", "CONFIG_FILE", "ENV_FILE"]
 

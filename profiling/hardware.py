@@ -82,7 +82,7 @@ class HardwarePreset:
 
     def constants(self, world_size: int, ns_dtype: str = "bfloat16"):
         """The alpha-beta and compute constants for one optimizer spanning `world_size` GPUs."""
-        from profiling.costmodel import CommModel, ComputeModel, CostConstants
+        from dist_ortho.profiling.costmodel import CommModel, ComputeModel, CostConstants
 
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")

@@ -77,8 +77,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from profiling.comm import CommCounter
-from profiling.device import DeviceOps, resolve_device
+from dist_ortho.profiling.comm import CommCounter
+from dist_ortho.profiling.device import DeviceOps, resolve_device
 
 __all__ = ["ProfilerConfig", "Profiler", "ROW_COLUMNS", "COLLECTIVE_COLUMNS", "STEP_PHASE",
            "atomic_write_text"]

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from profiling.profiler import ROW_COLUMNS, STEP_PHASE
+from dist_ortho.profiling.profiler import ROW_COLUMNS, STEP_PHASE
 
 __all__ = ["summarize_runs", "read_metrics", "summarize_metrics", "OPTIMIZER_PHASE_NAMES",
            "phase_owner"]

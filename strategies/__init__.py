@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from strategies.allgather_scatter import AllGatherScatter, AllGatherScatterOptions
-from strategies.balanced import Balanced, BalancedOptions
-from strategies.base import EVERY_RANK, CommItem, ExecContext, Plan, RankCost, Strategy
-from strategies.bucketed_async import BucketedAsync, BucketedAsyncOptions
-from strategies.replicated import Replicated, ReplicatedOptions
-from strategies.round_robin import RoundRobin, RoundRobinOptions
+from dist_ortho.strategies.allgather_scatter import AllGatherScatter, AllGatherScatterOptions
+from dist_ortho.strategies.balanced import Balanced, BalancedOptions
+from dist_ortho.strategies.base import EVERY_RANK, CommItem, ExecContext, Plan, RankCost, Strategy
+from dist_ortho.strategies.bucketed_async import BucketedAsync, BucketedAsyncOptions
+from dist_ortho.strategies.replicated import Replicated, ReplicatedOptions
+from dist_ortho.strategies.round_robin import RoundRobin, RoundRobinOptions
 
 __all__ = ["available", "build", "register", "Strategy", "Plan", "RankCost", "CommItem",
            "ExecContext", "EVERY_RANK", "options_class", "ReplicatedOptions", "RoundRobinOptions",

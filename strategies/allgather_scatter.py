@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_ortho.sharding import dtype_size
-from strategies import owner_exchange as ox
-from strategies.balanced import orthogonalize_owned
-from strategies.base import CommItem, ExecContext, Plan, Strategy
-from strategies.collectives import all_gather_flat, pack_padded
-from strategies.ownership import OWNERSHIP_POLICIES, assign
-from strategies.replicated import padded_numels, rebuild_full
+from dist_ortho.strategies import owner_exchange as ox
+from dist_ortho.strategies.balanced import orthogonalize_owned
+from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
+from dist_ortho.strategies.collectives import all_gather_flat, pack_padded
+from dist_ortho.strategies.ownership import OWNERSHIP_POLICIES, assign
+from dist_ortho.strategies.replicated import padded_numels, rebuild_full
 
 __all__ = ["AllGatherScatterOptions", "AllGatherScatter"]
 

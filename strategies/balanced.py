@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from dist_ortho.sharding import dtype_size
-from strategies import owner_exchange as ox
-from strategies.base import CommItem, ExecContext, Plan, Strategy
-from strategies.ownership import lpt_owners
+from dist_ortho.strategies import owner_exchange as ox
+from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
+from dist_ortho.strategies.ownership import lpt_owners
 
 __all__ = ["BalancedOptions", "Balanced", "orthogonalize_owned"]
 

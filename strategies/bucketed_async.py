@@ -24,10 +24,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from dist_ortho.sharding import dtype_size
-from strategies import owner_exchange as ox
-from strategies.balanced import orthogonalize_owned, owner_plan
-from strategies.base import ExecContext, Plan, Strategy
-from strategies.ownership import lpt_owners
+from dist_ortho.strategies import owner_exchange as ox
+from dist_ortho.strategies.balanced import orthogonalize_owned, owner_plan
+from dist_ortho.strategies.base import ExecContext, Plan, Strategy
+from dist_ortho.strategies.ownership import lpt_owners
 
 __all__ = ["BucketedAsyncOptions", "BucketedAsync", "make_buckets"]
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from dist_ortho.sharding import MatrixSpec
-from strategies.collectives import Exchange, exchange
+from dist_ortho.strategies.collectives import Exchange, exchange
 
 __all__ = ["forward_send", "forward_recv_numels", "assemble", "return_send",
            "return_recv_numels", "split_returns", "exchange_bytes", "send_forward", "send_back"]

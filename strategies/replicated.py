@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from dist_ortho.sharding import MatrixSpec, dtype_size
-from strategies.base import EVERY_RANK, CommItem, ExecContext, Plan, RankCost, Strategy
-from strategies.collectives import all_gather_flat, pack_padded
+from dist_ortho.strategies.base import EVERY_RANK, CommItem, ExecContext, Plan, RankCost, Strategy
+from dist_ortho.strategies.collectives import all_gather_flat, pack_padded
 
 __all__ = ["ReplicatedOptions", "Replicated"]
 

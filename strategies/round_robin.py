@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from dist_ortho.sharding import dtype_size
-from strategies.base import CommItem, ExecContext, Plan, Strategy
-from strategies.ownership import round_robin_owners
+from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
+from dist_ortho.strategies.ownership import round_robin_owners
 
 __all__ = ["RoundRobinOptions", "RoundRobin"]
 

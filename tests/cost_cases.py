@@ -127,10 +127,10 @@ class _FakeAllToAllInput(TorchDispatchMode):
 
 
 def run_case(case: dict, mesh, rank: int, world_size: int, fake: bool = False) -> dict:
-    import strategies
+    from dist_ortho import strategies
     from dist_ortho import Muon, NorMuon
     from dist_ortho.sharding import local_tensor
-    from profiling.comm import CommCounter
+    from dist_ortho.profiling.comm import CommCounter
 
     params = _make(case, mesh, rank, world_size)
     cls = NorMuon if case["algorithm"] == "normuon" else Muon
@@ -152,7 +152,7 @@ def gloo_worker(rank: int, world_size: int, sharded_cases: list[dict],
     sizes: it checks the plumbing, not the speed) so the test needs no spawn of its own."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from profiling.costmodel import calibrate
+    from dist_ortho.profiling.costmodel import calibrate
 
     mesh = init_device_mesh("cpu", (world_size,))
     out = dict(sharded=[run_case(c, mesh, rank, world_size) for c in sharded_cases],
@@ -172,7 +172,7 @@ def fake_main(world_size: int, rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    import strategies
+    from dist_ortho import strategies
 
     warnings.filterwarnings("ignore")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ortho import NorMuon, Muon, NSConfig, ReferenceHParams, reference_step
-from profiling.comm import CommCounter
+from dist_ortho.profiling.comm import CommCounter
 
 MIXED = [(16, 16), (24, 8), (8, 24), (1, 16), (5, 12), (10, 8), (3, 6, 4), (6, 2, 3, 3)]
 SINGLE = [(10, 6)]
@@ -91,7 +91,7 @@ def run_case(case: dict, mesh, placements, steps: int = 3) -> dict:
                   nesterov=case["nesterov"], ns_dtype=case["ns_dtype"])
     if case["algo"] == "normuon":
         kwargs["beta2"] = 0.95
-    import strategies
+    from dist_ortho import strategies
 
     opt = cls(list(zip(names, params)), strategy=strategies.build(case["strategy"],
                                                                    **case["options"]), **kwargs)
@@ -147,7 +147,7 @@ def bad_input_worker(rank: int, world_size: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    import strategies
+    from dist_ortho import strategies
 
     mesh = init_device_mesh("cpu", (world_size,))
 

@@ -66,7 +66,7 @@ def train(model, optimizer, prof, steps: int = STEPS, flop_step: int | None = No
 
 
 def _optimizer(model, name: str, options: dict | None = None):
-    import strategies
+    from dist_ortho import strategies
     from dist_ortho import OptimizerConfig, build_optimizers
 
     return build_optimizers(model, OptimizerConfig(ns_dtype="float32", adamw_lr=1e-3),
@@ -76,7 +76,7 @@ def _optimizer(model, name: str, options: dict | None = None):
 def profile_worker(rank: int, world_size: int, names: list[str], out_dir: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from profiling import Profiler, ProfilerConfig
+    from dist_ortho.profiling import Profiler, ProfilerConfig
 
     mesh = init_device_mesh("cpu", (world_size,))
     out: dict = {"strategies": {}}
@@ -108,7 +108,7 @@ def numerics_on_off(mesh, out_dir: str) -> dict:
     """The same training with the profiler fully on (memory, comm, a trace) and off: the
     parameters must come out bitwise equal. bucketed_async with small buckets so async
     collectives are in flight across phase boundaries."""
-    from profiling import Profiler, ProfilerConfig
+    from dist_ortho.profiling import Profiler, ProfilerConfig
 
     initial = {n: p.to_local().detach().clone() for n, p in sharded_gpt(mesh).named_parameters()}
     results = {}
@@ -133,7 +133,7 @@ def implicit_redistribution(mesh) -> list[dict]:
     a sharded tensor, as in gradient clipping) must be counted in the phase that caused it."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from profiling import Profiler
+    from dist_ortho.profiling import Profiler
 
     a = distribute_tensor(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), mesh,
                           [Shard(0)], src_data_rank=None)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckpt_cases
-import strategies
+from dist_ortho import strategies
 from ckpt_cases import K, N
 from dist_ortho import NorMuon, OptimizerConfig, build_optimizers, checkpoint, split_params
 from dist_ortho.models import build_model

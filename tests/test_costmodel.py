@@ -24,12 +24,12 @@ import pytest
 import torch
 
 import cost_cases
-import strategies
+from dist_ortho import strategies
 from dist_ortho.models.shapes import matrix_shapes
 from dist_ortho.newton_schulz import ns_flops
 from dist_ortho.testing import spawn
-from profiling import costmodel as cm
-from profiling.hardware import HARDWARE_PRESETS, get_preset
+from dist_ortho.profiling import costmodel as cm
+from dist_ortho.profiling.hardware import HARDWARE_PRESETS, get_preset
 
 STRATEGIES = strategies.available()
 GLOO_CASES = cost_cases.cases(STRATEGIES)

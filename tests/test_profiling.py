@@ -21,13 +21,13 @@ import torch
 import yaml
 
 import prof_cases
-import strategies
+from dist_ortho import strategies
 from dist_ortho import NorMuon
 from dist_ortho.sharding import chunk_sizes
 from dist_ortho.testing import spawn
-from profiling import Profiler, ProfilerConfig, environment, summarize_runs, write_run_metadata
-from profiling.device import DeviceOps
-from profiling.summary import phase_owner
+from dist_ortho.profiling import Profiler, ProfilerConfig, environment, summarize_runs, write_run_metadata
+from dist_ortho.profiling.device import DeviceOps
+from dist_ortho.profiling.summary import phase_owner
 
 STRATEGIES = strategies.available()
 WORLD_SIZES = [2, 3]

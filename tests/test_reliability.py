@@ -36,7 +36,7 @@ import pytest
 import torch
 import yaml
 
-import strategies
+from dist_ortho import strategies
 from dist_ortho import checkpoint
 from dist_ortho.config import ConfigError, apply_overrides, config_from_dict, config_hash
 

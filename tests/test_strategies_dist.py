@@ -8,7 +8,7 @@ import functools
 import pytest
 
 import dist_cases
-import strategies
+from dist_ortho import strategies
 from dist_ortho.testing import spawn
 
 STRATEGIES = strategies.available()

@@ -1,7 +1,7 @@
 """How much the profiler slows a training step: on and off, side by side, in one run.
 
-    python -m profiling.bench_overhead                       # gpt-tiny, 2 gloo ranks, balanced
-    python -m profiling.bench_overhead --model gpt-mini --world-size 2 --steps 30
+    python bench/profiler_overhead.py                       # gpt-tiny, 2 gloo ranks, balanced
+    python bench/profiler_overhead.py --model gpt-mini --world-size 2 --steps 30
 
 One FSDP2 model and optimizer are trained on P gloo ranks (CPU; one thread per rank). Steps cycle
 through three settings so that slow drifts of the machine hit all of them alike:
@@ -31,10 +31,10 @@ def worker(rank: int, world_size: int, model_name: str, strategy: str, steps: in
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    import strategies
+    from dist_ortho import strategies
     from dist_ortho import OptimizerConfig, build_optimizers
     from dist_ortho.models import build_model
-    from profiling import Profiler, ProfilerConfig
+    from dist_ortho.profiling import Profiler, ProfilerConfig
 
     mesh = init_device_mesh("cpu", (world_size,))
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def worker(rank: int, world_size: int, model_name: str, strategy: str, steps: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m profiling.bench_overhead",
+    parser = argparse.ArgumentParser(prog="python bench/profiler_overhead.py",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt-tiny")
     parser.add_argument("--strategy", default="balanced")

@@ -35,7 +35,7 @@ if ROOT not in sys.path:
 
 from dist_ortho import strategies  # noqa: E402
 from dist_ortho.testing import spawn  # noqa: E402
-from dist_ortho.profiling.costmodel import PhaseTimer  # noqa: E402
+from dist_ortho.timing import SecondsTimer  # noqa: E402
 
 OUT = os.path.join(ROOT, "results", "costmodel_validation")
 
@@ -68,14 +68,14 @@ def worker(rank: int, world_size: int, model_name: str, steps: int, warmup: int,
         for name in names:
             model, opt = runs[name]
             synthetic_grads(model, step, seed=0)
-            timer = PhaseTimer()
-            opt.phases = timer
+            timer = SecondsTimer()
+            opt.set_timer(timer)
             dist.barrier()
             t0 = time.perf_counter()
             opt.step()
             elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank ends the step
-            opt.phases = None
+            opt.set_timer(None)
             if step >= warmup:
                 times[name].append(elapsed.item())
                 phases[name].append(dict(timer.seconds))

@@ -28,6 +28,7 @@ __all__ = [
     "ns_flops",
     "matrix_view_shape",
     "resolve_ns_dtype",
+    "ns_dtype_name",
 ]
 
 # Keller Jordan's quintic coefficients (https://kellerjordan.github.io/posts/muon/).
@@ -50,21 +51,19 @@ COEFFICIENT_SETS = ("jordan", "polar_express")
 
 @dataclass(frozen=True)
 class NSConfig:
-    """How to orthogonalize. `dtype` is the compute dtype of the iteration ("float32", "bfloat16",
-    "float64", or "auto": bfloat16 on accelerators, float32 on CPU where bf16 matmul is ~90x slower)."""
+    """How to orthogonalize. `dtype` is the compute dtype of the iteration: "float32", "bfloat16",
+    "float64", the same as a torch.dtype (stored as its name), or "auto" (the default, as in the
+    optimizers): bfloat16 on accelerators, float32 on CPU where bf16 matmul is ~90x slower."""
 
     steps: int = 5
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     coefficients: str = "jordan"
     eps: float = 1e-7
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"ns_steps must be an integer >= 1, got {self.steps!r}")
-        if self.dtype not in _DTYPES and self.dtype != "auto":
-            raise ValueError(
-                f"ns_dtype must be one of {sorted(_DTYPES) + ['auto']}, got {self.dtype!r}"
-            )
+        object.__setattr__(self, "dtype", ns_dtype_name(self.dtype))
         if self.coefficients not in COEFFICIENT_SETS:
             raise ValueError(
                 f"ns_coefficients must be one of {list(COEFFICIENT_SETS)}, got {self.coefficients!r}"
@@ -76,8 +75,23 @@ class NSConfig:
         return resolve_ns_dtype(self.dtype, device)
 
 
-def resolve_ns_dtype(name: str, device: torch.device | str | None) -> torch.dtype:
-    """Map a dtype name to a torch dtype; "auto" picks by device type."""
+def ns_dtype_name(dtype: str | torch.dtype) -> str:
+    """The canonical name of an NS dtype given as a name or a torch.dtype; ValueError otherwise."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in _DTYPES.items():
+            if value == dtype:
+                return name
+    elif isinstance(dtype, str) and (dtype in _DTYPES or dtype == "auto"):
+        return dtype
+    raise ValueError(
+        f"ns_dtype must be one of {sorted(_DTYPES) + ['auto']} or the matching torch.dtype, "
+        f"got {dtype!r}"
+    )
+
+
+def resolve_ns_dtype(name: str | torch.dtype, device: torch.device | str | None) -> torch.dtype:
+    """Map a dtype name (or torch.dtype) to a torch dtype; "auto" picks by device type."""
+    name = ns_dtype_name(name)
     if name == "auto":
         device_type = torch.device(device).type if device is not None else "cpu"
         return torch.float32 if device_type == "cpu" else torch.bfloat16

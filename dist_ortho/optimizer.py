@@ -7,9 +7,15 @@ One step, on every rank, whatever the world size:
 2. momentum: on local rows only (momentum is sharded exactly like the parameter).
 3. orthogonalize: the strategy moves row shards so that each matrix is whole on some rank, runs
    Newton-Schulz there and brings back each rank's rows of the result (see `strategies`).
-4. NorMuon normalization, on local rows: each row's second moment v is local, and the two Frobenius
-   norms that need the whole matrix come from one batched all-reduce of per-matrix sums of squares.
+4. normalize: the update rule (`dist_ortho.rules`) turns this rank's rows of NS(U) into update rows
+   (Muon: a shape scale; NorMuon: the per-row second-moment normalization, whose two Frobenius
+   norms come from one batched all-reduce of per-matrix sums of squares).
 5. apply: decoupled weight decay and the update, written in place into the local shard.
+
+`OrthogonalizedOptimizer(params, rule=..., strategy=...)` is the one optimizer class; `Muon` and
+`NorMuon` are it with their rule and constructor signatures. Timing: `set_timer(timer)` (any
+`dist_ortho.timing.PhaseTimer`, e.g. the profiler) receives the phases above and, through the
+strategy, comm_wait and ns; `executed_ns_flops` counts the Newton-Schulz FLOPs run on this rank.
 
 With one rank, the same code runs with every collective skipped. Parameters must be 2-D or more
 (4-D conv weights are viewed as (out, -1), 3-D stacks as batches of matrices); use
@@ -18,6 +24,7 @@ With one rank, the same code runs with every collective skipped. Parameters must
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -26,27 +33,21 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from dist_ortho import rules as rule_registry
 from dist_ortho import strategies as strategy_registry
-from dist_ortho.newton_schulz import NSConfig, matrix_view_shape, newton_schulz, ns_flops
-from dist_ortho.reference import NORM_EPS, ROW_EPS, shape_scale
+from dist_ortho.newton_schulz import NSConfig, matrix_view_shape, ns_dtype_name
+from dist_ortho.orthogonalizer import FlopCount, Orthogonalizer
+from dist_ortho.plan import CommItem, Plan, all_reduce_bytes
+from dist_ortho.rules.base import UpdateRule, check_unit_interval
 from dist_ortho.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
-from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy, all_reduce_bytes
+from dist_ortho.strategies.base import ExecContext, Strategy
+from dist_ortho.timing import NULL_TIMER, PhaseTimer
 
-__all__ = ["NorMuon", "Muon", "NONFINITE_POLICIES"]
+__all__ = ["OrthogonalizedOptimizer", "NorMuon", "Muon", "NONFINITE_POLICIES", "plan_step",
+           "optimizer_items", "count_nonfinite", "handle_nonfinite"]
 
 log = logging.getLogger("dist_ortho")
 NONFINITE_POLICIES = ("skip", "raise")
-
-
-def _check_unit_interval(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a finite number in [0, 1), got {value!r}")
-
-
-def _check_nonnegative(name: str, value) -> None:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
@@ -72,13 +73,56 @@ def handle_nonfinite(count: int, policy: str, who: str) -> None:
     log.warning("%s; step skipped on every rank", message)
 
 
-class _Orthogonalized(torch.optim.Optimizer):
-    """Shared machinery of Muon and NorMuon; subclasses set `algorithm`."""
+def optimizer_items(specs: Sequence[MatrixSpec], world_size: int,
+                    rule: UpdateRule) -> list[CommItem]:
+    """The collectives the optimizer adds to its strategy's on every rank, in issue order: the
+    non-finite check's one-float all-reduce, then the update rule's reductions."""
+    if world_size <= 1:
+        return []
+    flag = all_reduce_bytes(4, world_size)
+    return [CommItem("all_reduce", flag, flag, "nonfinite_check")] + list(
+        rule.reductions(specs, world_size))
 
-    algorithm = "muon"
 
-    def __init__(self, params, defaults: dict, strategy: str | Strategy = "replicated",
-                 nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None) -> None:
+def plan_step(strategy: Strategy, specs: Sequence[MatrixSpec], world_size: int, rank: int,
+              rule: UpdateRule | str) -> Plan:
+    """The plan of one optimizer step: the strategy's plan completed with `optimizer_items`. The
+    optimizer's `plan()` and the cost model both call this, so their bytes agree by construction."""
+    plan = strategy.plan(specs, world_size, rank)
+    items = optimizer_items(plan.matrices, world_size, rule_registry.get(rule))
+    for cost in plan.ranks:
+        cost.comm.extend(items)
+    return plan
+
+
+def _check_nonnegative(name: str, value) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+_HPARAMS = ("lr", "momentum", "weight_decay", "nesterov", "ns_steps", "ns_dtype",
+            "ns_coefficients")
+
+
+class OrthogonalizedOptimizer(torch.optim.Optimizer):
+    """Momentum, Newton-Schulz by a strategy, then an update rule; see the module docstring.
+
+    rule: a name from `dist_ortho.rules.available()` ("normuon", "muon") or an UpdateRule.
+    strategy: a name from `dist_ortho.strategies.available()` or a Strategy instance.
+    Extra keyword arguments are the rule's own hyperparameters (NorMuon: beta2)."""
+
+    def __init__(self, params: Iterable, rule: str | UpdateRule = "normuon",
+                 strategy: str | Strategy = "replicated", *, lr: float = 0.02,
+                 momentum: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
+                 ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
+                 ns_coefficients: str = "jordan", nonfinite: str = "skip",
+                 process_group: dist.ProcessGroup | None = None, **rule_hparams) -> None:
+        self.rule = rule_registry.get(rule)
+        unknown = sorted(set(rule_hparams) - set(self.rule.defaults))
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {unknown} for update rule "
+                             f"{self.rule.name!r}; its own are {sorted(self.rule.defaults)}")
         if isinstance(strategy, str):
             strategy = strategy_registry.build(strategy)
         elif not isinstance(strategy, Strategy):
@@ -86,13 +130,16 @@ class _Orthogonalized(torch.optim.Optimizer):
                              f"dist_ortho.strategies.Strategy instance, got {type(strategy).__name__}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        defaults = dict(lr=lr, momentum=momentum, **{**self.rule.defaults, **rule_hparams},
+                        weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
+                        ns_dtype=ns_dtype, ns_coefficients=ns_coefficients)
         self.strategy = strategy
         self.nonfinite = nonfinite
         self.process_group = process_group
-        self.phases = None  # a profiler's phase timer; None costs nothing
+        self.timer: PhaseTimer = NULL_TIMER  # set_timer(); the null timer costs nothing
         self.skipped_steps = 0
         self.last_step_skipped = False
-        self.executed_ns_flops = 0  # NS FLOPs actually run on this rank, counted from the shapes
+        self._flops = FlopCount()  # NS FLOPs actually run on this rank, counted from the shapes
         self._layouts: dict[int, Layout] = {}
         self._names: dict[int, str] = {}
         self._plans: dict[tuple[int, ...], Plan] = {}
@@ -101,19 +148,42 @@ class _Orthogonalized(torch.optim.Optimizer):
         self._ready = True
         self.plan()  # surfaces every planning error now, on every rank, before any collective
 
+    @property
+    def algorithm(self) -> str:
+        """The update rule's name ("normuon", "muon")."""
+        return self.rule.name
+
+    @property
+    def executed_ns_flops(self) -> int:
+        """Newton-Schulz FLOPs run on this rank so far (what the profiler records)."""
+        return self._flops.total
+
+    def set_timer(self, timer: PhaseTimer | None) -> None:
+        """Report this optimizer's phases (and its strategy's) to `timer`; None: stop timing."""
+        if timer is not None and not isinstance(timer, PhaseTimer):
+            raise ValueError(f"timer must have a phase(name) method, got {type(timer).__name__}")
+        self.timer = NULL_TIMER if timer is None else timer
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}(rule={self.rule.name}, strategy={self.strategy.name}"
+                 f"{_options_text(self.strategy.options)}, nonfinite={self.nonfinite})"]
+        for g, group in enumerate(self.param_groups):
+            lines.append(f"  group {g}: {_group_text(group)}")
+        return "\n".join(lines)
+
     # -- construction-time validation ------------------------------------------------------------
     def _validate_hparams(self, group: dict) -> None:
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             lr = lr.item()
         _check_nonnegative("lr", lr)
-        _check_unit_interval("momentum", group["momentum"])
-        if "beta2" in group:
-            _check_unit_interval("beta2", group["beta2"])
+        check_unit_interval("momentum", group["momentum"])
+        self.rule.validate(group)
         _check_nonnegative("weight_decay", group["weight_decay"])
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
         NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"])
+        group["ns_dtype"] = ns_dtype_name(group["ns_dtype"])  # torch.float32 -> "float32"
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -168,7 +238,7 @@ class _Orthogonalized(torch.optim.Optimizer):
 
     def plan(self, entries: list[tuple[dict, torch.Tensor]] | None = None) -> Plan:
         """The strategy's plan for these parameters (default: all), plus the optimizer's own
-        all-reduces, cached by which parameters take part."""
+        all-reduces (`plan_step`), cached by which parameters take part."""
         entries = self._entries(require_grad=False) if entries is None else entries
         key = tuple(id(p) for _, p in entries)
         if key in self._plans:
@@ -187,30 +257,10 @@ class _Orthogonalized(torch.optim.Optimizer):
                      else (p.shape[0],) * lay.world_size)
             specs.append(MatrixSpec(i, self._names[id(p)], tuple(p.shape), p.dtype, sizes,
                                     lay.sharded, g["ns_steps"], next(iter(out_dtypes))))
-        plan = self.strategy.plan(specs, layout.world_size, layout.rank)
-        if layout.world_size > 1:
-            for cost in plan.ranks:
-                flag = all_reduce_bytes(4, layout.world_size)
-                cost.comm.append(CommItem("all_reduce", flag, flag, "nonfinite_check"))
-                if self.algorithm == "normuon":
-                    nbytes = 2 * 4 * self._norm_slots(specs)[1]
-                    if nbytes:
-                        red = all_reduce_bytes(nbytes, layout.world_size)
-                        cost.comm.append(CommItem("all_reduce", red, red, "normalize"))
-        plan.details["layout"] = layout
+        plan = plan_step(self.strategy, specs, layout.world_size, layout.rank, self.rule)
+        plan.layout = layout
         self._plans[key] = plan
         return plan
-
-    @staticmethod
-    def _norm_slots(specs: Sequence[MatrixSpec]) -> tuple[list[int], int]:
-        """Offset of each sharded matrix's Frobenius-norm slots in the all-reduced vector (one slot
-        per matrix, one per stacked matrix of a 3-D parameter), and the total."""
-        offsets, total = [], 0
-        for m in specs:
-            offsets.append(total)
-            if m.sharded:
-                total += m.view_shape[0] if len(m.view_shape) == 3 else 1
-        return offsets, total
 
     # -- state -----------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, layout: Layout) -> dict:
@@ -218,47 +268,29 @@ class _Orthogonalized(torch.optim.Optimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
             state["step"] = torch.zeros((), dtype=torch.float32)
-            if self.algorithm == "normuon":
-                state["v"] = self._row_state(p, layout)
+            state.update(self.rule.init_state(p, layout))
         return state
 
-    @staticmethod
-    def _row_state(p: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Zeros with one float32 entry per matrix row, sharded on dim 0 exactly like `p`."""
-        view = matrix_view_shape(p.shape)
-        local_rows = local_tensor(p).shape[0]
-        local = torch.zeros((local_rows,) + view[1:-1], dtype=torch.float32,
-                            device=local_tensor(p).device)
-        if layout.mesh is None:
-            return local
-        from torch.distributed.tensor import DTensor
-
-        shape = torch.Size(view[:-1])
-        return DTensor.from_local(local, layout.mesh, layout.placements, run_check=False,
-                                  shape=shape, stride=torch.empty(shape, device="meta").stride())
-
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts floating state to the parameter's dtype on load, which would round v to
-        # bf16 for bf16 parameters; keep the saved float32 tensors and put them back afterwards.
+        # torch casts floating state to the parameter's dtype on load, which would round the
+        # rule's float32 state (NorMuon's v) to bf16 for bf16 parameters; keep the saved float32
+        # tensors and put them back afterwards.
         # torch maps saved ids to parameters by position across param groups; so do we.
+        keep = ("step",) + tuple(self.rule.float32_state)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         exact = {}
         for saved_id, p in zip(saved_ids, params):
             entry = state_dict["state"].get(saved_id, {})
-            exact[p] = {k: entry[k] for k in ("v", "step") if k in entry}
+            exact[p] = {k: entry[k] for k in keep if k in entry}
         super().load_state_dict(state_dict)
         for p, kept in exact.items():
             for key, value in kept.items():
                 self.state[p][key] = value.to(device=self.state[p][key].device,
                                               dtype=torch.float32, copy=True)
 
+
     # -- the step --------------------------------------------------------------------------------
-    def _phase(self, name: str):
-        from contextlib import nullcontext
-
-        return self.phases.phase(name) if self.phases is not None else nullcontext()
-
     @torch.no_grad()
     def step(self, closure=None, companion_grads: Sequence[torch.Tensor] = ()):
         """One step. `companion_grads`: this rank's gradient shards of other optimizers stepped
@@ -278,10 +310,11 @@ class _Orthogonalized(torch.optim.Optimizer):
         if not entries:
             return loss
         plan = self.plan(entries)
-        layout: Layout = plan.details["layout"]
+        layout: Layout = plan.layout
         grads = [local_tensor(p.grad) for _, p in entries]
+        timer = self.timer
 
-        with self._phase("nonfinite_check"):
+        with timer.phase("nonfinite_check"):
             bad = count_nonfinite(list(grads) + [local_tensor(g) for g in companion_grads],
                                   layout.group, layout.world_size, layout.device)
             if bad:
@@ -290,7 +323,7 @@ class _Orthogonalized(torch.optim.Optimizer):
                 self.last_step_skipped = True
                 return loss
 
-        with self._phase("momentum"):
+        with timer.phase("momentum"):
             directions = []
             for (group, p), g in zip(entries, grads):
                 state = self._init_state(p, self._layouts[id(p)])
@@ -300,109 +333,62 @@ class _Orthogonalized(torch.optim.Optimizer):
                 u = torch.lerp(g, buf, group["momentum"]) if group["nesterov"] else buf
                 directions.append(u.contiguous())
 
-        ctx = ExecContext(layout.group, layout.rank, layout.world_size,
-                          self._make_orthogonalize(entries, layout), plan.matrices[0].out_dtype,
-                          layout.device, self.phases)
-        with self._phase("orthogonalize"):
+        orthogonalizer = Orthogonalizer([self._ns_config(g) for g, _ in entries], layout.device,
+                                        self._flops)
+        ctx = ExecContext(layout.group, layout.rank, layout.world_size, orthogonalizer,
+                          plan.matrices[0].out_dtype, layout.device, timer)
+        with timer.phase("orthogonalize"):
             results = self.strategy.execute(plan, directions, ctx)
         del directions
 
-        with self._phase("normalize"):
-            if self.algorithm == "normuon":
-                updates = self._normuon_updates(entries, plan, results, layout)
-            else:
-                updates = [o.float() * shape_scale(p.shape) for (_, p), o in zip(entries, results)]
-        with self._phase("apply"):
+        with timer.phase("normalize"):
+            updates = self.rule.updates([g for g, _ in entries], [self.state[p] for _, p in entries],
+                                        plan.matrices, results, layout)
+        with timer.phase("apply"):
             for (group, p), update in zip(entries, updates):
                 local = local_tensor(p)
                 local.mul_(1 - group["lr"] * group["weight_decay"])
                 local.add_(update.reshape(local.shape).to(local.dtype), alpha=-group["lr"])
         return loss
 
-    def _make_orthogonalize(self, entries, layout: Layout):
-        configs = [self._ns_config(g) for g, _ in entries]
 
-        def orthogonalize(indices: Sequence[int], stacked: torch.Tensor) -> torch.Tensor:
-            ns = configs[indices[0]]
-            assert all(configs[i] == ns for i in indices), "a batch mixes NS settings"
-            shape = tuple(stacked.shape[1:])
-            view = matrix_view_shape(shape)
-            out = newton_schulz(stacked.reshape((len(indices),) + view), ns.steps,
-                                ns.torch_dtype(layout.device), ns.coefficients, ns.eps)
-            self.executed_ns_flops += len(indices) * ns_flops(shape, ns.steps)
-            return out.reshape(stacked.shape)
-
-        return orthogonalize
-
-    def _normuon_updates(self, entries, plan: Plan, results, layout: Layout) -> list[torch.Tensor]:
-        specs = plan.matrices
-        offsets, total = self._norm_slots(specs)
-        device = layout.device
-        shard_sums = torch.zeros(2, total, dtype=torch.float32, device=device)
-        normalized, local_norms = [], []
-        for (group, p), spec, o, offset in zip(entries, specs, results, offsets):
-            v = local_tensor(self.state[p]["v"])
-            view = (o.shape[0],) + spec.view_shape[1:]
-            O = o.float().reshape(view)
-            f2 = O.square().sum(dim=(-2, -1))
-            v.lerp_(O.square().mean(dim=-1), 1 - group["beta2"])
-            O = O / (v.sqrt().unsqueeze(-1) + ROW_EPS)
-            g2 = O.square().sum(dim=(-2, -1))
-            if spec.sharded:
-                # local rows of a 2-D/4-D matrix add to one slot; a 3-D stack's local matrices
-                # each own the slot of their global index
-                start = offset + (spec.shard_offset(layout.rank) if f2.ndim else 0)
-                span = f2.numel() if f2.ndim else 1
-                shard_sums[0, start:start + span] += f2.reshape(-1)
-                shard_sums[1, start:start + span] += g2.reshape(-1)
-                local_norms.append(None)
-            else:
-                local_norms.append((f2, g2))
-            normalized.append(O)
-        if layout.world_size > 1 and total:
-            dist.all_reduce(shard_sums, group=layout.group)
-        updates = []
-        for (group, p), spec, O, offset, norms in zip(entries, specs, normalized, offsets,
-                                                      local_norms):
-            if norms is None:
-                start = offset + (spec.shard_offset(layout.rank) if O.ndim == 3 else 0)
-                span = O.shape[0] if O.ndim == 3 else 1
-                f2, g2 = shard_sums[0, start:start + span], shard_sums[1, start:start + span]
-            else:
-                f2, g2 = norms
-            scale = f2.sqrt() / (g2.sqrt() + NORM_EPS)
-            scale = scale.reshape(-1, 1, 1) if O.ndim == 3 else scale.reshape(())
-            updates.append(O * scale * shape_scale(spec.shape))
-        return updates
+def _options_text(options) -> str:
+    if options is None or not dataclasses.is_dataclass(options):
+        return ""
+    return "".join(f", {f.name}={getattr(options, f.name)!r}" for f in dataclasses.fields(options))
 
 
-class Muon(_Orthogonalized):
+def _group_text(group: dict) -> str:
+    """'N params, lr=..., ...': a param group's hyperparameters without its tensors."""
+    hp = ", ".join(f"{k}={v}" for k, v in group.items() if k not in ("params", "param_names"))
+    return f"{len(group['params'])} params, {hp}"
+
+
+class Muon(OrthogonalizedOptimizer):
     """Muon: momentum, then Newton-Schulz, scaled by max(1, m/n) ** 0.5."""
-
-    algorithm = "muon"
 
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95,
                  weight_decay: float = 0.0, nesterov: bool = True, ns_steps: int = 5,
-                 ns_dtype: str = "auto", ns_coefficients: str = "jordan",
+                 ns_dtype: str | torch.dtype = "auto", ns_coefficients: str = "jordan",
                  strategy: str | Strategy = "replicated", nonfinite: str = "skip",
                  process_group: dist.ProcessGroup | None = None) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, ns_coefficients=ns_coefficients)
-        super().__init__(params, defaults, strategy, nonfinite, process_group)
+        super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
+                         ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
+                         process_group=process_group)
 
 
-class NorMuon(_Orthogonalized):
+class NorMuon(OrthogonalizedOptimizer):
     """NorMuon (arXiv:2510.05491): Muon plus a per-row second-moment normalization of the
-    orthogonalized update, rescaled to keep Muon's update norm. See `dist_ortho.reference`."""
-
-    algorithm = "normuon"
+    orthogonalized update, rescaled to keep Muon's update norm. See `dist_ortho.rules.normuon`
+    and the reference `dist_ortho.reference`."""
 
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95,
                  beta2: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
-                 ns_steps: int = 5, ns_dtype: str = "auto", ns_coefficients: str = "jordan",
-                 strategy: str | Strategy = "replicated", nonfinite: str = "skip",
-                 process_group: dist.ProcessGroup | None = None) -> None:
-        defaults = dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay,
-                        nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype,
-                        ns_coefficients=ns_coefficients)
-        super().__init__(params, defaults, strategy, nonfinite, process_group)
+                 ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
+                 ns_coefficients: str = "jordan", strategy: str | Strategy = "replicated",
+                 nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
+                         weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
+                         ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
+                         process_group=process_group)

@@ -6,6 +6,8 @@ trailing ranks may hold fewer rows or none: 10 rows over 4 ranks are 3,3,3,1; 3 
 `to_local()` is that unpadded shard. A 2-D HSDP mesh (replicate x shard) places (Replicate(),
 Shard(0)); every replica group does the same work, so we schedule across the shard axis only.
 
+Core module: imports nothing of dist_ortho but `newton_schulz`.
+
 `MatrixSpec` is what a strategy's `plan()` needs: global shape, dtype and each rank's dim-0 extent.
 It holds no tensors, so planning is pure and identical on every rank. Validation happens here, when
 the optimizer is built, so that a bad parameter raises on every rank before any collective starts.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dist_ortho.newton_schulz import matrix_view_shape, ns_flops
 
@@ -115,8 +118,6 @@ def resolve_layout(param: torch.Tensor, name: str,
     DTensor: exactly one mesh axis may be Shard(0), every other axis Replicate (FSDP or HSDP).
     Plain tensor: replicated on `process_group` (default: the world group when initialized).
     """
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
     if isinstance(param, DTensor):
         mesh, placements = param.device_mesh, tuple(param.placements)
         shard_axes = [a for a, pl in enumerate(placements) if isinstance(pl, Shard)]
@@ -143,6 +144,4 @@ def resolve_layout(param: torch.Tensor, name: str,
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The rank-local storage of a (possibly DTensor) tensor; writes to it update the parameter."""
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t

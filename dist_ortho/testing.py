@@ -18,6 +18,8 @@ import tempfile
 import traceback
 from datetime import timedelta
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 __all__ = ["spawn", "DistributedFailure"]
@@ -29,9 +31,6 @@ class DistributedFailure(RuntimeError):
 
 def _entry(fn, rank: int, world_size: int, store_path: str, out_dir: str, timeout_s: float,
            args: tuple) -> None:
-    import torch
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     result_path = os.path.join(out_dir, f"rank{rank}.pkl")
     try:

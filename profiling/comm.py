@@ -14,11 +14,15 @@ Nothing is monkeypatched, and it works on any backend (gloo, NCCL, the fake proc
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
+from torch._C._distributed_c10d import ProcessGroup
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from dist_ortho.plan import bytes_by_kind
 
 __all__ = ["CommRecord", "CommCounter", "summarize"]
 
@@ -34,9 +38,6 @@ class CommRecord:
     dtype: str
     group_size: int
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -44,15 +45,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _group(obj) -> tuple[int, int]:
     """(rank in group, group size) of a boxed ProcessGroup argument."""
-    from torch._C._distributed_c10d import ProcessGroup
-
     pg = ProcessGroup.unbox(obj) if not isinstance(obj, ProcessGroup) else obj
     return pg.rank(), pg.size()
 
 
 def _named_group(name: str) -> tuple[int, int]:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
     pg = _resolve_process_group(name)
     return pg.rank(), pg.size()
 
@@ -184,15 +181,8 @@ def _functional(name: str, args) -> tuple[str, float, float, int, torch.dtype, i
     return None
 
 
-_DTENSOR: list = []  # the DTensor class, imported on first use
-
-
 def _is_dtensor_op(types) -> bool:
-    if not _DTENSOR:
-        from torch.distributed.tensor import DTensor
-
-        _DTENSOR.append(DTensor)
-    return any(issubclass(t, _DTENSOR[0]) for t in types)
+    return any(issubclass(t, DTensor) for t in types)
 
 
 class CommCounter(TorchDispatchMode):
@@ -237,8 +227,6 @@ class CommCounter(TorchDispatchMode):
 
 
 def summarize(records) -> dict[str, tuple[float, float]]:
-    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for r in records:
-        out[r.kind][0] += r.send_bytes
-        out[r.kind][1] += r.recv_bytes
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    """{kind: (send bytes, recv bytes)} over records: the same sum as a plan's
+    `RankCost.bytes_by_kind`, by the same function."""
+    return bytes_by_kind(records)

@@ -21,10 +21,13 @@ Nothing here chooses a device: the caller passes the one its tensors live on.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Protocol
 
 import torch
+
+from dist_ortho.profiling.memory import LiveTensorMeter
 
 __all__ = ["DeviceOps", "CPUOps", "CUDAOps", "AcceleratorOps", "MemoryMeter", "AllocatorMeter",
            "resolve_device"]
@@ -111,13 +114,9 @@ class CPUOps(DeviceOps):
         return end - start
 
     def memory_meter(self) -> MemoryMeter:
-        from dist_ortho.profiling.memory import LiveTensorMeter
-
         return LiveTensorMeter(self.device)
 
     def describe(self) -> dict:
-        import os
-
         return {"device": str(self.device), "device_type": "cpu",
                 "device_name": "cpu", "torch_threads": torch.get_num_threads(),
                 "cpu_count": os.cpu_count()}

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
-from dist_ortho.profiling.profiler import atomic_write_text
+from dist_ortho.io import atomic_write_text
 
 __all__ = ["environment", "git_info", "write_run_metadata", "CONFIG_FILE", "ENV_FILE"]
 
@@ -111,8 +112,6 @@ def _plain(value):
 def write_run_metadata(out_dir, config_dict: Mapping, env_dict: Mapping) -> tuple[Path, Path]:
     """Write the resolved config as config.yaml and the environment as environment.json into
     out_dir (created if needed), each atomically; returns both paths."""
-    import yaml
-
     if not isinstance(config_dict, Mapping):
         raise ValueError(f"config_dict must be a mapping, got {type(config_dict).__name__}")
     if not isinstance(env_dict, Mapping):

@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dist_ortho.profiling.timemodel import CommModel, ComputeModel, CostConstants
+
 __all__ = ["HardwarePreset", "HARDWARE_PRESETS", "get_preset", "RING_KINDS", "PAIRWISE_KINDS"]
 
 RING_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
@@ -80,10 +82,8 @@ class HardwarePreset:
             return 0.0
         return (world_size - G) / (world_size - 1)
 
-    def constants(self, world_size: int, ns_dtype: str = "bfloat16"):
+    def constants(self, world_size: int, ns_dtype: str = "bfloat16") -> CostConstants:
         """The alpha-beta and compute constants for one optimizer spanning `world_size` GPUs."""
-        from dist_ortho.profiling.costmodel import CommModel, ComputeModel, CostConstants
-
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         intra = self.intra_node_bytes_per_s * self.link_efficiency

@@ -46,6 +46,9 @@ _INTERNALS = ("_peak_mem", "_peak_mem_snap", "_curr_mem_snap", "_mod_tracker", "
 
 
 def _tracker_class():
+    # torch's private MemTracker (and what our subclass of it needs) is imported only when CPU
+    # memory is measured: CUDA runs use allocator counters, and a torch that moves these private
+    # modules then breaks only this feature, not every import of the profiler
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
     from torch.distributed.tensor import DTensor
     from torch._guards import active_fake_mode

@@ -17,8 +17,9 @@
 Phases nest, and each is named by its path: "optimizer", "optimizer/orthogonalize",
 "optimizer/orthogonalize/ns". `attach` makes the optimizer report its own phases (nonfinite_check,
 momentum, orthogonalize, normalize, apply; inside orthogonalize the strategy marks comm_wait and
-ns) through this profiler, so they appear under whatever phase the caller stepped the optimizer in.
-The step itself is the phase "step": its rows hold whole-step values.
+ns) through this profiler, a `dist_ortho.timing.PhaseTimer` (`opt.set_timer(prof)`), so they
+appear under whatever phase the caller stepped the optimizer in. The step itself is the phase
+"step": its rows hold whole-step values.
 
 Rows are long-format: `rank, step, warmup, phase, metric, value` plus one column per `run_info`
 key. Metrics (names ending in `.<kind>` are split by collective or memory kind):
@@ -64,9 +65,7 @@ on one rank and on many; only `write` communicates.
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -77,11 +76,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dist_ortho.io import atomic_path, atomic_write_text  # noqa: F401 (old callers import it here)
+from dist_ortho.optimizer import OrthogonalizedOptimizer
 from dist_ortho.profiling.comm import CommCounter
 from dist_ortho.profiling.device import DeviceOps, resolve_device
+from dist_ortho.profiling.tables import as_dicts, storage_bytes, write_csv, write_parquet
+from dist_ortho.sharding import local_tensor
 
-__all__ = ["ProfilerConfig", "Profiler", "ROW_COLUMNS", "COLLECTIVE_COLUMNS", "STEP_PHASE",
-           "atomic_write_text"]
+__all__ = ["ProfilerConfig", "Profiler", "ROW_COLUMNS", "COLLECTIVE_COLUMNS", "STEP_PHASE"]
 
 log = logging.getLogger("profiling")
 
@@ -102,8 +104,8 @@ class ProfilerConfig:
     by `write` as trace_rank<r>_step<s>.json.
     instrument_every: install the per-op instruments (comm counter, CPU memory tracker) on steps
     with step % instrument_every == 0 only. Time, NS FLOPs and the plan are recorded on every step
-    and cost next to nothing, so with instrument_every > 1 the other steps give undistorted timings
-    (each step's row `instrumented` says which it was; `summarize_runs` times the clean ones)."""
+    at next to no cost, so with instrument_every > 1 the other steps give undistorted timings (row
+    `instrumented` says which step was which; `summarize_runs` times the clean ones)."""
 
     enabled: bool = True
     memory: bool = True
@@ -122,60 +124,6 @@ class ProfilerConfig:
         k = self.instrument_every
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"ProfilerConfig.instrument_every must be an int >= 1, got {k!r}")
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
-
-
-def _write_parquet(path: Path, columns: list[str], rows: list[dict]) -> Path | None:
-    try:
-        import pyarrow  # noqa: F401  (pandas needs it for parquet; optional)
-    except ImportError:
-        return None
-    import pandas as pd
-
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pd.DataFrame(rows, columns=columns).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
-
-
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind these tensors (DTensors: their local shards)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        local = t.to_local() if hasattr(t, "to_local") else t
-        if local.device.type == "meta":
-            continue
-        st = local.untyped_storage()
-        key = (st.data_ptr(), st.nbytes()) if st.data_ptr() else id(st)
-        if key not in seen:
-            seen.add(key)
-            total += st.nbytes()
-    return total
-
-
-def _as_dicts(rows: list[tuple], columns, run_info: dict) -> list[dict]:
-    return [{**dict(zip(columns, r)), **run_info} for r in rows]
 
 
 @dataclass
@@ -322,18 +270,13 @@ class Profiler:
             if any(opt is o for o in self._optimizers):
                 continue
             self._optimizers.append(opt)
-            if all(hasattr(opt, a) for a in ("phases", "plan", "executed_ns_flops")):
+            if isinstance(opt, OrthogonalizedOptimizer):
                 self._ortho.append(opt)
                 if self.enabled:
-                    opt.phases = self  # the optimizer and its strategy call self.phase(name)
-            if self._device is None:
-                for group in opt.param_groups:
-                    for p in group["params"]:
-                        local = p.to_local() if hasattr(p, "to_local") else p
-                        self._device = local.device
-                        break
-                    if self._device is not None:
-                        break
+                    opt.set_timer(self)  # the optimizer and its strategy call self.phase(name)
+            params = [p for group in opt.param_groups for p in group["params"]]
+            if self._device is None and params:
+                self._device = local_tensor(params[0]).device
         if self.enabled:
             self._plan = self._plan_rows()
         return self
@@ -341,8 +284,8 @@ class Profiler:
     def detach(self) -> None:
         """Stop the attached optimizers from reporting phases here."""
         for opt in self._ortho:
-            if getattr(opt, "phases", None) is self:
-                opt.phases = None
+            if opt.timer is self:
+                opt.set_timer(None)
         self._optimizers, self._ortho, self._plan = [], [], []
 
     def __enter__(self) -> "Profiler":
@@ -561,8 +504,8 @@ class Profiler:
                     for kind, value in sorted((t.kinds or {}).items()):
                         add(path, f"mem_peak_bytes.{kind}", value)
             states = [v for o in self._optimizers for s in o.state.values() for v in s.values()]
-            add(STEP_PHASE, "opt_state_bytes", _storage_bytes(states))
-            add(STEP_PHASE, "param_bytes", _storage_bytes(self._params()))
+            add(STEP_PHASE, "opt_state_bytes", storage_bytes(states))
+            add(STEP_PHASE, "param_bytes", storage_bytes(self._params()))
         for path, flops in state.flops.items():
             add(path, "ns_flops", flops)
         if self._ortho:
@@ -605,11 +548,11 @@ class Profiler:
 
     def rows(self) -> list[dict]:
         """This rank's metric rows so far (see the module docstring)."""
-        return _as_dicts(self._rows, ROW_COLUMNS, self.run_info)
+        return as_dicts(self._rows, ROW_COLUMNS, self.run_info)
 
     def collectives(self) -> list[dict]:
         """This rank's collectives so far, one dict each."""
-        return _as_dicts(self._collectives, COLLECTIVE_COLUMNS, self.run_info)
+        return as_dicts(self._collectives, COLLECTIVE_COLUMNS, self.run_info)
 
     # -- output ----------------------------------------------------------------------------------
     def _gather(self, payload) -> list | None:
@@ -635,24 +578,23 @@ class Profiler:
         for step, trace in self._traces:
             out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / f"trace_rank{self.rank}_step{step}.json"
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            trace.export_chrome_trace(str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                trace.export_chrome_trace(str(tmp))
         self._traces = []
         gathered = self._gather((self._rows, self._collectives, self.run_info))
         if gathered is None:
             return None
-        rows = [d for r, _, info in gathered for d in _as_dicts(r, ROW_COLUMNS, info)]
-        colls = [d for _, c, info in gathered for d in _as_dicts(c, COLLECTIVE_COLUMNS, info)]
+        rows = [d for r, _, info in gathered for d in as_dicts(r, ROW_COLUMNS, info)]
+        colls = [d for _, c, info in gathered for d in as_dicts(c, COLLECTIVE_COLUMNS, info)]
         extra = list(self.run_info)
         for _, _, info in gathered:  # ranks should agree on run_info; keep every key any sent
             extra += [k for k in info if k not in extra]
         out_dir.mkdir(parents=True, exist_ok=True)
         metric_cols = list(ROW_COLUMNS) + extra
         coll_cols = list(COLLECTIVE_COLUMNS) + [k for k in extra if k not in COLLECTIVE_COLUMNS]
-        path = _write_csv(out_dir / "metrics.csv", metric_cols, rows)
-        _write_csv(out_dir / "collectives.csv", coll_cols, colls)
-        _write_parquet(out_dir / "metrics.parquet", metric_cols, rows)
-        _write_parquet(out_dir / "collectives.parquet", coll_cols, colls)
+        path = write_csv(out_dir / "metrics.csv", metric_cols, rows)
+        write_csv(out_dir / "collectives.csv", coll_cols, colls)
+        write_parquet(out_dir / "metrics.parquet", metric_cols, rows)
+        write_parquet(out_dir / "collectives.parquet", coll_cols, colls)
         return path
 

@@ -21,6 +21,7 @@ from dist_ortho.strategies.balanced import orthogonalize_owned
 from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
 from dist_ortho.strategies.collectives import all_gather_flat, pack_padded
 from dist_ortho.strategies.ownership import OWNERSHIP_POLICIES, assign
+from dist_ortho.strategies.registry import register
 from dist_ortho.strategies.replicated import padded_numels, rebuild_full
 
 __all__ = ["AllGatherScatterOptions", "AllGatherScatter"]
@@ -41,6 +42,7 @@ class AllGatherScatterOptions:
             raise ValueError(f"batch_same_shape must be a bool, got {self.batch_same_shape!r}")
 
 
+@register
 class AllGatherScatter(Strategy):
     name = "allgather_scatter"
     Options = AllGatherScatterOptions
@@ -51,7 +53,7 @@ class AllGatherScatter(Strategy):
     def assign_owners(self, matrices, world_size):
         return assign(self.options.assignment, matrices, world_size)
 
-    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks, details):
+    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks):
         owners = self.assign_owners(matrices, world_size)
         b_in, b_out = dtype_size(matrices[0].dtype), matrices[0].out_itemsize
         slot_bytes = sum(padded_numels(list(matrices))) * b_in

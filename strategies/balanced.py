@@ -21,6 +21,7 @@ from dist_ortho.sharding import dtype_size
 from dist_ortho.strategies import owner_exchange as ox
 from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
 from dist_ortho.strategies.ownership import lpt_owners
+from dist_ortho.strategies.registry import register
 
 __all__ = ["BalancedOptions", "Balanced", "orthogonalize_owned"]
 
@@ -39,15 +40,17 @@ class BalancedOptions:
 
 def orthogonalize_owned(matrices, full: dict[int, torch.Tensor], ctx: ExecContext,
                         batch_same_shape: bool) -> dict[int, torch.Tensor]:
-    """NS of every owned full matrix, batching same-shape ones into one call when asked."""
+    """NS of every owned full matrix, batching same-shape ones with the same NS settings into one
+    call when asked."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for k in full:
-        key = (tuple(full[k].shape), matrices[k].ns_steps) if batch_same_shape else (k,)
+        key = ((tuple(full[k].shape), ctx.orthogonalizer.batch_key(matrices[k].index))
+               if batch_same_shape else (k,))
         groups[key].append(k)
     results = {}
     for ks in groups.values():
         with ctx.phase("ns"):
-            out = ctx.orthogonalize([matrices[k].index for k in ks],
+            out = ctx.orthogonalizer.run([matrices[k].index for k in ks],
                                     torch.stack([full[k] for k in ks]))
         for j, k in enumerate(ks):
             results[k] = out[j]
@@ -72,6 +75,7 @@ def owner_plan(matrices, owners, world_size, ranks):
     return held
 
 
+@register
 class Balanced(Strategy):
     name = "balanced"
     Options = BalancedOptions
@@ -82,7 +86,7 @@ class Balanced(Strategy):
     def assign_owners(self, matrices, world_size):
         return lpt_owners(matrices, world_size)
 
-    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks, details):
+    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks):
         owners = self.assign_owners(matrices, world_size)
         for m, o in zip(matrices, owners):
             owner[m.index] = o

@@ -9,129 +9,57 @@ A strategy is split in two:
   momentum direction U, one per matrix, and returns this rank's dim-0 shards of NS(U), shaped and
   sharded exactly like the inputs.
 
-Byte convention (shared with the counter in `profiling.comm`): bytes are the payload this rank
-sends to / receives from *other* ranks; its own slice is not traffic. all-gather of s bytes per rank:
-(P-1)s each way; gather/scatter: the root receives/sends the other ranks' pieces; all-to-all: the
-off-diagonal splits; broadcast: the root sends (P-1)n, the others receive n; all-reduce of n bytes:
-2(P-1)/P n each way (reduce-scatter then all-gather).
+Plan types and the byte convention live in the core module `dist_ortho.plan` (re-exported here).
 
 Parameters that are *not* sharded (plain tensors replicated on a group, as under DDP) take a common
 path here: every rank already holds the whole matrix, so the owner (from the strategy's own
 ownership policy) orthogonalizes it and broadcasts the result; nothing travels forward.
+
+A strategy also has a timing model for the cost model (`sharded_time`): by default its collectives
+are synchronous (forward, then the slowest rank's NS, then return); a strategy that overlaps them
+overrides it (see `bucketed_async`). Adding a strategy: one file with a `Strategy` subclass (name,
+Options dataclass, `assign_owners`, `_plan_sharded`, `_execute_sharded`) and one line in the
+registry (`strategies/__init__.py`).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from dist_ortho.orthogonalizer import Orthogonalizer
+from dist_ortho.plan import (EVERY_RANK, CommItem, ComputeTimes, Plan, RankCost, TimedCall,
+                             all_reduce_bytes)
 from dist_ortho.sharding import MatrixSpec
+from dist_ortho.timing import NULL_TIMER, PhaseTimer
 
 __all__ = ["CommItem", "RankCost", "Plan", "ExecContext", "Strategy", "EVERY_RANK",
            "all_reduce_bytes"]
-
-EVERY_RANK = -1  # owner value of a matrix that every rank orthogonalizes (replicated strategy)
-
-
-def all_reduce_bytes(nbytes: int, world_size: int) -> float:
-    """Bytes each rank sends (and receives) in an all-reduce of `nbytes` under the convention."""
-    return 2.0 * (world_size - 1) / world_size * nbytes if world_size > 1 else 0.0
-
-
-@dataclass(frozen=True)
-class CommItem:
-    """One collective call as seen by one rank."""
-
-    kind: str  # all_gather | gather | scatter | all_to_all | broadcast | all_reduce
-    send_bytes: float
-    recv_bytes: float
-    phase: str = "forward"  # forward: pieces travel to the computing rank; return: results travel back
-
-
-@dataclass
-class RankCost:
-    """What one rank is predicted to spend."""
-
-    comm: list[CommItem] = field(default_factory=list)
-    ns_flops: int = 0
-    transient_bytes: int = 0
-    computes: list[int] = field(default_factory=list)  # indices of matrices this rank orthogonalizes
-
-    @property
-    def send_bytes(self) -> float:
-        return sum(c.send_bytes for c in self.comm)
-
-    @property
-    def recv_bytes(self) -> float:
-        return sum(c.recv_bytes for c in self.comm)
-
-    def bytes_by_kind(self) -> dict[str, tuple[float, float]]:
-        out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        for c in self.comm:
-            out[c.kind][0] += c.send_bytes
-            out[c.kind][1] += c.recv_bytes
-        return {k: (v[0], v[1]) for k, v in out.items()}
-
-
-@dataclass
-class Plan:
-    """Who does what, and what every rank will pay for it. Identical on every rank but `rank`."""
-
-    strategy: str
-    world_size: int
-    rank: int
-    matrices: tuple[MatrixSpec, ...]
-    owner: tuple[int, ...]  # per matrix; EVERY_RANK when all ranks compute it
-    bucket: tuple[int, ...]  # per matrix; 0 for strategies without buckets
-    ranks: list[RankCost]  # indexed by rank
-    details: dict = field(default_factory=dict)  # strategy-specific extras (bucket sizes, ...)
-
-    @property
-    def mine(self) -> RankCost:
-        return self.ranks[self.rank]
-
-    @property
-    def total_ns_flops(self) -> int:
-        return sum(r.ns_flops for r in self.ranks)
-
-    @property
-    def flops_imbalance(self) -> float:
-        """max over ranks / mean over ranks of NS FLOPs (1.0 is perfect balance)."""
-        flops = [r.ns_flops for r in self.ranks]
-        mean = sum(flops) / len(flops)
-        return max(flops) / mean if mean > 0 else 1.0
-
-
-class _NoPhases:
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        yield
 
 
 @dataclass
 class ExecContext:
     """What `execute` needs beyond the plan: where to talk and how to orthogonalize.
 
-    `orthogonalize(indices, stacked)` runs NS on a stack of full tensors of one shape (indices say
-    which matrices they are) and returns the stack in the NS dtype; it also counts the FLOPs it runs.
-    `phases` is an optional timer (the profiler's); strategies mark "comm_wait" and "ns" with it.
+    `orthogonalizer.run(indices, stacked)` runs NS on a stack of full tensors of one shape (indices
+    say which matrices they are) and returns the stack in the NS dtype; it also counts the FLOPs it
+    runs. `timer` is a phase timer (the profiler's, or the null timer); strategies mark "comm_wait"
+    and "ns" with `ctx.phase(name)`.
     """
 
     group: dist.ProcessGroup | None
     rank: int
     world_size: int
-    orthogonalize: Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+    orthogonalizer: Orthogonalizer
     out_dtype: torch.dtype
     device: torch.device
-    phases: object = field(default_factory=_NoPhases)
+    timer: PhaseTimer = field(default=NULL_TIMER)
 
     def phase(self, name: str):
-        return self.phases.phase(name) if self.phases is not None else nullcontext()
+        return self.timer.phase(name)
 
 
 class Strategy:
@@ -172,20 +100,23 @@ class Strategy:
         owner = [EVERY_RANK] * len(matrices)
         bucket = [0] * len(matrices)
         ranks = [RankCost() for _ in range(world_size)]
-        details: dict = {}
+        buckets = None
         sharded = [m for m in matrices if m.sharded]
         plain = [m for m in matrices if not m.sharded]
         if sharded:
-            self._plan_sharded(sharded, world_size, owner, bucket, ranks, details)
+            buckets = self._plan_sharded(sharded, world_size, owner, bucket, ranks)
         if plain:
             self._plan_plain(plain, world_size, owner, ranks)
         for r, cost in enumerate(ranks):
             cost.ns_flops = sum(matrices[i].flops for i in cost.computes)
         return Plan(self.name, world_size, rank, matrices, tuple(owner), tuple(bucket), ranks,
-                    details)
+                    buckets=buckets)
 
     def _plan_sharded(self, matrices: Sequence[MatrixSpec], world_size: int, owner: list[int],
-                      bucket: list[int], ranks: list[RankCost], details: dict) -> None:
+                      bucket: list[int], ranks: list[RankCost]
+                      ) -> tuple[tuple[int, ...], ...] | None:
+        """Fill owner, bucket and ranks for the sharded matrices; return the buckets (matrix
+        indices per bucket, in execution order) if the strategy buckets, else None."""
         raise NotImplementedError
 
     def _plan_plain(self, matrices: Sequence[MatrixSpec], world_size: int, owner: list[int],
@@ -235,7 +166,7 @@ class Strategy:
             o = plan.owner[i]
             if o == EVERY_RANK or o == ctx.rank:
                 with ctx.phase("ns"):
-                    out = ctx.orthogonalize([i], inputs[i].unsqueeze(0))[0]
+                    out = ctx.orthogonalizer.run([i], inputs[i].unsqueeze(0))[0]
             else:
                 out = torch.empty(inputs[i].shape, dtype=ctx.out_dtype, device=inputs[i].device)
             if o != EVERY_RANK and ctx.world_size > 1:
@@ -243,3 +174,21 @@ class Strategy:
                     dist.broadcast(out, group=ctx.group, group_src=o)
             results.append(out)
         return results
+
+    # -- timing model (used by the cost model) ---------------------------------------------------
+    @property
+    def batches_same_shape(self) -> bool:
+        """Whether an owner's same-shape matrices run as one batched NS call."""
+        return bool(getattr(self.options, "batch_same_shape", False))
+
+    def sharded_time(self, plan: Plan, calls: Sequence[TimedCall],
+                     compute: ComputeTimes) -> tuple[float, float]:
+        """(seconds of the orthogonalize phase for the sharded matrices, NS seconds of the slowest
+        rank), given the durations of this plan's forward/return collectives in issue order.
+        Default: synchronous collectives, so forward + the slowest rank's NS + return."""
+        P = plan.world_size
+        works = [compute.ns_matrices_seconds(
+            [plan.matrices[i] for i in plan.ranks[r].computes if plan.matrices[i].sharded],
+            self.batches_same_shape) for r in range(P)]
+        ns_s = max(compute.concurrent(works), default=0.0)
+        return sum(c.seconds for c in calls) + ns_s, ns_s

@@ -21,13 +21,16 @@ memory is bounded by about (2 + max_in_flight) buckets of buffers rather than th
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dist_ortho.plan import ComputeTimes, TimedCall
 from dist_ortho.sharding import dtype_size
 from dist_ortho.strategies import owner_exchange as ox
 from dist_ortho.strategies.balanced import orthogonalize_owned, owner_plan
 from dist_ortho.strategies.base import ExecContext, Plan, Strategy
 from dist_ortho.strategies.ownership import lpt_owners
+from dist_ortho.strategies.registry import register
 
 __all__ = ["BucketedAsyncOptions", "BucketedAsync", "make_buckets"]
 
@@ -83,6 +86,7 @@ def make_buckets(matrices, bucket_bytes: int, group_by_shape: bool) -> list[list
     return buckets
 
 
+@register
 class BucketedAsync(Strategy):
     name = "bucketed_async"
     Options = BucketedAsyncOptions
@@ -103,7 +107,7 @@ class BucketedAsync(Strategy):
                 load[o] += matrices[k].flops
         return buckets, owners
 
-    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks, details):
+    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks):
         buckets, owners = self._bucket_owners(matrices, world_size)
         held_per_bucket = []
         for b, ks in enumerate(buckets):
@@ -118,13 +122,13 @@ class BucketedAsync(Strategy):
             held = [h[r] for h in held_per_bucket]
             window = max(sum(held[b:b + depth]) for b in range(len(held)))
             cost.transient_bytes = max(cost.transient_bytes, window)
-        details["buckets"] = [[matrices[k].index for k in ks] for ks in buckets]
+        return tuple(tuple(matrices[k].index for k in ks) for ks in buckets)
 
     def _execute_sharded(self, plan: Plan, indices, inputs, ctx: ExecContext):
         P, me = ctx.world_size, ctx.rank
         matrices = [plan.matrices[i] for i in indices]
         position = {i: k for k, i in enumerate(indices)}
-        buckets = [[position[i] for i in b] for b in plan.details["buckets"]]
+        buckets = [[position[i] for i in b] for b in plan.buckets]
         outputs = [None] * len(matrices)
 
         def forward(ks):
@@ -155,3 +159,57 @@ class BucketedAsync(Strategy):
         while returns:
             finish(returns.popleft())
         return outputs
+
+    # -- timing model ----------------------------------------------------------------------------
+    def sharded_time(self, plan: Plan, calls: Sequence[TimedCall],
+                     compute: ComputeTimes) -> tuple[float, float]:
+        """Simulate `_execute_sharded`: (time of the orthogonalize phase, NS time of the slowest
+        rank). Collectives run one at a time on the channel, in issue order (one communicator,
+        as on one NCCL stream); a collective starts when the last rank has issued it; every rank's
+        NS of bucket k waits for forward(k); at most `max_in_flight` returns stay outstanding. So
+        the pipeline takes about sum over buckets of max(compute_k, comm_k+1) plus the ends."""
+        P = plan.world_size
+        buckets = plan.buckets
+        batched = self.batches_same_shape
+        max_in_flight = self.options.max_in_flight
+        fwd = [c.seconds for c in calls if c.phase == "forward"]
+        ret = [c.seconds for c in calls if c.phase == "return"]
+        if P > 1 and (len(fwd) != len(buckets) or len(ret) != len(buckets)):
+            raise ValueError(f"bucketed plan has {len(buckets)} buckets but {len(fwd)} forward "
+                             f"and {len(ret)} return collectives")
+        if P == 1:
+            fwd = ret = [0.0] * len(buckets)
+        owned = [[[] for _ in buckets] for _ in range(P)]
+        for b, members in enumerate(buckets):
+            for i in members:
+                owned[plan.owner[i]][b].append(i)
+        channel = 0.0
+        t = [0.0] * P
+
+        def issue(duration: float) -> float:
+            nonlocal channel
+            start = max(max(t), channel)
+            channel = start + duration
+            return channel
+
+        ns_busy = [0.0] * P
+        pending = issue(fwd[0])
+        returns: deque = deque()
+        for b in range(len(buckets)):
+            following = issue(fwd[b + 1]) if b + 1 < len(buckets) else None
+            t = [max(x, pending) for x in t]
+            works = [compute.ns_matrices_seconds([plan.matrices[i] for i in owned[r][b]], batched)
+                     for r in range(P)]
+            done = compute.concurrent(works)
+            for r in range(P):
+                ns_busy[r] += done[r]
+            t = [x + d for x, d in zip(t, done)]
+            returns.append(issue(ret[b]))
+            while len(returns) > max_in_flight:
+                end = returns.popleft()
+                t = [max(x, end) for x in t]
+            pending = following
+        while returns:
+            end = returns.popleft()
+            t = [max(x, end) for x in t]
+        return max(t), max(ns_busy)

@@ -19,6 +19,7 @@ import torch
 from dist_ortho.sharding import MatrixSpec, dtype_size
 from dist_ortho.strategies.base import EVERY_RANK, CommItem, ExecContext, Plan, RankCost, Strategy
 from dist_ortho.strategies.collectives import all_gather_flat, pack_padded
+from dist_ortho.strategies.registry import register
 
 __all__ = ["ReplicatedOptions", "Replicated"]
 
@@ -39,6 +40,7 @@ def rebuild_full(m: MatrixSpec, gathered: torch.Tensor, offset: int) -> torch.Te
     return torch.cat(pieces, dim=0)
 
 
+@register
 class Replicated(Strategy):
     name = "replicated"
     Options = ReplicatedOptions
@@ -49,7 +51,7 @@ class Replicated(Strategy):
     def assign_owners(self, matrices, world_size):
         return [EVERY_RANK] * len(matrices)
 
-    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks: list[RankCost], details):
+    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks: list[RankCost]):
         b_in = dtype_size(matrices[0].dtype)
         slot_bytes = sum(padded_numels(list(matrices))) * b_in
         largest_out = max(m.numel * m.out_itemsize for m in matrices)
@@ -75,7 +77,7 @@ class Replicated(Strategy):
             full = rebuild_full(m, gathered, offset)
             offset += slot
             with ctx.phase("ns"):
-                result = ctx.orthogonalize([m.index], full.unsqueeze(0))[0]
+                result = ctx.orthogonalizer.run([m.index], full.unsqueeze(0))[0]
             start = m.shard_offset(ctx.rank)
             # clone so the full result can be freed before the next matrix
             outputs.append(result[start:start + m.dim0_sizes[ctx.rank]].clone())

@@ -5,8 +5,9 @@ Order: the optimizer's parameter order (param groups in order, parameters in ord
 
 Communication, per matrix: one `gather` of the row shards to the owner, then one `scatter` of the
 result's row shards from it. Shards are zero-padded to ceil(rows / P) rows because gather/scatter
-need equal pieces. All gathers are issued before any compute so every owner can start as soon as
-its own matrices arrive; ranks then orthogonalize their own matrices in parallel.
+need equal pieces. All gathers are issued asynchronously at once and every rank waits for all of
+them to complete before it orthogonalizes anything; ranks then orthogonalize their own matrices in
+parallel, and the scatters go out together at the end.
 
 Cost: meets the owner-based lower bound up to padding, but with two collectives per matrix
 (latency-bound on many small matrices) and ownership blind to cost (a few large matrices can land on
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from dist_ortho.sharding import dtype_size
 from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
 from dist_ortho.strategies.ownership import round_robin_owners
+from dist_ortho.strategies.registry import register
 
 __all__ = ["RoundRobinOptions", "RoundRobin"]
 
@@ -32,6 +34,7 @@ class RoundRobinOptions:
     """No options: ownership is i mod P by definition."""
 
 
+@register
 class RoundRobin(Strategy):
     name = "round_robin"
     Options = RoundRobinOptions
@@ -42,7 +45,7 @@ class RoundRobin(Strategy):
     def assign_owners(self, matrices, world_size):
         return round_robin_owners(matrices, world_size)
 
-    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks, details):
+    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks):
         b_in = dtype_size(matrices[0].dtype)
         held = [0] * world_size
         for m, o in zip(matrices, self.assign_owners(matrices, world_size)):
@@ -95,7 +98,7 @@ class RoundRobin(Strategy):
                 continue
             full = torch.cat([gathered[m.index][r][:m.dim0_sizes[r]] for r in range(P)])
             with ctx.phase("ns"):
-                out = ctx.orthogonalize([m.index], full.unsqueeze(0))[0]
+                out = ctx.orthogonalizer.run([m.index], full.unsqueeze(0))[0]
             results[m.index] = [padded(piece, m.padded_rows)
                                 for piece in torch.split(out, list(m.dim0_sizes))]
         if P == 1:

@@ -8,8 +8,6 @@ exact up to floating-point rounding.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -208,16 +206,6 @@ def nonfinite_worker(rank: int, world_size: int) -> dict:
                 skipped=opt.skipped_steps, warned=any("non-finite" in str(c.message)
                                                       for c in caught),
                 finite_after=bool(torch.isfinite(w.to_local()).all()))
-
-
-def world_one_check(rank: int, world_size: int) -> dict:
-    assert world_size == 1
-    return dict(results=exactness_worker(rank, world_size, exactness_cases(
-        ["replicated", "round_robin", "allgather_scatter", "bucketed_async", "balanced"])[:12]))
-
-
-def isclose(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-9)
 
 
 def _tiny_gpt(seed: int):

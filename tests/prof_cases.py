@@ -95,7 +95,7 @@ def profile_worker(rank: int, world_size: int, names: list[str], out_dir: str) -
             rows=prof.rows(), collectives=prof.collectives(),
             plan_bytes=plan.mine.bytes_by_kind(), plan_flops=[c.ns_flops for c in plan.ranks],
             matrix_shapes=[tuple(m.shape) for m in plan.matrices],
-            phases_attached=matrix_opt.phases is prof, written=None if written is None
+            phases_attached=matrix_opt.timer is prof, written=None if written is None
             else str(written), **extra)
         prof.detach()
     out["implicit"] = implicit_redistribution(mesh)

@@ -235,7 +235,7 @@ def test_bucketed_pipeline_hides_the_smaller_of_compute_and_transfer():
     for c in (slow_net, fast_net):
         pred = cm.predict(shapes, P, "bucketed_async", opts, constants=c)
         t = pred.time
-        assert len(pred.plan.details["buckets"]) == 4
+        assert len(pred.plan.buckets) == 4
         # never worse than doing everything in sequence, never better than the larger term
         assert t.total_s <= t.comm_s + t.ns_s + t.elementwise_s + 1e-12
         assert t.total_s >= max(t.comm_s, t.ns_s) - 1e-12

@@ -1,0 +1,298 @@
+"""The cost model's time model: alpha-beta collectives, NS and element-wise compute, and the step.
+
+Time is an alpha-beta model, one (alpha, beta) per collective kind:
+
+    t(collective) = alpha_kind * steps(kind, P) + beta_kind * bytes
+
+steps: P-1 for ring all-gather / reduce-scatter and for pairwise all-to-all, gather and scatter;
+ceil(log2 P) for a tree broadcast and 2 ceil(log2 P) for a tree all-reduce (NCCL and gloo both pick
+latency-optimal trees for the small all-reduces the optimizer issues). bytes is what the busiest rank
+moves in that call (the larger of its send and receive bytes under the byte convention, which already
+is the ring / all-to-all formula: (P-1)s for an all-gather of s bytes per rank, 2(P-1)/P n for an
+all-reduce); a broadcast is a pipeline, so its receivers' n bytes. A collective ends for everyone
+when it ends for the busiest rank, so one duration per call is the right unit.
+
+Compute is NS FLOPs / sustained rate plus a fixed cost per NS call, and the optimizer's element-wise
+work (momentum, normalization, update) per local element and per parameter. On a CPU host whose
+ranks share `shared_slots` cores, concurrently busy ranks share them (processor sharing); on GPUs
+every rank has its own device.
+
+The schedule: the optimizer's own all-reduces and element-wise work, then the strategy's part,
+which the strategy models itself (`Strategy.sharded_time`: synchronous collectives by default,
+forward + the slowest rank's NS + return; `bucketed_async` simulates its pipeline), then the plain
+(replicated, DDP-style) matrices one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from dist_ortho.io import atomic_write_text
+from dist_ortho.plan import EVERY_RANK, Plan, TimedCall
+from dist_ortho.sharding import MatrixSpec
+from dist_ortho.strategies.base import Strategy
+
+__all__ = ["KINDS", "latency_steps", "CommModel", "ComputeModel", "CostConstants", "StepTime",
+           "load_constants", "shared_makespan", "shape_key", "step_time", "aligned_calls"]
+
+KINDS = ("all_gather", "reduce_scatter", "all_to_all", "gather", "scatter", "broadcast",
+         "all_reduce")
+
+
+def latency_steps(kind: str, world_size: int) -> int:
+    """Latency terms of one collective of `kind` on `world_size` ranks (see the module doc)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown collective kind {kind!r}; known: {KINDS}")
+    if world_size <= 1:
+        return 0
+    log = math.ceil(math.log2(world_size))
+    if kind == "broadcast":
+        return log
+    if kind == "all_reduce":
+        return 2 * log
+    return world_size - 1
+
+
+def _check_rates(name: str, values: Mapping[str, float]) -> None:
+    for kind, v in values.items():
+        if kind not in KINDS:
+            raise ValueError(f"{name} has unknown collective kind {kind!r}; known: {KINDS}")
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name}[{kind!r}] must be a finite number >= 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class CommModel:
+    """alpha_s: seconds per latency step, by collective kind. beta_s_per_byte: seconds per byte
+    moved by the busiest rank (1 / bandwidth), by kind."""
+
+    alpha_s: dict = field(default_factory=dict)
+    beta_s_per_byte: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_rates("CommModel.alpha_s", self.alpha_s)
+        _check_rates("CommModel.beta_s_per_byte", self.beta_s_per_byte)
+
+    def time(self, kind: str, nbytes: float, world_size: int) -> float:
+        if world_size <= 1:
+            return 0.0
+        if kind not in self.alpha_s or kind not in self.beta_s_per_byte:
+            raise ValueError(f"no alpha/beta for collective kind {kind!r} in this CommModel "
+                             f"(has {sorted(self.beta_s_per_byte)}); calibrate or add it")
+        return (self.alpha_s[kind] * latency_steps(kind, world_size)
+                + self.beta_s_per_byte[kind] * nbytes)
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """ns_flops_per_s: sustained NS matmul rate of one rank running alone. ns_call_s: fixed cost
+    per NS call (launches, small-matrix inefficiency). elementwise_*: the optimizer's local work
+    (momentum, normalization, update) per local element and per parameter. shared_slots: ranks on
+    one CPU host share this many cores (None: every rank has its own device, as with GPUs).
+    ns_seconds_by_shape: measured seconds of one NS call on one matrix of a given shape (key
+    "m x n" of the full matrix, as `shape_key` writes it). CPU BLAS speed depends on the shape
+    (a 512 x 512 product can run at half the rate of a 500 x 500 one), so calibration records the
+    shapes it timed and the model uses them where it can, and the fitted rate elsewhere."""
+
+    ns_flops_per_s: float
+    ns_call_s: float = 0.0
+    elementwise_s_per_element: float = 0.0
+    elementwise_s_per_param: float = 0.0
+    shared_slots: float | None = None
+    ns_seconds_by_shape: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.ns_flops_per_s) and self.ns_flops_per_s > 0):
+            raise ValueError(f"ns_flops_per_s must be > 0, got {self.ns_flops_per_s!r}")
+        for name in ("ns_call_s", "elementwise_s_per_element", "elementwise_s_per_param"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"ComputeModel.{name} must be >= 0, got {v!r}")
+        if self.shared_slots is not None and not self.shared_slots > 0:
+            raise ValueError(f"shared_slots must be > 0 or None, got {self.shared_slots!r}")
+
+    def ns_seconds(self, flops: float, calls: int) -> float:
+        return calls * self.ns_call_s + flops / self.ns_flops_per_s
+
+    def concurrent(self, works: Sequence[float]) -> list[float]:
+        """Finish time of each rank's work when all run at once (see `shared_makespan`)."""
+        return shared_makespan(works, self.shared_slots)
+
+    def ns_matrices_seconds(self, matrices: Sequence[MatrixSpec], batched: bool) -> float:
+        """NS time of `matrices` on one rank: measured per-shape times where known, the fitted
+        rate and per-call cost for the rest (one call per shape when `batched`, else per matrix)."""
+        table = self.ns_seconds_by_shape
+        t, rest = 0.0, []
+        for m in matrices:
+            key = shape_key(m.shape, m.ns_steps)
+            if key in table:
+                t += table[key]
+            else:
+                rest.append(m)
+        if rest:
+            calls = len({(m.shape, m.ns_steps) for m in rest}) if batched else len(rest)
+            t += self.ns_seconds(sum(m.flops for m in rest), calls)
+        return t
+
+
+def shape_key(shape: Sequence[int], steps: int = 5) -> str:
+    """Key of `ComputeModel.ns_seconds_by_shape`: "m x n" (x steps when not 5)."""
+    key = " x ".join(str(int(d)) for d in shape)
+    return key if steps == 5 else f"{key} @ {steps} steps"
+
+
+@dataclass(frozen=True)
+class CostConstants:
+    """The constants one prediction needs, and where they came from."""
+
+    comm: CommModel
+    compute: ComputeModel
+    source: str = ""
+    world_size: int | None = None  # the P they were measured or derived for
+    device: str = ""
+    meta: dict = field(default_factory=dict)  # raw samples, fit residuals, machine notes
+
+    def to_dict(self) -> dict:
+        return dict(comm=asdict(self.comm), compute=asdict(self.compute), source=self.source,
+                    world_size=self.world_size, device=self.device, meta=self.meta)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "CostConstants":
+        try:
+            return cls(comm=CommModel(**d["comm"]), compute=ComputeModel(**d["compute"]),
+                       source=d.get("source", ""), world_size=d.get("world_size"),
+                       device=d.get("device", ""), meta=dict(d.get("meta", {})))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a cost-model constants record: {exc}") from exc
+
+    def save(self, path: str) -> None:
+        """JSON, or YAML when the path ends in .yaml/.yml."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if path.endswith((".yaml", ".yml")):
+            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+
+def load_constants(path: str) -> CostConstants:
+    if not os.path.exists(path):
+        raise ValueError(f"no cost-model constants file at {path!r}")
+    with open(path) as f:
+        if path.endswith((".yaml", ".yml")):
+            return CostConstants.from_dict(yaml.safe_load(f))
+        return CostConstants.from_dict(json.load(f))
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds. total_s is the step; the parts are what the slowest path spends on each term.
+    overlap_s = comm_s + ns_s + elementwise_s - total_s (> 0 only where transfers hide)."""
+
+    total_s: float
+    comm_s: float
+    ns_s: float
+    elementwise_s: float
+    overlap_s: float
+    comm_by_kind_s: dict
+
+
+def shared_makespan(works: Sequence[float], slots: float | None) -> list[float]:
+    """Finish time of each rank's work (seconds if run alone) when the busy ranks share `slots`
+    cores equally (processor sharing); with slots None every rank runs at full speed."""
+    if slots is None:
+        return list(works)
+    order = sorted(range(len(works)), key=lambda r: works[r])
+    finish = [0.0] * len(works)
+    busy = sum(1 for w in works if w > 0)
+    t = prev = 0.0
+    for r in order:
+        w = works[r]
+        if w <= 0:
+            continue
+        speed = min(1.0, slots / busy)
+        t += (w - prev) / speed
+        finish[r] = t
+        prev = w
+        busy -= 1
+    return finish
+
+
+def aligned_calls(plan: Plan, comm: CommModel) -> list[TimedCall]:
+    """One entry per collective call: every rank's j-th CommItem is the same call (strategies and
+    the optimizer issue collectives in one order on every rank); its time is set by the busiest
+    rank."""
+    P = plan.world_size
+    n = len(plan.ranks[0].comm)
+    if any(len(c.comm) != n for c in plan.ranks):
+        raise ValueError(f"plan of {plan.strategy!r} lists different numbers of collectives on "
+                         f"different ranks; cannot align them into calls")
+    calls = []
+    for j in range(n):
+        items = [c.comm[j] for c in plan.ranks]
+        kind, phase = items[0].kind, items[0].phase
+        if any(it.kind != kind for it in items):
+            raise ValueError(f"collective {j} of plan {plan.strategy!r} has different kinds "
+                             f"on different ranks")
+        if kind == "broadcast":  # a pipelined broadcast: the root streams n bytes
+            nbytes = max(it.recv_bytes for it in items)
+        else:
+            nbytes = max(max(it.send_bytes, it.recv_bytes) for it in items)
+        calls.append(TimedCall(kind, phase, comm.time(kind, nbytes, P)))
+    return calls
+
+
+def step_time(plan: Plan, strategy: Strategy, constants: CostConstants,
+              ranks: Sequence) -> StepTime:
+    """The optimizer step's time under `constants`, following `NorMuon.step` and the strategy's
+    execute: non-finite all-reduce, momentum, orthogonalize, normalize (+ all-reduce), apply.
+    `ranks`: per rank, an object with `local_numel` (the prediction's RankPrediction)."""
+    P = plan.world_size
+    comp = constants.compute
+    calls = aligned_calls(plan, constants.comm)
+    by_kind: dict[str, float] = defaultdict(float)
+    for c in calls:
+        by_kind[c.kind] += c.seconds
+    comm_total = sum(c.seconds for c in calls)
+
+    ew_work = [len(plan.matrices) * comp.elementwise_s_per_param
+               + r.local_numel * comp.elementwise_s_per_element for r in ranks]
+    elementwise = max(shared_makespan(ew_work, comp.shared_slots), default=0.0)
+    optimizer_comm = sum(c.seconds for c in calls if c.phase in ("nonfinite_check", "normalize"))
+    strategy_calls = [c for c in calls if c.phase in ("forward", "return")]
+
+    sharded = [m.index for m in plan.matrices if m.sharded]
+    plain = [m.index for m in plan.matrices if not m.sharded]
+    n_plain_calls = sum(1 for i in plain if plan.owner[i] != EVERY_RANK) if P > 1 else 0
+    plain_calls = strategy_calls[len(strategy_calls) - n_plain_calls:]
+    sharded_calls = strategy_calls[:len(strategy_calls) - n_plain_calls]
+
+    # the strategy's own timing model (synchronous by default; bucketed_async overlaps)
+    sharded_s, ns_s = (strategy.sharded_time(plan, sharded_calls, comp) if sharded
+                       else (0.0, 0.0))
+
+    # plain (replicated, DDP-style) matrices run one at a time: the owner computes, then broadcasts
+    plain_s = 0.0
+    plain_ns = 0.0
+    k = 0
+    for i in plain:
+        m = plan.matrices[i]
+        t = comp.ns_matrices_seconds([m], False)
+        if plan.owner[i] == EVERY_RANK:
+            t = max(shared_makespan([t] * P, comp.shared_slots))
+            plain_s += t
+        else:
+            plain_s += t + (plain_calls[k].seconds if P > 1 else 0.0)
+            k += P > 1
+        plain_ns += t
+    total = elementwise + optimizer_comm + sharded_s + plain_s
+    ns_total = ns_s + plain_ns
+    return StepTime(total_s=total, comm_s=comm_total, ns_s=ns_total, elementwise_s=elementwise,
+                    overlap_s=max(0.0, comm_total + ns_total + elementwise - total),
+                    comm_by_kind_s=dict(by_kind))

@@ -17,8 +17,7 @@ without such modules (e.g. the shape-only benchmark models) are split by shape a
 from __future__ import annotations
 
 import fnmatch
-from collections import ChainMap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -118,6 +117,26 @@ def split_model_params(model: nn.Module, config: SplitConfig | None = None
             [(n, p) for n, p, dest, _ in rows if dest == ADAMW])
 
 
+class _MergedState(Mapping):
+    """The inner optimizers' state dicts as one mapping, without touching them (their state is a
+    defaultdict, which a plain lookup would grow)."""
+
+    def __init__(self, optimizers) -> None:
+        self._states = [opt.state for opt in optimizers]
+
+    def __getitem__(self, param):
+        for state in self._states:
+            if param in state:
+                return state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator:
+        return (p for state in self._states for p in state)
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self._states)
+
+
 class CombinedOptimizer(torch.optim.Optimizer):
     """Steps several optimizers as one (e.g. NorMuon for matrices + AdamW for the rest), all or
     none: a NaN/Inf gradient anywhere, on any rank, skips (or raises, `nonfinite`) the whole step,
@@ -157,9 +176,9 @@ class CombinedOptimizer(torch.optim.Optimizer):
                                  "change those")
 
     @property
-    def state(self) -> ChainMap:
-        """Every inner optimizer's state, read through one mapping."""
-        return ChainMap(*(opt.state for opt in self.optimizers))
+    def state(self) -> Mapping:
+        """Every inner optimizer's state, read through one read-only mapping."""
+        return _MergedState(self.optimizers)
 
     @state.setter
     def state(self, value) -> None:

@@ -272,3 +272,49 @@ def fsdp_train_worker(rank: int, world_size: int, strategy_names: list[str],
             errors[n] = float((full - ref_params[n]).norm() / ref_params[n].norm())
         out[name] = dict(losses=losses, param_errors=errors)
     return dict(reference_losses=ref_losses, runs=out)
+
+
+def mixed_ns_worker(rank: int, world_size: int, strategy_names: list[str]) -> dict:
+    """Two param groups of the same shapes that differ only in NS settings (coefficients, steps):
+    every strategy must batch only equal settings and match the reference with each group's own
+    NSConfig; settings that cannot share one step (ns_dtype) fail at construction on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    from dist_ortho import strategies
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    # matrix k goes to rank k % 2 under every ownership policy here, so each owner gets a
+    # jordan and a polar_express matrix of one shape and step count: the batch that used to mix
+    shapes = [(8, 6)] * 6
+    settings = [dict(ns_coefficients="jordan"), dict(ns_coefficients="jordan"),
+                dict(ns_coefficients="polar_express"), dict(ns_coefficients="polar_express"),
+                dict(ns_coefficients="jordan", ns_steps=3),
+                dict(ns_coefficients="polar_express", ns_steps=3)]
+    out = {}
+    for name in strategy_names:
+        params = _make_params(shapes, mesh, [Shard(0)])
+        groups = [dict(params=[p], param_names=[f"w{i}"], **s)
+                  for i, (p, s) in enumerate(zip(params, settings))]
+        opt = NorMuon(groups, ns_dtype="float32", strategy=strategies.build(name))
+        ref = [full_tensor(s, 1000 + i) for i, s in enumerate(shapes)]
+        start = [r.clone() for r in ref]
+        ref_states = [dict() for _ in shapes]
+        for step in range(2):
+            grads = _set_grads(params, shapes, step, mesh, [Shard(0)])
+            opt.step()
+            for i, s in enumerate(settings):
+                hp = ReferenceHParams(ns=NSConfig(steps=s.get("ns_steps", 5), dtype="float32",
+                                                  coefficients=s["ns_coefficients"]))
+                reference_step([ref[i]], [grads[i]], ref_states[i], hp, "normuon")
+        out[name] = [float((_gather(p).detach() - r).norm() / (r - s0).norm())
+                     for p, r, s0 in zip(params, ref, start)]
+    params = _make_params(shapes[:2], mesh, [Shard(0)])
+    try:
+        NorMuon([dict(params=[params[0]], ns_dtype="float32"),
+                 dict(params=[params[1]], ns_dtype="bfloat16")], strategy="balanced")
+        out["mixed_dtype_error"] = None
+    except ValueError as exc:
+        out["mixed_dtype_error"] = str(exc)
+    dist.barrier()  # every rank gets here: nothing above left a collective pending
+    return out

@@ -1,0 +1,166 @@
+"""The layers of ARCHITECTURE.md hold: no import cycle (imports inside functions included), every
+import points down or sideways, low layers import without the optimizer, modules stay small."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import random
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# layer of each module, by name prefix (longest prefix wins); a module may import its own layer
+# and the ones below it
+LAYERS = {
+    "dist_ortho.io": 0, "dist_ortho.timing": 0, "dist_ortho.newton_schulz": 0,
+    "dist_ortho.sharding": 0, "dist_ortho.plan": 0, "dist_ortho.orthogonalizer": 0,
+    "dist_ortho.testing": 0,
+    "dist_ortho.strategies": 1,
+    "dist_ortho.rules": 2, "dist_ortho.optimizer": 2, "dist_ortho.param_groups": 2,
+    "dist_ortho.reference": 2,
+    "dist_ortho.profiling": 3,
+    "dist_ortho": 4,  # everything else: models, data, config, run, sweep, report, ... (studies)
+}
+# modules written by other parts of the project that still hold function-level imports
+FUNCTION_IMPORTS_ALLOWED = {
+    # lazy on purpose (heavy optional dependency or PEP 562 re-export): module -> imported names
+    "dist_ortho": {"importlib"},
+    "dist_ortho.profiling": {"dist_ortho.profiling.summary"},
+    "dist_ortho.profiling.memory": {"torch.distributed._tools.mem_tracker",
+                                    "torch.distributed.tensor", "torch._guards",
+                                    "torch.utils._pytree"},
+    "dist_ortho.profiling.tables": {"pyarrow", "pandas"},
+}
+OWNED = ("dist_ortho.io", "dist_ortho.timing", "dist_ortho.newton_schulz", "dist_ortho.sharding",
+         "dist_ortho.plan", "dist_ortho.orthogonalizer", "dist_ortho.testing", "dist_ortho.rules",
+         "dist_ortho.optimizer", "dist_ortho.param_groups", "dist_ortho.reference",
+         "dist_ortho.strategies", "dist_ortho.profiling")
+MAX_LINES = 600
+
+
+def modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in sorted((ROOT / "dist_ortho").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for sub in ("strategies", "profiling"):
+        for path in sorted((ROOT / sub).glob("*.py")):
+            name = f"dist_ortho.{sub}" + ("" if path.stem == "__init__" else f".{path.stem}")
+            out[name] = path
+    return out
+
+
+MODULES = modules()
+
+
+def imports(name: str, path: pathlib.Path) -> list[tuple[str, bool]]:
+    """(imported module, inside a function?) for every import statement of a module."""
+    tree = ast.parse(path.read_text())
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    in_function = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_function |= {id(n) for n in ast.walk(node) if n is not node}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, id(node) in in_function) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for a in node.names:
+                full = f"{base}.{a.name}"
+                out.append((full if full in MODULES else base, id(node) in in_function))
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    return {name: {m for m, _ in imports(name, path) if m in MODULES and m != name}
+            for name, path in MODULES.items()}
+
+
+def layer(name: str) -> int:
+    return LAYERS[max((p for p in LAYERS if name == p or name.startswith(p + ".")), key=len)]
+
+
+def test_no_import_cycle_including_imports_inside_functions():
+    g = graph()
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in g[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in g:
+        if v not in index:
+            visit(v)
+    assert cycles == []
+
+
+def test_imports_point_down_the_layers():
+    wrong = [(name, dep) for name, deps in graph().items() for dep in deps
+             if layer(dep) > layer(name)]
+    assert wrong == []
+
+
+def test_no_imports_inside_functions_in_the_core_layers_but_justified_ones():
+    found = []
+    for name, path in MODULES.items():
+        if not name.startswith(OWNED):
+            continue
+        allowed = FUNCTION_IMPORTS_ALLOWED.get(name, set())
+        found += [(name, m) for m, inside in imports(name, path) if inside and m not in allowed]
+    assert found == []
+
+
+def test_no_module_of_the_core_layers_over_600_lines():
+    long = {name: n for name, path in MODULES.items() if name.startswith(OWNED)
+            and (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=ROOT).stdout
+
+
+def test_strategies_import_without_the_optimizer():
+    out = _run("import sys, dist_ortho.strategies, dist_ortho.plan, dist_ortho.timing\n"
+               "print(sorted(m for m in sys.modules if m.startswith('dist_ortho.')))")
+    loaded = eval(out)
+    assert "dist_ortho.strategies.base" in loaded
+    assert not [m for m in loaded if m.split(".")[1] in ("optimizer", "param_groups", "rules",
+                                                         "profiling", "reference")]
+
+
+def test_every_module_imports_in_a_fresh_interpreter_in_random_order():
+    names = [n for n in MODULES if not n.endswith("__main__")]
+    random.Random(0).shuffle(names)
+    code = ("import importlib\n"
+            f"for n in {names!r}:\n"
+            "    importlib.import_module(n)\n"
+            "print('ok')\n")
+    assert _run(code).strip() == "ok"
+    for n in names[:2]:  # and two of them first, alone
+        assert _run(f"import {n}; print('ok')").strip() == "ok", n

@@ -185,6 +185,13 @@ class CombinedOptimizer(torch.optim.Optimizer):
         if value:
             raise AttributeError("CombinedOptimizer.state is its optimizers' state")
 
+    # torch.optim.Optimizer pickles only defaults/state/param_groups; this object is its parts
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     def add_param_group(self, param_group: dict) -> None:
         if not any(param_group is g for g in self.param_groups):  # the constructor's: inner groups
             raise ValueError("add parameter groups to one of CombinedOptimizer.optimizers")

@@ -164,3 +164,34 @@ def test_every_module_imports_in_a_fresh_interpreter_in_random_order():
     assert _run(code).strip() == "ok"
     for n in names[:2]:  # and two of them first, alone
         assert _run(f"import {n}; print('ok')").strip() == "ok", n
+
+
+def test_the_architecture_walk_through_strategy_plugs_in_everywhere():
+    """ARCHITECTURE.md's example strategy file, run as written: registered, built by name, used by
+    the optimizer and by the cost model (bytes and time) with no other change."""
+    import re
+
+    import torch
+
+    from dist_ortho import NorMuon, strategies
+    from dist_ortho.profiling import costmodel
+    from dist_ortho.profiling.hardware import HARDWARE_PRESETS
+    from dist_ortho.strategies import registry
+
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    code = re.search(r"```python\n# strategies/gather_all.py\n(.*?)```", text, re.S).group(1)
+    try:
+        exec(compile(code, "strategies/gather_all.py", "exec"), {"__name__": "gather_all"})
+        assert "gather_all" in strategies.available()
+        w = torch.nn.Parameter(torch.randn(8, 6))
+        opt = NorMuon([w], strategy="gather_all", ns_dtype="float32")
+        w.grad = torch.randn(8, 6)
+        opt.step()
+        pred = costmodel.predict([(64, 32), (32, 64)], 4, "gather_all",
+                                 constants=next(iter(HARDWARE_PRESETS.values())))
+        ref = costmodel.predict([(64, 32), (32, 64)], 4, "replicated",
+                                constants=next(iter(HARDWARE_PRESETS.values())))
+        assert pred.max_bytes_per_rank == ref.max_bytes_per_rank
+        assert pred.time.total_s == ref.time.total_s
+    finally:
+        registry._REGISTRY.pop("gather_all", None)

@@ -16,9 +16,13 @@ from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, OptimizerCon
                         reference_step, split_model_params, split_params)
 from dist_ortho import rules, strategies
 from dist_ortho.models import build_model
+from dist_ortho.newton_schulz import newton_schulz, ns_flops
 from dist_ortho.optimizer import plan_step
+from dist_ortho.orthogonalizer import Orthogonalizer
 from dist_ortho.profiling import costmodel
 from dist_ortho.rules.base import UpdateRule, shape_scale
+from dist_ortho.strategies.balanced import orthogonalize_owned
+from dist_ortho.strategies.base import ExecContext
 from dist_ortho.testing import spawn
 
 
@@ -55,6 +59,16 @@ def test_regression_mixed_ns_coefficients_batched_together_hit_an_assert():
             torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
         # FLOPs are counted per group's own step count
         assert opt.executed_ns_flops == 2 * opt.plan().mine.ns_flops
+    # the batching itself (sharded matrices; plain tensors at P = 1 are never batched)
+    specs = costmodel.matrix_specs([(8, 6)] * 4, 1)
+    configs = [NSConfig(s, "float32", c) for c, s in settings]
+    ctx = ExecContext(None, 0, 1, Orthogonalizer(configs), torch.float32, torch.device("cpu"))
+    full = {k: randn(8, 6, seed=50 + k) for k in range(4)}
+    got = orthogonalize_owned(specs, full, ctx, batch_same_shape=True)
+    for k, cfg in enumerate(configs):
+        want = newton_schulz(full[k], cfg.steps, torch.float32, cfg.coefficients)
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+    assert ctx.orthogonalizer.flops.total == sum(ns_flops((8, 6), c.steps) for c in configs)
 
 
 def test_regression_mixed_ns_settings_at_p2_raise_or_run_never_hang():

@@ -19,7 +19,8 @@ strategy, comm_wait and ns; `executed_ns_flops` counts the Newton-Schulz FLOPs r
 
 With one rank, the same code runs with every collective skipped. Parameters must be 2-D or more
 (4-D conv weights are viewed as (out, -1), 3-D stacks as batches of matrices); use
-`dist_ortho.split_params` to send embeddings, heads, norms and biases to AdamW.
+`dist_ortho.split_model_params` (or `build_optimizers`) to send embeddings, heads, norms and biases
+to AdamW.
 """
 
 from __future__ import annotations
@@ -99,10 +100,6 @@ def _check_nonnegative(name: str, value) -> None:
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not math.isfinite(value) or value < 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-_HPARAMS = ("lr", "momentum", "weight_decay", "nesterov", "ns_steps", "ns_dtype",
-            "ns_coefficients")
 
 
 class OrthogonalizedOptimizer(torch.optim.Optimizer):

@@ -208,7 +208,8 @@ def _optimizer_list(optimizer: OptimizerArg) -> list[torch.optim.Optimizer]:
     """A CombinedOptimizer's optimizers, a sequence of optimizers, one optimizer, or none."""
     if optimizer is None:
         return []
-    if isinstance(optimizer, torch.optim.Optimizer):
+    # a CombinedOptimizer is a torch optimizer too, but its state lives in its optimizers
+    if isinstance(optimizer, torch.optim.Optimizer) and not hasattr(optimizer, "optimizers"):
         return [optimizer]
     inner = getattr(optimizer, "optimizers", optimizer)
     if isinstance(inner, Sequence) and all(isinstance(o, torch.optim.Optimizer) for o in inner):

@@ -3,6 +3,14 @@
     python bench/bitwise_check.py --out /tmp/new.json              # this checkout
     python bench/bitwise_check.py --compare /tmp/old.json /tmp/new.json
 
+An older commit, without its own install: export it and make its strategies/ and profiling/
+folders importable under dist_ortho (what the editable install's package-dir mapping does):
+
+    git archive OLD | tar -x -C /tmp/old
+    ln -s ../strategies /tmp/old/dist_ortho/strategies; ln -s ../profiling /tmp/old/dist_ortho/profiling
+    cp bench/bitwise_check.py /tmp/old/bench/
+    cd /tmp/old && PYTHONPATH=/tmp/old python bench/bitwise_check.py --out /tmp/old.json
+
 For every strategy (and bucketed_async with small buckets, and Muon under `balanced`), P gloo
 ranks train an FSDP2-sharded GPT preset for a few steps from the same seed and batches, and record
 every step's global loss (as float.hex) and a SHA-256 of every parameter's full tensor and of the

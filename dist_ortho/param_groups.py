@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dist_ortho.schema import ConfigError, at_least, nonnegative, positive, unit
+
 __all__ = ["SplitConfig", "split_params", "CombinedOptimizer", "build_optimizers"]
 
 
@@ -143,6 +145,28 @@ class OptimizerConfig:
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_weight_decay: float = 0.0
     split: SplitConfig = field(default_factory=SplitConfig)
+    # a NaN/Inf gradient on any rank: "skip" the step on every rank, or "raise"
+    nonfinite: str = "skip"
+
+    def check(self, key: str = "optimizer") -> None:
+        """Raise ConfigError naming the first bad field (`key` is this section's dotted path);
+        called by dist_ortho.schema.build when a config is loaded."""
+        for name, choices in (("name", ("normuon", "muon", "adamw")),
+                              ("ns_dtype", ("auto", "float32", "bfloat16")),
+                              ("ns_coefficients", ("jordan", "polar_express")),
+                              ("nonfinite", ("skip", "raise"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{key}.{name}", f"must be one of {', '.join(choices)}, got "
+                                                   f"{getattr(self, name)!r}")
+        positive(f"{key}.lr", self.lr)
+        unit(f"{key}.momentum", self.momentum)
+        unit(f"{key}.beta2", self.beta2)
+        nonnegative(f"{key}.weight_decay", self.weight_decay)
+        at_least(f"{key}.ns_steps", self.ns_steps, 1)
+        positive(f"{key}.adamw_lr", self.adamw_lr)
+        for i, beta in enumerate(self.adamw_betas):
+            unit(f"{key}.adamw_betas[{i}]", beta)
+        nonnegative(f"{key}.adamw_weight_decay", self.adamw_weight_decay)
 
 
 def build_optimizers(model: torch.nn.Module, config: OptimizerConfig | None = None,
@@ -151,6 +175,7 @@ def build_optimizers(model: torch.nn.Module, config: OptimizerConfig | None = No
     from dist_ortho.optimizer import Muon, NorMuon
 
     config = config or OptimizerConfig()
+    optimizer_kwargs.setdefault("nonfinite", config.nonfinite)
     matrices, others = split_params(model.named_parameters(), config.split)
     opts: list[torch.optim.Optimizer] = []
     common = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,

@@ -16,14 +16,17 @@ ValueError, an OSError such as an output path that cannot be written) is ONE lin
 `dist-ortho <command>: error: <key>: <what is wrong and the fix>`, exit status 2, no traceback.
 SIGINT and SIGTERM end a command with one line and exit status 130 / 143; the job runner
 (`dist_ortho.jobs`) first stops the running point's whole process tree and leaves it incomplete.
+Set DIST_ORTHO_TRACEBACK=1 to get the full traceback of an error instead of its one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from dist_ortho.jobs import Interrupted, error_line
@@ -105,10 +108,13 @@ def _raise_interrupted(signum, frame):
 def run_command(name: str, main_fn: Callable[[argparse.Namespace], int],
                 args: argparse.Namespace) -> int:
     """Run one command's main with the common error and signal handling (module docstring)."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
     try:
         return int(main_fn(args) or 0)
     except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+        if os.environ.get("DIST_ORTHO_TRACEBACK"):
+            raise
         print(error_line(name, exc), file=sys.stderr, flush=True)
         return 2
     except Interrupted as exc:
@@ -119,7 +125,8 @@ def run_command(name: str, main_fn: Callable[[argparse.Namespace], int],
               flush=True)
         return 128 + signal.SIGINT
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 
 from dist_ortho.config import Config
-from dist_ortho.schema import ConfigError, at_least, build, parse_overrides, to_dict
+from dist_ortho.schema import ConfigError, at_least, build, parse_overrides
 from dist_ortho.sharding import chunk_sizes, local_tensor
 
 __all__ = ["FaultConfig", "ENV_VAR", "from_sources", "FaultInjector"]
@@ -101,21 +101,12 @@ class FaultConfig:
                                                       f"checkpoint.every={ckpt.every} save none "
                                                       f"there")
 
-    def to_env(self) -> str:
-        """The DIST_ORTHO_FAULTS value that recreates this config."""
-        defaults = to_dict(FaultConfig())
-        return " ".join(f"{k}={v if v is not None else 'null'}" for k, v in to_dict(self).items()
-                        if v != defaults[k])
-
 
 def from_sources(flags: Sequence[str] = (), environ: Mapping[str, str] | None = None
                  ) -> FaultConfig:
     """The FaultConfig of DIST_ORTHO_FAULTS, then the `--fault` KEY=VALUE flags on top."""
     environ = os.environ if environ is None else environ
-    data: dict = {}
-    for source, items in ((ENV_VAR, environ.get(ENV_VAR, "").split()), ("--fault", flags)):
-        for name, value in parse_overrides(list(items)).items():
-            data[name] = value
+    data = {**parse_overrides(environ.get(ENV_VAR, "").split()), **parse_overrides(list(flags))}
     try:
         return build(FaultConfig, data, KEY)
     except ConfigError as exc:

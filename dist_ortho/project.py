@@ -216,6 +216,11 @@ def write_plots(rows: list[dict], prefix: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """The command, with the CLI's one-line errors and exit codes (also when called directly)."""
+    return run_command("project", _main, args)
+
+
+def _main(args: argparse.Namespace) -> int:
     writable_dir(args.out, "--out")  # before any work: a bad folder is one line, not a traceback
     sizes = _world_sizes(args.world_sizes)
     names = None if args.strategies == "all" else [s.strip() for s in
@@ -257,4 +262,4 @@ if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="python -m dist_ortho.project",
                                       description=__doc__.split("\n")[0])
     add_arguments(_parser)
-    raise SystemExit(run_command("project", main, _parser.parse_args()))
+    raise SystemExit(main(_parser.parse_args()))

@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from dist_ortho.cli import run_command  # noqa: E402
 from dist_ortho.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from dist_ortho.profiling import read_metrics, summarize_runs  # noqa: E402
 
@@ -532,5 +533,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    print(write_report(args.results))
-    return 0
+    """The command, with the CLI's one-line errors and exit codes (also when called directly)."""
+    return run_command("report", lambda a: print(write_report(a.results)) or 0, args)

@@ -46,6 +46,7 @@ from typing import Literal
 import torch
 
 from dist_ortho import report, strategies
+from dist_ortho.cli import run_command
 from dist_ortho.config import (Config, ConfigError, apply_overrides, config_from_dict,
                                default_device_type, parse_overrides, resolve)
 from dist_ortho.faults import from_sources
@@ -350,6 +351,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """The command, with the CLI's one-line errors and exit codes (also when called directly)."""
+    return run_command("sweep", _sweep_main, args)
+
+
+def _sweep_main(args: argparse.Namespace) -> int:
     study = load_study(args.study, args.overrides, args.output_dir)
     result = run_sweep(study, force=args.force, dry_run=args.dry_run, timeout_s=args.timeout)
     if args.dry_run:
@@ -367,6 +373,11 @@ def study_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def study_main(args: argparse.Namespace) -> int:
+    """The command, with the CLI's one-line errors and exit codes (also when called directly)."""
+    return run_command("study", _study_main, args)
+
+
+def _study_main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     study = load_study(args.config, args.overrides, args.output_dir)
     result = run_sweep(study, timeout_s=args.timeout, fresh=not args.resume)

@@ -362,7 +362,9 @@ def test_rank_killed_in_a_save_leaves_no_checkpoint_and_resume_recovers(root, fi
 
 
 def test_hung_rank_ends_the_job_at_the_timeout(root):
-    timeout_s = 3
+    # long enough that ranks of a loaded 2-core machine reach step 1 before any collective times
+    # out (3 s was not), short enough to show the hang is ended by the timeout
+    timeout_s = 10
     out = one_run(2, [*MODEL_SETS["shape"], f"output.dir={root / 'hang'}", "output.name=h",
                       f"checkpoint.dir={root / 'ck' / 'hang'}", "train.steps=4",
                       f"dist.timeout_s={timeout_s}"],

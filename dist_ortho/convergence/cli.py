@@ -187,11 +187,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """The command (and, with --worker, one run's process), with the CLI's one-line errors and
+    exit codes, also when called directly."""
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0"
                         else logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
     if args.worker is not None:  # a rank of one run: errors go to its log, read by the runner
         return run_as_rank("convergence", lambda: worker(args.worker))
+    return run_command("convergence", _main, args)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError("config", "a study config is required, e.g. "
                                     "launch/configs/convergence.yaml")
@@ -232,7 +238,4 @@ def _standalone() -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_ortho.convergence",
                                      description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args = parser.parse_args()
-    if args.worker is not None:
-        return main(args)
-    return run_command("convergence", main, args)
+    return main(parser.parse_args())

@@ -258,29 +258,41 @@ _EXCEPTION = re.compile(
     r"^(?:\[rank\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b:?.*)")
 
 
+def _torchrun_failures(lines: Sequence[str]) -> list[tuple[str, int, bool]]:
+    """(rank, exit code, is torchrun's root cause) of each failed worker torchrun lists."""
+    out, section, rank = [], None, None
+    for ln in lines:
+        if ln.startswith("Failures:"):
+            section = "failures"
+        elif ln.startswith("Root Cause"):
+            section = "root"
+        elif section and (m := _ROOT_RANK.match(ln)):
+            rank = m.group(1)
+        elif section and rank is not None and (m := _ROOT_EXIT.match(ln)):
+            out.append((rank, int(m.group(1)), section == "root"))
+            rank = None
+    return out
+
+
 def first_error(log: Path, returncode: int | None = None) -> str:
-    """One line saying why a job failed: torchrun's first failing rank's own error line, or the
-    signal that killed it; else the first error line any rank printed; else the last exception
-    line of the log; else its last line."""
+    """One line saying why a job failed: the first failing rank's own error line, or the signal
+    that killed it; else the first error line any rank printed; else the last exception line of
+    the log; else its last line. Ranks torchrun stopped with SIGTERM after another one failed
+    are consequences, whatever order torchrun's report puts them in."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return f"exited {returncode}" if returncode is not None else ""
     errors = [(m.group(1), m.group(2).strip()) for m in map(_ERROR.match, lines) if m]
-    root_rank = root_exit = None
-    if any("Root Cause" in ln for ln in lines):
-        block = lines[next(i for i, ln in enumerate(lines) if "Root Cause" in ln):]
-        for ln in block[:12]:
-            if root_rank is None and (m := _ROOT_RANK.match(ln)):
-                root_rank = m.group(1)
-            if root_exit is None and (m := _ROOT_EXIT.match(ln)):
-                root_exit = int(m.group(1))
-    if root_exit is not None and root_exit < 0:
-        return f"rank {root_rank} was killed by {_signal_name(-root_exit)}"
-    if root_rank is not None:
-        for rank, text in errors:
-            if rank == root_rank:
-                return f"rank {rank}: {text}"[:300]
+    failures = _torchrun_failures(lines)
+    causes = [f for f in failures if f[1] != -signal.SIGTERM] or failures
+    if causes:
+        rank, code, _ = max(causes, key=lambda f: f[2])  # torchrun's root cause when it is one
+        if code < 0:
+            return f"rank {rank} was killed by {_signal_name(-code)}"
+        for r, text in errors:
+            if r == rank:
+                return f"rank {r}: {text}"[:300]
     if errors:
         rank, text = errors[0]
         return (f"rank {rank}: {text}" if rank is not None else text)[:300]

@@ -201,6 +201,11 @@ Root Cause (first observed failure):
      "rank 1 was killed by SIGKILL (signal 9)"),
     ("dist-ortho run: error: train.steps: must be >= 1, got 0\n", "train.steps: must be >= 1, "
                                                                   "got 0"),
+    # torchrun's report may name the rank it stopped itself (SIGTERM) as the first failure
+    ("Failures:\n[0]:\n  time      : 2026-11-30_01:09:29\n  rank      : 1 (local_rank: 1)\n"
+     "  exitcode  : -9 (pid: 22077)  (SIGKILL)\n"
+     + ROOT_CAUSE.format(code=-15, tb="Signal 15 (SIGTERM) received by PID 22076")
+     .replace("rank      : 1", "rank      : 0"), "rank 1 was killed by SIGKILL (signal 9)"),
     ("Traceback (most recent call last):\nValueError: x\n", "ValueError: x"),
 ])
 def test_a_failed_job_says_its_first_ranks_error_in_one_line(tmp_path, log, expected):

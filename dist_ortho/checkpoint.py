@@ -50,16 +50,26 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
+from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import Any, Protocol, Union
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
-__all__ = ["save", "load", "latest_step", "checkpoint_info", "checkpoint_path", "FORMAT_VERSION"]
+from dist_ortho.config import Config, ConfigError
+from dist_ortho.io import atomic_write_bytes
+from dist_ortho.optimizer import Muon, NorMuon
+from dist_ortho.param_groups import CombinedOptimizer
+from dist_ortho.seeds import derive_seed
 
-if TYPE_CHECKING:
-    from dist_ortho.param_groups import CombinedOptimizer
+__all__ = ["save", "load", "latest_step", "checkpoint_info", "checkpoint_path", "FORMAT_VERSION",
+           "save_run", "resume_run", "save_due", "model_identity"]
 
 log = logging.getLogger("dist_ortho")
 
@@ -78,7 +88,7 @@ class Loader(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-OptimizerArg = Union[torch.optim.Optimizer, "CombinedOptimizer", Sequence[torch.optim.Optimizer],
+OptimizerArg = Union[torch.optim.Optimizer, CombinedOptimizer, Sequence[torch.optim.Optimizer],
                      None]
 
 
@@ -194,15 +204,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # -- optimizers ------------------------------------------------------------------------------------
 def _optimizer_list(optimizer: OptimizerArg) -> list[torch.optim.Optimizer]:
     """A CombinedOptimizer's optimizers, a sequence of optimizers, one optimizer, or none."""
@@ -226,8 +227,6 @@ def _param_names(model: torch.nn.Module) -> dict[int, str]:
 def _ensure_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     """Give every trainable parameter of `opt` the state a fresh optimizer would create at its
     first step, so that all ranks save and load the same keys (and nothing steps)."""
-    from dist_ortho.optimizer import Muon, NorMuon
-
     names = _param_names(model)
     for group in opt.param_groups:
         for p in group["params"]:
@@ -261,8 +260,6 @@ def _ensure_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
 
 
 def _optimizer_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
@@ -278,9 +275,6 @@ def _check_params_in_model(model: torch.nn.Module, opts: list[torch.optim.Optimi
 
 
 def _state_dicts(model: torch.nn.Module, opts: list[torch.optim.Optimizer]) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if opts:
         state["optimizers"] = {str(i): get_optimizer_state_dict(model, opt,
@@ -304,8 +298,7 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def _reseed(step: int, rank: int) -> None:
-    seed = (0x9E3779B97F4A7C15 * (step + 1) ^ (0xBF58476D1CE4E5B9 * (rank + 1))) % (2 ** 63)
-    torch.manual_seed(seed)  # seeds every CUDA device as well
+    torch.manual_seed(derive_seed(step, rank))  # seeds every CUDA device as well
 
 
 def _rank_file(path: Path, rank: int) -> Path:
@@ -333,8 +326,6 @@ def save(checkpoint_dir: str | os.PathLike, step: int, model: torch.nn.Module,
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra must be JSON-serializable: {exc}") from exc
 
-    import torch.distributed.checkpoint as dcp
-
     rank, world = _dist()
     root = Path(checkpoint_dir)
     final = root / _step_name(step)
@@ -361,11 +352,9 @@ def save(checkpoint_dir: str | os.PathLike, step: int, model: torch.nn.Module,
     try:
         per_rank = {"rng": _rng_state(),
                     "loader": loader.state_dict() if loader is not None else None}
-        tmp = partial / f".rank_{rank:05d}.tmp"
-        torch.save(per_rank, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, _rank_file(partial, rank))
+        buffer = BytesIO()
+        torch.save(per_rank, buffer)
+        atomic_write_bytes(_rank_file(partial, rank), buffer.getvalue())
     except Exception as exc:
         error = exc
     _agree(error, f"save of {str(final)!r}")
@@ -376,7 +365,7 @@ def save(checkpoint_dir: str | os.PathLike, step: int, model: torch.nn.Module,
             meta = dict(format=FORMAT_VERSION, step=step, world_size=world,
                         optimizers=[type(o).__name__ for o in opts], has_loader=loader is not None,
                         torch_version=torch.__version__, extra=extra_json)
-            _write_atomic(partial / META_FILE, json.dumps(meta, indent=1).encode())
+            atomic_write_bytes(partial / META_FILE, json.dumps(meta, indent=1).encode())
             _fsync_dir(partial)
             old = root / f".{final.name}.replaced"
             if final.exists():
@@ -385,7 +374,7 @@ def save(checkpoint_dir: str | os.PathLike, step: int, model: torch.nn.Module,
                 os.rename(final, old)
             os.rename(partial, final)
             _fsync_dir(root)
-            _write_atomic(root / LATEST_FILE, (final.name + "\n").encode())
+            atomic_write_bytes(root / LATEST_FILE, (final.name + "\n").encode())
             _fsync_dir(root)
             if old.exists():
                 shutil.rmtree(old)
@@ -417,10 +406,6 @@ def load(checkpoint_dir: str | os.PathLike, model: torch.nn.Module, optimizer: O
     if loader is not None and not meta["has_loader"]:
         raise ValueError(f"{str(path)!r} was saved without a data loader; pass loader=None")
 
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
     for opt in opts:
         _ensure_state(model, opt)
     state = _state_dicts(model, opts)
@@ -447,3 +432,97 @@ def load(checkpoint_dir: str | os.PathLike, model: torch.nn.Module, optimizer: O
                         "optimizer resharded; RNG states reseeded from (step, rank)",
                         path, meta["world_size"], world)
     return step
+
+
+# -- a run's checkpoints (the glue between dist_ortho.run and save/load) ----------------------------
+# `state` is a dist_ortho.run.RunState; only its attributes are used here, so this layer does not
+# import the run loop.
+
+def model_identity(config: Config) -> dict:
+    """What a checkpoint must match to be loaded into this run's model."""
+    m = config.model
+    return {"preset": m.preset, "num_layers": m.num_layers, "dtype": m.dtype}
+
+
+def _gather_object(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def resume_run(state) -> None:
+    """Load the latest checkpoint of checkpoint.dir into the run and continue after its step;
+    with none there, start at step 0 and say so (rank 0 logs a warning). A checkpoint of another
+    model, seed or global batch, or past train.steps, is a ConfigError naming the key."""
+    cfg = state.config
+    root = cfg.checkpoint.dir
+    seen = _gather_object(latest_step(root), state.world_size)
+    if len(set(seen)) > 1:
+        raise RuntimeError(f"ranks see different latest checkpoints in {root!r} ({seen} by rank); "
+                           f"checkpoint.dir must be one folder every rank sees")
+    step = seen[0]
+    if step is None:
+        if state.rank == 0:
+            log.warning("checkpoint.resume: no complete checkpoint in %s; starting from step 0",
+                        root)
+        return
+    path = checkpoint_path(root, step)
+    info = checkpoint_info(root, step)
+    extra = info.get("extra") or {}
+    saved_model, mine = extra.get("model") or {}, model_identity(cfg)
+    for key in mine:
+        if key in saved_model and saved_model[key] != mine[key]:
+            raise ConfigError(f"model.{key}", f"is {mine[key]!r}, but checkpoint {str(path)!r} "
+                                              f"holds a model with {key} {saved_model[key]!r}")
+    if "seed" in extra and extra["seed"] != cfg.train.seed:
+        raise ConfigError("train.seed", f"is {cfg.train.seed}, but checkpoint {str(path)!r} was "
+                                        f"saved by a run with seed {extra['seed']}; the data and "
+                                        f"gradient streams would not continue")
+    saved_batch = extra.get("global_batch_size")
+    if state.loader is not None and saved_batch is not None \
+            and saved_batch != cfg.train.batch_size * state.world_size:
+        raise ConfigError("train.batch_size",
+                          f"{cfg.train.batch_size} x {state.world_size} ranks is a global batch "
+                          f"of {cfg.train.batch_size * state.world_size}, but checkpoint "
+                          f"{str(path)!r} was saved with {saved_batch}; set train.batch_size so "
+                          f"that batch_size x world size = {saved_batch}")
+    if step > cfg.train.steps:
+        raise ConfigError("train.steps", f"is {cfg.train.steps}, but the latest checkpoint "
+                                         f"{str(path)!r} is at step {step}")
+    load(root, state.model, state.optimizer, state.loader, step=step)
+    state.step = state.first_step = state.resumed_from = state.last_checkpoint_step = step
+    state.skipped_steps = [int(s) for s in extra.get("skipped_steps", [])]
+    state.losses = [(int(s), float(v)) for s, v in extra.get("losses", [])]
+    if state.rank == 0:
+        log.info("resumed from %s: step %d of %d (saved at %d rank(s), now %d)", path, step,
+                 cfg.train.steps, info.get("world_size"), state.world_size)
+
+
+def save_run(state) -> Path:
+    """Save the run at its current step into checkpoint.dir (a collective): model, optimizers,
+    RNG, data position, and what a resume checks and carries on (model, seed, global batch,
+    skipped steps, logged losses). Returns the checkpoint folder."""
+    cfg, train = state.config, state.config.train
+    for hook in state.hooks:
+        hook.before_save(state, state.step)
+    extra = {"run": state.out_dir.name, "config_hash": state.config_hash,
+             "model": model_identity(cfg), "strategy": cfg.strategy.name, "seed": train.seed,
+             "global_batch_size": None if state.loader is None
+             else train.batch_size * state.world_size,
+             "skipped_steps": list(state.skipped_steps), "losses": [list(x) for x in state.losses]}
+    path = save(cfg.checkpoint.dir, state.step, state.model, state.optimizer, state.loader,
+                extra=extra)
+    state.last_checkpoint_step = state.step
+    if state.rank == 0:
+        log.info("saved checkpoint %s", path)
+    return path
+
+
+def save_due(state) -> bool:
+    """Whether the run saves now: checkpoint.dir set, the step a multiple of checkpoint.every,
+    and this step not saved yet."""
+    ckpt = state.config.checkpoint
+    return ckpt.dir is not None and ckpt.every > 0 and state.step % ckpt.every == 0 \
+        and state.last_checkpoint_step != state.step

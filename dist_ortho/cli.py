@@ -10,16 +10,28 @@
 Every subcommand lives in a module exposing `add_arguments(parser)` and `main(args) -> int`. Only
 the module of the subcommand being run is imported, so a missing or broken module (say, the cost
 model in an installation without it) affects its own subcommand only; a missing one says so.
+
+Errors, the same for every command (`run_command`): a user mistake (ConfigError or another
+ValueError, an OSError such as an output path that cannot be written) is ONE line on stderr,
+`dist-ortho <command>: error: <key>: <what is wrong and the fix>`, exit status 2, no traceback.
+SIGINT and SIGTERM end a command with one line and exit status 130 / 143; the job runner
+(`dist_ortho.jobs`) first stops the running point's whole process tree and leaves it incomplete.
+Set DIST_ORTHO_TRACEBACK=1 to get the full traceback of an error instead of its one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+from dist_ortho.jobs import Interrupted, error_line
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main", "run_command"]
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -86,7 +98,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "_takes_anything", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(args._main(args) or 0)
+    return run_command(args.command, args._main, args)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def run_command(name: str, main_fn: Callable[[argparse.Namespace], int],
+                args: argparse.Namespace) -> int:
+    """Run one command's main with the common error and signal handling (module docstring)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
+    try:
+        return int(main_fn(args) or 0)
+    except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+        if os.environ.get("DIST_ORTHO_TRACEBACK"):
+            raise
+        print(error_line(name, exc), file=sys.stderr, flush=True)
+        return 2
+    except Interrupted as exc:
+        print(f"dist-ortho {name}: {exc.describe()}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"dist-ortho {name}: {Interrupted(signal.SIGINT).describe()}", file=sys.stderr,
+              flush=True)
+        return 128 + signal.SIGINT
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ from typing import Iterator, Literal
 
 import torch
 
+from dist_ortho.seeds import derive_seed
+
 __all__ = [
     "CorpusConfig",
     "ByteCorpus",
@@ -159,17 +161,6 @@ def _cached_corpus(config: CorpusConfig) -> ByteCorpus:
     return ByteCorpus(config)
 
 
-def _derive_seed(*parts: int) -> int:
-    # splitmix64-style mixing so nearby (seed, step) pairs give unrelated streams.
-    mask = (1 << 64) - 1
-    h = 0x9E3779B97F4A7C15
-    for part in parts:
-        h = (h ^ (part & mask)) * 0xBF58476D1CE4E5B9 & mask
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & mask
-        h ^= h >> 29
-    return h
-
-
 def _check_sharding(batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -209,7 +200,7 @@ class _SteppedLoader(abc.ABC):
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (x, y) for ``step``, without changing the loader's position."""
-        gen = torch.Generator(device="cpu").manual_seed(_derive_seed(self.seed, step))
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, step))
         x, y = self._draw_global(gen)
         assert x.shape == (self.global_batch_size, self.seq_len), x.shape
         rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
@@ -331,7 +322,7 @@ def build_loader(
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    split_seed = _derive_seed(seed, _SPLIT_SALT[split])
+    split_seed = derive_seed(seed, _SPLIT_SALT[split])
     if kind == "stdlib":
         data = _cached_corpus(corpus or CorpusConfig()).split(split)
         return BatchLoader(data, batch_size, seq_len, split_seed, rank, world_size, device)

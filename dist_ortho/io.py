@@ -32,8 +32,8 @@ class atomic_writer:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         self._tmp = str(tmp)
-        self._file = os.fdopen(fd, self.mode, newline=self.newline) if self.mode == "w" \
-            else os.fdopen(fd, self.mode)
+        self._file = (os.fdopen(fd, self.mode, newline=self.newline, encoding="utf-8")
+                      if self.mode == "w" else os.fdopen(fd, self.mode))
         return self._file
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -27,6 +27,7 @@ from torch import nn
 from dist_ortho.newton_schulz import ns_dtype_name
 from dist_ortho.optimizer import (NONFINITE_POLICIES, Muon, NorMuon, OrthogonalizedOptimizer,
                                   count_nonfinite, handle_nonfinite)
+from dist_ortho.schema import ConfigError, at_least, nonnegative, positive, unit
 from dist_ortho.sharding import local_tensor
 
 __all__ = ["SplitConfig", "split_params", "split_model_params", "assign_params",
@@ -299,6 +300,32 @@ class OptimizerConfig:
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_weight_decay: float = 0.0
     split: SplitConfig = field(default_factory=SplitConfig)
+    # a NaN/Inf gradient on any rank: "skip" the step on every rank, or "raise"
+    nonfinite: str = "skip"
+
+    def check(self, key: str = "optimizer") -> None:
+        """Raise ConfigError naming the first bad field (`key` is this section's dotted path);
+        called by dist_ortho.schema.build when a config is loaded."""
+        try:
+            ns_dtype_name(self.ns_dtype)  # a name or a torch.dtype
+        except ValueError:
+            raise ConfigError(f"{key}.ns_dtype", f"must be one of auto, float32, bfloat16, float64 "
+                                                 f"(or the torch.dtype), got {self.ns_dtype!r}") from None
+        for name, choices in (("name", ("normuon", "muon", "adamw")),
+                              ("ns_coefficients", ("jordan", "polar_express")),
+                              ("nonfinite", ("skip", "raise"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{key}.{name}", f"must be one of {', '.join(choices)}, got "
+                                                   f"{getattr(self, name)!r}")
+        positive(f"{key}.lr", self.lr)
+        unit(f"{key}.momentum", self.momentum)
+        unit(f"{key}.beta2", self.beta2)
+        nonnegative(f"{key}.weight_decay", self.weight_decay)
+        at_least(f"{key}.ns_steps", self.ns_steps, 1)
+        positive(f"{key}.adamw_lr", self.adamw_lr)
+        for i, beta in enumerate(self.adamw_betas):
+            unit(f"{key}.adamw_betas[{i}]", beta)
+        nonnegative(f"{key}.adamw_weight_decay", self.adamw_weight_decay)
 
 
 def build_optimizers(model: nn.Module, config: OptimizerConfig | None = None,
@@ -307,6 +334,7 @@ def build_optimizers(model: nn.Module, config: OptimizerConfig | None = None,
     `split_model_params`. The result's `assignment` maps each parameter name to "normuon",
     "muon" or "adamw"; `describe()` prints it with the reasons."""
     config = config or OptimizerConfig()
+    optimizer_kwargs.setdefault("nonfinite", config.nonfinite)
     if config.name not in ("normuon", "muon", "adamw"):
         raise ValueError(f"optimizer name must be normuon, muon or adamw, got {config.name!r}")
     rows = assign_params(model.named_parameters(), config.split, _roles(model))

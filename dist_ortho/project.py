@@ -9,8 +9,10 @@ data-sheet bandwidths and FLOP rates, with stated efficiency and latency assumpt
 constants calibrated on a real machine (a JSON/YAML file written by `calibrate`). Nothing runs on
 a GPU: these are predictions, and the table says which constants they came from.
 
-Writes to --out: <model>_<hardware>.csv and .md (the table), <model>_<hardware>_time.png and
-_bytes.png (log-log plots per strategy with the lower bounds drawn), and prints the table.
+Writes to --out (default results/latest/projection, which git ignores; the committed example is
+results/examples/projection, regenerated with --out results/examples/projection):
+<model>_<hardware>.csv and .md (the table), <model>_<hardware>_time.png and _bytes.png (log-log
+plots per strategy with the lower bounds drawn), and prints the table.
 Lower bounds: bytes per rank >= (P-1)/P^2 N (b_in + b_out) (every matrix assembled once and
 returned once), NS time >= total FLOPs / P / rate; "ratio" columns are a strategy's distance to
 them (1.0 = on the bound).
@@ -22,10 +24,28 @@ import argparse
 import math
 import os
 import sys
+from io import BytesIO
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dist_ortho import strategies  # noqa: E402
+from dist_ortho.cli import run_command  # noqa: E402
+from dist_ortho.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from dist_ortho.models.shapes import matrix_shapes  # noqa: E402
+from dist_ortho.preflight import writable_dir  # noqa: E402
+from dist_ortho.profiling.costmodel import (  # noqa: E402
+    CostConstants, _torch_dtype, load_constants, predict)
+from dist_ortho.profiling.hardware import HARDWARE_PRESETS  # noqa: E402
+from dist_ortho.sharding import dtype_size  # noqa: E402
 
 __all__ = ["add_arguments", "main", "project"]
 
-DEFAULT_OUT = os.path.join("results", "projection")
+DEFAULT_OUT = os.path.join("results", "latest", "projection")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,9 +83,6 @@ def _world_sizes(text: str) -> list[int]:
 
 
 def _constants_source(hardware: str):
-    from dist_ortho.profiling.costmodel import load_constants
-    from dist_ortho.profiling.hardware import HARDWARE_PRESETS
-
     if hardware in HARDWARE_PRESETS:
         return HARDWARE_PRESETS[hardware], hardware
     if os.path.exists(hardware):
@@ -79,12 +96,10 @@ def project(model: str, world_sizes: list[int], hardware: str = "h100",
             ns_dtype: str = "bfloat16", algorithm: str = "normuon",
             bucket_bytes: int | None = None, num_layers: int | None = None) -> list[dict]:
     """One row per (world size, strategy): the prediction's summary plus its inputs."""
-    from dist_ortho import strategies
-    from dist_ortho.models.shapes import matrix_shapes
-    from dist_ortho.sharding import dtype_size
-    from dist_ortho.profiling.costmodel import _torch_dtype, predict
-
-    shapes = matrix_shapes(model, num_layers)
+    try:
+        shapes = matrix_shapes(model, num_layers)
+    except ValueError as exc:
+        raise ValueError(f"--model/--num-layers: {exc}") from None
     constants, hw_name = _constants_source(hardware)
     measured_dtype = getattr(constants, "meta", {}).get("ns_dtype")
     if measured_dtype and measured_dtype != ns_dtype:
@@ -156,11 +171,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_plots(rows: list[dict], prefix: str) -> list[str]:
     """Optimizer time and bytes per rank vs world size, per strategy, with the lower bounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sizes = sorted({r["world_size"] for r in rows})
     names = sorted({r["strategy"] for r in rows})
     first = rows[0]
@@ -187,8 +197,10 @@ def write_plots(rows: list[dict], prefix: str) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(prefix + suffix, dpi=120)
+        buffer = BytesIO()
+        fig.savefig(buffer, dpi=120, format="png")
         plt.close(fig)
+        atomic_write_bytes(prefix + suffix, buffer.getvalue())
         return prefix + suffix
 
     return [
@@ -204,25 +216,21 @@ def write_plots(rows: list[dict], prefix: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        sizes = _world_sizes(args.world_sizes)
-        names = None if args.strategies == "all" else [s.strip() for s in
-                                                       args.strategies.split(",") if s.strip()]
-        rows = project(args.model, sizes, args.hardware, names, args.param_dtype, args.ns_dtype,
-                       args.algorithm, args.bucket_bytes, args.num_layers)
-    except ValueError as exc:
-        print(f"dist-ortho project: {exc}", file=sys.stderr)
-        return 2
-    import pandas as pd
+    """The command, with the CLI's one-line errors and exit codes (also when called directly)."""
+    return run_command("project", _main, args)
 
-    os.makedirs(args.out, exist_ok=True)
+
+def _main(args: argparse.Namespace) -> int:
+    writable_dir(args.out, "--out")  # before any work: a bad folder is one line, not a traceback
+    sizes = _world_sizes(args.world_sizes)
+    names = None if args.strategies == "all" else [s.strip() for s in
+                                                   args.strategies.split(",") if s.strip()]
+    rows = project(args.model, sizes, args.hardware, names, args.param_dtype, args.ns_dtype,
+                   args.algorithm, args.bucket_bytes, args.num_layers)
     tag = rows[0]["hardware"]
     suffix = "" if args.param_dtype == "float32" else f"_{args.param_dtype}"
     prefix = os.path.join(args.out, f"{args.model}_{tag}{suffix}")
-    pd.DataFrame(rows).to_csv(prefix + ".csv", index=False)
-    from dist_ortho.profiling.costmodel import CostConstants
-    from dist_ortho.profiling.hardware import HARDWARE_PRESETS
-
+    atomic_write_text(prefix + ".csv", pd.DataFrame(rows).to_csv(index=False))
     if args.hardware in HARDWARE_PRESETS:
         hw = HARDWARE_PRESETS[args.hardware]
         note = (f"Hardware preset `{hw.name}`: {hw.description}. Data sheet: {hw.sources} "
@@ -241,8 +249,7 @@ def main(args: argparse.Namespace) -> int:
               f"owner-based lower bounds (see `dist_ortho/project.py`); opt. peak = optimizer "
               f"state + the strategy's transient buffers on the busiest rank (parameters, "
               f"gradients and activations come on top, so a row marked > HBM cannot run).\n\n")
-    with open(prefix + ".md", "w") as f:
-        f.write(header + table + "\n")
+    atomic_write_text(prefix + ".md", header + table + "\n")
     print(header + table)
     if not args.no_plots:
         for path in write_plots(rows, prefix):

@@ -1,6 +1,6 @@
 """Plots and a markdown report from a sweep's results: how the strategies scale.
 
-    dist-ortho report results/default_study        # -> results/default_study/report.md + plots/
+    dist-ortho report results/latest/default_study   # -> report.md + plots/ there
 
 Input: a study directory written by `dist-ortho sweep` (summary.csv, runs/<point>/...) or any
 folder of run directories (each with metrics.csv, run.json, environment.json), which is then
@@ -26,11 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dist_ortho.cli import run_command  # noqa: E402
+from dist_ortho.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from dist_ortho.profiling import read_metrics, summarize_runs  # noqa: E402
 
 __all__ = ["Results", "load_results", "add_ratios", "owner_bound_bytes", "plot_step_time",
            "plot_bytes", "plot_memory", "plot_imbalance", "plot_phases", "write_report",
@@ -55,8 +67,6 @@ class Results:
 
     def metrics(self, run: str):
         """That run's metrics.csv (warm-up steps removed), read once."""
-        from dist_ortho.profiling import read_metrics
-
         if run not in self._metrics:
             df = read_metrics(self.runs_dir / run)
             self._metrics[run] = df[~df["warmup"]]
@@ -75,18 +85,14 @@ class Results:
 
 def load_results(path: str | Path) -> Results:
     """Read a study directory (or a folder of runs) into a Results."""
-    import pandas as pd
-
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"{str(root)!r} is not a directory; pass a study's results directory, "
-                         f"e.g. results/default_study")
+                         f"e.g. results/latest/default_study")
     runs_dir = root / "runs" if (root / "runs").is_dir() else root
     if (root / "summary.csv").is_file():
         summary = pd.read_csv(root / "summary.csv")
     else:
-        from dist_ortho.profiling import summarize_runs
-
         summary = summarize_runs(runs_dir)
     if summary.empty:
         raise ValueError(f"no complete runs under {str(runs_dir)!r} (no summary.csv, and no run "
@@ -148,17 +154,7 @@ def add_ratios(results: Results) -> None:
 
 # --- plotting helpers ---------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _colors(labels: Sequence[str]) -> dict[str, object]:
-    plt = _plt()
     cmap = plt.get_cmap("tab10")
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
@@ -179,7 +175,6 @@ def _world_axis(ax, sizes: Sequence[int]) -> None:
 
 
 def _grid(n_rows: int, n_cols: int, width: float = 5.2, height: float = 3.8):
-    plt = _plt()
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows),
                              squeeze=False)
     return fig, axes
@@ -188,11 +183,10 @@ def _grid(n_rows: int, n_cols: int, width: float = 5.2, height: float = 3.8):
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    _plt().close(fig)
-    tmp.replace(path)
-    return path
+    buffer = BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 # --- the plots ----------------------------------------------------------------------------------
@@ -263,11 +257,9 @@ def plot_bytes(results: Results, path: Path) -> Path:
 
 
 def plot_memory(results: Results, path: Path) -> Path:
-    import numpy as np
-
     s = results.summary
     sizes = sorted(s["world_size"].unique())
-    cmap = _plt().get_cmap("viridis")
+    cmap = plt.get_cmap("viridis")
     fig, axes = _grid(1, len(results.facets), width=max(5.5, 1.1 * len(results.labels) + 2))
     for j, facet in enumerate(results.facets):
         ax = axes[0][j]
@@ -306,8 +298,6 @@ def _per_rank(results: Results, run: str) -> tuple[list[float], list[float]]:
 
 
 def plot_imbalance(results: Results, path: Path) -> Path:
-    import numpy as np
-
     s, colors = results.summary, _colors(results.labels)
     fig, axes = _grid(2, len(results.facets), width=7.2)
     for j, facet in enumerate(results.facets):
@@ -381,10 +371,8 @@ def _phase_times(results: Results, run: str) -> dict[str, float]:
 
 
 def plot_phases(results: Results, path: Path) -> Path:
-    import numpy as np
-
     s = results.summary
-    cmap = _plt().get_cmap("tab10")
+    cmap = plt.get_cmap("tab10")
     n_bars = max(len(s[s["facet"] == f]) for f in results.facets)
     fig, axes = _grid(1, len(results.facets), width=max(6.0, 0.55 * n_bars + 3), height=4.8)
     for j, facet in enumerate(results.facets):
@@ -430,7 +418,7 @@ def summary_table(results: Results) -> list[str]:
     head = (["model"] if facet_col else []) + [
         "strategy", "P", "step (ms)", "ratio to replicated", "optimizer (ms)",
         "optimizer MiB/rank", "lower bound MiB/rank", "FSDP2 MiB/rank", "peak MiB/rank",
-        "NS FLOP imbalance", "overlap"]
+        "NS FLOP imbalance", "unblocked share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in s.itertuples():
         cells = ([row.facet] if facet_col else []) + [
@@ -460,6 +448,22 @@ _CAPTIONS = {
 }
 
 
+def _timed_steps(s) -> str:
+    """How many steps the timings come from: the measured (post-warm-up) steps that ran without
+    the per-op instruments (`timed_steps`), which are fewer than the measured ones (`steps`)
+    when profiling.instrument_every > 1."""
+    def values(col: str) -> str:
+        return ", ".join(map(str, sorted(set(int(v) for v in s[col])))) if col in s else "?"
+
+    if "timed_steps" not in s:
+        return f"{values('steps')} measured step(s) after warm-up"
+    if "steps" in s and (s["timed_steps"] == s["steps"]).all():
+        return f"{values('timed_steps')} measured step(s) after warm-up"
+    return (f"{values('timed_steps')} timed step(s) per run: the measured steps after warm-up "
+            f"({values('steps')}) that ran without the per-op instruments (bytes and memory come "
+            f"from the instrumented ones)")
+
+
 def write_report(path: str | Path) -> Path:
     """Plots and report.md for the study directory `path`; returns report.md's path."""
     results = load_results(path)
@@ -476,9 +480,8 @@ def write_report(path: str | Path) -> Path:
              f" in `{results.runs_dir}`"
              + (f"; {len(results.failures)} point(s) failed (see below)." if results.failures
                 else "."), ""]
-    steps = sorted(set(int(v) for v in s["steps"])) if "steps" in s else []
-    lines += [f"Timings are medians over {', '.join(map(str, steps)) or '?'} measured step(s) "
-              f"after warm-up; a step's time is its slowest rank's. Bytes are what each rank "
+    lines += [f"Timings are medians over {_timed_steps(s)}; a step's time is its slowest "
+              f"rank's. Bytes are what each rank "
               f"sends to other ranks per step (mean over ranks); the lower bound is "
               f"2(P-1)/P² · N · b with N the total number of orthogonalized matrix elements.", ""]
     cpu_count = env.get("cpu_count")
@@ -496,8 +499,10 @@ def write_report(path: str | Path) -> Path:
     lines += ["## Summary", ""] + summary_table(results) + [""]
     lines += ["ratio to replicated: step time divided by the `replicated` strategy's at the same "
               "world size (below 1 is faster). NS FLOP imbalance: max over ranks / mean of the "
-              "Newton-Schulz FLOPs (1.00 is even). overlap: share of the non-NS orthogonalize "
-              "time in which the rank was not blocked on a transfer.", ""]
+              "Newton-Schulz FLOPs (1.00 is even). unblocked share: of the orthogonalize time "
+              "outside Newton-Schulz, the share the rank spent not waiting on a transfer "
+              "(packing, copies, unpacking). It is not an overlap measure: a fully synchronous "
+              "strategy shows its packing share here.", ""]
     lines += ["## Plots", ""]
     for name in PLOTS:
         lines += [f"### {name.replace('_', ' ')}", "", _CAPTIONS[name], "",
@@ -516,26 +521,17 @@ def write_report(path: str | Path) -> Path:
     lines += ["", f"Runs: {', '.join(f'`{r}`' for r in s['run'])}.",
               f"Each run's resolved config is in `runs/<run>/config.yaml` "
               f"({len(config_hashes)} distinct config hash(es)).", ""]
-    out = results.root / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
-    return out
+    return atomic_write_text(results.root / "report.md", "\n".join(lines))
 
 
 # --- command line -------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", type=Path,
-                        help="a study's results directory (e.g. results/default_study) or a "
+                        help="a study's results directory (e.g. results/latest/default_study) or a "
                              "folder of run directories")
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        path = write_report(args.results)
-    except ValueError as exc:
-        print(f"report: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    """The command, with the CLI's one-line errors and exit codes (also when called directly)."""
+    return run_command("report", lambda a: print(write_report(a.results)) or 0, args)

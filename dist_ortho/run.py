@@ -7,11 +7,12 @@
     torchrun ... -m dist_ortho.run --config c.yaml --set checkpoint.dir=ckpt --resume
 
 What happens, on every rank:
-0. Checks. The config is checked again, "auto" choices are resolved, the strategy options are
-   built, and the testing aids' ranks are compared with the world size (WORLD_SIZE under
-   torchrun), all before the process group starts; the model, the optimizers (whose plans check
-   every matrix against the strategy) and the loader are built before the first collective. So a
-   config error is raised identically on every rank and never leaves one rank waiting on another.
+0. Checks. The config is checked again, "auto" choices are resolved, and everything
+   `dist_ortho.preflight.check_launch` knows (the strategy's plan for the model's matrices, the
+   testing aids against the world size: WORLD_SIZE under torchrun) is checked, all before the
+   process group starts; the model, the optimizers and the loader are built before the first
+   collective. So a config error is raised identically on every rank and never leaves one rank
+   waiting on another. `dist-ortho run` prints it as one line (`dist-ortho run: error: ...`).
 1. Process group. Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) from the environment; without
    it, a one-rank group on an in-memory store, so the code path is the same at every world size.
    Backend and device follow the hardware: CUDA device LOCAL_RANK with nccl, else CPU with gloo and
@@ -47,9 +48,12 @@ What happens, on every rank:
    sweep knows the run is complete. At the start rank 0 removes DONE and the result files of an
    earlier run in that folder, so a run killed midway leaves nothing that reads as complete.
 
-Testing aids (train.inject_nan_*, train.fault_*; off by default): one rank writes a NaN into its
-gradient shard at a given step, or kills itself (SIGKILL), hangs, or is killed as it enters a
-checkpoint save, so the behaviour above can be checked end to end through torchrun.
+Testing aids (`dist_ortho.faults`, `--fault KEY=VALUE` or DIST_ORTHO_FAULTS; off by default, never
+part of the config or its hash): one rank writes a NaN into its gradient shard at a given step, or
+kills itself (SIGKILL), hangs, raises, or is killed as it enters a checkpoint save, so the
+behaviour above can be checked end to end through torchrun. The loop only knows them as
+`RunState.hooks` (objects with `after_gradients(state, step)` and `before_save(state, step)`).
+Checkpoint glue (resume checks, what a save carries) lives in `dist_ortho.checkpoint`.
 
 The loop is split into `build_run(config) -> RunState`, `train(state, steps, callbacks)`,
 `finish(state)` and `close(state)`, so a convergence study or checkpoint/resume can reuse it.
@@ -58,11 +62,11 @@ The loop is split into `build_run(config) -> RunState`, `train(state, steps, cal
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -72,17 +76,29 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.fsdp import fully_shard
 
-from dist_ortho import models
-from dist_ortho.config import (Config, ConfigError, config_hash, default_device_type, load_config,
-                               resolve)
+from dist_ortho import checkpoint, models, strategies
+from dist_ortho.config import (Config, ConfigError, config_from_dict, config_hash,
+                               default_device_type, dump_config, load_config, resolve)
+from dist_ortho.data import build_loader
+from dist_ortho.faults import FaultConfig, FaultInjector, from_sources
+from dist_ortho.io import atomic_write_text
+from dist_ortho.jobs import DONE_FILE, read_done, run_as_rank, write_done
+from dist_ortho.optimizer import Muon, NorMuon
+from dist_ortho.param_groups import build_optimizers
+from dist_ortho.preflight import check_launch, writable_dir
+from dist_ortho.profiling import Profiler, ProfilerConfig
+from dist_ortho.profiling.env import environment, write_run_metadata
+from dist_ortho.schema import to_dict
 
 __all__ = ["RunState", "StepOutput", "Callback", "LogProgress", "init_distributed",
-           "build_sharded_model", "build_run", "train_step", "train", "save_checkpoint", "finish",
-           "close", "run", "add_arguments", "main", "DONE_FILE", "RESULT_FILES", "read_done"]
+           "build_sharded_model", "build_run", "train_step", "train", "finish", "close", "run",
+           "add_arguments", "main", "DONE_FILE", "RESULT_FILES", "read_done"]
 
 log = logging.getLogger("dist_ortho.run")
-DONE_FILE = "DONE"
 # what an earlier run in the same folder may have left; removed when a run starts
 RESULT_FILES = ("metrics.csv", "collectives.csv", "metrics.parquet", "collectives.parquet",
                 "run.json")
@@ -139,36 +155,22 @@ def _launch_world_size() -> int:
     return 1
 
 
-def _check_world_size(config: Config, world_size: int) -> None:
-    """Checks that need the world size; the same on every rank, and done before any collective."""
-    train = config.train
-    for key, used in (("inject_nan_rank", train.inject_nan_step is not None),
-                      ("fault_rank", train.fault_step is not None)):
-        rank = getattr(train, key)
-        if used and rank >= world_size:
-            raise ConfigError(f"train.{key}", f"is {rank}, but this run has {world_size} rank(s) "
-                                              f"(0..{world_size - 1})")
-
-
 # --- model --------------------------------------------------------------------------------------
 
 def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     for name in ("blocks", "layers"):
         if isinstance(getattr(model, name, None), torch.nn.ModuleList):
             return getattr(model, name)
-    raise AssertionError(f"{type(model).__name__} has no `blocks` or `layers` ModuleList to shard")
+    raise ValueError(f"{type(model).__name__} has no `blocks` or `layers` ModuleList: a run wraps "
+                     f"each block with FSDP2's fully_shard, so the model needs one of them")
 
 
 def build_sharded_model(config: Config, device: torch.device, mesh) -> torch.nn.Module:
     """The configured preset, each block and the root wrapped with FSDP2's `fully_shard`."""
-    from torch.distributed.fsdp import fully_shard
-
     preset = config.model.preset
     shape_only = models.is_shape_only(preset)
     dtype = getattr(torch, config.model.dtype)
-    overrides = {}
-    if config.model.num_layers is not None:
-        overrides["num_layers" if shape_only else "n_layers"] = config.model.num_layers
+    overrides = models.depth_override(preset, config.model.num_layers)
     if shape_only:  # values are drawn per parameter after sharding: nothing big exists twice
         model = models.build_model(preset, device="meta", dtype=dtype, seed=config.train.seed,
                                    **overrides)
@@ -220,7 +222,10 @@ class RunState:
     last_checkpoint_step: int | None = None  # the step of the last checkpoint saved or loaded
     skipped_steps: list[int] = field(default_factory=list)  # steps skipped for NaN/Inf grads
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step done, logged loss)
-    nan_target: tuple[str, torch.Tensor] | None = None  # testing aid: where a NaN is written
+    # objects with after_gradients(state, step) and before_save(state, step), e.g. the testing
+    # aids of dist_ortho.faults
+    hooks: list = field(default_factory=list)
+    faults: FaultConfig | None = None  # the testing aids active in this run (recorded in run.json)
 
     @property
     def shape_only(self) -> bool:
@@ -235,8 +240,6 @@ class RunState:
 
 
 def _matrix_optimizers(optimizer) -> list:
-    from dist_ortho.optimizer import Muon, NorMuon
-
     return [o for o in optimizer.optimizers if isinstance(o, (Muon, NorMuon))]
 
 
@@ -257,7 +260,8 @@ def run_facts(state: RunState) -> dict:
              "predicted_recv_bytes_per_rank": [], "final_loss": state.last_loss,
              "wall_seconds": time.perf_counter() - state.started,
              # other processes competing for the CPU show up here, not in the timings' spread
-             "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+             "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+             "faults": to_dict(state.faults) if state.faults is not None else None}
     flops = [0] * state.world_size
     send = [0.0] * state.world_size
     recv = [0.0] * state.world_size
@@ -278,23 +282,21 @@ def run_facts(state: RunState) -> dict:
     return facts
 
 
-def build_run(config: Config) -> RunState:
+def build_run(config: Config, faults: FaultConfig | None = None) -> RunState:
     """Process group, sharded model, optimizers, data and profiler for `config`; with
-    `checkpoint.resume`, also the latest checkpoint (the run's first collective). Config errors
+    `checkpoint.resume`, also the latest checkpoint (the run's first collective). `faults`: the
+    testing aids (`dist_ortho.faults`), active when they apply to this run's name. Config errors
     (ConfigError) are raised before any collective, on every rank alike."""
-    from dist_ortho import strategies
-
     # checks that need no process group: identical on every rank (same file, same overrides)
-    config.check()
-    resolve(config, default_device_type())
+    config = config_from_dict(config.to_dict())
+    check_launch(config, _launch_world_size(), faults, default_device_type())
     strategy = strategies.build(config.strategy.name, **config.strategy.options)
-    _check_world_size(config, _launch_world_size())
 
     device, owns = init_distributed(config)
     try:
-        state = _build(config, strategy, device, owns)
+        state = _build(config, strategy, device, owns, faults)
         if config.checkpoint.resume:
-            _resume(state)
+            checkpoint.resume_run(state)
     except ConfigError:
         # raised on every rank alike, with no collective pending: safe to end the group here
         if owns and dist.is_initialized():
@@ -303,16 +305,11 @@ def build_run(config: Config) -> RunState:
     return state
 
 
-def _build(config: Config, strategy, device: torch.device, owns: bool) -> RunState:
+def _build(config: Config, strategy, device: torch.device, owns: bool,
+           faults: FaultConfig | None) -> RunState:
     """The part of `build_run` after the process group starts; it issues no collective (FSDP2's
     `fully_shard` and the optimizers' plans do not communicate), so an error raised here cannot
     leave another rank waiting."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from dist_ortho.data import build_loader
-    from dist_ortho.param_groups import build_optimizers
-    from dist_ortho.profiling import Profiler, ProfilerConfig
-
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = resolve(config, device.type)
     if config.output.name is None:
@@ -320,9 +317,9 @@ def _build(config: Config, strategy, device: torch.device, owns: bool) -> RunSta
     digest = config_hash(config)
     mesh = init_device_mesh(device.type, (world_size,))
     model = build_sharded_model(config, device, mesh)
-    nan_target = _nan_target(config, model, world_size)
-    optimizer = build_optimizers(model, config.optimizer.to_optimizer_config(), strategy,
-                                 nonfinite=config.optimizer.nonfinite)
+    active = faults if faults is not None and faults.applies_to(config.output.name) else None
+    hooks = [FaultInjector(active, model, rank, world_size)] if active is not None else []
+    optimizer = build_optimizers(model, config.optimizer, strategy)
     loader = None
     if not models.is_shape_only(config.model.preset):
         loader = build_loader(config.train.data, "train", config.train.batch_size,
@@ -346,150 +343,35 @@ def _build(config: Config, strategy, device: torch.device, owns: bool) -> RunSta
         for name in RESULT_FILES:
             (out_dir / name).unlink(missing_ok=True)
     return RunState(config, digest, device, rank, world_size, mesh, model, optimizer, loader,
-                    profiler, out_dir, owns_process_group=owns, nan_target=nan_target)
-
-
-def _nan_target(config: Config, model: torch.nn.Module,
-                world_size: int) -> tuple[str, torch.Tensor] | None:
-    """The parameter whose gradient the NaN testing aid writes to, checked on every rank."""
-    from dist_ortho.sharding import chunk_sizes
-
-    train = config.train
-    if train.inject_nan_step is None:
-        return None
-    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
-    name = train.inject_nan_param or next(iter(params))
-    if name not in params:
-        raise ConfigError("train.inject_nan_param",
-                          f"{model.__class__.__name__} has no trainable parameter {name!r}; "
-                          f"some it has: {', '.join(list(params)[:6])}")
-    p = params[name]
-    if chunk_sizes(p.shape[0], world_size)[train.inject_nan_rank] == 0:
-        raise ConfigError("train.inject_nan_rank", f"rank {train.inject_nan_rank} holds no rows "
-                                                   f"of {name!r} (shape {tuple(p.shape)}) at "
-                                                   f"{world_size} ranks")
-    return name, p
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-def _model_identity(config: Config) -> dict:
-    """What a checkpoint must match to be loaded into this run's model."""
-    m = config.model
-    return {"preset": m.preset, "num_layers": m.num_layers, "dtype": m.dtype}
-
-
-def _gather_object(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _resume(state: RunState) -> None:
-    """Load the latest checkpoint of checkpoint.dir into the run and continue after its step;
-    with none there, start at step 0 and say so (rank 0 logs a warning)."""
-    from dist_ortho import checkpoint
-
-    cfg = state.config
-    root = cfg.checkpoint.dir
-    seen = _gather_object(checkpoint.latest_step(root), state.world_size)
-    if len(set(seen)) > 1:
-        raise RuntimeError(f"ranks see different latest checkpoints in {root!r} ({seen} by rank); "
-                           f"checkpoint.dir must be one folder every rank sees")
-    step = seen[0]
-    if step is None:
-        if state.rank == 0:
-            log.warning("checkpoint.resume: no complete checkpoint in %s; starting from step 0",
-                        root)
-        return
-    path = checkpoint.checkpoint_path(root, step)
-    info = checkpoint.checkpoint_info(root, step)
-    extra = info.get("extra") or {}
-    saved_model, mine = extra.get("model") or {}, _model_identity(cfg)
-    for key in mine:
-        if key in saved_model and saved_model[key] != mine[key]:
-            raise ConfigError(f"model.{key}", f"is {mine[key]!r}, but checkpoint {str(path)!r} "
-                                              f"holds a model with {key} {saved_model[key]!r}")
-    if "seed" in extra and extra["seed"] != cfg.train.seed:
-        raise ConfigError("train.seed", f"is {cfg.train.seed}, but checkpoint {str(path)!r} was "
-                                        f"saved by a run with seed {extra['seed']}; the data and "
-                                        f"gradient streams would not continue")
-    saved_batch = extra.get("global_batch_size")
-    if state.loader is not None and saved_batch is not None \
-            and saved_batch != cfg.train.batch_size * state.world_size:
-        raise ConfigError("train.batch_size",
-                          f"{cfg.train.batch_size} x {state.world_size} ranks is a global batch "
-                          f"of {cfg.train.batch_size * state.world_size}, but checkpoint "
-                          f"{str(path)!r} was saved with {saved_batch}; set train.batch_size so "
-                          f"that batch_size x world size = {saved_batch}")
-    if step > cfg.train.steps:
-        raise ConfigError("train.steps", f"is {cfg.train.steps}, but the latest checkpoint "
-                                         f"{str(path)!r} is at step {step}")
-    checkpoint.load(root, state.model, state.optimizer, state.loader, step=step)
-    state.step = state.first_step = state.resumed_from = state.last_checkpoint_step = step
-    state.skipped_steps = [int(s) for s in extra.get("skipped_steps", [])]
-    state.losses = [(int(s), float(v)) for s, v in extra.get("losses", [])]
-    if state.rank == 0:
-        log.info("resumed from %s: step %d of %d (saved at %d rank(s), now %d)", path, step,
-                 cfg.train.steps, info.get("world_size"), state.world_size)
-
-
-def save_checkpoint(state: RunState) -> Path:
-    """Save the run at its current step into checkpoint.dir (a collective): model, optimizers,
-    RNG, data position, and what a resume checks and carries on (model, seed, global batch,
-    skipped steps, logged losses). Returns the checkpoint folder."""
-    from dist_ortho import checkpoint
-
-    cfg = state.config
-    train = cfg.train
-    if (train.fault_mode == "kill_in_save" and train.fault_step is not None
-            and state.step == train.fault_step + 1 and state.rank == train.fault_rank):
-        _fail(state, "kill", f"the checkpoint save of step {state.step}")
-    extra = {"run": state.out_dir.name, "config_hash": state.config_hash,
-             "model": _model_identity(cfg), "strategy": cfg.strategy.name, "seed": train.seed,
-             "global_batch_size": None if state.loader is None
-             else train.batch_size * state.world_size,
-             "skipped_steps": list(state.skipped_steps), "losses": [list(x) for x in state.losses]}
-    path = checkpoint.save(cfg.checkpoint.dir, state.step, state.model, state.optimizer,
-                           state.loader, extra=extra)
-    state.last_checkpoint_step = state.step
-    if state.rank == 0:
-        log.info("saved checkpoint %s", path)
-    return path
-
-
-def _save_due(state: RunState) -> bool:
-    ckpt = state.config.checkpoint
-    return ckpt.dir is not None and ckpt.every > 0 and state.step % ckpt.every == 0 \
-        and state.last_checkpoint_step != state.step
+                    profiler, out_dir, owns_process_group=owns, hooks=hooks, faults=active)
 
 
 # --- the loop -----------------------------------------------------------------------------------
 
 def train_step(state: RunState) -> StepOutput:
-    """One profiled step: gradients (real or synthetic), optional clipping, optimizer step."""
-    from dist_ortho.models import synthetic_grads
-
+    """One profiled step: gradients (real or synthetic), hooks, optional clipping, optimizer step."""
     cfg, prof, step = state.config, state.profiler, state.step
     start = time.perf_counter()
     loss = None
     with prof.step(step, warmup=state.is_warmup(step)):
         if state.shape_only:
             with prof.phase("grads"):
-                synthetic_grads(state.model, step, cfg.train.seed)
+                models.synthetic_grads(state.model, step, cfg.train.seed)
         else:
             x, y = state.loader.batch_at(step)
             with prof.phase("forward_backward"):
                 _, loss = state.model(x, y)
                 loss.backward()
-        _testing_aids(state, step)
+        for hook in state.hooks:
+            hook.after_gradients(state, step)
         if cfg.train.grad_clip is not None:
             with prof.phase("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.grad_clip)
         with prof.phase("optimizer"):
-            stepped = _step_optimizers(state)
+            # every optimizer or none: a NaN/Inf gradient on any rank skips the step (one
+            # all-reduce decides; see dist_ortho.param_groups.CombinedOptimizer)
+            state.optimizer.step()
+            stepped = not state.optimizer.last_step_skipped
         state.optimizer.zero_grad(set_to_none=True)
     if not stepped:
         state.skipped_steps.append(step)
@@ -497,48 +379,6 @@ def train_step(state: RunState) -> StepOutput:
         state.loader.step = step + 1
     state.step += 1
     return StepOutput(step, None if loss is None else loss.detach(), time.perf_counter() - start)
-
-
-def _step_optimizers(state: RunState) -> bool:
-    """Step every optimizer, or none: False when a NaN/Inf gradient on any rank skipped the step
-    (CombinedOptimizer decides with one all-reduce; see dist_ortho.param_groups)."""
-    state.optimizer.step()
-    return not state.optimizer.last_step_skipped
-
-
-def _testing_aids(state: RunState, step: int) -> None:
-    """train.inject_nan_* and train.fault_* (kill, hang): act when this is their step and rank."""
-    from dist_ortho.sharding import local_tensor
-
-    train = state.config.train
-    if train.inject_nan_step == step and state.rank == train.inject_nan_rank:
-        name, p = state.nan_target
-        if p.grad is None:
-            raise RuntimeError(f"train.inject_nan_param: {name!r} has no gradient at step {step}")
-        with torch.no_grad():
-            g = local_tensor(p.grad)
-            g[(0,) * g.ndim] = float("nan")
-        log.warning("testing aid: rank %d wrote NaN into its gradient shard of %s at step %d",
-                    state.rank, name, step)
-    if train.fault_step == step and state.rank == train.fault_rank \
-            and train.fault_mode in ("kill", "hang"):
-        _fail(state, train.fault_mode, f"step {step}")
-
-
-def _fail(state: RunState, mode: str, where: str) -> None:
-    """A testing aid's failure: SIGKILL to this process (no cleanup, no message from it, as when
-    a node or the OOM killer takes it), or sleep forever. Logs the wall clock first, so a test
-    can time how long the job takes to end."""
-    log.error("testing aid: rank %d will %s at %s (time %.3f)", state.rank,
-              "die by SIGKILL" if mode == "kill" else "hang", where, time.time())
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    while True:
-        time.sleep(3600)
 
 
 class LogProgress:
@@ -572,29 +412,24 @@ def train(state: RunState, steps: int | None = None,
     every rank (a callback may issue collectives), then saving a checkpoint when one is due
     (checkpoint.dir set and the step count a multiple of checkpoint.every)."""
     steps = state.config.train.steps - state.step if steps is None else steps
-    assert steps >= 0, steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"train(): steps is the number of steps to take, an integer >= 0, got "
+                         f"{steps!r} (the run is at step {state.step} of train.steps="
+                         f"{state.config.train.steps})")
     for _ in range(steps):
         out = train_step(state)
         for callback in callbacks:
             callback(state, out)
-        if _save_due(state):
-            save_checkpoint(state)
+        if checkpoint.save_due(state):
+            checkpoint.save_run(state)
     return state
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def finish(state: RunState) -> Path:
     """Save the final checkpoint (with checkpoint.dir, unless this step is saved already), write
     metrics (collective), metadata and run.json, then DONE last; returns the run dir."""
-    from dist_ortho.profiling.env import environment, write_run_metadata
-
     if state.config.checkpoint.dir is not None and state.last_checkpoint_step != state.step:
-        save_checkpoint(state)
+        checkpoint.save_run(state)
     if state.rank == 0 and state.skipped_steps:
         log.warning("%d step(s) skipped for non-finite gradients: %s", len(state.skipped_steps),
                     state.skipped_steps)
@@ -603,24 +438,16 @@ def finish(state: RunState) -> Path:
     if state.rank == 0:
         env = environment(state.config.dist.backend, state.device, state.world_size)
         write_run_metadata(state.out_dir, state.config.to_dict(), env)
-        _atomic_write(state.out_dir / "run.json", json.dumps(facts, indent=2, default=str) + "\n")
+        atomic_write_text(state.out_dir / "run.json",
+                          json.dumps(facts, indent=2, default=str) + "\n")
     dist.barrier()  # every rank's files (traces) are written before DONE says so
     if state.rank == 0:
-        _atomic_write(state.out_dir / DONE_FILE, json.dumps(
-            {"config_hash": state.config_hash, "world_size": state.world_size,
-             "steps": state.step, "resumed_from": state.resumed_from,
-             "skipped_steps": len(state.skipped_steps),
-             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        write_done(state.out_dir, {"config_hash": state.config_hash,
+                                   "world_size": state.world_size, "steps": state.step,
+                                   "resumed_from": state.resumed_from,
+                                   "skipped_steps": len(state.skipped_steps),
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return state.out_dir
-
-
-def read_done(run_dir: str | Path) -> dict | None:
-    """The DONE marker's content, or None when the run is not complete."""
-    path = Path(run_dir) / DONE_FILE
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def close(state: RunState) -> None:
@@ -628,22 +455,23 @@ def close(state: RunState) -> None:
     then destroy the process group if `build_run` started it. Reference cycles (optimizer <->
     profiler, FSDP hooks) would otherwise survive until interpreter shutdown, and gloo work and
     tensors freed that late can abort the process after it has finished its job."""
-    import gc
-
     owns = state.owns_process_group
     state.profiler.detach()
-    state.model = state.optimizer = state.loader = state.profiler = state.nan_target = None
+    for hook in state.hooks:
+        getattr(hook, "close", lambda: None)()
+    state.model = state.optimizer = state.loader = state.profiler = None
+    state.hooks = []
     state.owns_process_group = False
     gc.collect()
     if owns and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def run(config: Config) -> Path:
+def run(config: Config, faults: FaultConfig | None = None) -> Path:
     """build_run + train + finish + close. After a failure the process group is left alone (as
     torchtitan does): destroying it while other ranks wait in a collective can hang; the process
     exits with the error and torchrun stops the other ranks."""
-    state = build_run(config)
+    state = build_run(config, faults)
     if state.rank == 0:
         log.info("run %s: %s on %d rank(s) of %s, strategy %s, ns_dtype %s, config %s%s",
                  state.config.output.name, state.config.model.preset, state.world_size,
@@ -682,44 +510,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "checkpoint.resume=true; with none there, start from step 0)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config for this machine and exit")
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    parser.add_argument("--fault", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                        help="testing aid (see dist_ortho.faults), e.g. --fault fail_step=3 "
+                             "fail_rank=1 fail_mode=kill, or nan_step=1 nan_rank=0")
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
     overrides = list(args.overrides)
     if getattr(args, "resume", False):
         overrides.append("checkpoint.resume=true")
-    try:
-        config = load_config(args.config, overrides)
-        if args.print_config:
-            from dist_ortho.config import dump_config
+    return run_as_rank("run", lambda: _main(args, overrides))
 
-            resolved = resolve(config)
-            print(dump_config(resolved), end="")
-            print(f"# config_hash: {config_hash(resolved)}")
-            return 0
-    except ConfigError as exc:
-        if _is_rank0():
-            print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run(config)
-    except ConfigError as exc:  # raised before any collective, on every rank alike
-        if _is_rank0():
-            print(f"config error: {exc}", file=sys.stderr)
-        return 2
+
+def _main(args: argparse.Namespace, overrides: list[str]) -> int:
+    config = load_config(args.config, overrides)
+    faults = from_sources(getattr(args, "fault", []))
+    if args.print_config:
+        resolved = resolve(config)
+        print(dump_config(resolved), end="")
+        print(f"# config_hash: {config_hash(resolved)}")
+        return 0
+    check_launch(config, _launch_world_size(), faults)  # before anything is created
+    writable_dir(config.output.dir, "output.dir")
+    if config.checkpoint.dir is not None:
+        writable_dir(config.checkpoint.dir, "checkpoint.dir")
+    run(config, faults)
     return 0
 
 
 def _standalone() -> int:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     return record(_parse_and_run)()
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_ortho.io import atomic_write_bytes
+
 __all__ = ["spawn", "DistributedFailure"]
 
 
@@ -43,9 +45,7 @@ def _entry(fn, rank: int, world_size: int, store_path: str, out_dir: str, timeou
             dist.destroy_process_group()
     except BaseException as exc:  # report every failure to the parent, whatever it was
         payload = ("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    with open(result_path + ".tmp", "wb") as f:
-        pickle.dump(payload, f)
-    os.replace(result_path + ".tmp", result_path)
+    atomic_write_bytes(result_path, pickle.dumps(payload))
 
 
 def spawn(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dist_ortho.config import config_from_dict
 from dist_ortho.convergence import ConvergenceConfig, train_with_curve
+from dist_ortho.schema import build
 
 
 def tiny_run_config(out_dir: str, optimizer: str, strategy: str, batch_size: int, steps: int,
@@ -33,7 +34,7 @@ TINY_EVAL = dict(eval_every=4, eval_batches=2, eval_batch_size=8, lr_decay_frac=
 def strategy_worker(rank: int, world_size: int, out_dir: str, strategies: list[str],
                     global_batch: int, steps: int) -> dict:
     """Train the same NorMuon run under each strategy; return each curve (train and val)."""
-    conv = ConvergenceConfig.from_dict(TINY_EVAL)
+    conv = build(ConvergenceConfig, TINY_EVAL, "convergence")
     out = {}
     for name in strategies:
         config = tiny_run_config(out_dir, "normuon", name, global_batch // world_size, steps,

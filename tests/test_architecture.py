@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # layer of each module, by name prefix (longest prefix wins); a module may import its own layer
 # and the ones below it
 LAYERS = {
-    "dist_ortho.io": 0, "dist_ortho.timing": 0, "dist_ortho.newton_schulz": 0,
+    "dist_ortho.io": 0, "dist_ortho.schema": 0, "dist_ortho.timing": 0, "dist_ortho.newton_schulz": 0,
     "dist_ortho.sharding": 0, "dist_ortho.plan": 0, "dist_ortho.orthogonalizer": 0,
     "dist_ortho.testing": 0,
     "dist_ortho.strategies": 1,

@@ -154,7 +154,7 @@ def test_hash_is_stable_and_meaningful():
     assert len(config_hash(a)) == 12
     # pinned: the digest must not depend on the process (hash salt, dict order); if a schema or
     # default change moves it, old results no longer count as complete, which is intended
-    assert config_hash(Config()) == "92261abb305b"
+    assert config_hash(Config()) == "512e37a67e80"
     # auto resolves to what ran, so resolved configs hash by what actually ran
     auto = load_config(None)
     assert config_hash(resolve(auto, "cpu")) == config_hash(
@@ -168,8 +168,43 @@ def test_dump_round_trips(tmp_path):
     assert load_config(tmp_path / "c.yaml") == c
 
 
-def test_to_optimizer_config_carries_every_field():
+def test_optimizer_section_is_the_optimizer_config():
+    from dist_ortho.param_groups import OptimizerConfig, SplitConfig
+
     c = load_config(None, ["optimizer.name=muon", "optimizer.lr=0.05", "optimizer.ns_steps=3",
-                           "optimizer.adamw_betas=[0.8, 0.9]"])
-    oc = c.optimizer.to_optimizer_config()
-    assert (oc.name, oc.lr, oc.ns_steps, oc.adamw_betas) == ("muon", 0.05, 3, (0.8, 0.9))
+                           "optimizer.adamw_betas=[0.8, 0.9]", "optimizer.nonfinite=raise",
+                           "optimizer.split.matrix_patterns=['*gate*']"])
+    oc = c.optimizer  # one definition: what build_optimizers takes, no copy of its fields
+    assert type(oc) is OptimizerConfig
+    assert (oc.name, oc.lr, oc.ns_steps, oc.adamw_betas, oc.nonfinite) == (
+        "muon", 0.05, 3, (0.8, 0.9), "raise")
+    assert oc.split == SplitConfig(matrix_patterns=("*gate*",))
+    with pytest.raises(ConfigError, match=r"^optimizer\.split\.adamw_patern: unknown key; did "
+                                          r"you mean 'adamw_patterns'"):
+        load_config(None, ["optimizer.split.adamw_patern=[]"])
+
+
+def test_testing_aids_are_not_config_keys():
+    # the fault and NaN injection of dist_ortho.faults live outside the run config and its hash
+    with pytest.raises(ConfigError, match=r"^train\.fault_step: unknown key"):
+        load_config(None, ["train.fault_step=1"])
+    assert not any("fault" in key or "nan" in key for section in Config().to_dict().values()
+                   for key in section)
+
+
+def test_one_loader_for_every_config_file(tmp_path):
+    """Runs, sweep study files and convergence study files report mistakes the same way."""
+    from dist_ortho.convergence import load_study as load_convergence
+    from dist_ortho.sweep import load_study as load_sweep
+
+    study = tmp_path / "s.yaml"
+    study.write_text("name: s\nbase: %s\ngrid: {strategies: all, world_sizes: [1]}\n"
+                     "point_timout_s: 3\n" % (CONFIGS / "tiny.yaml"))
+    conv = tmp_path / "c.yaml"
+    conv.write_text("run: {}\nconvergence: {eval_evry: 3}\n")
+    for load, path, key, hint in ((load_sweep, study, "point_timout_s", "point_timeout_s"),
+                                  (load_convergence, conv, "convergence.eval_evry", "eval_every")):
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        assert info.value.key == key
+        assert str(info.value).startswith(f"{key}: unknown key; did you mean '{hint}'?")

@@ -18,6 +18,7 @@ from dist_ortho.convergence import (ConvergenceConfig, add_arguments, evaluate, 
                                     lr_scale, main, steps_to_reach, train_with_curve,
                                     validation_batches)
 from dist_ortho.data import ByteCorpus, CorpusConfig
+from dist_ortho.schema import build
 from dist_ortho.testing import spawn
 
 
@@ -93,6 +94,10 @@ def test_config_mistakes_name_the_key(tmp_path):
         "convergence.eval_every": ["convergence.eval_every=0"],
         "convergence.lr_decay_frac": ["convergence.lr_decay_frac=1.5"],
         "convergence.sweep.lrs.adamw[1]": ["convergence.sweep.lrs={adamw: [0.001, -1]}"],
+        # known before launch: the global validation batch is split over the ranks of a run
+        "convergence.eval_batch_size": ["convergence.nproc_per_node=4",
+                                        "convergence.eval_batch_size=6"],
+        "run.model.preset": ["model.preset=llama-tiny"],  # shape-only: no loss to follow
         "convergence.evalevery": ["convergence.evalevery=3"],
         "train.stepz": ["train.stepz=3"],
         "optimizer.lr": ["optimizer.lr=-1"],
@@ -111,8 +116,8 @@ def test_config_mistakes_name_the_key(tmp_path):
 def test_few_steps_reduce_the_loss(optimizer, tmp_path):
     config = conv_cases.tiny_run_config(str(tmp_path), optimizer, "replicated", batch_size=16,
                                         steps=20, name=optimizer)
-    conv = ConvergenceConfig.from_dict(dict(eval_every=10, eval_batches=2, eval_batch_size=8,
-                                            lr_decay_frac=0.0))
+    conv = build(ConvergenceConfig, dict(eval_every=10, eval_batches=2, eval_batch_size=8,
+                                         lr_decay_frac=0.0), "convergence")
     curve = train_with_curve(config, conv, write=False)
     assert len(curve.train) == 20 and [s for s, _ in curve.val] == [0, 10, 20]
     first, last = statistics.mean(curve.train[:4]), statistics.mean(curve.train[-4:])

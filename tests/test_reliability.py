@@ -38,7 +38,9 @@ import yaml
 
 from dist_ortho import strategies
 from dist_ortho import checkpoint
-from dist_ortho.config import ConfigError, apply_overrides, config_from_dict, config_hash
+from dist_ortho.config import ConfigError, config_hash, load_config
+from dist_ortho.faults import from_sources
+from dist_ortho.jobs import stop_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -73,8 +75,6 @@ def _env() -> dict:
 
 def torchrun(nproc: int, args: list[str], timeout: float = 300) -> Launch:
     """One torchrun job; on timeout its whole process tree is killed and the test fails."""
-    from dist_ortho.sweep import _kill_point
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -82,14 +82,16 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300) -> Launch:
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_point(proc)
+        stop_tree(proc)
         pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s")
     return Launch(proc.returncode, output, time.time())
 
 
-def run_args(sets: list[str], resume: bool = False) -> list[str]:
-    """Arguments of `python -m dist_ortho.run` for tiny.yaml plus these overrides."""
-    return ["--config", str(TINY), "--set", *COMMON, *sets] + (["--resume"] if resume else [])
+def run_args(sets: list[str], resume: bool = False, faults: list[str] = ()) -> list[str]:
+    """Arguments of `python -m dist_ortho.run` for tiny.yaml plus these overrides and testing
+    aids (`--fault`, dist_ortho.faults)."""
+    return (["--config", str(TINY), "--set", *COMMON, *sets] + (["--resume"] if resume else [])
+            + (["--fault", *faults] if faults else []))
 
 
 def run_many(nproc: int, jobs: list[list[str]], folder: Path) -> Launch:
@@ -101,8 +103,8 @@ def run_many(nproc: int, jobs: list[list[str]], folder: Path) -> Launch:
     return out
 
 
-def one_run(nproc: int, sets: list[str], resume: bool = False) -> Launch:
-    return torchrun(nproc, ["-m", "dist_ortho.run", *run_args(sets, resume)])
+def one_run(nproc: int, sets: list[str], resume: bool = False, faults: list[str] = ()) -> Launch:
+    return torchrun(nproc, ["-m", "dist_ortho.run", *run_args(sets, resume, faults)])
 
 
 def fault_time(output: str) -> float:
@@ -165,10 +167,10 @@ def root(tmp_path_factory) -> Path:
 
 
 def _job(root: Path, name: str, model: str, sets: list[str], resume: bool = False,
-         every: int = K) -> list[str]:
+         every: int = K, faults: list[str] = ()) -> list[str]:
     return run_args([*MODEL_SETS[model], f"output.dir={root / 'out'}", f"output.name={name}",
                      f"checkpoint.dir={root / 'ck' / name}", f"checkpoint.every={every}",
-                     *sets], resume)
+                     *sets], resume, faults)
 
 
 @pytest.fixture(scope="module")
@@ -184,12 +186,11 @@ def first(root) -> Launch:
     jobs.append(_job(root, "scratch", "gpt", [f"train.steps={STEPS}"], resume=True))
     # gpt-tiny's first parameter is the embedding, an AdamW parameter: the NaN must reach the
     # matrix optimizer's check and stop AdamW too
-    jobs.append(_job(root, "nan-gpt", "gpt", [f"train.steps={STEPS}", "train.inject_nan_step=1",
-                                              "train.inject_nan_rank=1"], every=0))
-    jobs.append(_job(root, "nan-shape", "shape", [
-        f"train.steps={STEPS}", "strategy.name=balanced", "train.inject_nan_step=2",
-        "train.inject_nan_rank=0", "train.inject_nan_param=layers.0.mlp.gate_proj.weight"],
-        every=0))
+    jobs.append(_job(root, "nan-gpt", "gpt", [f"train.steps={STEPS}"], every=0,
+                     faults=["nan_step=1", "nan_rank=1"]))
+    jobs.append(_job(root, "nan-shape", "shape", [f"train.steps={STEPS}", "strategy.name=balanced"],
+                     every=0, faults=["nan_step=2", "nan_rank=0",
+                                      "nan_param=layers.0.mlp.gate_proj.weight"]))
     return run_many(2, jobs, root / "jobs")
 
 
@@ -292,8 +293,8 @@ def test_nan_in_one_ranks_gradient_is_skipped_everywhere(root, first, name, skip
 
 def test_nan_with_nonfinite_raise_fails_the_job(root):
     out = one_run(2, [*MODEL_SETS["gpt"], f"output.dir={root / 'raise'}", "output.name=r",
-                      "train.steps=3", "optimizer.nonfinite=raise", "train.inject_nan_step=1",
-                      "train.inject_nan_rank=1"])
+                      "train.steps=3", "optimizer.nonfinite=raise"],
+                  faults=["nan_step=1", "nan_rank=1"])
     assert out.returncode != 0
     assert "FloatingPointError" in out.output and "nonfinite='raise'" in out.output
     assert not (root / "raise" / "r" / "DONE").exists()
@@ -301,7 +302,7 @@ def test_nan_with_nonfinite_raise_fails_the_job(root):
 
 
 # -- faults ----------------------------------------------------------------------------------------
-def test_killed_rank_fails_its_sweep_point_within_the_timeout(tmp_path):
+def test_killed_rank_fails_its_sweep_point_within_the_timeout(tmp_path, monkeypatch):
     from dist_ortho.sweep import load_study, run_sweep
 
     timeout_s = 20
@@ -310,10 +311,12 @@ def test_killed_rank_fails_its_sweep_point_within_the_timeout(tmp_path):
              "point_timeout_s": 120,
              "set": {"model.preset": "gpt-tiny", "train.data": "synthetic", "train.seq_len": 32,
                      "train.steps": 6, "train.warmup_steps": 1, "profiling.memory": False,
-                     "checkpoint.dir": str(ck), "checkpoint.every": 1, "train.fault_step": 3,
-                     "train.fault_rank": 1, "dist.timeout_s": timeout_s},
+                     "checkpoint.dir": str(ck), "checkpoint.every": 1,
+                     "dist.timeout_s": timeout_s},
              "grid": {"strategies": ["replicated"], "world_sizes": [2]}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    # the testing aid reaches every rank of every point through the environment
+    monkeypatch.setenv("DIST_ORTHO_FAULTS", "fail_step=3 fail_rank=1")
     result = run_sweep(load_study(tmp_path / "s.yaml"), stream=io.StringIO())
     ended = time.time()
     (r,) = result.results
@@ -321,11 +324,14 @@ def test_killed_rank_fails_its_sweep_point_within_the_timeout(tmp_path):
     assert r.status == "failed" and r.returncode != 0, (r.status, log[-3000:])
     assert ended - fault_time(log) < timeout_s + 10
     assert "Signal 9 (SIGKILL)" in log and "rank 0 of 2 stopped at step 3" in log
+    # one line: the first failing rank and why, not torchrun's report
+    assert r.error == "rank 1 was killed by SIGKILL (signal 9)"
     with open(result.failures) as f:
         (row,) = list(csv.DictReader(f))
-    assert row["status"] == "failed" and row["point"] == r.point.name
-    assert not (r.point.run_dir / "DONE").exists()
-    assert not (r.point.run_dir / "metrics.csv").exists()
+    assert row["status"] == "failed" and row["point"] == r.job.name
+    assert row["error"] == r.error
+    assert not (r.job.run_dir / "DONE").exists()
+    assert not (r.job.run_dir / "metrics.csv").exists()
     assert not (tmp_path / "results" / "killed" / "summary.csv").exists()
     # steps 0..2 were saved after each step; the killed step 3 left nothing
     assert checkpoint.latest_step(ck) == 3
@@ -338,8 +344,7 @@ def test_rank_killed_in_a_save_leaves_no_checkpoint_and_resume_recovers(root, fi
     ck = root / "ck" / "killed-save"
     sets = [*MODEL_SETS["shape"], f"output.dir={root / 'out'}", "output.name=killed-save",
             f"checkpoint.dir={ck}", "checkpoint.every=1", f"train.steps={STEPS}"]
-    out = one_run(2, [*sets, "train.fault_step=1", "train.fault_rank=1",
-                      "train.fault_mode=kill_in_save"])
+    out = one_run(2, sets, faults=["fail_step=1", "fail_rank=1", "fail_mode=kill_in_save"])
     assert out.returncode != 0
     assert out.ended - fault_time(out.output) < 60 + 10
     assert (ck / ".step_00000002.partial").is_dir()  # rank 0 had started the save
@@ -357,11 +362,13 @@ def test_rank_killed_in_a_save_leaves_no_checkpoint_and_resume_recovers(root, fi
 
 
 def test_hung_rank_ends_the_job_at_the_timeout(root):
-    timeout_s = 3
+    # long enough that ranks of a loaded 2-core machine reach step 1 before any collective times
+    # out (3 s was not), short enough to show the hang is ended by the timeout
+    timeout_s = 10
     out = one_run(2, [*MODEL_SETS["shape"], f"output.dir={root / 'hang'}", "output.name=h",
                       f"checkpoint.dir={root / 'ck' / 'hang'}", "train.steps=4",
-                      "train.fault_step=1", "train.fault_rank=1", "train.fault_mode=hang",
-                      f"dist.timeout_s={timeout_s}"])
+                      f"dist.timeout_s={timeout_s}"],
+                  faults=["fail_step=1", "fail_rank=1", "fail_mode=hang"])
     waited = out.ended - fault_time(out.output)
     assert out.returncode != 0
     assert timeout_s - 0.5 < waited < timeout_s + 15, waited  # ended by the timeout, soon after
@@ -370,38 +377,46 @@ def test_hung_rank_ends_the_job_at_the_timeout(root):
     assert checkpoint.latest_step(root / "ck" / "hang") is None
 
 
-# -- config errors ---------------------------------------------------------------------------------
+# -- config errors ----------------------------------------------------------------------------------
 INVALID = [
-    ({"optimizer.nonfinite": "ignore"}, "optimizer.nonfinite", "skip, raise"),
-    ({"train.steps": 3, "train.warmup_steps": 1, "train.inject_nan_step": 3},
-     "train.inject_nan_step", "train.steps=3"),
-    ({"train.inject_nan_step": -1}, "train.inject_nan_step", "[0, train.steps"),
-    ({"train.inject_nan_rank": -1}, "train.inject_nan_rank", ">= 0"),
-    ({"train.inject_nan_param": ""}, "train.inject_nan_param", "parameter name"),
-    ({"train.fault_step": 20}, "train.fault_step", "train.steps=20"),
-    ({"train.fault_rank": -2}, "train.fault_rank", ">= 0"),
-    ({"train.fault_mode": "explode"}, "train.fault_mode", "kill, hang, kill_in_save"),
-    ({"train.fault_step": 1, "train.fault_mode": "kill_in_save"}, "train.fault_step",
+    (["optimizer.nonfinite=ignore"], [], "optimizer.nonfinite", "skip, raise"),
+    (["train.steps=3", "train.warmup_steps=1"], ["nan_step=3"], "faults.nan_step",
+     "train.steps=3"),
+    ([], ["nan_step=-1"], "faults.nan_step", ">= 0"),
+    ([], ["nan_rank=-1"], "faults.nan_rank", ">= 0"),
+    ([], ["nan_param=''"], "faults.nan_param", "parameter name"),
+    ([], ["fail_step=20"], "faults.fail_step", "train.steps=20"),
+    ([], ["fail_rank=-2"], "faults.fail_rank", ">= 0"),
+    ([], ["fail_mode=explode"], "faults.fail_mode", "kill, hang, raise, kill_in_save"),
+    ([], ["fail_stp=1"], "faults.fail_stp", "did you mean 'fail_step'"),
+    ([], ["fail_step=1", "fail_mode=kill_in_save"], "faults.fail_step",
      "checkpoint save after step 1"),
-    ({"train.fault_step": 0, "train.fault_mode": "kill_in_save", "checkpoint.dir": "c",
-      "checkpoint.every": 2}, "train.fault_step", "checkpoint.every=2"),
-    ({"checkpoint.resume": True, "checkpoint.every": 0}, "checkpoint.dir", "resume"),
+    (["checkpoint.dir=c", "checkpoint.every=2"], ["fail_step=0", "fail_mode=kill_in_save"],
+     "faults.fail_step", "checkpoint.every=2"),
+    (["checkpoint.resume=true", "checkpoint.every=0"], [], "checkpoint.dir", "resume"),
 ]
 
 
-@pytest.mark.parametrize("overrides,key,phrase", INVALID, ids=[k for _, k, _ in INVALID])
-def test_reliability_config_errors_name_their_key(overrides, key, phrase):
+@pytest.mark.parametrize("sets,faults,key,phrase", INVALID, ids=[k for _, _, k, _ in INVALID])
+def test_reliability_config_errors_name_their_key(sets, faults, key, phrase):
     with pytest.raises(ConfigError) as info:
-        config_from_dict(apply_overrides({}, overrides))
+        config = load_config(None, sets)
+        from_sources(faults, environ={}).check_against(config, world_size=2)
     assert info.value.key == key and phrase in str(info.value), str(info.value)
 
 
-def test_new_keys_keep_old_hashes_until_set():
-    base = config_from_dict({})
-    assert config_hash(base) == "92261abb305b"  # as pinned in test_config: results stay valid
-    for change in ({"optimizer.nonfinite": "raise"}, {"train.inject_nan_step": 0},
-                   {"train.fault_step": 0}):
-        assert config_hash(config_from_dict(apply_overrides({}, change))) != config_hash(base)
+def test_testing_aids_stay_out_of_the_config_and_its_hash(root, first):
+    run_dir = root / "out" / "nan-gpt"
+    facts = json.loads((run_dir / "run.json").read_text())
+    assert facts["faults"]["nan_step"] == 1 and facts["faults"]["nan_rank"] == 1
+    recorded = load_config(run_dir / "config.yaml")  # the resolved config the run recorded
+    assert config_hash(recorded) == facts["config_hash"]
+    assert json.loads((run_dir / "DONE").read_text())["config_hash"] == facts["config_hash"]
+    clean = json.loads((root / "out" / "full-gpt-replicated" / "run.json").read_text())
+    assert clean["faults"] is None
+    # the same settings without the testing aid hash the same: only checkpointing differs,
+    # which the hash leaves out
+    assert config_hash(recorded) == clean["config_hash"]
 
 
 @pytest.fixture
@@ -415,19 +430,17 @@ def one_process():
     assert not dist.is_initialized(), "a failed build_run left its process group behind"
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["train.fault_step=1", "train.fault_rank=1"], "train.fault_rank"),  # checked before init
-    (["train.inject_nan_step=1", "train.inject_nan_rank=3"], "train.inject_nan_rank"),
-    (["train.inject_nan_step=1", "train.inject_nan_param=nope.weight"],
-     "train.inject_nan_param"),  # checked after the model is built, before any collective
-])
-def test_runtime_config_errors_before_any_collective(one_process, overrides, key):
-    from dist_ortho.config import load_config
+@pytest.mark.parametrize("faults,key", [
+    (["fail_step=1", "fail_rank=1"], "faults.fail_rank"),  # checked before the group starts
+    (["nan_step=1", "nan_rank=3"], "faults.nan_rank"),
+    (["nan_step=1", "nan_param=nope.weight"], "faults.nan_param"),  # checked once the model is
+])                                                                  # built, before a collective
+def test_runtime_config_errors_before_any_collective(one_process, tmp_path, faults, key):
     from dist_ortho.run import build_run
 
-    config = load_config(TINY, ["output.dir=unused", *overrides])
+    config = load_config(TINY, [f"output.dir={tmp_path / 'unused'}"])
     with pytest.raises(ConfigError) as info:
-        build_run(config)
+        build_run(config, from_sources(faults, environ={}))
     assert info.value.key == key
 
 
@@ -438,7 +451,6 @@ def test_runtime_config_errors_before_any_collective(one_process, overrides, key
     (["train.steps=3", "train.warmup_steps=1"], "train.steps"),  # the checkpoint is at step 4
 ])
 def test_resume_into_a_different_run_is_a_config_error(root, first, one_process, overrides, key):
-    from dist_ortho.config import load_config
     from dist_ortho.run import build_run
 
     config = load_config(TINY, [*MODEL_SETS["gpt"], "train.batch_size=12",

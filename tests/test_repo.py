@@ -29,3 +29,59 @@ def test_cpu_torch_pin_lives_in_one_file():
               and p.suffix in (".txt", ".toml", ".cfg", ".sh", "") and p.stat().st_size < 1e6
               and "torch==2.13.0" in p.read_text(errors="ignore")]
     assert [p.name for p in pinned] == ["constraints-cpu.txt"], pinned
+
+
+def test_commands_write_where_git_ignores_and_examples_are_apart():
+    """The main command runs fresh into an ignored folder; committed examples live apart."""
+    import subprocess
+
+    import yaml
+
+    from dist_ortho.convergence.config import ConvergenceConfig
+    from dist_ortho.config import OutputConfig
+    from dist_ortho.project import DEFAULT_OUT
+
+    study = yaml.safe_load((ROOT / "launch" / "configs" / "default_study.yaml").read_text())
+    written = [f"{study['output_dir']}/default_study/report.md", f"{DEFAULT_OUT}/x.csv",
+               f"{ConvergenceConfig().out_dir}/summary.md", f"{OutputConfig().dir}/run/DONE"]
+    if not (ROOT / ".git").exists():
+        return  # not a git checkout (e.g. an unpacked sdist)
+    ignored = subprocess.run(["git", "check-ignore", *written], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == written
+    assert (ROOT / "results" / "examples" / "default_study" / "report.md").is_file()
+
+
+def test_no_import_cycles_between_modules():
+    """Top-level imports only (by the project's rule), so this static graph is the real one."""
+    import ast
+
+    roots = {"dist_ortho": ROOT / "dist_ortho", "dist_ortho.strategies": ROOT / "strategies",
+             "dist_ortho.profiling": ROOT / "profiling"}
+    graph = {}
+    for pkg, folder in roots.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder).with_suffix("").as_posix().replace("/", ".")
+            name = pkg if rel == "__init__" else f"{pkg}.{rel.removesuffix('.__init__')}"
+            deps = set()
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dist_ortho"):
+                    deps |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+                elif isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names if a.name.startswith("dist_ortho")}
+            graph[name] = deps
+    for name, deps in graph.items():  # an import of a module's own package is not a cycle
+        graph[name] = {d for d in deps if d in graph and d != name and not name.startswith(d + ".")}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path + [node, dep])}"
+            if dep not in state:
+                visit(dep, path + [node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -115,9 +114,12 @@ def test_spans_decades_switches_to_log():
 
 
 def test_cli_errors_are_messages(tmp_path, capsys):
-    args = argparse.Namespace(results=tmp_path / "nope")
-    assert report.main(args) == 2
-    assert "not a directory" in capsys.readouterr().err
+    from dist_ortho.cli import main as cli_main
+
+    assert cli_main(["report", str(tmp_path / "nope")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dist-ortho report: error: ") and "not a directory" in line
     (tmp_path / "empty").mkdir()
-    assert report.main(argparse.Namespace(results=tmp_path / "empty")) == 2
-    assert "no complete runs" in capsys.readouterr().err
+    assert cli_main(["report", str(tmp_path / "empty")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dist-ortho report: error: ") and "no complete runs" in line

@@ -1,5 +1,6 @@
 """End to end through real torchrun subprocesses: a 2 x 2 sweep, its report, resume, a crashing
-point, and a single run without torchrun. Kept small (llama-tiny, 3 steps) for a 2-core machine."""
+point, a fresh `study`, and a single run without torchrun. Kept small (llama-tiny, 3 steps) for a
+2-core machine."""
 
 from __future__ import annotations
 
@@ -77,22 +78,43 @@ def test_sweep_report_and_resume(tmp_path, capsys):
     assert changed.results == [] and out.getvalue().count("run ") == 4
 
 
-def test_crashing_point_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
-    # bucket_bytes=64 is a valid option value but smaller than any matrix: the run raises when
-    # the optimizer plans its buckets, inside the torchrun workers
-    broken = {"name": "bucketed_async", "label": "broken", "options": {"bucket_bytes": 64}}
-    study_file = write_study(tmp_path / "s.yaml", "crash", [broken, "replicated"], [1])
+def test_study_runs_fresh_every_time_unless_resumed(tmp_path, capsys):
+    study_file = write_study(tmp_path / "s.yaml", "fresh", ["replicated"], [1])
+    report_md = tmp_path / "results" / "fresh" / "report.md"
+    for argv, skipped in ((["study", "--config", str(study_file)], False),
+                          (["study", "--config", str(study_file)], False),
+                          (["study", "--config", str(study_file), "--resume"], True)):
+        assert cli_main(argv) == 0
+        captured = capsys.readouterr()
+        assert ("already complete, skipped" in captured.err) == skipped, captured.err
+        assert ("1 ran" in captured.err) != skipped
+        assert captured.out.strip().splitlines()[-1] == f"report: {report_md}"
+        assert report_md.is_file()
+
+
+def test_crashing_point_is_recorded_as_its_first_ranks_error_and_the_sweep_goes_on(
+        tmp_path, capsys, monkeypatch):
+    # a testing aid makes rank 1 of one point raise mid-run (dist_ortho.faults, matched by name)
+    monkeypatch.setenv("DIST_ORTHO_FAULTS", "fail_step=1 fail_rank=1 fail_mode=raise runs='*broken*'")
+    broken = {"name": "replicated", "label": "broken"}
+    study_file = write_study(tmp_path / "s.yaml", "crash", [broken, "round_robin"], [2])
     assert cli_main(["sweep", str(study_file)]) == 1  # a failed point: non-zero exit, after all
     progress = capsys.readouterr().err
     assert "FAILED" in progress and "[crash 2/2]" in progress and "1 ran" in progress
+    # one line, the first failing rank's own message and the log; no torchrun report, no traceback
+    (line,) = [ln for ln in progress.splitlines() if "FAILED" in ln]
+    assert line.endswith(".log") and "rank 1: RuntimeError: testing aid: rank 1 failed on " \
+        "purpose at step 1; log: " in line
+    assert "Root Cause" not in progress and "Traceback" not in progress
     study_dir = tmp_path / "results" / "crash"
     with open(study_dir / "failures.csv") as f:
         (row,) = list(csv.DictReader(f))
-    assert row["point"] == "llama-tiny--broken--p1" and row["status"] == "failed"
-    assert row["error"].startswith("ValueError: bucketed_async option 'bucket_bytes'=64")
-    assert Path(row["log"]).is_file()
+    assert row["point"] == "llama-tiny--broken--p2" and row["status"] == "failed"
+    assert row["error"] == "rank 1: RuntimeError: testing aid: rank 1 failed on purpose at step 1"
+    log = Path(row["log"]).read_text()
+    assert "Root Cause" in log  # everything torchrun said is still in the log
     with open(study_dir / "summary.csv") as f:
-        assert [r["strategy"] for r in csv.DictReader(f)] == ["replicated"]
+        assert [r["strategy"] for r in csv.DictReader(f)] == ["round_robin"]
 
 
 def test_point_timeout_kills_the_point(tmp_path):
@@ -102,8 +124,9 @@ def test_point_timeout_kills_the_point(tmp_path):
     result = run_sweep(study, timeout_s=5.0, stream=io.StringIO())
     (r,) = result.results
     assert r.status == "timeout" and "timeout" in r.error
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(tmp_path) not in ps  # torchrun and its workers are gone
+    ps = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
+    alive = [ln for ln in ps.splitlines() if str(tmp_path) in ln and not ln.startswith("Z")]
+    assert alive == []  # torchrun and its workers are gone
     with open(result.failures) as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["timeout"]
 

@@ -35,6 +35,7 @@ __all__ = [
     "available",
     "build_model",
     "count_parameters",
+    "depth_override",
     "is_shape_only",
     "matrix_shapes",
     "synthetic_grads",
@@ -52,6 +53,14 @@ def is_shape_only(name: str) -> bool:
     """True if ``name`` is a shape-only (no forward pass) preset."""
     _check_name(name)
     return name in SHAPE_PRESETS
+
+
+def depth_override(name: str, num_layers: int | None) -> dict:
+    """The ``build_model`` keyword that sets the preset's depth (GPT: ``n_layers``, shape-only:
+    ``num_layers``), or nothing when ``num_layers`` is None."""
+    if num_layers is None:
+        return {}
+    return {"num_layers" if is_shape_only(name) else "n_layers": num_layers}
 
 
 def _check_name(name: str) -> None:

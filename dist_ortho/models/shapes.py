@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from dist_ortho.seeds import derive_seed
+
 __all__ = [
     "ShapeConfig",
     "SHAPE_PRESETS",
@@ -140,24 +142,12 @@ def matrix_shapes(
     ]
 
 
-def _derive_seed(*parts: int) -> int:
-    # splitmix64-style mixing: nearby inputs (step 1 vs step 2, seed 0 vs 1)
-    # give unrelated generator seeds, unlike a plain sum or concatenation.
-    mask = (1 << 64) - 1
-    h = 0x9E3779B97F4A7C15
-    for part in parts:
-        h = (h ^ (part & mask)) * 0xBF58476D1CE4E5B9 & mask
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & mask
-        h ^= h >> 29
-    return h
-
-
 def _full_random(shape: torch.Size, *seed_parts: int, std: float = 1.0,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     # Generated where it is used: an 8B model's full gradients drawn on the CPU of every rank at
     # every step would dominate a GPU run. Values depend on the device type's generator (CPU and
     # CUDA streams differ), never on the world size.
-    gen = torch.Generator(device=device).manual_seed(_derive_seed(*seed_parts))
+    gen = torch.Generator(device=device).manual_seed(derive_seed(*seed_parts))
     return torch.randn(shape, generator=gen, dtype=torch.float32, device=device) * std
 
 

@@ -8,6 +8,12 @@ with their rank and traceback.
 
 `worker` must be importable by name from a fresh interpreter (defined at module level in a module
 on sys.path), as with any `spawn` start method.
+
+Ranks start from a fork server (where the platform has one) that imported torch, DTensor, FSDP2 and
+dist_ortho once: a fresh interpreter spends ~5 s of CPU importing them, which made the imports
+about half of the distributed tests' time. Like any fork server it was started with the
+environment of the first call, so set environment variables (MKL_ENABLE_INSTRUCTIONS,
+OMP_NUM_THREADS, ...) before the first spawn, as one does for a whole test run.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ import torch.multiprocessing as mp
 from dist_ortho.io import atomic_write_bytes
 
 __all__ = ["spawn", "DistributedFailure"]
+
+# imported once by the fork server, so that each rank starts with them loaded
+_PRELOAD = ["torch", "torch.distributed.tensor", "torch.distributed.fsdp", "dist_ortho"]
+_CONTEXT = None
 
 
 class DistributedFailure(RuntimeError):
@@ -48,10 +58,22 @@ def _entry(fn, rank: int, world_size: int, store_path: str, out_dir: str, timeou
     atomic_write_bytes(result_path, pickle.dumps(payload))
 
 
+def _context():
+    """The fork server's context, made once (the plain spawn context where there is none)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        if "forkserver" in mp.get_all_start_methods():
+            _CONTEXT = mp.get_context("forkserver")
+            _CONTEXT.set_forkserver_preload(_PRELOAD)
+        else:
+            _CONTEXT = mp.get_context("spawn")
+    return _CONTEXT
+
+
 def spawn(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0,
           join_timeout_s: float = 600.0) -> list:
     """Run fn(rank, world_size, *args) on world_size gloo ranks; return each rank's result."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [ctx.Process(target=_entry, args=(fn, r, world_size, store_path, tmp, timeout_s,

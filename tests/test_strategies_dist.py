@@ -1,5 +1,11 @@
 """Every strategy equals the single-process reference on real gloo process groups at P = 1..4,
-and moves exactly the bytes its plan() predicts. One spawn per world size runs all cases."""
+and moves exactly the bytes its plan() predicts. One spawn per world size runs every case of that
+world size (the exactness cases, HSDP, plain tensors, FSDP2 training, bad input, NaN).
+
+"Equals" means: within the float32 rounding bound derived in tests/tolerances.py, which holds on
+every BLAS kernel path (.ci/run repeats the `exactness` tests under each MKL instruction set and
+1 and 2 threads per rank); workers return distance / bound ("ratios").
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,46 @@ import functools
 import pytest
 
 import dist_cases
+import tolerances
 from dist_ortho import strategies
 from dist_ortho.testing import spawn
 
 STRATEGIES = strategies.available()
 CASES = dist_cases.exactness_cases(STRATEGIES)
 WORLD_SIZES = [1, 2, 3, 4]
+HSDP_CASES = [c for c in CASES if c["shapes"] is dist_cases.MIXED and c["algo"] == "normuon"
+              and c["nesterov"] and c["strategy"] in ("balanced", "round_robin", "bucketed_async")]
+PLAIN_CASES = [c for c in CASES if c["shapes"] is dist_cases.MIXED and c["algo"] == "normuon"
+               and c["nesterov"] and not c["options"]]
+
+
+def jobs(world_size: int) -> list[tuple[str, str, tuple]]:
+    """Everything one spawn at this world size runs (dist_cases.suite_worker)."""
+    out = [("exactness", "exactness_worker", (CASES,))]
+    if world_size == 2:
+        out += [("fsdp_train", "fsdp_train_worker", (STRATEGIES,)),
+                ("bad_input", "bad_input_worker", ())]
+    if world_size == 3:
+        out += [("fsdp_train", "fsdp_train_worker", (STRATEGIES,)),
+                ("plain", "plain_worker", (PLAIN_CASES,)),
+                ("nonfinite", "nonfinite_worker", ())]
+    if world_size == 4:
+        out += [("hsdp", "hsdp_worker", (HSDP_CASES,))]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def suite(world_size: int) -> list[dict]:
+    return spawn(dist_cases.suite_worker, world_size, args=(jobs(world_size),))
+
+
+def results(world_size: int) -> list[list[dict]]:
+    return [rank["exactness"] for rank in suite(world_size)]
+
+
+def assert_ratios(ratios, family: str, context=None) -> None:
+    tolerances.report(family, ratios)
+    assert max(ratios) <= 1.0, (f"{max(ratios):.2f} x the derived bound", ratios, context)
 
 
 def assert_bytes_equal(counted: dict, planned: dict, context=None) -> None:
@@ -24,11 +64,6 @@ def assert_bytes_equal(counted: dict, planned: dict, context=None) -> None:
             (context, kind, counted[kind], planned[kind])
 
 
-@functools.lru_cache(maxsize=None)
-def results(world_size: int):
-    return spawn(dist_cases.exactness_worker, world_size, args=(CASES,))
-
-
 def case_id(case):
     opts = ",".join(f"{k}={v}" for k, v in case["options"].items())
     shapes = {id(dist_cases.MIXED): "mixed", id(dist_cases.SINGLE): "single",
@@ -37,14 +72,14 @@ def case_id(case):
             f"-nesterov={case['nesterov']}-wd={case['weight_decay']}")
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("k", range(len(CASES)), ids=[case_id(c) for c in CASES])
 def test_matches_reference_and_plan(world_size, k):
     case = CASES[k]
     per_rank = [r[k] for r in results(world_size)]
-    tolerance = 1e-5 if case["ns_dtype"] == "float32" else 2e-3
     for rank, res in enumerate(per_rank):
-        assert max(res["errors"]) <= tolerance, (rank, res["errors"])
+        assert_ratios(res["ratios"], f"strategies vs reference, {case['ns_dtype']}", rank)
         # bytes counted at the collectives equal the plan, per rank, per kind, every step
         for counted, planned in zip(res["counted"], res["planned"]):
             assert_bytes_equal(counted, planned, rank)
@@ -70,24 +105,20 @@ def test_replicated_does_p_times_the_work(world_size):
         assert by_name[name] == total
 
 
+@pytest.mark.exactness
 def test_hsdp_mesh_schedules_across_shard_axis():
-    cases = [c for c in CASES if c["shapes"] is dist_cases.MIXED and c["algo"] == "normuon"
-             and c["nesterov"] and c["strategy"] in ("balanced", "round_robin", "bucketed_async")]
-    out = spawn(dist_cases.hsdp_worker, 4, args=(cases,))
-    for rank_results in out:
-        for res in rank_results:
-            assert max(res["errors"]) <= 1e-5, res["errors"]
+    for rank in suite(4):
+        for res in rank["hsdp"]:
+            assert_ratios(res["ratios"], "HSDP vs reference, float32")
             for counted, planned in zip(res["counted"], res["planned"]):
                 assert_bytes_equal(counted, planned)
 
 
+@pytest.mark.exactness
 def test_plain_replicated_params_owner_broadcast():
-    cases = [c for c in CASES if c["shapes"] is dist_cases.MIXED and c["algo"] == "normuon"
-             and c["nesterov"] and not c["options"]]
-    out = spawn(dist_cases.plain_worker, 3, args=(cases,))
-    for rank_results in out:
-        for case, res in zip(cases, rank_results):
-            assert max(res["errors"]) <= 1e-5, (case["strategy"], res["errors"])
+    for rank in suite(3):
+        for case, res in zip(PLAIN_CASES, rank["plain"]):
+            assert_ratios(res["ratios"], "plain tensors vs reference, float32", case["strategy"])
             for counted, planned in zip(res["counted"], res["planned"]):
                 assert_bytes_equal(counted, planned)
             if case["strategy"] != "replicated":
@@ -95,7 +126,7 @@ def test_plain_replicated_params_owner_broadcast():
 
 
 def test_bad_input_raises_on_every_rank_before_any_collective():
-    out = spawn(dist_cases.bad_input_worker, 2)
+    out = [rank["bad_input"] for rank in suite(2)]
     for key, message in out[0].items():
         assert message is not None, f"{key} did not raise ValueError"
         assert out[1][key] == message, "every rank must raise the same error"
@@ -110,21 +141,23 @@ def test_bad_input_raises_on_every_rank_before_any_collective():
 
 
 def test_nonfinite_gradient_skips_step_on_every_rank():
-    out = spawn(dist_cases.nonfinite_worker, 3)
-    for res in out:
+    for res in [rank["nonfinite"] for rank in suite(3)]:
         assert res == dict(unchanged=True, state_untouched=True, skipped=1, warned=True,
                            finite_after=True), res
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fsdp2_transformer_training_matches_single_process(world_size):
-    out = spawn(dist_cases.fsdp_train_worker, world_size, args=(STRATEGIES,))
+    """Losses and weights of FSDP2 training equal single-process training within the derived bound
+    (dist_cases.fsdp_train_worker): FSDP2 reduce-scatters gradients summed in another order, and
+    that rounding, not only the optimizer's, goes through 4 steps; nothing else may differ."""
+    out = [rank["fsdp_train"] for rank in suite(world_size)]
     res = out[0]
     for name, run in res["runs"].items():
-        assert run["losses"] == pytest.approx(res["reference_losses"], rel=1e-5), name
-        worst = max(run["param_errors"], key=run["param_errors"].get)
-        # relative to the whole parameter: float32 reduction order differs (reduce-scatter vs
-        # one full-batch backward), nothing else may
-        assert run["param_errors"][worst] < 1e-5, (name, worst, run["param_errors"][worst])
+        # the gradient model itself, at step 0 where the weights are still the same
+        assert_ratios(list(run["grad_ratios"].values()), "FSDP2 gradients (step 0)", name)
+        assert_ratios(run["loss_ratios"], "FSDP2 training losses", name)
+        assert_ratios(list(run["param_ratios"].values()), "FSDP2 training weights", name)
     # every rank saw the same numbers
     assert all(o["runs"][n]["losses"] == res["runs"][n]["losses"] for o in out for n in res["runs"])

@@ -17,6 +17,13 @@ One step, on every rank, whatever the world size:
 `dist_ortho.timing.PhaseTimer`, e.g. the profiler) receives the phases above and, through the
 strategy, comm_wait and ns; `executed_ns_flops` counts the Newton-Schulz FLOPs run on this rank.
 
+Host syncs: `step()` makes exactly `HOST_SYNCS_PER_STEP` = 1 device-to-host sync, the non-finite
+check's `.item()` (`count_nonfinite`): whether to skip must be known on the host before any state
+is touched, on every rank alike. Everything else is queued: shapes, owners, split sizes and
+buckets are Python ints from the cached plan, never read back from a tensor, so on CUDA the
+strategies' collectives overlap with Newton-Schulz. tests/test_gpu.py counts the syncs of a step
+(P = 1 and P = 2) and asserts this number.
+
 With one rank, the same code runs with every collective skipped. Parameters must be 2-D or more
 (4-D conv weights are viewed as (out, -1), 3-D stacks as batches of matrices); use
 `dist_ortho.split_model_params` (or `build_optimizers`) to send embeddings, heads, norms and biases
@@ -45,10 +52,12 @@ from dist_ortho.strategies.base import ExecContext, Strategy
 from dist_ortho.timing import NULL_TIMER, PhaseTimer
 
 __all__ = ["OrthogonalizedOptimizer", "NorMuon", "Muon", "NONFINITE_POLICIES", "plan_step",
-           "optimizer_items", "count_nonfinite", "handle_nonfinite"]
+           "optimizer_items", "count_nonfinite", "handle_nonfinite", "HOST_SYNCS_PER_STEP"]
 
 log = logging.getLogger("dist_ortho")
 NONFINITE_POLICIES = ("skip", "raise")
+# device-to-host syncs in one `step()`: count_nonfinite's `.item()` (see the module docstring)
+HOST_SYNCS_PER_STEP = 1
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
@@ -61,7 +70,7 @@ def count_nonfinite(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | No
            else torch.zeros(1, device=device))
     if world_size > 1:
         dist.all_reduce(bad, group=group)
-    return int(bad.item())
+    return int(bad.item())  # the step's one documented host sync (HOST_SYNCS_PER_STEP)
 
 
 def handle_nonfinite(count: int, policy: str, who: str) -> None:

@@ -16,7 +16,8 @@ What happens, on every rank:
 1. Process group. Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) from the environment; without
    it, a one-rank group on an in-memory store, so the code path is the same at every world size.
    Backend and device follow the hardware: CUDA device LOCAL_RANK with nccl, else CPU with gloo and
-   one thread per rank (ranks share cores; timings are for comparing strategies, not absolute).
+   one thread per rank (ranks share cores; timings are for comparing strategies, not absolute);
+   `dist.backend: gloo` keeps the ranks on the CPU on a GPU machine too (`run_device_type`).
    `dist.timeout_s` is the timeout of the default group, which the FSDP mesh, the optimizers and
    checkpoints all use: a collective that waits longer fails. Gloo raises on the waiting ranks;
    NCCL's watchdog tears the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, set when unset;
@@ -95,7 +96,7 @@ from dist_ortho.profiling.env import environment, write_run_metadata
 from dist_ortho.schema import to_dict
 
 __all__ = ["RunState", "StepOutput", "Callback", "LogProgress", "init_distributed",
-           "build_sharded_model", "build_run", "train_step", "train", "finish", "close", "run",
+           "build_sharded_model", "build_run", "run_device_type", "train_step", "train", "finish", "close", "run",
            "add_arguments", "main", "DONE_FILE", "RESULT_FILES", "read_done"]
 
 log = logging.getLogger("dist_ortho.run")
@@ -106,9 +107,21 @@ RESULT_FILES = ("metrics.csv", "collectives.csv", "metrics.parquet", "collective
 
 # --- process group ------------------------------------------------------------------------------
 
-def _pick_device() -> torch.device:
-    if default_device_type() == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+def run_device_type(config: Config) -> str:
+    """The device type a run of `config` uses here: CPU for `dist.backend: gloo` (gloo has no
+    all-to-all for CUDA tensors, so gloo ranks keep their tensors on the CPU even on a GPU
+    machine), else CUDA when torch sees a GPU."""
+    return "cpu" if config.dist.backend == "gloo" else default_device_type()
+
+
+def _pick_device(config: Config) -> torch.device:
+    if run_device_type(config) == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError("dist.backend", f"local rank {local_rank} has no GPU: "
+                              f"{torch.cuda.device_count()} visible; start at most one rank per "
+                              f"GPU (torchrun --nproc_per_node), or use gloo for CPU ranks")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
@@ -116,7 +129,7 @@ def _pick_device() -> torch.device:
 
 def init_distributed(config: Config) -> tuple[torch.device, bool]:
     """Start (or reuse) the default process group; returns (device, whether we started it)."""
-    device = _pick_device()
+    device = _pick_device(config)
     if device.type == "cpu":
         torch.set_num_threads(1)
     if dist.is_initialized():
@@ -271,7 +284,7 @@ def run_facts(state: RunState) -> dict:
         facts["matrix_count"] += len(params)
         facts["matrix_itemsize"] = params[0].element_size()
         plan = opt.plan()
-        facts["ns_itemsize"] = torch.empty((), dtype=plan.matrices[0].out_dtype).element_size()
+        facts["ns_itemsize"] = plan.matrices[0].out_dtype.itemsize
         for r, cost in enumerate(plan.ranks):
             flops[r] += cost.ns_flops
             send[r] += cost.send_bytes
@@ -289,7 +302,7 @@ def build_run(config: Config, faults: FaultConfig | None = None) -> RunState:
     (ConfigError) are raised before any collective, on every rank alike."""
     # checks that need no process group: identical on every rank (same file, same overrides)
     config = config_from_dict(config.to_dict())
-    check_launch(config, _launch_world_size(), faults, default_device_type())
+    check_launch(config, _launch_world_size(), faults, run_device_type(config))
     strategy = strategies.build(config.strategy.name, **config.strategy.options)
 
     device, owns = init_distributed(config)
@@ -530,7 +543,7 @@ def _main(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load_config(args.config, overrides)
     faults = from_sources(getattr(args, "fault", []))
     if args.print_config:
-        resolved = resolve(config)
+        resolved = resolve(config, run_device_type(config))
         print(dump_config(resolved), end="")
         print(f"# config_hash: {config_hash(resolved)}")
         return 0

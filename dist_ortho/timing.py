@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Protocol, runtime_checkable
 
@@ -42,15 +43,23 @@ NULL_TIMER = NullTimer()
 
 class SecondsTimer:
     """Wall seconds per phase name, summed over entries (names are not nested into paths): the
-    cheapest real timer, for benchmarks and calibration."""
+    cheapest real timer, for benchmarks and calibration. `sync`: called at both ends of every
+    phase, for devices that queue work (e.g. `lambda: torch.cuda.synchronize()`), so that a phase
+    is charged for its kernels rather than their launches; it serializes the step, so it is for
+    timing local work, not overlap."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], object] | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._sync = sync
 
     @contextmanager
     def phase(self, name: str):
+        if self._sync is not None:
+            self._sync()
         start = time.perf_counter()
         try:
             yield
         finally:
+            if self._sync is not None:
+                self._sync()
             self.seconds[name] += time.perf_counter() - start

@@ -187,6 +187,7 @@ def measure_collectives(group=None, sizes_bytes: Sequence[int] = (2**12, 2**16, 
 
 
 def _time_ns(shape, dtype, device, repeats: int) -> float:
+    # drawn on the CPU generator (the same values on every device), then moved once
     g = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     newton_schulz(g, 5, dtype)
     _sync(device)
@@ -203,13 +204,19 @@ NS_CALIBRATION_SHAPES = ((256, 256), (192, 768), (384, 384), (512, 512), (384, 1
 
 
 def measure_ns(group=None, shapes: Sequence[tuple] = NS_CALIBRATION_SHAPES,
-               ns_dtype: str | None = None, repeats: int = 5) -> tuple[list[NSSample], list[NSSample]]:
+               ns_dtype: str | None = None, repeats: int = 5,
+               device: torch.device | str | None = None) -> tuple[list[NSSample], list[NSSample]]:
     """NS timings (alone, loaded): rank 0 alone while the others wait, then every rank at once.
 
     The alone rate is the model's rate; the loaded one tells how many ranks the host runs at full
-    speed (CPU ranks share cores; GPUs do not)."""
-    device = _device_of(group) if group is not None or dist.is_initialized() else \
-        torch.device("cpu")
+    speed (CPU ranks share cores; GPUs do not). `device`: where to run (default: the group's
+    backend's device, or the CPU outside torch.distributed); a GPU needs no process group."""
+    if device is not None:
+        device = torch.device(device)
+    elif group is not None or dist.is_initialized():
+        device = _device_of(group)
+    else:
+        device = torch.device("cpu")
     dtype = torch_dtype(ns_dtype) if ns_dtype else (torch.float32 if device.type == "cpu"
                                                      else torch.bfloat16)
     alone, loaded = [], []
@@ -236,22 +243,25 @@ _EW_SETS = ([(32, 32)] * 48, [(512, 512)] * 4 + [(1024, 384)] * 2)
 
 
 def measure_elementwise(group=None, param_sets: Sequence[Sequence[tuple]] = _EW_SETS,
-                        ns_dtype: str = "float32", repeats: int = 3) -> list[ElementwiseSample]:
+                        ns_dtype: str = "float32", repeats: int = 3,
+                        device: torch.device | str = "cpu") -> list[ElementwiseSample]:
     """Time NorMuon's local phases (non-finite check, momentum, normalize, apply; not the
-    orthogonalization) on plain tensors in this process alone. `group` must be a group of one
-    (or None outside torch.distributed), so the optimizer sends nothing."""
+    orthogonalization) on plain tensors on `device` in this process alone. `group` must be a
+    group of one (or None outside torch.distributed), so the optimizer sends nothing. On an
+    asynchronous device the timer synchronizes at each phase boundary."""
     if dist.is_initialized() and dist.get_world_size(group) != 1:
         raise ValueError("measure_elementwise times one rank alone: pass a group of one rank "
                          "(dist.new_group([rank])); calibrate() does this for you")
+    device = torch.device(device)
     samples = []
     for shapes in param_sets:
-        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
         opt = NorMuon(params, ns_dtype=ns_dtype, strategy="balanced", process_group=group)
         per_step = []
         for step in range(repeats + 1):
             for p in params:
                 p.grad = torch.randn_like(p)
-            timer = SecondsTimer()
+            timer = SecondsTimer(sync=lambda: _sync(device))
             opt.set_timer(timer)
             opt.step()
             # the optimizer's own top-level phases; the orthogonalization (and the "ns" and
@@ -287,7 +297,7 @@ def calibrate(group=None, *, sizes_bytes: Sequence[int] = (2**12, 2**16, 2**19, 
     ew: list[ElementwiseSample] = []
     dist.barrier(group=group)
     if me == 0:
-        ew = measure_elementwise(solo[0], elementwise_sets, ns_dtype)
+        ew = measure_elementwise(solo[0], elementwise_sets, ns_dtype, device=device)
     dist.barrier(group=group)
     payload = [None]
     if me == 0:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import tolerances
+from gpu_cases import sync_count_worker  # noqa: F401 (suite_worker finds workers by name)
 from dist_ortho import NorMuon, Muon, NSConfig, ReferenceHParams, reference_step
 from dist_ortho.profiling.comm import CommCounter
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from devices import cpu_ranks_only
 from dist_ortho.models import (
     GPT,
     GPT_PRESETS,
@@ -323,6 +324,7 @@ def _fsdp_worker(rank: int, world_size: int, init_file: str, result_dir: str) ->
         dist.destroy_process_group()
 
 
+@cpu_ranks_only
 def test_synthetic_grads_and_init_on_fsdp2_shards(tmp_path) -> None:
     world_size = 2
     mp.spawn(

@@ -14,6 +14,7 @@ import functools
 import pytest
 
 import dist_cases
+import gpu_cases
 import tolerances
 from dist_ortho import strategies
 from dist_ortho.testing import spawn
@@ -32,7 +33,8 @@ def jobs(world_size: int) -> list[tuple[str, str, tuple]]:
     out = [("exactness", "exactness_worker", (CASES,))]
     if world_size == 2:
         out += [("fsdp_train", "fsdp_train_worker", (STRATEGIES,)),
-                ("bad_input", "bad_input_worker", ())]
+                ("bad_input", "bad_input_worker", ()),
+                ("host_syncs", "sync_count_worker", (STRATEGIES,))]
     if world_size == 3:
         out += [("fsdp_train", "fsdp_train_worker", (STRATEGIES,)),
                 ("plain", "plain_worker", (PLAIN_CASES,)),
@@ -161,3 +163,13 @@ def test_fsdp2_transformer_training_matches_single_process(world_size):
         assert_ratios(list(run["param_ratios"].values()), "FSDP2 training weights", name)
     # every rank saw the same numbers
     assert all(o["runs"][n]["losses"] == res["runs"][n]["losses"] for o in out for n in res["runs"])
+
+
+def test_host_syncs_per_step_p2_gloo():
+    """On 2 gloo ranks with FSDP2-style DTensor shards, every strategy's NorMuon step makes exactly
+    the documented host syncs (dist_ortho.optimizer.HOST_SYNCS_PER_STEP; P = 1 and CUDA in
+    tests/test_gpu.py)."""
+    for rank, result in enumerate(rank["host_syncs"] for rank in suite(2)):
+        assert sorted(result) == sorted(STRATEGIES)
+        for name, events in result.items():
+            gpu_cases.assert_one_sync_per_step(events, (rank, name))

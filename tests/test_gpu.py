@@ -1,0 +1,211 @@
+"""GPU readiness, checked as far as a CPU can, and on a GPU where there is one.
+
+On any machine: a step of every strategy on meta-device parameters (a tensor made on the CPU where
+the parameter's device was needed raises), Newton-Schulz on fake "cuda" tensors (FakeTensorMode
+fakes CUDA without one), the host syncs of a step counted at P = 1 against the documented number
+(`dist_ortho.optimizer.HOST_SYNCS_PER_STEP`; on 2 gloo ranks in tests/test_strategies_dist.py), and bench/gpu_check.sh's no-GPU
+path and dry run. With CUDA (bench/gpu_check.sh runs this file on the GPU): an FSDP2 step of every
+strategy on an NCCL group of one rank against the reference, and the host syncs of a CUDA step,
+also as torch's CUDA sync debug mode sees them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import dist_ortho.optimizer as optimizer_module
+import gpu_cases
+from dist_ortho import Muon, NorMuon, gpu_check, strategies
+from dist_ortho.newton_schulz import NSConfig, newton_schulz
+from dist_ortho.optimizer import HOST_SYNCS_PER_STEP
+from dist_ortho.orthogonalizer import Orthogonalizer
+from dist_ortho.reference import ReferenceHParams, reference_step
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = strategies.available()
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# --- without a GPU --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", [NorMuon, Muon])
+def test_meta_step_of_every_strategy_keeps_state_and_results_on_the_parameters_device(
+        optimizer, monkeypatch):
+    # meta tensors have no values: the one host sync (the non-finite verdict) is answered here
+    monkeypatch.setattr(optimizer_module, "count_nonfinite", lambda *args, **kwargs: 0)
+    for name in STRATEGIES:
+        params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in gpu_cases.SHAPES]
+        opt = optimizer(params, strategy=name)
+        for p in params:
+            p.grad = torch.empty_like(p)
+        opt.step()
+        opt.step()
+        # "auto" picks bfloat16 off the CPU; results travel in it
+        assert opt.plan().matrices[0].out_dtype == torch.bfloat16, name
+        for p in params:
+            assert p.device.type == "meta", name
+            assert all(t.device.type == "meta" for t in opt.state[p].values()
+                       if isinstance(t, torch.Tensor) and t.ndim), (name, opt.state[p].keys())
+
+
+def test_newton_schulz_on_fake_cuda_tensors_runs_in_bfloat16_on_cuda():
+    with FakeTensorMode():
+        for shape in ((1, 8, 6), (2, 12, 5), (1, 4, 54)):
+            g = torch.empty(shape, device="cuda")
+            out = Orthogonalizer([NSConfig(), NSConfig()], torch.device("cuda")).run(
+                list(range(shape[0])), g)
+            assert out.device.type == "cuda" and out.dtype == torch.bfloat16
+            assert out.shape == g.shape
+            assert newton_schulz(g, 5, torch.float32).device.type == "cuda"
+
+
+@pytest.mark.parametrize("optimizer", [NorMuon, Muon])
+def test_host_syncs_per_step_p1_equal_the_documented_number(optimizer):
+    for name in STRATEGIES:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in gpu_cases.SHAPES]
+        events = gpu_cases.step_syncs(params, lambda ps, n=name: optimizer(ps, strategy=n))
+        gpu_cases.assert_one_sync_per_step(events, (optimizer.__name__, name))
+
+
+def test_host_sync_counter_sees_every_kind_of_sync():
+    x = torch.ones(4)
+    with gpu_cases.HostSyncCounter() as counter:
+        x.sum().item()
+        bool(x.sum() > 0)
+        x.tolist()
+        x.cpu()
+        x.nonzero()
+    assert [kind for kind, _ in counter.events] == [
+        "scalar", "scalar", "method", "method", "data-dependent shape"]
+    assert torch.Tensor.cpu is not None and x.cpu() is x  # methods restored
+
+
+def test_the_host_syncs_are_documented_where_gpu_users_look():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## On GPUs", 1)[1].split("\n## ", 1)[0]
+    assert "HOST_SYNCS_PER_STEP" in section and "one host sync" in section
+    assert "HOST_SYNCS_PER_STEP` = 1" in optimizer_module.__doc__
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1 and "no CUDA GPU" in proc.stdout, proc.stdout
+    assert proc.stderr == "" and list(tmp_path.iterdir()) == []
+
+
+def test_gpu_check_module_without_a_gpu_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no CUDA GPU" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_dry_run_lists_every_check(capsys):
+    assert gpu_check.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    names = [c.name for c in gpu_check.CHECKS]
+    assert names == ["environment", "tests_cuda", "nccl_strategies", "tests_gloo_multirank",
+                     "calibrate_ns", "hbm_compute", "profiled_run"]
+    for name in names:
+        assert f"\n{name} (budget" in "\n" + out, name
+    listed = {line.split(" (budget")[0] for line in out.splitlines() if " (budget" in line}
+    assert listed == set(names)
+    for word in [*STRATEGIES, "bfloat16", "float32", "llama-1b", "llama-8b", "llama-70b",
+                 "DIST_ORTHO_TEST_DEVICE='cuda'", "CUDA_VISIBLE_DEVICES=''", "HBM",
+                 gpu_check.RUN_CONFIG, "ns_dtype auto", "trace"]:
+        assert word in out, word
+    # each check has its own budget, and together they fit the 8 minutes a GPU is lent for
+    assert sum(c.budget_s for c in gpu_check.CHECKS) <= gpu_check.TOTAL_BUDGET_S < 8 * 60
+
+
+# --- on a GPU ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nccl_group():
+    """An NCCL group of one rank in this process (one GPU cannot host two NCCL ranks)."""
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=torch.device("cuda", 0))
+    yield init_device_mesh("cuda", (1,))
+    if started:
+        dist.destroy_process_group()
+
+
+def _fsdp_model(mesh, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False), torch.nn.Tanh(),
+                                torch.nn.Linear(24, 16, bias=False)).cuda()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_nccl_p1_fsdp2_step_matches_the_reference(name, nccl_group):
+    model = _fsdp_model(nccl_group, seed=0)
+    params = list(model.parameters())
+    opt = NorMuon(params, strategy=name, ns_dtype="float32", lr=0.02)
+    ref_params = [p.full_tensor().detach().cpu().clone() for p in params]
+    state: dict = {}
+    hp = ReferenceHParams(lr=0.02, momentum=0.95, beta2=0.95, weight_decay=0.0, nesterov=True,
+                          ns=NSConfig(5, "float32"))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)).cuda()
+    for _ in range(3):
+        model(x).square().mean().backward()
+        grads = [p.grad.full_tensor().cpu() for p in params]
+        opt.step()
+        opt.zero_grad()
+        reference_step(ref_params, grads, state, hp)
+    for p, ref in zip(params, ref_params):
+        assert p.to_local().device.type == "cuda"
+        torch.testing.assert_close(p.full_tensor().cpu(), ref, rtol=1e-4, atol=1e-5)
+    # ns_dtype auto: bfloat16 Newton-Schulz on the GPU, results travel in bfloat16
+    auto = NorMuon(params, strategy=name)
+    assert auto.plan().matrices[0].out_dtype == torch.bfloat16
+    model(x).square().mean().backward()
+    auto.step()
+    assert all(torch.isfinite(p.full_tensor()).all() for p in params)
+
+
+@needs_cuda
+def test_cuda_step_makes_exactly_the_documented_host_syncs():
+    for name in STRATEGIES:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda())
+                  for s in gpu_cases.SHAPES]
+        events = gpu_cases.step_syncs(params, lambda ps, n=name: NorMuon(ps, strategy=n))
+        gpu_cases.assert_one_sync_per_step(events, name)
+        opt = NorMuon(params, strategy=name)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # state allocated outside the count
+        torch.cuda.synchronize()
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == HOST_SYNCS_PER_STEP, (name, [str(w.message) for w in syncs])

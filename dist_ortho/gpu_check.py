@@ -39,6 +39,7 @@ from dist_ortho.models import matrix_shapes
 from dist_ortho.newton_schulz import ns_flops
 from dist_ortho.profiling.calibration import (fit_elementwise, fit_ns_rate, measure_elementwise,
                                               measure_ns)
+from dist_ortho.profiling.device import DeviceOps
 from dist_ortho.profiling.env import environment
 from dist_ortho.profiling.hardware import get_preset
 
@@ -213,13 +214,18 @@ def _distinct_shapes(family: str) -> list[tuple[int, int]]:
     return sorted({shape for _, shape in matrix_shapes(family)})
 
 
-def step_calibrate_ns(out: Path) -> dict:
-    device = torch.device("cuda", 0)
+def step_calibrate_ns(out: Path, device: torch.device | str = "cuda", families=FAMILIES,
+                      dtypes=NS_DTYPES, elementwise_sets=None) -> dict:
+    """The NS rate fitted per (dtype, family) over the family's distinct matrix shapes, and the
+    element-wise rate, each next to the preset's (tests run it on the CPU with small shapes)."""
+    device = torch.device(device)
     preset = get_preset(PRESET)
-    result: dict = {"preset": PRESET, "device": torch.cuda.get_device_name(device),
+    result: dict = {"preset": PRESET, "device": str(device),
+                    "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                    else device.type),
                     "float32_matmul_precision": torch.get_float32_matmul_precision(), "ns": []}
-    for dtype in NS_DTYPES:
-        for family in FAMILIES:
+    for dtype in dtypes:
+        for family in families:
             shapes = _distinct_shapes(family)
             alone, _ = measure_ns(None, shapes, ns_dtype=dtype, repeats=3, device=device)
             rate, call_s = fit_ns_rate(alone)
@@ -230,7 +236,8 @@ def step_calibrate_ns(out: Path) -> dict:
                 "preset_flops_per_s": preset.ns_flops_per_s(dtype),
                 "preset_peak_flops_per_s": preset.peak_flops[dtype],
                 "measured_over_preset": rate / preset.ns_flops_per_s(dtype)})
-    ew = measure_elementwise(None, ns_dtype="bfloat16", device=device)
+    kwargs = {} if elementwise_sets is None else {"param_sets": elementwise_sets}
+    ew = measure_elementwise(None, ns_dtype=dtypes[0], device=device, **kwargs)
     per_param, per_element = fit_elementwise(ew)
     preset_per_element = preset.elementwise_bytes_per_element / preset.hbm_bytes_per_s
     result["elementwise"] = {"s_per_param": per_param, "s_per_element": per_element,
@@ -240,44 +247,46 @@ def step_calibrate_ns(out: Path) -> dict:
     return result
 
 
-def _best_cuda_seconds(fn: Callable[[], object], repeats: int) -> float:
+def _best_seconds(ops: DeviceOps, fn: Callable[[], object], repeats: int) -> float:
+    """Best of `repeats` device-timed calls (after one warm-up): other work only adds time."""
     fn()
-    torch.cuda.synchronize()
+    ops.synchronize()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = ops.mark()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
+        end = ops.mark()
+        ops.synchronize()
+        times.append(ops.elapsed_s(start, end))
     return min(times)
 
 
-def step_hbm_compute(out: Path) -> dict:
+def step_hbm_compute(out: Path, device: torch.device | str = "cuda", copy_numel: int = 2**30,
+                     matmul_n: int = 8192) -> dict:
+    """Copy bandwidth (4 GiB float32 buffers: far beyond any cache) and dense matmul FLOP/s,
+    each next to the preset's data-sheet figure."""
+    ops = DeviceOps.for_device(device)
     preset = get_preset(PRESET)
-    n = 2**30  # 4 GiB of float32 per buffer: far beyond any cache
-    src = torch.ones(n, device="cuda")
+    src = torch.ones(copy_numel, device=ops.device)
     dst = torch.empty_like(src)
-    copy_s = _best_cuda_seconds(lambda: dst.copy_(src), 5)
+    copy_s = _best_seconds(ops, lambda: dst.copy_(src), 5)
     hbm = 2 * src.numel() * src.element_size() / copy_s  # read + write
     del src, dst
-    result: dict = {"preset": PRESET, "hbm_bytes_per_s": hbm,
+    result: dict = {"preset": PRESET, "device": str(ops.device), "hbm_bytes_per_s": hbm,
                     "preset_hbm_bytes_per_s": preset.hbm_bytes_per_s,
                     "hbm_measured_over_preset": hbm / preset.hbm_bytes_per_s, "matmul": []}
-    size = 8192
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         for label, dtype, allow_tf32 in (("bfloat16", torch.bfloat16, False),
                                          ("float32", torch.float32, False),
                                          ("tf32", torch.float32, True)):
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-            a = torch.randn(size, size, device="cuda", dtype=dtype)
-            b = torch.randn(size, size, device="cuda", dtype=dtype)
-            seconds = _best_cuda_seconds(lambda: a @ b, 5)
-            rate = 2 * size**3 / seconds
+            a = torch.randn(matmul_n, matmul_n, device=ops.device, dtype=dtype)
+            b = torch.randn(matmul_n, matmul_n, device=ops.device, dtype=dtype)
+            seconds = _best_seconds(ops, lambda: a @ b, 5)
+            rate = 2 * matmul_n**3 / seconds
             peak = preset.peak_flops.get(label)
-            result["matmul"].append({"dtype": label, "n": size, "seconds": seconds,
+            result["matmul"].append({"dtype": label, "n": matmul_n, "seconds": seconds,
                                      "flops_per_s": rate, "preset_peak_flops_per_s": peak,
                                      "measured_over_peak": rate / peak if peak else None})
     finally:

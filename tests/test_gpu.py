@@ -134,6 +134,34 @@ def test_gpu_check_dry_run_lists_every_check(capsys):
     assert sum(c.budget_s for c in gpu_check.CHECKS) <= gpu_check.TOTAL_BUDGET_S < 8 * 60
 
 
+def test_gpu_check_runs_every_check_past_a_failure_and_a_timeout(tmp_path, monkeypatch):
+    py = sys.executable
+    checks = (gpu_check.Check("fails", 20, "exits 3", (py, "-c", "import sys; sys.exit(3)")),
+              gpu_check.Check("hangs", 1, "sleeps", (py, "-c", "import time; time.sleep(30)")),
+              gpu_check.Check("passes", 20, "writes", (py, "-c", "open('{out}/x.json', 'w')"),
+                              (("SOME_VAR", "1"),)))
+    monkeypatch.setattr(gpu_check, "CHECKS", checks)
+    rows = gpu_check.run_checks(tmp_path)
+    assert [(r["check"], r["status"]) for r in rows] == [
+        ("fails", "failed"), ("hangs", "timeout"), ("passes", "ok")]
+    assert rows[1]["seconds"] < 15 and (tmp_path / "x.json").is_file()
+    assert (tmp_path / "logs" / "fails.log").read_text().startswith("$ ")
+    text = gpu_check.summary_markdown(tmp_path, rows)
+    assert "| fails | failed |" in text and "| hangs | timeout |" in text
+
+
+def test_gpu_check_measuring_steps_run_on_the_cpu_with_small_shapes(tmp_path):
+    cal = gpu_check.step_calibrate_ns(tmp_path, "cpu", families=("llama-tiny",),
+                                      dtypes=("float32",),
+                                      elementwise_sets=([(32, 32)] * 4, [(64, 64)] * 2))
+    (row,) = cal["ns"]
+    assert row["family"] == "llama-tiny" and row["fitted_flops_per_s"] > 0
+    assert row["measured_over_preset"] > 0 and cal["elementwise"]["s_per_element"] >= 0
+    hw = gpu_check.step_hbm_compute(tmp_path, "cpu", copy_numel=2**16, matmul_n=64)
+    assert hw["hbm_bytes_per_s"] > 0 and [m["dtype"] for m in hw["matmul"]] == [
+        "bfloat16", "float32", "tf32"]
+
+
 # --- on a GPU ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

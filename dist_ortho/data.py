@@ -259,10 +259,12 @@ class BatchLoader(_SteppedLoader):
 
     def _draw_global(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # Largest valid start is numel - seq_len - 1 (y needs one byte more).
+        # drawn on the generator's device (the CPU), whatever torch's default device is
         starts = torch.randint(
-            0, self.data.numel() - self.seq_len, (self.global_batch_size,), generator=gen
+            0, self.data.numel() - self.seq_len, (self.global_batch_size,), generator=gen,
+            device=gen.device,
         )
-        idx = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
+        idx = starts[:, None] + torch.arange(self.seq_len + 1, device=gen.device)[None, :]
         windows = self.data[idx].long()
         return windows[:, :-1], windows[:, 1:]
 
@@ -291,7 +293,8 @@ class SyntheticTokens(_SteppedLoader):
 
     def _draw_global(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.randint(
-            0, self.vocab_size, (self.global_batch_size, self.seq_len + 1), generator=gen
+            0, self.vocab_size, (self.global_batch_size, self.seq_len + 1), generator=gen,
+            device=gen.device,
         )
         return tokens[:, :-1], tokens[:, 1:]
 

@@ -106,7 +106,7 @@ def step_syncs(params, make_opt, steps: int = 2, seed: int = 0) -> list[list[tup
 
 def _like(p, gen):
     """A random gradient placed like `p` (a DTensor gets the same global values on every rank)."""
-    full = torch.randn(p.shape, generator=gen).to(p.dtype)
+    full = torch.randn(p.shape, generator=gen, device="cpu").to(p.dtype)
     if isinstance(p, DTensor):
         return distribute_tensor(full.to(p.to_local().device), p.device_mesh, p.placements,
                                  src_data_rank=None)
@@ -120,7 +120,7 @@ def sync_count_worker(rank: int, world_size: int, strategies: list[str]) -> dict
     out = {}
     for name in strategies:
         gen = torch.Generator().manual_seed(1)
-        params = [torch.nn.Parameter(distribute_tensor(torch.randn(s, generator=gen), mesh,
+        params = [torch.nn.Parameter(distribute_tensor(torch.randn(s, generator=gen, device="cpu"), mesh,
                                                        [Shard(0)], src_data_rank=None))
                   for s in SHAPES]
         out[name] = step_syncs(params, lambda ps, n=name: NorMuon(ps, strategy=n))

@@ -108,7 +108,8 @@ def test_corpus_user_errors(tmp_path: Path) -> None:
 
 
 def _data() -> torch.Tensor:
-    return torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).to(
+    return torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0),
+                         device="cpu").to(
         torch.uint8
     )
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from devices import TEST_DEVICE
 from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, OptimizerConfig,
                         ReferenceHParams, SplitConfig, build_optimizers, newton_schulz, ns_flops,
                         reference_step, split_params)
@@ -20,7 +21,7 @@ U32 = unit_roundoff(torch.float32)
 
 
 def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(*shape, generator=torch.Generator(TEST_DEVICE).manual_seed(seed))
 
 
 # --- Newton-Schulz ------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def assert_same_state(M, M_ref, v, v_ref):
 @pytest.mark.exactness
 def test_reference_normuon_matches_the_paper_formula_written_out():
     """Transcribes the official normuon.py step by step for a 2-D matrix, without our helpers."""
-    G, M, v = randn(12, 8, seed=9), randn(12, 8, seed=10), torch.rand(12, generator=torch.Generator().manual_seed(11))
+    G, M, v = randn(12, 8, seed=9), randn(12, 8, seed=10), torch.rand(12, generator=torch.Generator(TEST_DEVICE).manual_seed(11))
     hp = ReferenceHParams(ns=NSConfig(dtype="float32"))
     O, M_ref, v_ref = paper_transcription(G, M, v)
     ours = normuon_update(G, M, v, hp)
@@ -166,13 +167,13 @@ def test_regression_v_is_compared_not_skipped():
     """Bug: the test above ended in `assert_close(M, M_ref) and assert_close(v, v_ref)`;
     assert_close returns None, so `and` skipped the check of v. A wrong v (here the v of a
     missing or doubled lerp, or one rounding-scale bigger than allowed) must now fail, with M right."""
-    G, M, v = randn(12, 8, seed=9), randn(12, 8, seed=10), torch.rand(12, generator=torch.Generator().manual_seed(11))
+    G, M, v = randn(12, 8, seed=9), randn(12, 8, seed=10), torch.rand(12, generator=torch.Generator(TEST_DEVICE).manual_seed(11))
     _, M_ref, v_ref = paper_transcription(G, M, v)
     normuon_update(G, M, v, ReferenceHParams(ns=NSConfig(dtype="float32")))
     assert_same_state(M, M_ref, v, v_ref)  # the right state passes
     O = newton_schulz(G.lerp(M_ref, 0.95), 5, torch.float32)
     for wrong_v in (v_ref.clone().lerp_(torch.mean(O * O, dim=-1), 1 - 0.95),  # lerped twice
-                    torch.rand(12, generator=torch.Generator().manual_seed(11)),  # never lerped
+                    torch.rand(12, generator=torch.Generator(TEST_DEVICE).manual_seed(11)),  # never lerped
                     v_ref * (1 + C * 16 * U32)):  # 4x the allowed rounding
         with pytest.raises(AssertionError):
             assert_same_state(M, M_ref, wrong_v, v_ref)

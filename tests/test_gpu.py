@@ -120,8 +120,8 @@ def test_gpu_check_dry_run_lists_every_check(capsys):
     assert gpu_check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     names = [c.name for c in gpu_check.CHECKS]
-    assert names == ["environment", "tests_cuda", "nccl_strategies", "tests_gloo_multirank",
-                     "calibrate_ns", "hbm_compute", "profiled_run"]
+    assert names == ["environment", "nccl_strategies", "profiled_run", "calibrate_ns",
+                     "hbm_compute", "tests_cuda", "tests_gloo_multirank"]
     for name in names:
         assert f"\n{name} (budget" in "\n" + out, name
     listed = {line.split(" (budget")[0] for line in out.splitlines() if " (budget" in line}

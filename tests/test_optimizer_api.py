@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from devices import TEST_DEVICE
 import dist_cases
 from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, OptimizerConfig,
                         OrthogonalizedOptimizer, ReferenceHParams, SplitConfig, build_optimizers,
@@ -27,7 +28,7 @@ from dist_ortho.testing import spawn
 
 
 def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(*shape, generator=torch.Generator(TEST_DEVICE).manual_seed(seed))
 
 
 # --- NS settings --------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def _schedule(opt, warmup=2, total=10):
 
 def _train(model, opt, sched, steps, start):
     for step in range(start, start + steps):
-        g = torch.Generator().manual_seed(step)
+        g = torch.Generator(TEST_DEVICE).manual_seed(step)
         tokens = torch.randint(0, 256, (2, 9), generator=g)
         _, loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()

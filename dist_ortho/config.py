@@ -251,6 +251,13 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def run_device_type(config: Config) -> str:
+    """The device type a run of `config` uses on this machine: CPU for `dist.backend: gloo` (gloo
+    has no all-to-all for CUDA tensors, so gloo ranks keep their tensors on the CPU even on a GPU
+    machine), else CUDA when torch sees a GPU."""
+    return "cpu" if config.dist.backend == "gloo" else default_device_type()
+
+
 def resolve(config: Config, device_type: str | None = None) -> Config:
     """A copy with "auto" choices made for `device_type` (default: this machine's)."""
     device_type = device_type or default_device_type()

@@ -82,8 +82,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import fully_shard
 
 from dist_ortho import checkpoint, models, strategies
-from dist_ortho.config import (Config, ConfigError, config_from_dict, config_hash,
-                               default_device_type, dump_config, load_config, resolve)
+from dist_ortho.config import (Config, ConfigError, config_from_dict, config_hash, dump_config,
+                               load_config, resolve, run_device_type)
 from dist_ortho.data import build_loader
 from dist_ortho.faults import FaultConfig, FaultInjector, from_sources
 from dist_ortho.io import atomic_write_text
@@ -96,7 +96,7 @@ from dist_ortho.profiling.env import environment, write_run_metadata
 from dist_ortho.schema import to_dict
 
 __all__ = ["RunState", "StepOutput", "Callback", "LogProgress", "init_distributed",
-           "build_sharded_model", "build_run", "run_device_type", "train_step", "train", "finish", "close", "run",
+           "build_sharded_model", "build_run", "train_step", "train", "finish", "close", "run",
            "add_arguments", "main", "DONE_FILE", "RESULT_FILES", "read_done"]
 
 log = logging.getLogger("dist_ortho.run")
@@ -106,13 +106,6 @@ RESULT_FILES = ("metrics.csv", "collectives.csv", "metrics.parquet", "collective
 
 
 # --- process group ------------------------------------------------------------------------------
-
-def run_device_type(config: Config) -> str:
-    """The device type a run of `config` uses here: CPU for `dist.backend: gloo` (gloo has no
-    all-to-all for CUDA tensors, so gloo ranks keep their tensors on the CPU even on a GPU
-    machine), else CUDA when torch sees a GPU."""
-    return "cpu" if config.dist.backend == "gloo" else default_device_type()
-
 
 def _pick_device(config: Config) -> torch.device:
     if run_device_type(config) == "cuda":

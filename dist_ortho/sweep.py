@@ -48,7 +48,7 @@ import torch
 from dist_ortho import report, strategies
 from dist_ortho.cli import run_command
 from dist_ortho.config import (Config, ConfigError, apply_overrides, config_from_dict,
-                               default_device_type, parse_overrides, resolve)
+                               parse_overrides, resolve, run_device_type)
 from dist_ortho.faults import from_sources
 from dist_ortho.jobs import (REPO_ROOT, Job, JobResult, Progress, clock, is_complete, run_jobs,
                              write_failures)
@@ -206,7 +206,6 @@ def expand(study: Study, device_type: str | None = None, faults=None) -> list[Jo
     """Every grid point as a Job with a checked, resolved config, checked at its world size by
     `preflight.check_launch`; a bad point raises ConfigError naming it. Order: model, option set,
     world size, strategy (so partial results are whole comparisons)."""
-    device_type = device_type or default_device_type()
     faults = from_sources() if faults is None else faults
     base = read_yaml(study.base)
     grid = study.grid
@@ -222,13 +221,14 @@ def expand(study: Study, device_type: str | None = None, faults=None) -> list[Jo
                                  "strategy.name": s.name, "strategy.options": s.options,
                                  "output.dir": str(study.dir / "runs"), "output.name": name}
                     try:
-                        config = resolve(config_from_dict(apply_overrides(base, overrides)),
-                                         device_type)
+                        raw = config_from_dict(apply_overrides(base, overrides))
+                        point_device = device_type or run_device_type(raw)
+                        config = resolve(raw, point_device)
                         if not config.profiling.enabled:
                             raise ConfigError("profiling.enabled", "is false, but a sweep reads "
                                                                    "each point's metrics.csv; set "
                                                                    "it to true")
-                        check_launch(config, p, faults, device_type)
+                        check_launch(config, p, faults, point_device)
                     except ConfigError as exc:
                         raise ConfigError(exc.key, f"{exc.message} (in grid point {name})") \
                             from None
@@ -285,7 +285,7 @@ def clear_outputs(study: Study) -> None:
 
 
 def _unrunnable(job: Job) -> str | None:
-    if default_device_type() == "cuda" and job.world_size > torch.cuda.device_count():
+    if run_device_type(job.config) == "cuda" and job.world_size > torch.cuda.device_count():
         return f"needs {job.world_size} GPUs, this node has {torch.cuda.device_count()}"
     return None
 
@@ -297,7 +297,8 @@ def run_sweep(study: Study, force: bool = False, dry_run: bool = False,
     when a point or the output folder is wrong, and jobs.Interrupted on SIGINT/SIGTERM."""
     stream = stream or sys.stderr
     jobs = expand(study)
-    warning = oversubscription_warning(max(j.world_size for j in jobs), default_device_type())
+    warning = oversubscription_warning(max(j.world_size for j in jobs),
+                                       run_device_type(jobs[0].config))
     if warning:
         print(f"dist-ortho sweep: {warning}", file=stream, flush=True)
     if dry_run:

@@ -27,6 +27,8 @@ from torch.distributed.fsdp import fully_shard
 import dist_ortho.optimizer as optimizer_module
 import gpu_cases
 from dist_ortho import Muon, NorMuon, gpu_check, strategies
+from dist_ortho import run as run_module
+from dist_ortho.config import ConfigError, load_config, resolve, run_device_type
 from dist_ortho.newton_schulz import NSConfig, newton_schulz
 from dist_ortho.optimizer import HOST_SYNCS_PER_STEP
 from dist_ortho.orthogonalizer import Orthogonalizer
@@ -160,6 +162,21 @@ def test_gpu_check_measuring_steps_run_on_the_cpu_with_small_shapes(tmp_path):
     hw = gpu_check.step_hbm_compute(tmp_path, "cpu", copy_numel=2**16, matmul_n=64)
     assert hw["hbm_bytes_per_s"] > 0 and [m["dtype"] for m in hw["matmul"]] == [
         "bfloat16", "float32", "tf32"]
+
+
+def test_the_backend_decides_the_device_gloo_keeps_ranks_on_the_cpu(monkeypatch):
+    config = load_config(None, [])
+    gloo = load_config(None, ["dist.backend=gloo"])
+    assert run_device_type(config) == run_device_type(gloo) == "cpu"  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_device_type(config) == "cuda" and run_device_type(gloo) == "cpu"
+    assert resolve(config, run_device_type(config)).dist.backend == "nccl"
+    assert resolve(gloo, run_device_type(gloo)).optimizer.ns_dtype == "float32"
+    # more ranks on a node than GPUs: one line naming the fix, before any CUDA call
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="local rank 1 has no GPU: 1 visible"):
+        run_module._pick_device(config)
 
 
 # --- on a GPU ---------------------------------------------------------------------------------------

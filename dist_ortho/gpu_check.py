@@ -296,10 +296,14 @@ def step_hbm_compute(out: Path, device: torch.device | str = "cuda", copy_numel:
     return result
 
 
-def step_profiled_run(out: Path) -> dict:
+def step_profiled_run(out: Path, overrides: tuple[str, ...] = (),
+                      expect: tuple[str, str, str] = ("cuda", "nccl", "bfloat16")) -> dict:
+    """`dist-ortho run` of RUN_CONFIG (plus `overrides`) into <out>/run, then checks that it ran
+    on the expected (device type, backend, resolved ns_dtype), wrote a trace, a memory peak and
+    DONE; raises RuntimeError naming what is wrong."""
     run_root = out / "run"
     cmd = [sys.executable, "-m", "dist_ortho.run", "--config", str(REPO_ROOT / RUN_CONFIG),
-           "--set", f"output.dir={run_root}"]
+           "--set", f"output.dir={run_root}", *overrides]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO_ROOT)
     run_dir = run_root / "gpt125m-profiled"
@@ -310,21 +314,28 @@ def step_profiled_run(out: Path) -> dict:
              "ns_dtype": re.search(r"ns_dtype: (\w+)", config).group(1),
              "traces": sorted(p.name for p in run_dir.glob("trace_rank*")),
              **_metrics_summary(run_dir / "metrics.csv")}
+    facts["problems"] = run_problems(facts, run_dir, expect)
+    if facts["problems"]:  # keep what was measured for the summary, then fail the check
+        atomic_write_text(out / "profiled_run.json", json.dumps(facts, indent=2) + "\n")
+        raise RuntimeError("profiled run: " + "; ".join(facts["problems"]))
+    return facts
+
+
+def run_problems(facts: dict, run_dir: Path, expect: tuple[str, str, str]) -> list[str]:
+    """What is wrong with a profiled run, given what `step_profiled_run` read from it."""
     problems = []
-    if facts["device_type"] != "cuda" or facts["backend"] != "nccl":
-        problems.append(f"ran on {facts['device_type']}/{facts['backend']}, not cuda/nccl")
-    if facts["ns_dtype"] != "bfloat16":
-        problems.append(f"ns_dtype auto resolved to {facts['ns_dtype']}, not bfloat16")
+    if (facts["device_type"], facts["backend"]) != expect[:2]:
+        problems.append(f"ran on {facts['device_type']}/{facts['backend']}, not "
+                        f"{expect[0]}/{expect[1]}")
+    if facts["ns_dtype"] != expect[2]:
+        problems.append(f"ns_dtype auto resolved to {facts['ns_dtype']}, not {expect[2]}")
     if not facts["traces"]:
         problems.append("no trace file")
     if not facts.get("step_mem_peak_bytes"):
-        problems.append("no CUDA memory peak recorded")
+        problems.append("no memory peak recorded")
     if not (run_dir / "DONE").is_file():
         problems.append("no DONE marker")
-    facts["problems"] = problems
-    if problems:
-        raise RuntimeError("profiled run: " + "; ".join(problems))
-    return facts
+    return problems
 
 
 def _metrics_summary(path: Path) -> dict:

@@ -164,6 +164,24 @@ def test_gpu_check_measuring_steps_run_on_the_cpu_with_small_shapes(tmp_path):
         "bfloat16", "float32", "tf32"]
 
 
+def test_gpu_check_profiled_run_step_on_the_cpu_with_a_tiny_model(tmp_path):
+    """The profiled-run check end to end on gloo/CPU: a trace, memory peaks, phases, DONE."""
+    facts = gpu_check.step_profiled_run(
+        tmp_path, ("model.preset=gpt-tiny", "train.seq_len=64", "train.batch_size=2",
+                   "train.steps=3", "train.warmup_steps=1", "profiling.trace_step=1"),
+        expect=("cpu", "gloo", "float32"))
+    assert facts["problems"] == [] and facts["traces"] == ["trace_rank0_step1.json"]
+    assert facts["measured_steps"] == 2 and facts["step_mem_peak_bytes"] > 0
+    assert "optimizer/orthogonalize/ns" in facts["phase_mean_s"]
+    run_dir = Path(facts["run_dir"])
+    assert gpu_check.run_problems(facts, run_dir, ("cuda", "nccl", "bfloat16")) == [
+        "ran on cpu/gloo, not cuda/nccl", "ns_dtype auto resolved to float32, not bfloat16"]
+    (run_dir / "DONE").unlink()
+    assert gpu_check.run_problems({**facts, "traces": [], "step_mem_peak_bytes": 0}, run_dir,
+                                  ("cpu", "gloo", "float32")) == [
+        "no trace file", "no memory peak recorded", "no DONE marker"]
+
+
 def test_the_backend_decides_the_device_gloo_keeps_ranks_on_the_cpu(monkeypatch):
     config = load_config(None, [])
     gloo = load_config(None, ["dist.backend=gloo"])

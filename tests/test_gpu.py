@@ -11,6 +11,7 @@ also as torch's CUDA sync debug mode sees them.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -162,13 +163,21 @@ def test_gpu_check_measuring_steps_run_on_the_cpu_with_small_shapes(tmp_path):
     hw = gpu_check.step_hbm_compute(tmp_path, "cpu", copy_numel=2**16, matmul_n=64)
     assert hw["hbm_bytes_per_s"] > 0 and [m["dtype"] for m in hw["matmul"]] == [
         "bfloat16", "float32", "tf32"]
+    (tmp_path / "calibrate_ns.json").write_text(json.dumps(cal))
+    (tmp_path / "hbm_compute.json").write_text(json.dumps(hw))
+    (tmp_path / "profiled_run.json").write_text(json.dumps({"step_mem_peak_bytes": "?"}))
+    text = gpu_check.summary_markdown(tmp_path, [])
+    assert "| llama-tiny | float32 |" in text and "HBM copy" in text
+    assert "profiled_run.json could not be summarized" in text
 
 
 def test_gpu_check_profiled_run_step_on_the_cpu_with_a_tiny_model(tmp_path):
-    """The profiled-run check end to end on gloo/CPU: a trace, memory peaks, phases, DONE."""
+    """The profiled-run check end to end on gloo/CPU (also on a GPU machine: gloo keeps the run
+    on the CPU): a trace, memory peaks, phases, DONE."""
     facts = gpu_check.step_profiled_run(
-        tmp_path, ("model.preset=gpt-tiny", "train.seq_len=64", "train.batch_size=2",
-                   "train.steps=3", "train.warmup_steps=1", "profiling.trace_step=1"),
+        tmp_path, ("dist.backend=gloo", "model.preset=gpt-tiny", "train.seq_len=64",
+                   "train.batch_size=2", "train.steps=3", "train.warmup_steps=1",
+                   "profiling.trace_step=1"),
         expect=("cpu", "gloo", "float32"))
     assert facts["problems"] == [] and facts["traces"] == ["trace_rank0_step1.json"]
     assert facts["measured_steps"] == 2 and facts["step_mem_peak_bytes"] > 0

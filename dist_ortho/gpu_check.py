@@ -212,7 +212,8 @@ def step_environment(out: Path) -> dict:
     return env
 
 
-def _distinct_shapes(family: str) -> list[tuple[int, int]]:
+def _distinct_shapes(family) -> list[tuple[int, int]]:
+    """The distinct matrix shapes of a shape preset (a name or a models.ShapeConfig)."""
     return sorted({shape for _, shape in matrix_shapes(family)})
 
 
@@ -226,18 +227,26 @@ def step_calibrate_ns(out: Path, device: torch.device | str = "cuda", families=F
                     "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                     else device.type),
                     "float32_matmul_precision": torch.get_float32_matmul_precision(), "ns": []}
+    failed = []
     for dtype in dtypes:
         for family in families:
+            label = family if isinstance(family, str) else repr(family)
             shapes = _distinct_shapes(family)
             alone, _ = measure_ns(None, shapes, ns_dtype=dtype, repeats=3, device=device)
-            rate, call_s = fit_ns_rate(alone)
-            result["ns"].append({
-                "family": family, "ns_dtype": dtype, "shapes": [list(s) for s in shapes],
-                "seconds": [s.seconds for s in alone], "flops": [ns_flops(s, 5) for s in shapes],
-                "fitted_flops_per_s": rate, "fitted_call_s": call_s,
-                "preset_flops_per_s": preset.ns_flops_per_s(dtype),
-                "preset_peak_flops_per_s": preset.peak_flops[dtype],
-                "measured_over_preset": rate / preset.ns_flops_per_s(dtype)})
+            entry = {"family": label, "ns_dtype": dtype, "shapes": [list(s) for s in shapes],
+                     "seconds": [s.seconds for s in alone],
+                     "flops": [ns_flops(s, 5) for s in shapes],
+                     "preset_flops_per_s": preset.ns_flops_per_s(dtype),
+                     "preset_peak_flops_per_s": preset.peak_flops[dtype]}
+            try:
+                rate, call_s = fit_ns_rate(alone)
+            except ValueError as exc:  # timings that do not grow with FLOPs: keep them, go on
+                entry["error"] = str(exc)
+                failed.append(f"{label} {dtype}: {exc}")
+            else:
+                entry.update(fitted_flops_per_s=rate, fitted_call_s=call_s,
+                             measured_over_preset=rate / preset.ns_flops_per_s(dtype))
+            result["ns"].append(entry)
     kwargs = {} if elementwise_sets is None else {"param_sets": elementwise_sets}
     ew = measure_elementwise(None, ns_dtype=dtypes[0], device=device, **kwargs)
     per_param, per_element = fit_elementwise(ew)
@@ -246,6 +255,9 @@ def step_calibrate_ns(out: Path, device: torch.device | str = "cuda", families=F
                              "preset_s_per_element": preset_per_element,
                              "measured_over_preset": per_element / preset_per_element,
                              "samples": [asdict(s) for s in ew]}
+    if failed:  # keep what was measured for the summary, then fail the check
+        atomic_write_text(out / "calibrate_ns.json", json.dumps(result, indent=2) + "\n")
+        raise RuntimeError("NS rate not fitted for " + "; ".join(failed))
     return result
 
 
@@ -405,6 +417,7 @@ def _calibration_lines(cal: dict) -> list[str]:
              "|---|---|---|---|---|"]
             + [f"| {n['family']} | {n['ns_dtype']} | {n['fitted_flops_per_s'] / 1e12:.1f} | "
                f"{n['preset_flops_per_s'] / 1e12:.1f} | {n['measured_over_preset']:.2f} |"
+               if "error" not in n else f"| {n['family']} | {n['ns_dtype']} | {n['error']} | | |"
                for n in cal["ns"]]
             + ["", f"Element-wise (momentum, normalize, apply): "
                    f"{cal['elementwise']['s_per_element'] * 1e12:.2f} ps/element, preset "

@@ -73,6 +73,17 @@ def test_meta_step_of_every_strategy_keeps_state_and_results_on_the_parameters_d
                        if isinstance(t, torch.Tensor) and t.ndim), (name, opt.state[p].keys())
 
 
+def test_optimizer_plans_for_fake_cuda_parameters_on_their_device_in_bfloat16():
+    # a CPU build of torch cannot index fake CUDA tensors (its Python indexing path needs a CUDA
+    # device guard), so the step itself is checked on meta tensors above and on a GPU below
+    with FakeTensorMode():
+        params = [torch.nn.Parameter(torch.empty(s, device="cuda")) for s in gpu_cases.SHAPES]
+        for name in STRATEGIES:
+            plan = NorMuon(params, strategy=name).plan()
+            assert plan.layout.device.type == "cuda", name
+            assert {m.out_dtype for m in plan.matrices} == {torch.bfloat16}, name
+
+
 def test_newton_schulz_on_fake_cuda_tensors_runs_in_bfloat16_on_cuda():
     with FakeTensorMode():
         for shape in ((1, 8, 6), (2, 12, 5), (1, 4, 54)):

@@ -1,9 +1,13 @@
-"""The README's commands and CI stay in sync; the CPU torch pin lives in exactly one file."""
+"""The README's commands and CI stay in sync; the CPU torch pin lives in exactly one file; the
+installed package has one top-level name."""
 
 from __future__ import annotations
 
 import pathlib
 import re
+import subprocess
+import sys
+import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -85,3 +89,20 @@ def test_no_import_cycles_between_modules():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
+
+
+def test_installed_wheel_adds_one_top_level_package_and_the_console_script(tmp_path):
+    """Issue #13: `pip install .` put packages named `strategies` and `profiling` into
+    site-packages; the folders stay at the top of the repository but install as dist_ortho.*."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("dist_ortho-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"dist_ortho"}
+    assert "dist_ortho/strategies/balanced.py" in names
+    assert "dist_ortho/profiling/profiler.py" in names
+    assert re.search(r"^dist-ortho = dist_ortho\.cli:main$", entry_points, re.M), entry_points

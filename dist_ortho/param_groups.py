@@ -90,10 +90,10 @@ def assign_params(named_params: Iterable[tuple[str, nn.Parameter]],
         excluded = next((pat for pat in config.adamw_patterns if fnmatch.fnmatch(name, pat)), None)
         if p.ndim < 2:
             out.append((name, p, ADAMW, f"{p.ndim}-D"))
+        elif id(p) in roles:  # the role first, so the reason names it even where a pattern agrees
+            out.append((name, p, ADAMW, roles[id(p)]))
         elif excluded is not None:
             out.append((name, p, ADAMW, f"adamw_patterns {excluded!r}"))
-        elif id(p) in roles:
-            out.append((name, p, ADAMW, roles[id(p)]))
         else:
             out.append((name, p, MATRIX, "hidden matrix"))
     return out

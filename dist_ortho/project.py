@@ -39,7 +39,7 @@ from dist_ortho.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from dist_ortho.models.shapes import matrix_shapes  # noqa: E402
 from dist_ortho.preflight import writable_dir  # noqa: E402
 from dist_ortho.profiling.costmodel import (  # noqa: E402
-    CostConstants, _torch_dtype, load_constants, predict)
+    CostConstants, load_constants, predict, torch_dtype)
 from dist_ortho.profiling.hardware import HARDWARE_PRESETS  # noqa: E402
 from dist_ortho.sharding import dtype_size  # noqa: E402
 
@@ -109,7 +109,7 @@ def project(model: str, world_sizes: list[int], hardware: str = "h100",
     names = strategy_names or strategies.available()
     for n in names:
         strategies.options_class(n)  # ValueError naming the unknown strategy
-    itemsize = dtype_size(_torch_dtype(param_dtype))
+    itemsize = dtype_size(torch_dtype(param_dtype))
     largest = max(math.prod(s) for _, s in shapes) * itemsize
     total = sum(math.prod(s) for _, s in shapes) * itemsize
     if bucket_bytes is None:

@@ -23,7 +23,6 @@ from dist_ortho.profiling.timemodel import (KINDS, CommModel, ComputeModel, Cost
                                             StepTime, latency_steps, load_constants,
                                             shape_key, shared_makespan, step_time)
 
-_torch_dtype = torch_dtype  # old private name, still imported by dist_ortho.project
 
 __all__ = [
     "KINDS", "latency_steps", "CommModel", "ComputeModel", "CostConstants", "RankPrediction",

@@ -76,7 +76,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_ortho.io import atomic_path, atomic_write_text  # noqa: F401 (old callers import it here)
+from dist_ortho.io import atomic_path
 from dist_ortho.optimizer import OrthogonalizedOptimizer
 from dist_ortho.profiling.comm import CommCounter
 from dist_ortho.profiling.device import DeviceOps, resolve_device

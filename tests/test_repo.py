@@ -1,9 +1,14 @@
-"""The README's commands and CI stay in sync; the CPU torch pin lives in exactly one file."""
+"""The README's commands and CI stay in sync; the CPU torch pin lives in exactly one file; the
+installed package has one top-level name."""
 
 from __future__ import annotations
 
 import pathlib
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -85,3 +90,30 @@ def test_no_import_cycles_between_modules():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
+
+
+def test_installed_wheel_adds_one_top_level_package_and_the_console_script(tmp_path):
+    """Issue #13: `pip install .` put packages named `strategies` and `profiling` into
+    site-packages; the folders stay at the top of the repository but install as dist_ortho.*."""
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the checkout
+    for folder in ("dist_ortho", "strategies", "profiling"):
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("dist_ortho-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"dist_ortho"}
+    # every module ships (a new subpackage must be listed in pyproject's packages)
+    sources = {f"dist_ortho/{p.relative_to(ROOT / 'dist_ortho').as_posix()}"
+               for p in (ROOT / "dist_ortho").rglob("*.py")}
+    sources |= {f"dist_ortho/{folder}/{p.name}" for folder in ("strategies", "profiling")
+                for p in (ROOT / folder).glob("*.py")}
+    assert sources - set(names) == set()
+    assert re.search(r"^dist-ortho = dist_ortho\.cli:main$", entry_points, re.M), entry_points

@@ -5,7 +5,7 @@
 # Without a CUDA GPU: one line, exit 0, nothing installed or run. With one: installs this project
 # offline into the Python that has the CUDA torch (pip --no-deps --no-build-isolation --no-index
 # -e ., unless it is installed from here already), then `python -m dist_ortho.gpu_check`: every
-# check in its own process with its own time budget (7 min in all), summary.md and json files
+# check in its own process with its own time budget (400 s in all), summary.md and json files
 # under the output folder, exit 1 if any check failed. The GPU machine brings torch with CUDA;
 # without one, install the project's version (the torch== line of constraints-cpu.txt) from the
 # CUDA wheel index first: pip install torch==<version> --index-url https://download.pytorch.org/whl/cu1XX

@@ -56,15 +56,16 @@ class Orthogonalizer:
             raise ValueError(f"{len(indices)} indices for a stack of {stacked.shape[0]} tensors")
         first = self.configs[indices[0]]
         if any(self.configs[i] != first for i in indices):
-            # never batch different settings: run each run of equal settings on its own
-            out = None
+            # never batch different settings: run each run of equal settings on its own. Rows
+            # move by Python-int indexing: a list index would copy an index tensor to the
+            # device, a host sync on CUDA (see HOST_SYNCS_PER_STEP in dist_ortho.optimizer)
+            pieces: list[torch.Tensor | None] = [None] * len(indices)
             for key in dict.fromkeys(self.configs[i] for i in indices):
                 rows = [j for j, i in enumerate(indices) if self.configs[i] == key]
-                part = self.run([indices[j] for j in rows], stacked[rows])
-                if out is None:
-                    out = part.new_empty((len(indices),) + tuple(part.shape[1:]))
-                out[rows] = part
-            return out
+                part = self.run([indices[j] for j in rows], torch.stack([stacked[j] for j in rows]))
+                for k, j in enumerate(rows):
+                    pieces[j] = part[k]
+            return torch.stack(pieces)
         shape = tuple(stacked.shape[1:])
         view = matrix_view_shape(shape)
         out = newton_schulz(stacked.reshape((len(indices),) + view), first.steps,

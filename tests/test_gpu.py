@@ -104,6 +104,18 @@ def test_host_syncs_per_step_p1_equal_the_documented_number(optimizer):
         gpu_cases.assert_one_sync_per_step(events, (optimizer.__name__, name))
 
 
+def test_a_stack_of_mixed_ns_settings_is_split_without_a_host_sync():
+    configs = [NSConfig(5, "float32"), NSConfig(3, "float32"), NSConfig(5, "float32"),
+               NSConfig(5, "float32", "polar_express")]
+    stack = torch.randn(4, 8, 6, generator=torch.Generator().manual_seed(0))
+    with gpu_cases.HostSyncCounter() as counter:
+        out = Orthogonalizer(configs, torch.device("cpu")).run([0, 1, 2, 3], stack)
+    assert counter.events == []
+    for j, config in enumerate(configs):
+        alone = Orthogonalizer([config], torch.device("cpu")).run([0], stack[j:j + 1])[0]
+        assert torch.equal(out[j], alone), j
+
+
 def test_host_sync_counter_sees_every_kind_of_sync():
     x = torch.ones(4)
     with gpu_cases.HostSyncCounter() as counter:

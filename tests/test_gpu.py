@@ -113,7 +113,8 @@ def test_a_stack_of_mixed_ns_settings_is_split_without_a_host_sync():
     assert counter.events == []
     for j, config in enumerate(configs):
         alone = Orthogonalizer([config], torch.device("cpu")).run([0], stack[j:j + 1])[0]
-        assert torch.equal(out[j], alone), j
+        # 0 and 2 ran as one batched call: another kernel path than one alone, so not bitwise
+        torch.testing.assert_close(out[j], alone, rtol=1e-4, atol=1e-5, msg=str(j))
 
 
 def test_host_sync_counter_sees_every_kind_of_sync():

@@ -9,10 +9,10 @@
 # under the output folder, exit 1 if any check failed. The GPU machine brings torch with CUDA;
 # without one, install the project's version (the torch== line of constraints-cpu.txt) from the
 # CUDA wheel index first: pip install torch==<version> --index-url https://download.pytorch.org/whl/cu1XX
-# PYTHON selects the interpreter (default python3).
+# PYTHON selects the interpreter (default: the README's .venv where there is one, else python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+if [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
 
 installed_here() {
     "$PY" -c 'import sys, dist_ortho.strategies as s, pathlib
@@ -30,9 +30,15 @@ install() {
 }
 
 for arg in "$@"; do
-    if [ "$arg" = "--dry-run" ]; then
-        install
-        exec "$PY" -m dist_ortho.gpu_check "$@"
+    if [ "$arg" = "--dry-run" ]; then  # lists, installs nothing
+        installed_here || echo "gpu_check: would first install this project offline:" \
+            "$PY -m pip install --no-deps --no-build-isolation --no-index -e ."
+        if "$PY" -c 'import dist_ortho.gpu_check' >/dev/null 2>&1; then
+            exec "$PY" -m dist_ortho.gpu_check "$@"
+        fi
+        echo "gpu_check: error: listing the checks needs dist_ortho importable by $PY; install it" \
+            "first (README) or set PYTHON"
+        exit 2
     fi
 done
 

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from dist_ortho.profiling.stats import (MARGIN, NAN_INTERVAL, Comparison, Interval, compare,
-                                        compare_unpaired, median_interval, ordering,
+from dist_ortho.profiling.stats import (MARGIN, NAN_INTERVAL, Comparison, Interval, claim_holds,
+                                        compare, compare_unpaired, median_interval, ordering,
                                         ratio_interval)
 from dist_ortho.profiling.summary import read_metrics, step_table
 
 __all__ = ["TIMINGS_FILE", "BASELINE", "TIMED", "build_timings", "load_timings", "Group",
-           "Analysis", "analyze", "claims_of", "machine_of"]
+           "Analysis", "analyze", "claims_of", "machine_of", "failed_claims"]
 
 TIMINGS_FILE = "timings.csv"
 BASELINE = "replicated"
@@ -239,3 +239,19 @@ def _add_distances(points: pd.DataFrame, machines: dict) -> None:
 def claims_of(analysis: Analysis) -> dict[tuple[str, int], list[tuple[str, str]]]:
     """(facet, world size) -> the claims (faster, slower) the report states."""
     return {(g.facet, g.world_size): g.claims for g in analysis.groups}
+
+
+def failed_claims(claims: Mapping[tuple[str, int], list[tuple[str, str]]],
+                  other: Analysis) -> list[str]:
+    """The claims ((facet, world size) -> [(faster, slower)], e.g. `claims_of` of one run of a
+    study) that do not hold in `other`, a rerun of it (`stats.claim_holds`: there the paired
+    ratio faster/slower must have its whole interval below 1), one line each; [] if all hold."""
+    bad = []
+    for (facet, p), pairs in claims.items():
+        rounds = other.rounds(facet, p)
+        for fast, slow in pairs:
+            if not claim_holds((fast, slow), rounds):
+                r = ratio_interval(rounds.get(fast, {}), rounds.get(slow, {}))
+                bad.append(f"{facet}, P = {p}: {fast} faster than {slow} does not hold in the "
+                           f"rerun (ratio {r.format('.2f')})")
+    return bad

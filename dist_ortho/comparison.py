@@ -13,8 +13,12 @@ runs' metrics.csv, from which the timed steps are read the same way (`profiling.
 Statistics (`dist_ortho.profiling.stats`): each point's median step time and optimizer time with
 the order-statistic 95% interval over its timed steps (every repeat's); strategies of one job are
 compared by their paired ratio per round (a round: one step of each strategy, one after the
-other), and a claim "A faster than B" is made only when that ratio's 95% interval ends below
-1 - margin; otherwise the pair is "not distinguishable at this noise". Points that ran separately
+other), and a claim "A faster than B" is made only when that ratio's interval ends below
+1 - margin; otherwise the pair is "not distinguishable at this noise". A group of k strategies
+makes m = k(k-1)/2 comparisons at once, so each uses the Bonferroni level 1 - 5%/m (99.5% for
+5 strategies; `stats.family_level`): the chance that the group states any claim the noise alone
+produced stays below 5% (at 95% per pair, a study of 6 groups x 10 pairs made a few such claims
+per run, which a rerun did not repeat). Points that ran separately
 (no rounds) are compared by interval arithmetic on their two intervals, which is looser.
 
 Distance to the bound: the median optimizer time (and its interval) over the bound of the step
@@ -31,9 +35,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from dist_ortho.profiling.stats import (MARGIN, NAN_INTERVAL, Comparison, Interval, claim_holds,
-                                        compare, compare_unpaired, median_interval, ordering,
-                                        ratio_interval)
+from dist_ortho.profiling.stats import (LEVEL, MARGIN, NAN_INTERVAL, Comparison, Interval,
+                                        claim_holds, compare, compare_unpaired, family_level,
+                                        median_interval, ordering, ratio_interval)
 from dist_ortho.profiling.summary import read_metrics, step_table
 
 __all__ = ["TIMINGS_FILE", "BASELINE", "TIMED", "build_timings", "load_timings", "Group",
@@ -105,6 +109,7 @@ class Group:
     paired: bool
     medians: dict  # label -> median step time
     comparisons: list[Comparison]
+    level: float = LEVEL  # each comparison's interval level (Bonferroni over the group's pairs)
 
     @property
     def ordering(self) -> str:
@@ -184,20 +189,23 @@ def analyze(summary: pd.DataFrame, root: Path, runs_dir: Path,
         by_label = dict(zip(sel["label"], sel["run"]))
         medians = {lb: intervals[by_label[lb]][COMPARED].median for lb in labels}
         comps = []
+        level = family_level(len(labels) * (len(labels) - 1) // 2)
         if paired:
             rounds = _rounds(timings, facet, p)
             for i, a in enumerate(labels):
                 for b in labels[i + 1:]:
-                    comps.append(compare(a, b, rounds.get(a, {}), rounds.get(b, {}), margin))
+                    comps.append(compare(a, b, rounds.get(a, {}), rounds.get(b, {}), margin,
+                                         level))
             if BASELINE in rounds:
                 for lb in labels:
                     ratio_cols[by_label[lb]] = ratio_interval(rounds.get(lb, {}),
                                                               rounds[BASELINE])
         else:
+            wide = {lb: median_interval(timings[timings["point"] == by_label[lb]][COMPARED]
+                                        if not timings.empty else [], level) for lb in labels}
             for i, a in enumerate(labels):
                 for b in labels[i + 1:]:
-                    comps.append(compare_unpaired(a, b, intervals[by_label[a]][COMPARED],
-                                                  intervals[by_label[b]][COMPARED], margin))
+                    comps.append(compare_unpaired(a, b, wide[a], wide[b], margin, level))
             if BASELINE in by_label:
                 base = intervals[by_label[BASELINE]][COMPARED]
                 for lb in labels:
@@ -206,7 +214,7 @@ def analyze(summary: pd.DataFrame, root: Path, runs_dir: Path,
                                                 if lb == BASELINE else
                                                 compare_unpaired(lb, BASELINE, mine, base,
                                                                  margin).ratio)
-        groups.append(Group(facet, int(p), paired, medians, comps))
+        groups.append(Group(facet, int(p), paired, medians, comps, level))
     ratio_rows = [{"run": run, **_cols("ratio_to_baseline", iv)} for run, iv in ratio_cols.items()]
     if ratio_rows:
         points = points.merge(pd.DataFrame(ratio_rows), on="run", how="left")

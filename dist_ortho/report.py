@@ -221,11 +221,17 @@ def ranking_lines(results: Results) -> list[str]:
     how = ("paired ratio of interleaved steps" if a.paired else
            "interval arithmetic on separately measured medians (the points ran one after "
            "another, unpaired)")
-    lines = [f"A claim \"A faster than B\" is made only where the 95% interval of the step-time "
+    levels = sorted({g.level for g in a.groups})
+    lines = [f"A claim \"A faster than B\" is made only where the interval of the step-time "
              f"ratio A/B ({how}) lies entirely below {1 - a.margin:.2f} (a margin of "
-             f"{a.margin:.0%}); every other pair is not distinguishable at this noise. In the "
-             f"ordering, `<` separates neighbours that are claimed apart and `≈` neighbours that "
-             f"are not.", ""]
+             f"{a.margin:.0%}); every other pair is not distinguishable at this noise. A group "
+             f"of k strategies compares k(k-1)/2 pairs at once, so each pair's interval is at "
+             f"the Bonferroni level 1 - 5%/pairs ("
+             + ", ".join(f"{lv:.1%}" for lv in levels)
+             + " here; the intervals in this section are those), which keeps the chance of any "
+             "claim made by noise alone in a group below 5%. In the ordering, `<` separates "
+             "neighbours that are claimed apart and `≈` neighbours that are not (a claim between "
+             "non-neighbours is listed below it).", ""]
     for g in a.groups:
         lines += [f"**{g.facet}, P = {g.world_size}:** {g.ordering}", ""]
         claimed = [c for c in g.comparisons if c.claim is not None]

@@ -16,6 +16,7 @@ span over a decade. Agg backend: files only, no display needed.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from io import BytesIO
@@ -32,6 +33,11 @@ from dist_ortho.io import atomic_write_bytes  # noqa: E402
 
 __all__ = ["PLOTS", "MiB", "plot_step_time", "plot_distance", "plot_bytes", "plot_memory",
            "plot_imbalance", "plot_phases", "per_rank", "phase_times", "spans_decades"]
+
+# log-scale tick labels are mathtext; where its Computer Modern fonts are missing matplotlib
+# falls back to DejaVu Sans (fine) but says so once per glyph set on stderr, in the main command's
+# output; only that note is silenced
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 MiB = 2.0 ** 20
 PLOTS = ("step_time", "distance_to_bound", "bytes_per_rank", "peak_memory", "imbalance",

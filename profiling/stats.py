@@ -26,8 +26,11 @@ high_A / low_B], and applies the same rule to it, which claims only when the two
 apart by the margin.
 
 Claims ("A faster than B"). `compare` claims A faster than B only when the paired ratio's whole
-95% interval lies below 1 - margin (default 5%): a claim needs a difference the noise of this
-run cannot explain, and that difference must be at least the margin. Otherwise the pair is "not
+interval lies below 1 - margin (default 5%), the interval at the level asked for: 95% for one
+comparison, and for m comparisons made together (every pair of a group of strategies)
+`family_level(m)` = 1 - 5%/m, so that all of them together keep 95% (Bonferroni). A claim needs
+a difference the noise of this run cannot explain, and that difference must be at least the
+margin. Otherwise the pair is "not
 distinguishable at this noise" (a tie). The margin is what makes a claim survive a rerun: a
 claim's interval ends below 1 - margin, so a rerun with a similar spread (a half-width below the
 margin) puts its whole interval below 1 as well; `claim_holds` is that check, and the report's
@@ -42,12 +45,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["LEVEL", "MARGIN", "Interval", "NAN_INTERVAL", "binomial_coverage", "median_interval",
+__all__ = ["LEVEL", "MARGIN", "Interval", "NAN_INTERVAL", "binomial_coverage", "family_level",
+           "median_interval",
            "paired_ratios", "ratio_interval", "interval_ratio", "Comparison", "compare",
            "compare_unpaired", "claim_holds", "claims", "ordering"]
 
 LEVEL = 0.95  # the coverage every interval aims for
 MARGIN = 0.05  # a claim's interval must end below 1 - MARGIN
+
+
+def family_level(comparisons: int, level: float = LEVEL) -> float:
+    """The per-comparison level that keeps `comparisons` simultaneous comparisons at `level`
+    together (Bonferroni): 1 - (1 - level) / comparisons; `level` itself for one or none."""
+    return 1.0 - (1.0 - level) / max(1, comparisons)
 
 
 def binomial_coverage(n: int, k: int) -> float:

@@ -56,6 +56,18 @@ def test_claims_need_the_whole_interval_past_the_margin():
     assert stats.compare_unpaired("a", "b", b, b).verdict == "tie"
 
 
+def test_many_pairs_at_once_need_a_wider_interval():
+    assert stats.family_level(1) == stats.LEVEL == stats.family_level(0)
+    assert stats.family_level(10) == pytest.approx(0.995)
+    # 15 rounds: at 95% the 4th..12th ratios bound the median, at 99.5% the 2nd..14th
+    ratios = [0.80, 0.86, 0.90, 0.91, 0.91, 0.92, 0.92, 0.92, 0.93, 0.93, 0.93, 0.93, 0.94,
+              0.97, 1.02]
+    a = {r: v for r, v in enumerate(ratios)}
+    b = {r: 1.0 for r in a}
+    assert stats.compare("a", "b", a, b).claim == ("a", "b")  # alone: 0.91..0.93 < 0.95
+    assert stats.compare("a", "b", a, b, level=stats.family_level(10)).claim is None
+
+
 def test_bound_of_a_step():
     # two matrices on two ranks: the spread (sum busy / P) beats the largest alone
     b = step_bound([1.0, 0.5], [1.2, 0.6], 2, bound_bytes=1e6, bandwidth=1e8)

@@ -128,6 +128,9 @@ def test_distributed_check_compares_curves_and_keeps_the_global_batch(tmp_path):
     assert diff["steps_compared"] == 2 and diff["evals_compared"] == 2
     assert diff["max_abs_train_diff"] == pytest.approx(3e-6)
     assert diff["max_abs_val_diff"] == pytest.approx(2e-4)
+    assert diff["agree_until_step"] == 2  # both differences are below the rounding threshold
+    late = b.assign(train_loss=[math.nan, 2.0 + 1e-6, 1.6])
+    assert compare_curves(a, late)["agree_until_step"] == 1
     path = tmp_path / "study.yaml"
     path.write_text("run:\n  model: {preset: gpt-tiny}\n  train: {batch_size: 16}\n"
                     "convergence:\n  seeds: [0, 1]\n  distributed: {optimizers: [normuon]}\n")

@@ -354,12 +354,13 @@ def _build(config: Config, strategy, device: torch.device, owns: bool,
 
 # --- the loop -----------------------------------------------------------------------------------
 
-def train_step(state: RunState) -> StepOutput:
-    """One profiled step: gradients (real or synthetic), hooks, optional clipping, optimizer step."""
+def train_step(state: RunState, warmup: bool | None = None) -> StepOutput:
+    """One profiled step: gradients (real or synthetic), hooks, optional clipping, optimizer step.
+    `warmup` marks the step as warm-up for the profiler (default: `state.is_warmup`)."""
     cfg, prof, step = state.config, state.profiler, state.step
     start = time.perf_counter()
     loss = None
-    with prof.step(step, warmup=state.is_warmup(step)):
+    with prof.step(step, warmup=state.is_warmup(step) if warmup is None else warmup):
         if state.shape_only:
             with prof.phase("grads"):
                 models.synthetic_grads(state.model, step, cfg.train.seed)

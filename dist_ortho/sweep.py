@@ -20,6 +20,27 @@ run config and the grid axes:
       option_sets:                # optional: named override sets, crossed with everything else
         - {name: fp32, set: {optimizer.ns_dtype: float32}}
 
+    schedule:                     # how points are timed (default: separate)
+      mode: interleaved           # one job per world size (and option set): every strategy of
+                                  # every model in one process group, side by side (below)
+      repeats: 3                  # timed steps per point: repeats x steps, interleaved
+      steps: 5
+      warmup_steps: 1             # after one instrumented (bytes, memory) step, not timed
+      calibration_repeats: 3      # NS and bandwidth calibration for the distance to the bound
+      claim_margin: 0.05          # "A faster than B" needs the paired ratio's 95% interval
+                                  # below 1 - margin (`dist_ortho.profiling.stats`)
+
+Models are names or {preset, label, set} entries (`set`: overrides for that model only, e.g.
+its depth or batch size).
+
+Two schedules. `interleaved` (the shipped studies): each world size is one job (`python -m
+dist_ortho.study` under torchrun, see `dist_ortho.study`) that builds every strategy on the same
+model and data and interleaves their steps, so the timings that are compared are taken side by
+side; it records every timed step (<study>/timings.csv) and the machine's load and calibration
+(<study>/groups/<job>/machine.json). `separate`: one torchrun per point, one after another (what
+checkpoints, per-point timeouts and per-point testing aids need); its timings are unpaired, so
+the report only compares them by non-overlapping intervals and says so.
+
 Before anything is launched, every point's config is built and checked, and so is everything
 `dist_ortho.preflight` can know at the point's world size (the strategy's plan for the model's
 matrices, the testing aids), and the output folder is created: a mistake is one line naming the
@@ -29,12 +50,16 @@ key and no launch. Each point is then a `dist_ortho.jobs.Job` (`python -m dist_o
 complete with the same config; `--force` reruns them; `study` always starts fresh unless
 `--resume`), a timeout, failures recorded in failures.csv (one line each: the first failing rank's
 error) while the sweep goes on, SIGINT/SIGTERM stopping the running point's whole process tree.
-Aggregation: `profiling.summarize_runs` over the runs of this grid -> <study>/summary.csv.
+(Interleaved: the same per job, i.e. per world size.)
+Aggregation: `profiling.summarize_runs` over the runs of this grid -> <study>/summary.csv, and
+every timed step -> <study>/timings.csv (`dist_ortho.comparison.build_timings`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import shutil
 import sys
 import time
@@ -45,7 +70,7 @@ from typing import Literal
 
 import torch
 
-from dist_ortho import report, strategies
+from dist_ortho import comparison, report, strategies
 from dist_ortho.cli import run_command
 from dist_ortho.config import (Config, ConfigError, apply_overrides, config_from_dict,
                                parse_overrides, resolve, run_device_type)
@@ -55,15 +80,17 @@ from dist_ortho.jobs import (REPO_ROOT, Job, JobResult, Progress, clock, is_comp
 from dist_ortho.io import atomic_write_text
 from dist_ortho.preflight import check_launch, oversubscription_warning, writable_dir
 from dist_ortho.profiling import summarize_runs
-from dist_ortho.schema import build, join, plain_name, positive, read_yaml
+from dist_ortho.schema import at_least, build, join, plain_name, positive, read_yaml, to_dict, unit
 
-__all__ = ["StrategyEntry", "OptionSet", "Grid", "StudyFile", "Study", "load_study", "expand",
+__all__ = ["StrategyEntry", "ModelEntry", "OptionSet", "Grid", "Schedule", "StudyFile", "Study",
+           "load_study", "expand",
            "run_sweep", "aggregate", "add_arguments", "main", "study_add_arguments", "study_main",
            "REPO_ROOT", "DEFAULT_STUDY", "STUDY_OUTPUTS"]
 
 DEFAULT_STUDY = REPO_ROOT / "launch" / "configs" / "default_study.yaml"
 # what a study writes under <output_dir>/<name>/ (and what `study` clears to start fresh)
-STUDY_OUTPUTS = ("runs", "configs", "logs", "plots", "summary.csv", "failures.csv", "report.md")
+STUDY_OUTPUTS = ("runs", "groups", "configs", "logs", "plots", "summary.csv", "timings.csv",
+                 "study.json", "failures.csv", "report.md")
 
 
 # --- the study file -----------------------------------------------------------------------------
@@ -83,6 +110,17 @@ class StrategyEntry:
 
 
 @dataclass
+class ModelEntry:
+    preset: str
+    label: str | None = None  # default: the preset
+    set: dict = field(default_factory=dict)  # overrides for this model's points only
+
+    def check(self, key: str) -> None:
+        self.label = self.label or self.preset
+        plain_name(f"{key}.label", self.label)
+
+
+@dataclass
 class OptionSet:
     name: str
     set: dict = field(default_factory=dict)
@@ -95,7 +133,7 @@ class OptionSet:
 class Grid:
     strategies: Literal["all"] | list[str | StrategyEntry]
     world_sizes: list[int]
-    models: list[str] | None = None  # default: the base config's model
+    models: list[str | ModelEntry] | None = None  # default: the base config's model
     option_sets: list[OptionSet] = field(default_factory=lambda: [OptionSet("default")])
 
     def check(self, key: str) -> None:
@@ -106,16 +144,45 @@ class Grid:
             entry.check(f"{key}.strategies[{i}]")
             entries.append(entry)
         self.strategies = entries
+        if self.models is not None:
+            models = []
+            for i, item in enumerate(self.models):
+                entry = item if isinstance(item, ModelEntry) else ModelEntry(item)
+                entry.check(f"{key}.models[{i}]")
+                models.append(entry)
+            self.models = models
         for name, values in (("strategies", [e.label for e in entries]),
-                             ("world_sizes", self.world_sizes), ("models", self.models),
+                             ("world_sizes", self.world_sizes),
+                             ("models", None if self.models is None
+                              else [m.label for m in self.models]),
                              ("option_sets", [o.name for o in self.option_sets])):
             if values is not None:
                 _nonempty_unique(f"{key}.{name}", values)
         for i, p in enumerate(self.world_sizes):
             if p < 1:
                 raise ConfigError(f"{key}.world_sizes[{i}]", f"must be an integer >= 1, got {p!r}")
-        for i, m in enumerate(self.models or []):
-            plain_name(f"{key}.models[{i}]", m)
+
+
+@dataclass
+class Schedule:
+    """How the points are timed (see the module docstring)."""
+
+    mode: Literal["interleaved", "separate"] = "separate"
+    repeats: int = 3
+    steps: int = 5
+    warmup_steps: int = 1
+    calibration_repeats: int = 3
+    claim_margin: float = 0.05
+
+    def check(self, key: str) -> None:
+        for name in ("repeats", "steps", "calibration_repeats"):
+            at_least(f"{key}.{name}", getattr(self, name), 1)
+        at_least(f"{key}.warmup_steps", self.warmup_steps, 0)
+        unit(f"{key}.claim_margin", self.claim_margin)
+
+    def settings(self) -> dict:
+        return {"repeats": self.repeats, "steps": self.steps, "warmup_steps": self.warmup_steps,
+                "calibration_repeats": self.calibration_repeats}
 
 
 @dataclass
@@ -126,6 +193,7 @@ class StudyFile:
     output_dir: str = "results/latest"
     point_timeout_s: float = 600.0
     set: dict = field(default_factory=dict)
+    schedule: Schedule = field(default_factory=Schedule)
 
     def check(self, key: str) -> None:
         plain_name(join(key, "name"), self.name)
@@ -188,11 +256,17 @@ def load_study(path: str | Path, overrides: Sequence[str] | Mapping = (),
             apply_overrides({}, o.set)
         except ConfigError as exc:
             raise ConfigError(exc.key, f"{exc.message} (in grid.option_sets[{i}].set)") from None
+    for i, m in enumerate(file.grid.models or []):
+        try:
+            apply_overrides({}, {**m.set, "model.preset": m.preset})
+        except ConfigError as exc:
+            raise ConfigError(exc.key, f"{exc.message} (in grid.models[{i}].set)") from None
     study = Study(file, path, base, Path(output_dir if output_dir is not None
                                          else file.output_dir), dict(common),
                   "--output-dir" if output_dir is not None else "output_dir")
     if file.grid.models is None:  # the base's model (after overrides) is the only one
-        file.grid.models = [_base_config(study).model.preset]
+        file.grid.models = [ModelEntry(_base_config(study).model.preset)]
+        file.grid.models[0].check("grid.models[0]")
     return study
 
 
@@ -202,64 +276,134 @@ def _base_config(study: Study) -> Config:
 
 # --- points -------------------------------------------------------------------------------------
 
+def _point_name(model: ModelEntry, strategy: StrategyEntry, p: int, opt: OptionSet,
+                grid: Grid) -> str:
+    name = f"{model.label}--{strategy.label}--p{p}"
+    if len(grid.option_sets) > 1 or opt.name != "default":
+        name += f"--{opt.name}"
+    return name
+
+
+def _point_config(study: Study, base: dict, model: ModelEntry, strategy: StrategyEntry,
+                  opt: OptionSet, p: int, name: str, device_type: str | None, faults) -> Config:
+    overrides = {**study.overrides, **opt.set, **model.set, "model.preset": model.preset,
+                 "strategy.name": strategy.name, "strategy.options": strategy.options,
+                 "output.dir": str(study.dir / "runs"), "output.name": name}
+    try:
+        raw = config_from_dict(apply_overrides(base, overrides))
+        point_device = device_type or run_device_type(raw)  # gloo keeps CPU tensors on a GPU host
+        config = resolve(raw, point_device)
+        if not config.profiling.enabled:
+            raise ConfigError("profiling.enabled", "is false, but a sweep reads each point's "
+                                                   "metrics.csv; set it to true")
+        if study.file.schedule.mode == "interleaved" and config.checkpoint.dir is not None:
+            raise ConfigError("checkpoint.dir", "is set, but an interleaved study runs every "
+                                                "strategy in one process; set schedule.mode: "
+                                                "separate to save checkpoints")
+        check_launch(config, p, faults, point_device)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, f"{exc.message} (in grid point {name})") from None
+    return config
+
+
 def expand(study: Study, device_type: str | None = None, faults=None) -> list[Job]:
-    """Every grid point as a Job with a checked, resolved config, checked at its world size by
-    `preflight.check_launch`; a bad point raises ConfigError naming it. Order: model, option set,
-    world size, strategy (so partial results are whole comparisons)."""
+    """Every job of the study with checked, resolved configs, each point checked at its world
+    size by `preflight.check_launch`; a bad point raises ConfigError naming it.
+    separate: a job per point, in the order model, option set, world size, strategy (so partial
+    results are whole comparisons). interleaved: a job per (option set, world size) holding every
+    model's points (`dist_ortho.study`)."""
     faults = from_sources() if faults is None else faults
     base = read_yaml(study.base)
-    grid = study.grid
-    jobs = []
+    grid, schedule = study.grid, study.file.schedule
+    groups: dict[tuple[str, int], list] = {}
+    ordered = []  # model, option set, world size, strategy
     for model in grid.models:
         for opt in grid.option_sets:
             for p in grid.world_sizes:
                 for s in grid.strategies:
-                    name = f"{model}--{s.label}--p{p}"
-                    if len(grid.option_sets) > 1 or opt.name != "default":
-                        name += f"--{opt.name}"
-                    overrides = {**study.overrides, **opt.set, "model.preset": model,
-                                 "strategy.name": s.name, "strategy.options": s.options,
-                                 "output.dir": str(study.dir / "runs"), "output.name": name}
-                    try:
-                        raw = config_from_dict(apply_overrides(base, overrides))
-                        point_device = device_type or run_device_type(raw)
-                        config = resolve(raw, point_device)
-                        if not config.profiling.enabled:
-                            raise ConfigError("profiling.enabled", "is false, but a sweep reads "
-                                                                   "each point's metrics.csv; set "
-                                                                   "it to true")
-                        check_launch(config, p, faults, point_device)
-                    except ConfigError as exc:
-                        raise ConfigError(exc.key, f"{exc.message} (in grid point {name})") \
-                            from None
-                    jobs.append(Job(name, config, p, ["-m", "dist_ortho.run", "--config",
-                                                      "{config}"],
-                                    outputs=("metrics.csv",),
-                                    labels={"strategy": s.label, "world_size": p, "model": model,
-                                            "option_set": opt.name}))
+                    name = _point_name(model, s, p, opt, grid)
+                    config = _point_config(study, base, model, s, opt, p, name, device_type,
+                                           faults)
+                    labels = {"strategy": s.label, "world_size": p, "model": model.label,
+                              "option_set": opt.name}
+                    groups.setdefault((opt.name, p), []).append((name, config, labels))
+                    ordered.append((name, config, labels))
+    if schedule.mode == "separate":
+        return [Job(name, config, labels["world_size"],
+                    ["-m", "dist_ortho.run", "--config", "{config}"], outputs=("metrics.csv",),
+                    labels=labels) for name, config, labels in ordered]
+    jobs = []
+    for opt in grid.option_sets:
+        for p in grid.world_sizes:
+            points = groups[(opt.name, p)]
+            name = f"p{p}" + ("" if len(grid.option_sets) == 1 and opt.name == "default"
+                              else f"--{opt.name}")
+            config = copy.deepcopy(points[0][1])
+            config.output.dir, config.output.name = str(study.dir / "groups"), name
+            settings = {"schedule": schedule.settings(),
+                        "points": [{"name": n, "model_label": lb["model"],
+                                    "strategy_label": lb["strategy"], "config": to_dict(c)}
+                                   for n, c, lb in points]}
+            jobs.append(Job(name, config, p, ["-m", "dist_ortho.study", "--config", "{config}"],
+                            settings=settings, outputs=("schedule.csv", "machine.json"),
+                            labels={"world_size": p, "option_set": opt.name},
+                            note=_group_note))
     return jobs
+
+
+def _group_note(job: Job) -> str:
+    return f"{len(job.settings['points'])} points interleaved"
+
+
+def points_of(jobs: Sequence[Job]) -> dict[str, dict]:
+    """point name -> its labels (strategy, world_size, model, option_set) and its job's name."""
+    out = {}
+    for j in jobs:
+        if "points" in j.settings:
+            for pt in j.settings["points"]:
+                out[pt["name"]] = {"strategy": pt["strategy_label"], "world_size": j.world_size,
+                                   "model": pt["model_label"],
+                                   "option_set": j.labels["option_set"], "job": j.name}
+        else:
+            out[j.name] = {**j.labels, "job": j.name}
+    return out
 
 
 # --- running ------------------------------------------------------------------------------------
 
 def aggregate(study: Study, jobs: Sequence[Job]) -> Path | None:
     """summary.csv from the complete runs of this grid (stale run directories are left out), with
-    the grid's own labels (point, strategy label, option set) added."""
-    complete = {j.name: j for j in jobs if is_complete(j)}
+    the grid's own labels (point, strategy label, option set, model label) added; for an
+    interleaved study also timings.csv, every timed step of every point."""
+    complete_jobs = [j for j in jobs if is_complete(j)]
+    points = points_of(complete_jobs)
     path = study.dir / "summary.csv"
-    if not complete:
+    timings = study.dir / "timings.csv"
+    if not points:
         path.unlink(missing_ok=True)
+        timings.unlink(missing_ok=True)
         return None
     table = summarize_runs(study.dir / "runs")
     if "run" not in table.columns:
         raise RuntimeError(f"summarize_runs gave no 'run' column: {list(table.columns)}")
-    table = table[table["run"].isin(list(complete))].copy()
+    table = table[table["run"].isin(list(points))].copy()
     table.insert(0, "point", table["run"])
-    table.insert(1, "strategy_label", [complete[r].labels["strategy"] for r in table["run"]])
-    table.insert(2, "option_set", [complete[r].labels["option_set"] for r in table["run"]])
-    order = {j.name: i for i, j in enumerate(jobs)}
+    table.insert(1, "strategy_label", [points[r]["strategy"] for r in table["run"]])
+    table.insert(2, "option_set", [points[r]["option_set"] for r in table["run"]])
+    table.insert(3, "model_label", [points[r]["model"] for r in table["run"]])
+    table.insert(4, "job", [points[r]["job"] for r in table["run"]])
+    order = {name: i for i, name in enumerate(points_of(jobs))}
     table = table.sort_values("point", key=lambda s: s.map(order)).reset_index(drop=True)
     atomic_write_text(path, table.to_csv(index=False))
+    atomic_write_text(study.dir / "study.json", json.dumps(
+        {"name": study.name, "schedule": to_dict(study.file.schedule),
+         "jobs": [j.name for j in jobs]}, indent=2) + "\n")
+    groups = [j for j in complete_jobs if "points" in j.settings]
+    if groups:
+        frame = comparison.build_timings(study.dir, {j.name: j.run_dir for j in groups}, points)
+        atomic_write_text(timings, frame.to_csv(index=False))
+    else:
+        timings.unlink(missing_ok=True)
     return path
 
 

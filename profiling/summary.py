@@ -33,12 +33,17 @@ Columns (per run; "per rank" values are means over ranks, "per step" over measur
                      the plan's
   comm_wait_s, ns_s  median over steps, mean over ranks, of time in the strategies' comm_wait and
                      ns phases
-  overlap_fraction   1 - comm_wait / (orthogonalize - ns), per rank and step, median over steps,
-                     mean over ranks, clipped to [0, 1]. The orthogonalize phase's time outside
-                     Newton-Schulz is communication plus packing; this is the share of it in which
-                     the rank was *not* blocked waiting for a transfer. Synchronous strategies sit
-                     near 0 (only packing is unblocked); an async strategy whose transfers hide
-                     fully behind compute approaches 1.
+  unblocked_share    1 - comm_wait / (orthogonalize - ns), per rank and step, median over steps,
+                     mean over ranks, clipped to [0, 1]: of the orthogonalize phase's time outside
+                     Newton-Schulz, the share in which the rank was *not* blocked waiting for a
+                     transfer (packing, copies, unpacking, issuing). It is NOT an overlap measure:
+                     a fully synchronous strategy (replicated) shows its packing share here, 0.1 or
+                     more. (It was called overlap_fraction; true overlap needs each transfer's
+                     in-flight time, which the phase timer does not see.)
+
+`step_table(df)` gives every measured step of one run instead of medians: per step, the slowest
+rank's step / optimizer / forward_backward time and the slowest rank's Newton-Schulz and
+comm-wait time, with the step's warm-up and instrumented flags.
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ import pandas as pd
 
 from dist_ortho.profiling.profiler import ROW_COLUMNS, STEP_PHASE
 
-__all__ = ["summarize_runs", "read_metrics", "summarize_metrics", "OPTIMIZER_PHASE_NAMES",
-           "phase_owner"]
+__all__ = ["summarize_runs", "read_metrics", "summarize_metrics", "step_table",
+           "OPTIMIZER_PHASE_NAMES", "phase_owner"]
 
 log = logging.getLogger("profiling")
 
@@ -182,15 +187,39 @@ def summarize_metrics(df: pd.DataFrame, run: str = "") -> dict:
     out["comm_wait_s"] = float(wait.mean(axis=1).median()) if not wait.empty else float("nan")
     out["ns_s"] = float(ns.mean(axis=1).median()) if not ns.empty else float("nan")
     if orth.empty:
-        out["overlap_fraction"] = float("nan")
+        out["unblocked_share"] = float("nan")
     else:
         w = wait.reindex_like(orth).fillna(0.0) if not wait.empty else orth * 0.0
         n = ns.reindex_like(orth).fillna(0.0) if not ns.empty else orth * 0.0
         outside_ns = orth - n
         frac = (1.0 - w / outside_ns.where(outside_ns > 0)).clip(0.0, 1.0)
-        out["overlap_fraction"] = float(frac.median(axis=0).mean()) if frac.notna().any().any() \
+        out["unblocked_share"] = float(frac.median(axis=0).mean()) if frac.notna().any().any() \
             else float("nan")
     return out
+
+
+def step_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per step of one run's metrics (all ranks): step, warmup, instrumented, and the
+    slowest rank's seconds in the step (`step_s`), in phases "optimizer" (`optimizer_s`) and
+    "forward_backward" (`forward_backward_s`), and in the strategies' `ns` and `comm_wait` phases
+    (`ns_s`, `comm_wait_s`: the rank with the most, summed over the optimizer's phases)."""
+    t = df[df["metric"] == "time_s"]
+    phase = t["phase"].astype(str)
+    last = phase.str.rsplit("/", n=1).str[-1]
+    opt = phase.map(phase_owner) == "optimizer"
+    out = pd.DataFrame(index=pd.Index(sorted(df["step"].unique()), name="step"))
+    selections = {"step_s": phase == STEP_PHASE, "optimizer_s": phase == "optimizer",
+                  "forward_backward_s": phase == "forward_backward",
+                  "ns_s": opt & (last == "ns"), "comm_wait_s": opt & (last == "comm_wait")}
+    for name, mask in selections.items():
+        table = _per_step_rank(t, mask)
+        out[name] = table.max(axis=1) if not table.empty else float("nan")
+    warm = df.groupby("step")["warmup"].first()
+    flags = df[(df["phase"] == STEP_PHASE) & (df["metric"] == "instrumented")]
+    instrumented = flags.groupby("step")["value"].max() > 0
+    out["warmup"] = warm.reindex(out.index).fillna(False).astype(bool)
+    out["instrumented"] = instrumented.reindex(out.index).fillna(False).astype(bool)
+    return out.reset_index()
 
 
 def summarize_runs(results_dir) -> pd.DataFrame:

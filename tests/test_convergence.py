@@ -10,10 +10,12 @@ import json
 import math
 import statistics
 
+import pandas as pd
 import pytest
 import torch
 
 import conv_cases
+from dist_ortho.convergence.analysis import compare_curves
 from dist_ortho.convergence import (ConvergenceConfig, add_arguments, evaluate, load_study,
                                     lr_scale, main, steps_to_reach, train_with_curve,
                                     validation_batches)
@@ -101,6 +103,14 @@ def test_config_mistakes_name_the_key(tmp_path):
         "convergence.evalevery": ["convergence.evalevery=3"],
         "train.stepz": ["train.stepz=3"],
         "optimizer.lr": ["optimizer.lr=-1"],
+        # the distributed check repeats runs of the study: its P = 1 run must exist
+        "convergence.distributed.seeds[0]": ["convergence.distributed={optimizers: [normuon], "
+                                             "seeds: [5]}"],
+        "convergence.distributed.nproc_per_node": ["convergence.distributed={optimizers: "
+                                                   "[normuon], nproc_per_node: 1}"],
+        "convergence.distributed.optimizers[0]": ["convergence.optimizers={adamw: {}}",
+                                                  "convergence.distributed={optimizers: "
+                                                  "[normuon]}"],
     }
     for key, overrides in cases.items():
         with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
@@ -108,6 +118,25 @@ def test_config_mistakes_name_the_key(tmp_path):
     path.write_text("run: {}\nconvergance: {}\n")
     with pytest.raises(ValueError, match="convergance"):
         load_study(path)
+
+
+def test_distributed_check_compares_curves_and_keeps_the_global_batch(tmp_path):
+    a = pd.DataFrame({"step": [0, 1, 2], "train_loss": [math.nan, 2.0, 1.5],
+                      "val_loss": [3.0, math.nan, 1.4]})
+    b = a.assign(train_loss=[math.nan, 2.0 + 1e-6, 1.5 - 3e-6], val_loss=[3.0, math.nan, 1.4002])
+    diff = compare_curves(a, b)
+    assert diff["steps_compared"] == 2 and diff["evals_compared"] == 2
+    assert diff["max_abs_train_diff"] == pytest.approx(3e-6)
+    assert diff["max_abs_val_diff"] == pytest.approx(2e-4)
+    assert diff["agree_until_step"] == 2  # both differences are below the rounding threshold
+    late = b.assign(train_loss=[math.nan, 2.0 + 1e-6, 1.6])
+    assert compare_curves(a, late)["agree_until_step"] == 1
+    path = tmp_path / "study.yaml"
+    path.write_text("run:\n  model: {preset: gpt-tiny}\n  train: {batch_size: 16}\n"
+                    "convergence:\n  seeds: [0, 1]\n  distributed: {optimizers: [normuon]}\n")
+    ((name, seed, config),) = load_study(path).check_configs()
+    assert (name, seed, config.train.batch_size, config.strategy.name) == \
+        ("normuon", 0, 8, "balanced")  # 2 ranks x 8 rows = the P = 1 run's 16
 
 
 # --- training -----------------------------------------------------------------------------------

@@ -245,7 +245,7 @@ def test_summary_of_real_runs(world_size):
         assert row["fsdp_send_bytes_per_rank"] > 0 and row["world_size"] == world_size
         assert row["steps"] == prof_cases.STEPS - prof_cases.WARMUP
         assert row["step_time_s"] > 0 and row["peak_mem_bytes"] > 0
-        assert 0.0 <= row["overlap_fraction"] <= 1.0
+        assert 0.0 <= row["unblocked_share"] <= 1.0
     assert runs.loc["replicated", "ns_flops_per_step"] == \
         world_size * runs.loc["round_robin", "ns_flops_per_step"]
     assert runs.loc["replicated", "ns_flops_imbalance"] == pytest.approx(1.0)
@@ -453,7 +453,7 @@ def test_summarize_runs_arithmetic_and_partial_runs(tmp_path, caplog):
     assert row["plan_send_bytes_per_rank"] == 315.0
     assert row["peak_mem_bytes"] == 63.0
     assert row["ns_flops_per_step"] == 4.0 and row["ns_flops_imbalance"] == 1.5
-    assert row["overlap_fraction"] == pytest.approx(1 - 0.05 / 0.2)
+    assert row["unblocked_share"] == pytest.approx(1 - 0.05 / 0.2)
     assert row["comm_wait_s"] == pytest.approx(0.05) and row["ns_s"] == pytest.approx(0.2)
     with pytest.raises(ValueError, match="directory"):
         summarize_runs(tmp_path / "nope")

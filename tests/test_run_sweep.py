@@ -167,6 +167,12 @@ def test_every_subcommand_has_help(argv, capsys):
     ({"set": {"optimizer.lrr": 1}}, "optimizer.lrr"),
     ({"point_timeout_s": -1}, "point_timeout_s"),
     ({"base": "missing.yaml"}, "base"),
+    ({"schedule": {"mode": "interleaved", "repeats": 0}}, "schedule.repeats"),
+    ({"schedule": {"mode": "sideways"}}, "schedule.mode"),
+    ({"schedule": {"claim_margin": 1.5}}, "schedule.claim_margin"),
+    ({"grid": {"strategies": ["replicated"], "world_sizes": [1],
+               "models": [{"preset": "llama-tiny", "set": {"model.depth": 2}}]}},
+     "model.depth"),
 ])
 def test_study_file_errors_name_their_key(tmp_path, change, key):
     from dist_ortho.config import ConfigError

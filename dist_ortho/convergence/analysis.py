@@ -6,7 +6,11 @@ Writes to the study's `out_dir`:
 - steps to reach AdamW's final validation loss (AdamW's mean over seeds), read off each
   optimizer's seed-mean validation curve by linear interpolation between evaluation points, and
   per seed; "not reached" when the curve never gets there;
-- `study.json`: wall time of the study and of every run.
+- `study.json`: wall time of the study and of every run;
+- with a distributed check (`convergence.distributed`): `distributed_check.csv`,
+  `distributed_check.png` and a section of `summary.md` putting each P > 1 run beside its P = 1
+  run (same optimizer, seed and global batch): the largest difference of their training losses
+  (every step) and validation losses (every evaluation).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dist_ortho.convergence.training import CURVE_FILE, RESULT_FILE  # noqa: E40
 from dist_ortho.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from dist_ortho.jobs import Job  # noqa: E402
 
-__all__ = ["steps_to_reach", "analyze"]
+__all__ = ["steps_to_reach", "analyze", "compare_curves"]
 
 
 def steps_to_reach(steps: Sequence[float], losses: Sequence[float], target: float) -> float | None:
@@ -68,6 +72,8 @@ def analyze(study: ConvergenceStudy, jobs: list[Job], wall_s: float | None = Non
     conv = study.convergence
     out = Path(conv.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    checks = [j for j in jobs if j.labels.get("check")]
+    jobs = [j for j in jobs if not j.labels.get("check")]
     curves, results = _load_runs(jobs)
     optimizers = list(dict.fromkeys(j.labels["optimizer"] for j in jobs))
     val = curves.dropna(subset=["val_loss"])
@@ -106,13 +112,113 @@ def analyze(study: ConvergenceStudy, jobs: list[Job], wall_s: float | None = Non
     atomic_write_text(out / "final_val_loss.csv",
                       table.to_csv(index=False, float_format="%.5g"))
     _plot(study, curves, optimizers, target, out / "loss_curves.png")
+    check_rows = _distributed_check(jobs, checks, out) if checks else []
     summary = {"target_adamw_final_val_loss": target, "adamw_steps_to_own_final": ref_steps,
-               "study_wall_s": wall_s, "runs": results, "table": rows}
+               "study_wall_s": wall_s, "runs": results, "table": rows,
+               "distributed_check": check_rows}
     atomic_write_text(out / "study.json",
                       json.dumps(summary, indent=2, default=_json_default) + "\n")
     atomic_write_text(out / "summary.md", _markdown(study, rows, target, ref_steps, wall_s,
-                                                    results))
+                                                    results) + _check_markdown(check_rows))
     return summary
+
+
+# float32 losses near 2-5 are spaced 2.4e-7 to 4.8e-7 apart: 1e-5 is a few tens of ulps, what
+# different reduction orders give before training amplifies them
+ROUNDING = 1e-5
+
+
+def compare_curves(reference: pd.DataFrame, other: pd.DataFrame) -> dict:
+    """Largest absolute differences between two runs' curves (curve.csv frames): training loss
+    over the steps both have, validation loss over the evaluations both have, final validation
+    loss; and `agree_until_step`, the last step up to which every training loss differs by at
+    most `ROUNDING` (float rounding), with the largest difference until then."""
+    train = reference.set_index("step")["train_loss"].sub(
+        other.set_index("step")["train_loss"]).abs().dropna()
+    val_ref = reference.dropna(subset=["val_loss"]).set_index("step")["val_loss"]
+    val_other = other.dropna(subset=["val_loss"]).set_index("step")["val_loss"]
+    val = val_ref.sub(val_other).abs().dropna()
+    off = train[train > ROUNDING]
+    agree_until = (int(off.index.min()) - 1 if len(off) else int(train.index.max())) \
+        if len(train) else 0
+    early = train[train.index <= agree_until]
+    return {"steps_compared": int(len(train)), "evals_compared": int(len(val)),
+            "agree_until_step": agree_until,
+            "max_abs_train_diff_while_agreeing": float(early.max()) if len(early) else math.nan,
+            "max_abs_train_diff": float(train.max()) if len(train) else math.nan,
+            "max_abs_val_diff": float(val.max()) if len(val) else math.nan,
+            "final_val_p1": float(val_ref.iloc[-1]) if len(val_ref) else math.nan,
+            "final_val_check": float(val_other.iloc[-1]) if len(val_other) else math.nan}
+
+
+def _distributed_check(jobs: list[Job], checks: list[Job], out: Path) -> list[dict]:
+    """Each check run against its P = 1 run: the table, the plot; returns the rows."""
+    by_key = {(j.labels["optimizer"], j.labels["seed"]): j for j in jobs}
+    rows, pairs = [], []
+    for job in checks:
+        ref = by_key[(job.labels["optimizer"], job.labels["seed"])]
+        a, b = pd.read_csv(ref.run_dir / CURVE_FILE), pd.read_csv(job.run_dir / CURVE_FILE)
+        rows.append({"optimizer": job.labels["optimizer"], "seed": job.labels["seed"],
+                     "reference": f"{ref.name} (P = {ref.world_size}, "
+                                  f"{ref.config.strategy.name})",
+                     "check": f"{job.name} (P = {job.world_size}, {job.labels['strategy']})",
+                     **compare_curves(a, b)})
+        pairs.append((ref, job, a, b))
+    atomic_write_text(out / "distributed_check.csv",
+                      pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
+    _plot_check(pairs, out / "distributed_check.png")
+    return rows
+
+
+def _check_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "## Distributed check: the same run at P > 1", "",
+             "Each run below repeats a run of the table above on more ranks with a sharding "
+             "strategy and the same global batch (per-rank batch divided by the ranks; every "
+             "rank takes its rows of the same global draw), so the curves must agree up to "
+             "float rounding (which the different reduction orders of FSDP2 and the strategy "
+             "introduce). Training is chaotic: a difference of one float32 ulp grows by about "
+             "an order of magnitude every few tens of steps once it appears, so the curves agree "
+             f"to float rounding (every step within {ROUNDING:g}) for a while and then separate "
+             "into two equally good trajectories; compare the final losses with the seed spread "
+             "of the table above. Plot: `distributed_check.png`.", "",
+             "| P = 1 run | distributed run | steps within rounding | max abs. diff. until "
+             "then | max abs. diff. train loss (all steps) | max abs. diff. val loss (all "
+             "evaluations) | final val loss P = 1 | final val loss distributed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['reference']} | {r['check']} | 1..{r['agree_until_step']} | "
+                     f"{r['max_abs_train_diff_while_agreeing']:.1e} | "
+                     f"{r['max_abs_train_diff']:.2e} | {r['max_abs_val_diff']:.2e} | "
+                     f"{r['final_val_p1']:.4f} | {r['final_val_check']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_check(pairs, path: Path) -> None:
+    fig, (ax_val, ax_diff) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ref, job, a, b in pairs:
+        va, vb = a.dropna(subset=["val_loss"]), b.dropna(subset=["val_loss"])
+        ax_val.plot(va["step"], va["val_loss"], "o-", label=f"{ref.name}, P = {ref.world_size}")
+        ax_val.plot(vb["step"], vb["val_loss"], "x--", markersize=8,
+                    label=f"{job.name}, P = {job.world_size}")
+        diff = a.set_index("step")["train_loss"].sub(b.set_index("step")["train_loss"]).abs()
+        diff = diff[diff.index > 0].dropna()
+        ax_diff.semilogy(diff.index, diff.clip(lower=1e-9), label=f"{job.name} vs {ref.name}")
+    ax_val.set_xlabel("step")
+    ax_val.set_ylabel("validation loss (nats/byte)")
+    ax_val.set_title("validation loss: P = 1 and the distributed run (on top of each other)")
+    ax_diff.set_xlabel("step")
+    ax_diff.set_ylabel("|train loss difference| (floored at 1e-9)")
+    ax_diff.set_title("training loss, distributed vs P = 1, per step")
+    for ax in (ax_val, ax_diff):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    plt.close(fig)
 
 
 def _json_default(value):

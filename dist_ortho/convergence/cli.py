@@ -55,26 +55,38 @@ def _note(job: Job) -> str:
 
 
 def make_job(study: ConvergenceStudy, config: Config, optimizer: str, seed: int,
-             faults=None, device_type: str | None = None) -> Job:
-    """One run as a Job, checked before launch at `nproc_per_node` ranks."""
+             faults=None, device_type: str | None = None, nproc: int | None = None,
+             check: bool = False) -> Job:
+    """One run as a Job, checked before launch at `nproc` ranks (default `nproc_per_node`);
+    `check`: a run of the distributed check (`convergence.distributed`)."""
     conv = study.convergence
+    nproc = nproc or conv.nproc_per_node
     device_type = device_type or default_device_type()
     config = resolve(config, device_type)
     try:
-        check_launch(config, conv.nproc_per_node, faults, device_type)
+        check_launch(config, nproc, faults, device_type)
     except ConfigError as exc:
         raise ConfigError(exc.key, f"{exc.message} (in run {config.output.name})") from None
-    return Job(str(config.output.name), config, conv.nproc_per_node,
+    labels = {"optimizer": optimizer, "seed": seed}
+    if check:
+        labels.update(check=True, world_size=nproc, strategy=config.strategy.name)
+    return Job(str(config.output.name), config, nproc,
                ["-m", "dist_ortho.convergence", "--worker", "{config}"],
                settings=conv.run_settings(), outputs=(CURVE_FILE, RESULT_FILE),
-               labels={"optimizer": optimizer, "seed": seed}, note=_note)
+               labels=labels, note=_note)
 
 
 def study_jobs(study: ConvergenceStudy, faults=None) -> list[Job]:
+    """The study's runs, then those of its distributed check (each after its P = 1 run's
+    optimizer and seed are queued, so both finish before the analysis compares them)."""
     conv = study.convergence
     faults = from_sources() if faults is None else faults
-    return [make_job(study, study.run_config(optimizer, seed), optimizer, seed, faults)
+    jobs = [make_job(study, study.run_config(optimizer, seed), optimizer, seed, faults)
             for optimizer in conv.optimizers for seed in conv.seeds]
+    jobs += [make_job(study, config, optimizer, seed, faults,
+                      nproc=conv.distributed.nproc_per_node, check=True)
+             for optimizer, seed, config in study.check_configs()]
+    return jobs
 
 
 def _slots(study: ConvergenceStudy) -> list[dict]:

@@ -28,8 +28,8 @@ from dist_ortho.schema import (ConfigError, at_least, build, fraction, parse_ove
                                read_yaml, to_dict)
 from dist_ortho.schema import apply_overrides as apply_schema_overrides
 
-__all__ = ["OPTIMIZERS", "LR_KEY", "SweepConfig", "ConvergenceConfig", "ConvergenceStudy",
-           "load_study", "RUN_SETTINGS"]
+__all__ = ["OPTIMIZERS", "LR_KEY", "SweepConfig", "DistributedCheck", "ConvergenceConfig",
+           "ConvergenceStudy", "load_study", "RUN_SETTINGS"]
 
 OptimizerName = Literal["normuon", "muon", "adamw"]
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
@@ -59,6 +59,27 @@ class SweepConfig:
 
 
 @dataclass
+class DistributedCheck:
+    """Runs of the study repeated at `nproc_per_node` ranks with a sharding `strategy`, each
+    beside its single-process run (same optimizer and seed): the same global batch (the per-rank
+    batch is the run's divided by the ranks, and the data loader hands each rank its rows of the
+    same global draw), so the curves must agree up to float rounding. Empty `optimizers`: none."""
+
+    optimizers: list[OptimizerName] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    nproc_per_node: int = 2
+    strategy: str = "balanced"
+
+    def check(self, key: str) -> None:
+        at_least(f"{key}.nproc_per_node", self.nproc_per_node, 2, "(a distributed check needs "
+                                                                   "more than one rank)")
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise ConfigError(f"{key}.optimizers", f"must not repeat, got {self.optimizers}")
+        for i, seed in enumerate(self.seeds):
+            at_least(f"{key}.seeds[{i}]", seed, 0)
+
+
+@dataclass
 class ConvergenceConfig:
     """The `convergence` section. `optimizers` maps each optimizer of the study to the
     `optimizer.*` keys it overrides (its tuned LR); `eval_batch_size` is global (split over
@@ -79,6 +100,7 @@ class ConvergenceConfig:
     processes: int = 0
     nproc_per_node: int = 1
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    distributed: DistributedCheck = field(default_factory=DistributedCheck)
 
     def check(self, key: str) -> None:
         for name in ("eval_every", "eval_batches", "eval_batch_size", "train_window",
@@ -114,6 +136,23 @@ class ConvergenceConfig:
                 raise ConfigError(f"{okey}.name", f"the optimizer is this entry's key ({name}); "
                                                   f"remove the name")
             build(OptimizerConfig, overrides, okey)  # types and ranges, named by key
+        check = self.distributed
+        for i, name in enumerate(check.optimizers):
+            if name not in self.optimizers:
+                raise ConfigError(f"{key}.distributed.optimizers[{i}]",
+                                  f"{name!r} is not one of the study's optimizers "
+                                  f"({', '.join(self.optimizers)}); its P = 1 run is the "
+                                  f"reference")
+        for i, seed in enumerate(check.seeds):
+            if check.optimizers and seed not in self.seeds:
+                raise ConfigError(f"{key}.distributed.seeds[{i}]",
+                                  f"seed {seed} is not one of the study's seeds {self.seeds}; "
+                                  f"its P = 1 run is the reference")
+        if check.optimizers and self.eval_batch_size % check.nproc_per_node:
+            raise ConfigError(f"{key}.eval_batch_size",
+                              f"{self.eval_batch_size} is not divisible by "
+                              f"distributed.nproc_per_node={check.nproc_per_node}; pick a "
+                              f"multiple of it")
 
     def run_settings(self) -> dict:
         return {k: getattr(self, k) for k in RUN_SETTINGS}
@@ -127,6 +166,15 @@ class ConvergenceStudy:
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
 
     def check(self, key: str) -> None:
+        check = self.convergence.distributed
+        ranks = check.nproc_per_node // self.convergence.nproc_per_node
+        if check.optimizers and (check.nproc_per_node % self.convergence.nproc_per_node
+                                 or self.run.train.batch_size % ranks):
+            raise ConfigError("convergence.distributed.nproc_per_node",
+                              f"{check.nproc_per_node} ranks must be a multiple of "
+                              f"convergence.nproc_per_node={self.convergence.nproc_per_node}, "
+                              f"and train.batch_size={self.run.train.batch_size} divisible by "
+                              f"the ratio, so that the global batch stays the same")
         if models.is_shape_only(self.run.model.preset):
             raise ConfigError("run.model.preset", f"{self.run.model.preset!r} is a shape-only "
                                                   f"model; a convergence run needs a GPT preset "
@@ -147,6 +195,20 @@ class ConvergenceStudy:
             sets[f"optimizer.{k}"] = v
         sets.update(overrides or {})
         return config_from_dict(apply_overrides(to_dict(self.run), sets))
+
+    def check_configs(self) -> list[tuple[str, int, Config]]:
+        """(optimizer, seed, config) of every distributed-check run: the study's run with the
+        check's strategy and the per-rank batch that keeps the global batch."""
+        conv, check = self.convergence, self.convergence.distributed
+        ranks = check.nproc_per_node // conv.nproc_per_node
+        out = []
+        for optimizer in check.optimizers:
+            for seed in check.seeds:
+                name = f"{optimizer}-s{seed}-p{check.nproc_per_node}-{check.strategy}"
+                sets = {"strategy.name": check.strategy,
+                        "train.batch_size": self.run.train.batch_size // ranks}
+                out.append((optimizer, seed, self.run_config(optimizer, seed, sets, name)))
+        return out
 
 
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> ConvergenceStudy:

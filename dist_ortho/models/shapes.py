@@ -99,6 +99,11 @@ SHAPE_PRESETS: dict[str, ShapeConfig] = {
     "transformer-bench": ShapeConfig(
         hidden=512, intermediate=1376, n_heads=8, n_kv_heads=4, head_dim=64, num_layers=2
     ),
+    # Half transformer-bench's width (1/8 of its NS FLOPs): still NS-dominated on a CPU, cheap
+    # enough that the default study repeats every strategy 15 times per world size in minutes.
+    "transformer-small": ShapeConfig(
+        hidden=256, intermediate=688, n_heads=4, n_kv_heads=2, head_dim=64, num_layers=2
+    ),
 }
 
 

@@ -196,10 +196,10 @@ def test_user_mistakes_raise_value_error(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(ValueError, match=str(missing)):
         checkpoint.load(missing, model, opt)
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(ValueError, match="no intact checkpoint"):
         checkpoint.load(tmp_path, model, opt)
     checkpoint.save(tmp_path, 3, model, opt)
-    with pytest.raises(ValueError, match="no checkpoint for step 7.*complete steps: \\[3\\]"):
+    with pytest.raises(ValueError, match="no checkpoint for step 7.*steps there: \\[3\\]"):
         checkpoint.load(tmp_path, model, opt, step=7)
     with pytest.raises(ValueError, match="holds optimizers"):
         checkpoint.load(tmp_path, model, opt.optimizers[1])
@@ -253,7 +253,7 @@ def test_killed_save_never_looks_complete(tmp_path, monkeypatch):
     assert not (tmp_path / ".step_00000002.partial").exists()
     assert checkpoint.latest_step(tmp_path) == 2
     assert checkpoint.checkpoint_info(tmp_path)["extra"] == {"note": "retry"}
-    assert json.loads((tmp_path / "step_00000002" / "meta.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "step_00000002" / "manifest.json").read_text())["meta"]["step"] == 2
 
     # saving a step again replaces it; a pointer to a removed folder falls back to the newest
     checkpoint.save(tmp_path, 2, model, opt, extra={"note": "again"})

@@ -75,6 +75,7 @@ from typing import Any, Protocol, Union
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
@@ -204,10 +205,14 @@ def _gather(obj, group=None) -> list:
 def _agree(error: BaseException | None, what: str, group=None, payload=None) -> list:
     """A barrier that also raises on every rank if any rank failed (instead of leaving the others
     waiting at the next collective until the timeout); returns every rank's `payload`."""
-    mine = None if error is None else f"{type(error).__name__}: {error}"
+    cause = error
+    if isinstance(error, CheckpointException):  # DCP raised it on every rank: the ranks it names
+        cause = error.failures.get(_dist(group)[0], (None,))[0]
+    mine = None if cause is None else f"{type(cause).__name__}: {cause}"
     gathered = _gather((mine, payload), group)
     failed = [(r, m) for r, (m, _) in enumerate(gathered) if m is not None]
-    if failed:
+    if failed or error is not None:
+        failed = failed or [(_dist(group)[0], f"{type(error).__name__}: {error}")]
         message = f"checkpoint {what} failed on rank(s) {[r for r, _ in failed]}: {failed[0][1]}"
         if error is not None:
             raise RuntimeError(message) from error
@@ -415,7 +420,7 @@ def write_snapshot(snap: Snapshot, *, group=None, timer: PhaseTimer = NULL_TIMER
                 name = _rank_file_name(rank)
                 atomic_write_bytes(partial / name, snap.rank_bytes)
                 files[name] = hash_bytes(snap.rank_bytes)
-            except Exception as exc:  # noqa: BLE001 - spread to every rank by _agree
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - see _agree
                 error = exc
         with timer.phase("commit"):
             gathered = _agree(error, f"save of {str(final)!r}", group, payload=files)

@@ -115,8 +115,10 @@ def resume_run(state) -> None:
         return
     path = checkpoint.checkpoint_path(root, step)
     if skipped and state.rank == 0:
+        # one line: which folders were passed over and why, and where the run goes on from
         log.warning("checkpoint.resume: skipped %s; resuming from %s",
-                    "; ".join(f"damaged step_{s:08d} ({p})" for s, p in skipped), path.name)
+                    "; ".join(f"damaged {checkpoint.checkpoint_path(root, s)} ({p})"
+                              for s, p in skipped), path.name)
     info = checkpoint.checkpoint_info(root, step)
     check_run_compatible(info, cfg, state.world_size, path)
     extra = info.get("extra") or {}

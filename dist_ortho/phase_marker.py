@@ -55,7 +55,11 @@ class PhaseMarker:
         if self._map is None:
             return
         slot = 0 if threading.current_thread() is self._main else 1
-        text = f"{label}: {'/'.join(stack)}" if stack else ""
+        path = "/".join(stack)
+        if stack[-1:] == ["comm_wait"] and "orthogonalize" in stack:
+            # the strategy's exchanges: before Newton-Schulz (forward) or after it (return)
+            path += "(return)" if getattr(self._local, "after_ns", False) else "(forward)"
+        text = f"{label}: {path}" if stack else ""
         data = text.encode("utf-8", "replace")[:_SLOT - 1]
         self._map[slot * _SLOT:(slot + 1) * _SLOT] = data.ljust(_SLOT, b"\0")
 
@@ -65,6 +69,8 @@ class PhaseMarker:
         if stack is None:
             stack = self._local.stack = []
         stack.append(name)
+        if name == "orthogonalize":
+            self._local.after_ns = False
         self._write(label(), stack)
         try:
             yield
@@ -74,6 +80,8 @@ class PhaseMarker:
                 self.failed_in = "/".join(stack)
             stack.pop()
             raise
+        if name == "ns":
+            self._local.after_ns = True
         stack.pop()
         self._write(label(), stack)
 

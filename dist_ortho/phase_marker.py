@@ -59,7 +59,9 @@ class PhaseMarker:
         if stack[-1:] == ["comm_wait"] and "orthogonalize" in stack:
             # the strategy's exchanges: before Newton-Schulz (forward) or after it (return)
             path += "(return)" if getattr(self._local, "after_ns", False) else "(forward)"
-        text = f"{label}: {path}" if stack else ""
+        # between phases the main thread still says which step (or save) it is in; the
+        # checkpoint thread's slot empties when its save is done
+        text = f"{label}: {path}" if stack else (label if slot == 0 else "")
         data = text.encode("utf-8", "replace")[:_SLOT - 1]
         self._map[slot * _SLOT:(slot + 1) * _SLOT] = data.ljust(_SLOT, b"\0")
 

@@ -35,7 +35,8 @@ import fault_cases as fc  # noqa: E402 - tests/ on the path first
 from dist_ortho.faults import PHASES  # noqa: E402
 from dist_ortho.io import atomic_write_text  # noqa: E402
 
-FIELDS = ["phase", "mode", "rank", "returncode", "seconds_to_exit", "within_timeout", "error",
+FIELDS = ["phase", "mode", "saves", "rank", "returncode", "seconds_to_exit", "within_timeout",
+          "error",
           "resumed_from", "resume_bitwise", "folders_after_resume"]
 
 
@@ -43,10 +44,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     parser.add_argument("--modes", nargs="+", default=list(fc.MODES), choices=list(fc.MODES))
+    parser.add_argument("--async-phases", nargs="*", default=["save"], choices=list(PHASES),
+                        help="phases also run with checkpoint.async_save=true")
     parser.add_argument("--out", default=str(HERE.parent / "results" / "bench"))
     args = parser.parse_args(argv)
 
-    matrix = fc.cases(args.phases, args.modes)
+    matrix = fc.cases(args.phases, args.modes, args.async_phases)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fault_matrix_") as tmp:
         root = Path(tmp)
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
         for case in matrix:
             got = fc.resume_outcome(root, case, output)
             rows.append({
-                "phase": case.phase, "mode": case.mode, "rank": case.rank,
+                "phase": case.phase, "mode": case.mode,
+                "saves": "async" if case.async_save else "blocking", "rank": case.rank,
                 "returncode": case.returncode,
                 "seconds_to_exit": f"{case.seconds_to_exit:.1f}",
                 "within_timeout": case.seconds_to_exit < fc.TIMEOUT_S + fc.SLACK_S,
@@ -79,22 +83,25 @@ def main(argv=None) -> int:
     lines = [
         "# Fault matrix: a rank killed or hung in each phase",
         "",
-        f"Written by `bench/fault_matrix.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        f": torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPU core(s) (shared "
+        f"Written by `bench/fault_matrix.py` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: torch {torch.__version__}, "
+        f"{platform.machine()}, {os.cpu_count()} CPU core(s) (shared "
         f"with other work, so times include its load). gpt-tiny, 2 gloo ranks, strategy balanced, "
-        f"6 steps, checkpoint every 2 steps, keep_last 1, `dist.timeout_s={fc.TIMEOUT_S:g}`. The "
+        f"6 steps, checkpoint every 2 steps, keep_last 1, `dist.timeout_s={fc.TIMEOUT_S:g}`; "
+        f"saves blocking, or asynchronous (`checkpoint.async_save`) where the table says so. The "
         f"fault strikes at step {fc.FAIL_STEP} (save: in the save of step 4, before its commit; "
         f"retention: while rank 0 deletes step 2 after committing step 4). Time to exit: from the "
         f"fault to the job runner having the job's exit status. Resume: the following `--resume` "
         f"to step 6; bitwise = its losses and its final model and optimizer state equal the "
         f"uninterrupted run's.",
         "",
-        "| phase | mode | rank | exit | s to exit | error line (jobs.first_error) | resumed from "
-        "| resume bitwise | folders after resume |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        "| phase | mode | saves | rank | exit | s to exit | error line (jobs.first_error) "
+        "| resumed from | resume bitwise | folders after resume |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         error = r["error"].replace("|", "\\|")
-        lines.append(f"| {r['phase']} | {r['mode']} | {r['rank']} | {r['returncode']} "
+        lines.append(f"| {r['phase']} | {r['mode']} | {r['saves']} | {r['rank']} "
+                     f"| {r['returncode']} "
                      f"| {r['seconds_to_exit']} | {error} | {r['resumed_from']} "
                      f"| {'yes' if r['resume_bitwise'] else 'NO'} | {r['folders_after_resume']} |")
     atomic_write_text(out / "fault_matrix.md", "\n".join(lines) + "\n")

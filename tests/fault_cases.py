@@ -1,10 +1,11 @@
 """The fault matrix: a rank killed or hung in each phase of a step or a save, through the job runner
 (`dist_ortho.jobs`, as a sweep runs a point), then `--resume` of every case in one torchrun.
 
-Used by tests/test_faults.py (which asserts the behaviour) and bench/fault_matrix.py (which writes
-the table of times to exit to results/faults/). One run: gpt-tiny on 2 gloo ranks, synthetic data,
-strategy balanced (it has a forward exchange, Newton-Schulz and a return exchange), NorMuon +
-AdamW, 6 steps, a checkpoint every 2 steps, keep_last 1, collective timeout TIMEOUT_S.
+Used by tests/test_ckpt_faults.py (which asserts the behaviour) and bench/fault_matrix.py (which
+writes the table of times to exit to results/bench/fault_matrix.md). One run: gpt-tiny on 2 gloo
+ranks, synthetic data, strategy balanced (it has a forward exchange, Newton-Schulz and a return
+exchange), NorMuon + AdamW, 6 steps, a checkpoint every 2 steps, keep_last 1, collective timeout
+TIMEOUT_S.
 
 The fault strikes at step FAIL_STEP (0-based) on FAIL_RANK, as the rank enters the phase
 (`dist_ortho.faults.PHASES`); "save" strikes in the save after that step (the checkpoint of step
@@ -66,18 +67,26 @@ class Case:
     seconds_to_exit: float | None = None  # from the fault (logged by the rank) to the job's end
     log: Path | None = None
     left: dict | None = None  # what the failed job left in its checkpoint folder (`left_behind`)
+    async_save: bool = False  # saves on the background thread (dist_ortho.ckpt_async)
 
     @property
     def name(self) -> str:
-        return f"{self.phase}-{self.mode}"
+        return f"{self.phase}-{self.mode}" + ("-async" if self.async_save else "")
+
+    @property
+    def sets(self) -> tuple:
+        return ("checkpoint.async_save=true",) if self.async_save else ()
 
     @property
     def resume_from(self) -> int:
         return 4 if self.phase == "retention" else 2
 
 
-def cases(phases=tuple(PHASES), modes=MODES) -> list[Case]:
-    return [Case(p, m, 0 if p == "retention" else 1) for p in phases for m in modes]
+def cases(phases=tuple(PHASES), modes=MODES, async_phases=()) -> list[Case]:
+    """Each phase x mode with blocking saves, then each of `async_phases` x mode with
+    asynchronous ones (the save's phases then run on the background thread)."""
+    return [Case(p, m, 0 if p == "retention" else 1, async_save=a)
+            for a, ps in ((False, phases), (True, async_phases)) for p in ps for m in modes]
 
 
 def run_args(root: Path, name: str, resume: bool = False, extra: tuple = ()) -> list[str]:
@@ -88,7 +97,7 @@ def run_args(root: Path, name: str, resume: bool = False, extra: tuple = ()) -> 
 
 
 def _job(root: Path, case: Case) -> Job:
-    config = resolve(load_config(TINY, run_args(root, case.name)[3:]))
+    config = resolve(load_config(TINY, run_args(root, case.name, extra=case.sets)[3:]))
     faults = f"fail_step={FAIL_STEP} fail_rank={case.rank} fail_phase={case.phase} " \
              f"fail_mode={case.mode}"
     return Job(name=case.name, config=config, world_size=2,
@@ -143,7 +152,8 @@ def left_behind(ckpt_dir: Path) -> dict:
 
 def resume_jobs(root: Path, matrix: list[Case]) -> list[list[str]]:
     """The reference run and every case's --resume, for tests/rel_cases.py (one torchrun)."""
-    return [run_args(root, "reference")] + [run_args(root, c.name, resume=True) for c in matrix]
+    return [run_args(root, "reference")] + [run_args(root, c.name, resume=True, extra=c.sets)
+                                            for c in matrix]
 
 
 def losses(root: Path, name: str) -> list:

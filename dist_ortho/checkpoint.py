@@ -1,7 +1,7 @@
-"""Sharded training checkpoints that resume exactly, at the same or a different world size.
+"""Sharded training checkpoints that resume exactly, verified before they are loaded.
 
     path = checkpoint.save("ckpt", step, model, optimizer, loader=train_loader, extra={"lr": lr})
-    step = checkpoint.load("ckpt", model, optimizer, loader=train_loader)  # the latest by default
+    step = checkpoint.load("ckpt", model, optimizer, loader=train_loader)  # newest intact one
 
 What one checkpoint holds, in `<checkpoint_dir>/step_<k:08d>/`:
 - the model and the optimizer state, written by torch.distributed.checkpoint (DCP). Every rank
@@ -10,8 +10,16 @@ What one checkpoint holds, in `<checkpoint_dir>/step_<k:08d>/`:
   group (into plain tensors). NorMuon's row second moment `v` is a DTensor placed Shard(0) like its
   parameter, so it reshards like the parameter does.
 - `rank_<r:05d>.pt`: rank r's RNG states (torch CPU, and the current CUDA device's when CUDA is in
-  use) and its data-loader position.
-- `meta.json`: the step, the world size, the optimizers' classes and the caller's `extra` (JSON).
+  use), its data-loader position and the LR scheduler's state (when one is given).
+- `manifest.json` (`dist_ortho.ckpt_manifest`): the step, the world size, the optimizers' classes
+  and the caller's `extra`, and every file's size and SHA-256, computed while the files were
+  written; written last.
+
+Integrity: `load` verifies a checkpoint before reading any of it (`verify`: every rank checks
+the manifest and every file's size, each rank re-hashes its share of the files, and the findings
+are gathered so that every rank reaches the same verdict). Without an explicit step it takes the
+newest intact checkpoint (`find_intact`), skipping damaged ones; a damaged checkpoint is never
+half-loaded. DCP's `.metadata` is a pickle: load checkpoints only from folders you trust.
 
 How the optimizer state is laid out: each optimizer of a `CombinedOptimizer` (or the one plain
 optimizer) is stored under its own key `optimizers.<i>`, its state keyed by parameter name (FQN),
@@ -23,21 +31,30 @@ state by running one optimizer step with zero gradients and lr 0; that changes s
 of a NorMuon, Muon, Adam or AdamW optimizer the exact state a fresh optimizer would create at its
 first step (zeros, step 0). Saving before the first step therefore works, and every rank holds the
 same keys, which DCP requires. Other optimizer classes must have state for every parameter before
-`save` (take one step first) or a ValueError says so. NorMuon's own load_state_dict keeps its float32 `v`
-exact for bfloat16 parameters (torch's would round it to the parameter dtype).
+`save` (take one step first) or a ValueError says so. NorMuon's own load_state_dict keeps its
+float32 `v` exact for bfloat16 parameters (torch's would round it to the parameter dtype).
 
 Why a killed save never looks complete: all ranks write into `.step_<k:08d>.partial/`; after
-everyone has finished (a collective that also spreads any rank's error), rank 0 writes
-`meta.json`, renames the folder to `step_<k:08d>/` and replaces the `latest` pointer file through a
-temporary file and `os.replace`. A folder named `step_*` is therefore always complete; partial
-folders are removed by the next save of the same step. `checkpoint_dir` must be one folder that
-every rank sees (a shared file system), as DCP's file writer requires anyway.
+everyone has finished (a collective that also spreads any rank's error and gathers the checksums),
+rank 0 writes the manifest, fsyncs, renames the folder to `step_<k:08d>/` and replaces the `latest`
+pointer file through a temporary file and `os.replace`. A folder named `step_*` is therefore
+always complete when made; partial folders are removed by the next save or retention pass.
+`checkpoint_dir` must be one folder that every rank sees (a shared file system), as DCP's file
+writer requires anyway. Retention (`keep_last`, `keep_every`; `dist_ortho.ckpt_retention`) deletes
+older checkpoints only after the new one is complete and verified, crash-safely.
 
-Changing the world size: the model and the optimizer reshard; the loader position is taken from
-rank 0's file (dist_ortho.data's loaders keep a global position that is the same on every rank,
-and they check that the global batch size and the seed match). The RNG streams of a different
-number of ranks cannot be continued, so each rank then seeds its RNGs from (step, rank) and rank 0
-logs a warning. At the same world size, every rank gets back exactly its own RNG states.
+Saving in two halves: `snapshot` takes what a save needs (the state dict, each rank's RNG, loader
+and scheduler state) and `write_snapshot` writes and commits it. `save` is both, blocking;
+`dist_ortho.ckpt_async.AsyncSaver` copies the snapshot's tensors and writes it on a background
+thread over a process group of its own. Both accept a `PhaseTimer`; the phases are "checkpoint",
+"write", "commit", "retention" and (rank 0, per deleted folder) "delete".
+
+Changing the world size: the model and the optimizer reshard; the loader position and the
+scheduler state are taken from rank 0's file (dist_ortho.data's loaders keep a global position
+that is the same on every rank, and they check that the global batch size and the seed match).
+The RNG streams of a different number of ranks cannot be continued, so each rank then seeds its
+RNGs from (step, rank) and rank 0 logs a warning. At the same world size, every rank gets back
+exactly its own RNG states.
 """
 
 from __future__ import annotations
@@ -50,6 +67,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Protocol, Union
@@ -57,31 +75,36 @@ from typing import Any, Protocol, Union
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from dist_ortho.config import Config, ConfigError
+from dist_ortho.ckpt_manifest import (FORMAT_VERSION, Damaged, HashingWriter, describe_problems,
+                                      hash_bytes, hash_file, rank_files, read_manifest,
+                                      verify_folder, write_manifest)
+from dist_ortho.ckpt_retention import fsync_dir, plan_deletions, remove_checkpoint, remove_leftovers
 from dist_ortho.io import atomic_write_bytes
 from dist_ortho.optimizer import Muon, NorMuon
 from dist_ortho.param_groups import CombinedOptimizer
 from dist_ortho.seeds import derive_seed
+from dist_ortho.timing import NULL_TIMER, PhaseTimer
 
-__all__ = ["save", "load", "latest_step", "checkpoint_info", "checkpoint_path", "FORMAT_VERSION",
-           "save_run", "resume_run", "save_due", "model_identity"]
+__all__ = ["save", "load", "snapshot", "write_snapshot", "Snapshot", "verify", "find_intact",
+           "latest_step", "complete_steps", "checkpoint_info", "checkpoint_path",
+           "FORMAT_VERSION", "Damaged"]
 
 log = logging.getLogger("dist_ortho")
 
-FORMAT_VERSION = 1
 LATEST_FILE = "latest"
-META_FILE = "meta.json"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 
 class Loader(Protocol):
     """What `loader` needs (dist_ortho.data's loaders have it): its position as a small dict of
-    plain values, and a way to go back there."""
+    plain values, and a way to go back there. An LR scheduler passed as `scheduler` needs the
+    same two methods."""
 
     def state_dict(self) -> dict: ...
 
@@ -108,9 +131,14 @@ def _check_step(step: Any) -> int:
     return step
 
 
-def _complete_steps(checkpoint_dir: Path) -> list[int]:
+def complete_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
+    """The steps of the `step_*` folders in `checkpoint_dir` (complete when made; see `verify`
+    for whether they are still intact), ascending; [] when the folder does not exist."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
     steps = []
-    for entry in checkpoint_dir.iterdir():
+    for entry in root.iterdir():
         m = _STEP_RE.match(entry.name)
         if m and entry.is_dir():
             steps.append(int(m.group(1)))
@@ -119,7 +147,8 @@ def _complete_steps(checkpoint_dir: Path) -> list[int]:
 
 def latest_step(checkpoint_dir: str | os.PathLike) -> int | None:
     """The step the `latest` pointer names, or, if the pointer is missing or names a folder that
-    no longer exists, the largest complete `step_*` folder; None if there is none."""
+    no longer exists, the largest `step_*` folder; None if there is none. (Informational: `load`
+    and a resume take the newest *intact* checkpoint, whatever the pointer says.)"""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return None
@@ -128,31 +157,29 @@ def latest_step(checkpoint_dir: str | os.PathLike) -> int | None:
         m = _STEP_RE.match(pointer.read_text().strip())
         if m and (root / m.group(0)).is_dir():
             return int(m.group(1))
-    steps = _complete_steps(root)
+    steps = complete_steps(root)
     return steps[-1] if steps else None
 
 
-def _resolve(checkpoint_dir: str | os.PathLike, step: int | None) -> tuple[Path, int]:
+def checkpoint_info(checkpoint_dir: str | os.PathLike, step: int | None = None) -> dict:
+    """The metadata of one checkpoint (the `latest_step` by default) from its manifest: step,
+    world_size, optimizers, has_loader, has_scheduler, extra (what `save` was given), format.
+    Raises Damaged (a ValueError) if the manifest is missing or damaged; files are not hashed."""
     root = Path(checkpoint_dir)
-    if not root.is_dir():
-        raise ValueError(f"checkpoint directory {str(root)!r} does not exist")
     if step is None:
         step = latest_step(root)
         if step is None:
-            raise ValueError(f"checkpoint directory {str(root)!r} holds no complete checkpoint "
+            raise ValueError(f"checkpoint directory {str(root)!r} holds no checkpoint "
                              f"(no step_XXXXXXXX folder)")
     path = checkpoint_path(root, step)
     if not path.is_dir():
-        raise ValueError(f"no checkpoint for step {step} in {str(root)!r} (missing "
-                         f"{str(path)!r}); complete steps: {_complete_steps(root)}")
-    return path, step
-
-
-def checkpoint_info(checkpoint_dir: str | os.PathLike, step: int | None = None) -> dict:
-    """The metadata of one checkpoint (the latest by default): step, world_size, optimizers,
-    has_loader, extra (what `save` was given), format."""
-    path, _ = _resolve(checkpoint_dir, step)
-    return json.loads((path / META_FILE).read_text())
+        raise ValueError(f"no checkpoint for step {step} in {str(root)!r}; steps there: "
+                         f"{complete_steps(root)}")
+    try:
+        manifest = read_manifest(path)
+    except Damaged as exc:
+        raise Damaged(f"checkpoint {str(path)!r}: {exc}") from None
+    return {**manifest["meta"], "format": manifest["format"]}
 
 
 # -- distributed helpers ---------------------------------------------------------------------------
@@ -160,29 +187,37 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _dist() -> tuple[int, int]:
+def _dist(group=None) -> tuple[int, int]:
     if _distributed():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
-def _agree(error: BaseException | None, what: str) -> None:
+def _gather(obj, group=None) -> list:
+    _, world = _dist(group)
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _agree(error: BaseException | None, what: str, group=None, payload=None) -> list:
     """A barrier that also raises on every rank if any rank failed (instead of leaving the others
-    waiting at the next collective until the timeout)."""
-    _, world = _dist()
-    messages: list[str | None] = [None] * world
-    mine = None if error is None else f"{type(error).__name__}: {error}"
-    if world > 1:
-        dist.all_gather_object(messages, mine)
-    else:
-        messages = [mine]
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if failed:
+    waiting at the next collective until the timeout); returns every rank's `payload`."""
+    cause = error
+    if isinstance(error, CheckpointException):  # DCP raised it on every rank: the ranks it names
+        cause = error.failures.get(_dist(group)[0], (None,))[0]
+    mine = None if cause is None else f"{type(cause).__name__}: {cause}"
+    gathered = _gather((mine, payload), group)
+    failed = [(r, m) for r, (m, _) in enumerate(gathered) if m is not None]
+    if failed or error is not None:
+        failed = failed or [(_dist(group)[0], f"{type(error).__name__}: {error}")]
+        message = f"checkpoint {what} failed on rank(s) {[r for r, _ in failed]}: {failed[0][1]}"
         if error is not None:
-            raise RuntimeError(f"checkpoint {what} failed on rank(s) "
-                               f"{[r for r, _ in failed]}: {failed[0][1]}") from error
-        raise RuntimeError(f"checkpoint {what} failed on rank(s) {[r for r, _ in failed]}: "
-                           f"{failed[0][1]}")
+            raise RuntimeError(message) from error
+        raise RuntimeError(message)
+    return [p for _, p in gathered]
 
 
 @contextlib.contextmanager
@@ -191,17 +226,6 @@ def _single_process_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- optimizers ------------------------------------------------------------------------------------
@@ -301,111 +325,233 @@ def _reseed(step: int, rank: int) -> None:
     torch.manual_seed(derive_seed(step, rank))  # seeds every CUDA device as well
 
 
-def _rank_file(path: Path, rank: int) -> Path:
-    return path / f"rank_{rank:05d}.pt"
+def _rank_file_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
 
 
-# -- save / load -----------------------------------------------------------------------------------
-def save(checkpoint_dir: str | os.PathLike, step: int, model: torch.nn.Module,
-         optimizer: OptimizerArg,
-         loader: Loader | None = None, extra: dict | None = None) -> Path:
-    """Write the checkpoint of `step` on every rank (a collective: call it on all ranks) and
-    return its folder. `optimizer`: a CombinedOptimizer, one torch optimizer, a list of them, or
-    None. `extra`: JSON-serializable data returned by `checkpoint_info`. An existing checkpoint of
-    the same step is replaced (moved aside, then deleted once the new one is in place)."""
+def _check_stateful(obj, name: str) -> None:
+    if obj is not None and not (callable(getattr(obj, "state_dict", None))
+                                and callable(getattr(obj, "load_state_dict", None))):
+        raise ValueError(f"{name} must have state_dict()/load_state_dict(), got "
+                         f"{type(obj).__name__}")
+
+
+# -- save ------------------------------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """What one rank contributes to the checkpoint of `step`: the state dict DCP writes (live
+    tensors, or a staged copy), the bytes of its rank file, and rank 0's metadata."""
+
+    root: Path
+    step: int
+    state: dict
+    rank_bytes: bytes
+    meta: dict
+
+    @property
+    def path(self) -> Path:
+        return self.root / _step_name(self.step)
+
+
+def snapshot(checkpoint_dir: str | os.PathLike, step: int, model: torch.nn.Module,
+             optimizer: OptimizerArg, loader: Loader | None = None, extra: dict | None = None,
+             scheduler: Loader | None = None) -> Snapshot:
+    """Check the arguments and take what the checkpoint of `step` needs from this rank (no
+    collective; no copy of the tensors: they are the live ones until staged)."""
     step = _check_step(step)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     opts = _optimizer_list(optimizer)
     _check_params_in_model(model, opts)
-    if loader is not None and not callable(getattr(loader, "state_dict", None)):
-        raise ValueError(f"loader must have state_dict()/load_state_dict(), got "
-                         f"{type(loader).__name__}")
+    _check_stateful(loader, "loader")
+    _check_stateful(scheduler, "scheduler")
     try:
         extra_json = json.loads(json.dumps(extra if extra is not None else {}))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"extra must be JSON-serializable: {exc}") from exc
-
-    rank, world = _dist()
-    root = Path(checkpoint_dir)
-    final = root / _step_name(step)
-    partial = root / f".{final.name}.partial"
-
-    error = None
-    if rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            if partial.exists():  # left by a save that was killed
-                shutil.rmtree(partial)
-            partial.mkdir()
-        except OSError as exc:
-            error = exc
-    _agree(error, f"save to {str(root)!r}")
-
     for opt in opts:
         _ensure_state(model, opt)
-    with _single_process_quiet():
-        dcp.save(_state_dicts(model, opts), checkpoint_id=str(partial),
-                 no_dist=not _distributed())
+    per_rank = {"rng": _rng_state(), "loader": loader.state_dict() if loader is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    buffer = BytesIO()
+    torch.save(per_rank, buffer)
+    _, world = _dist()
+    meta = dict(step=step, world_size=world, optimizers=[type(o).__name__ for o in opts],
+                has_loader=loader is not None, has_scheduler=scheduler is not None,
+                torch_version=torch.__version__, extra=extra_json)
+    return Snapshot(Path(checkpoint_dir), step, _state_dicts(model, opts), buffer.getvalue(), meta)
 
-    error = None
-    try:
-        per_rank = {"rng": _rng_state(),
-                    "loader": loader.state_dict() if loader is not None else None}
-        buffer = BytesIO()
-        torch.save(per_rank, buffer)
-        atomic_write_bytes(_rank_file(partial, rank), buffer.getvalue())
-    except Exception as exc:
-        error = exc
-    _agree(error, f"save of {str(final)!r}")
 
-    error = None
-    if rank == 0:
-        try:
-            meta = dict(format=FORMAT_VERSION, step=step, world_size=world,
-                        optimizers=[type(o).__name__ for o in opts], has_loader=loader is not None,
-                        torch_version=torch.__version__, extra=extra_json)
-            atomic_write_bytes(partial / META_FILE, json.dumps(meta, indent=1).encode())
-            _fsync_dir(partial)
-            old = root / f".{final.name}.replaced"
-            if final.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                os.rename(final, old)
-            os.rename(partial, final)
-            _fsync_dir(root)
-            atomic_write_bytes(root / LATEST_FILE, (final.name + "\n").encode())
-            _fsync_dir(root)
-            if old.exists():
-                shutil.rmtree(old)
-        except OSError as exc:
-            error = exc
-    _agree(error, f"commit of {str(final)!r}")
+def _own_files(writer: HashingWriter, folder: Path, rank: int) -> dict[str, dict]:
+    """Size and SHA-256 of the DCP files this rank wrote: as hashed while writing, or (a file the
+    writer did not see) hashed from disk now."""
+    written = writer.written()
+    return {name: written.get(name) or hash_file(folder / name)
+            for name in rank_files(folder, rank)}
+
+
+def write_snapshot(snap: Snapshot, *, group=None, timer: PhaseTimer = NULL_TIMER,
+                   keep_last: int = 0, keep_every: int = 0) -> Path:
+    """Write, checksum and commit a snapshot, then apply retention (a collective over `group`,
+    default: the default group). Returns the checkpoint folder."""
+    rank, _ = _dist(group)
+    root, final = snap.root, snap.path
+    partial = root / f".{final.name}.partial"
+    with timer.phase("checkpoint"):
+        error = None
+        if rank == 0:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                if partial.exists():  # left by a save that was killed
+                    shutil.rmtree(partial)
+                partial.mkdir()
+            except OSError as exc:
+                error = exc
+        _agree(error, f"save to {str(root)!r}", group)
+
+        error, files = None, {}
+        with timer.phase("write"):
+            try:
+                writer = HashingWriter(partial)
+                with _single_process_quiet():
+                    dcp.save(snap.state, storage_writer=writer, process_group=group,
+                             no_dist=not _distributed())
+                files = _own_files(writer, partial, rank)
+                name = _rank_file_name(rank)
+                atomic_write_bytes(partial / name, snap.rank_bytes)
+                files[name] = hash_bytes(snap.rank_bytes)
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - see _agree
+                error = exc
+        with timer.phase("commit"):
+            gathered = _agree(error, f"save of {str(final)!r}", group, payload=files)
+            error = None
+            if rank == 0:
+                try:
+                    _commit(root, partial, final, snap.meta,
+                            {k: v for part in gathered for k, v in part.items()})
+                except OSError as exc:
+                    error = exc
+            _agree(error, f"commit of {str(final)!r}", group)
+        if keep_last > 0:
+            with timer.phase("retention"):
+                _retain(root, snap.step, keep_last, keep_every, group, timer)
     return final
 
 
+def _commit(root: Path, partial: Path, final: Path, meta: dict, files: dict) -> None:
+    """Rank 0: manifest (fsynced), rename to step_*, `latest`; an older folder of the same step
+    is moved aside first and deleted last."""
+    write_manifest(partial, {**meta, "format": FORMAT_VERSION}, files)
+    fsync_dir(partial)
+    old = root / f".{final.name}.replaced"
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(partial, final)
+    fsync_dir(root)
+    atomic_write_bytes(root / LATEST_FILE, (final.name + "\n").encode())
+    fsync_dir(root)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _retain(root: Path, newest: int, keep_last: int, keep_every: int, group,
+            timer: PhaseTimer) -> None:
+    """Delete what `plan_deletions` says, once the newest checkpoint verifies on every rank."""
+    rank, _ = _dist(group)
+    doomed = plan_deletions(complete_steps(root), newest, keep_last, keep_every) if rank == 0 \
+        else None
+    doomed = _gather(doomed, group)[0]
+    problems = verify(checkpoint_path(root, newest), group) if doomed else []
+    if rank != 0:
+        return
+    if problems:
+        log.warning("checkpoint retention: kept older checkpoints, because the new %s does not "
+                    "verify: %s", checkpoint_path(root, newest), describe_problems(problems))
+        return
+    try:
+        for step in doomed:
+            remove_checkpoint(root, _step_name(step), timer)
+        remove_leftovers(root)
+    except OSError as exc:
+        log.warning("checkpoint retention in %s stopped: %s", root, exc)
+
+
+def save(checkpoint_dir: str | os.PathLike, step: int, model: torch.nn.Module,
+         optimizer: OptimizerArg, loader: Loader | None = None, extra: dict | None = None, *,
+         scheduler: Loader | None = None, keep_last: int = 0, keep_every: int = 0,
+         timer: PhaseTimer = NULL_TIMER) -> Path:
+    """Write the checkpoint of `step` on every rank (a collective: call it on all ranks) and
+    return its folder. `optimizer`: a CombinedOptimizer, one torch optimizer, a list of them, or
+    None. `extra`: JSON-serializable data returned by `checkpoint_info`. `scheduler`: an LR
+    scheduler (any object with state_dict/load_state_dict). An existing checkpoint of the same
+    step is replaced (moved aside, then deleted once the new one is in place). `keep_last` > 0:
+    then delete all but the newest `keep_last` checkpoints (and steps divisible by `keep_every`)."""
+    snap = snapshot(checkpoint_dir, step, model, optimizer, loader, extra, scheduler)
+    return write_snapshot(snap, timer=timer, keep_last=keep_last, keep_every=keep_every)
+
+
+# -- verify / load ---------------------------------------------------------------------------------
+def verify(path: str | os.PathLike, group=None) -> list[str]:
+    """What is wrong with the checkpoint folder `path`, agreed by every rank (a collective):
+    [] when it is intact. Each rank checks the manifest and all sizes and hashes its share."""
+    rank, world = _dist(group)
+    mine = verify_folder(Path(path), rank, world)
+    return list(dict.fromkeys(p for ps in _gather(mine, group) for p in ps))
+
+
+def find_intact(checkpoint_dir: str | os.PathLike, group=None,
+                below: int | None = None) -> tuple[int | None, list[tuple[int, str]]]:
+    """(the newest intact step, [(step, what is wrong) for each newer damaged one]) in
+    `checkpoint_dir` (a collective): rank 0's list of folders is checked newest first; None when
+    none is intact. `below`: only steps <= below."""
+    steps = _gather(complete_steps(checkpoint_dir), group)[0]
+    skipped = []
+    for step in reversed(steps):
+        if below is not None and step > below:
+            continue
+        problems = verify(checkpoint_path(checkpoint_dir, step), group)
+        if not problems:
+            return step, skipped
+        skipped.append((step, describe_problems(problems)))
+    return None, skipped
+
+
 def load(checkpoint_dir: str | os.PathLike, model: torch.nn.Module, optimizer: OptimizerArg,
-         loader: Loader | None = None, step: int | None = None) -> int:
-    """Load the checkpoint of `step` (default: the latest) into `model`, `optimizer` (as in
-    `save`; None loads the model only) and `loader`, restore the RNG states, and return the step.
+         loader: Loader | None = None, step: int | None = None, *,
+         scheduler: Loader | None = None, verified: bool = False) -> int:
+    """Load the checkpoint of `step` (default: the newest intact one) into `model`, `optimizer`
+    (as in `save`; None loads the model only), `loader` and `scheduler`, restore the RNG states,
+    and return the step. The checkpoint is verified first (Damaged, a ValueError, names what is
+    wrong; nothing is loaded then) unless `verified` says the caller just did (`find_intact`).
     A collective: call it on all ranks. The world size may differ from the one that saved."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     opts = _optimizer_list(optimizer)
     _check_params_in_model(model, opts)
-    path, step = _resolve(checkpoint_dir, step)
-    meta = json.loads((path / META_FILE).read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has checkpoint format {meta.get('format')!r}; this "
-                         f"version reads format {FORMAT_VERSION}")
-    saved = meta["optimizers"]
-    if opts and [type(o).__name__ for o in opts] != saved:
-        raise ValueError(f"{str(path)!r} holds optimizers {saved}, but "
-                         f"{[type(o).__name__ for o in opts]} were given; pass the same "
-                         f"optimizers (in the same order) as when saving")
-    if loader is not None and not meta["has_loader"]:
-        raise ValueError(f"{str(path)!r} was saved without a data loader; pass loader=None")
-
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise ValueError(f"checkpoint directory {str(root)!r} does not exist")
+    if step is None:
+        step, skipped = find_intact(root)
+        if step is None:
+            what = "; ".join(f"{_step_name(s)}: {p}" for s, p in skipped)
+            raise Damaged(f"checkpoint directory {str(root)!r} holds no intact checkpoint"
+                          + (f" ({what})" if what else " (no step_XXXXXXXX folder)"))
+        for s, problems in skipped:
+            log.warning("checkpoint %s skipped: %s", checkpoint_path(root, s), problems)
+    else:
+        path = checkpoint_path(root, step)
+        if not path.is_dir():
+            raise ValueError(f"no checkpoint for step {step} in {str(root)!r}; steps there: "
+                             f"{complete_steps(root)}")
+        problems = [] if verified else verify(path)
+        if problems:
+            raise Damaged(f"checkpoint {str(path)!r} is damaged: {describe_problems(problems)}")
+    path = checkpoint_path(root, step)
+    meta = read_manifest(path)["meta"]
+    check_compatible(meta, path, opts, loader, scheduler)
     for opt in opts:
         _ensure_state(model, opt)
     state = _state_dicts(model, opts)
@@ -420,9 +566,12 @@ def load(checkpoint_dir: str | os.PathLike, model: torch.nn.Module, optimizer: O
 
     rank, world = _dist()
     same_world = meta["world_size"] == world
-    mine = torch.load(_rank_file(path, rank if same_world else 0), weights_only=True)
+    # weights_only: plain containers and tensors only, never arbitrary pickled objects
+    mine = torch.load(path / _rank_file_name(rank if same_world else 0), weights_only=True)
     if loader is not None:
         loader.load_state_dict(mine["loader"])
+    if scheduler is not None:
+        scheduler.load_state_dict(mine["scheduler"])
     if same_world:
         _set_rng_state(mine["rng"])
     else:
@@ -434,95 +583,14 @@ def load(checkpoint_dir: str | os.PathLike, model: torch.nn.Module, optimizer: O
     return step
 
 
-# -- a run's checkpoints (the glue between dist_ortho.run and save/load) ----------------------------
-# `state` is a dist_ortho.run.RunState; only its attributes are used here, so this layer does not
-# import the run loop.
-
-def model_identity(config: Config) -> dict:
-    """What a checkpoint must match to be loaded into this run's model."""
-    m = config.model
-    return {"preset": m.preset, "num_layers": m.num_layers, "dtype": m.dtype}
-
-
-def _gather_object(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def resume_run(state) -> None:
-    """Load the latest checkpoint of checkpoint.dir into the run and continue after its step;
-    with none there, start at step 0 and say so (rank 0 logs a warning). A checkpoint of another
-    model, seed or global batch, or past train.steps, is a ConfigError naming the key."""
-    cfg = state.config
-    root = cfg.checkpoint.dir
-    seen = _gather_object(latest_step(root), state.world_size)
-    if len(set(seen)) > 1:
-        raise RuntimeError(f"ranks see different latest checkpoints in {root!r} ({seen} by rank); "
-                           f"checkpoint.dir must be one folder every rank sees")
-    step = seen[0]
-    if step is None:
-        if state.rank == 0:
-            log.warning("checkpoint.resume: no complete checkpoint in %s; starting from step 0",
-                        root)
-        return
-    path = checkpoint_path(root, step)
-    info = checkpoint_info(root, step)
-    extra = info.get("extra") or {}
-    saved_model, mine = extra.get("model") or {}, model_identity(cfg)
-    for key in mine:
-        if key in saved_model and saved_model[key] != mine[key]:
-            raise ConfigError(f"model.{key}", f"is {mine[key]!r}, but checkpoint {str(path)!r} "
-                                              f"holds a model with {key} {saved_model[key]!r}")
-    if "seed" in extra and extra["seed"] != cfg.train.seed:
-        raise ConfigError("train.seed", f"is {cfg.train.seed}, but checkpoint {str(path)!r} was "
-                                        f"saved by a run with seed {extra['seed']}; the data and "
-                                        f"gradient streams would not continue")
-    saved_batch = extra.get("global_batch_size")
-    if state.loader is not None and saved_batch is not None \
-            and saved_batch != cfg.train.batch_size * state.world_size:
-        raise ConfigError("train.batch_size",
-                          f"{cfg.train.batch_size} x {state.world_size} ranks is a global batch "
-                          f"of {cfg.train.batch_size * state.world_size}, but checkpoint "
-                          f"{str(path)!r} was saved with {saved_batch}; set train.batch_size so "
-                          f"that batch_size x world size = {saved_batch}")
-    if step > cfg.train.steps:
-        raise ConfigError("train.steps", f"is {cfg.train.steps}, but the latest checkpoint "
-                                         f"{str(path)!r} is at step {step}")
-    load(root, state.model, state.optimizer, state.loader, step=step)
-    state.step = state.first_step = state.resumed_from = state.last_checkpoint_step = step
-    state.skipped_steps = [int(s) for s in extra.get("skipped_steps", [])]
-    state.losses = [(int(s), float(v)) for s, v in extra.get("losses", [])]
-    if state.rank == 0:
-        log.info("resumed from %s: step %d of %d (saved at %d rank(s), now %d)", path, step,
-                 cfg.train.steps, info.get("world_size"), state.world_size)
-
-
-def save_run(state) -> Path:
-    """Save the run at its current step into checkpoint.dir (a collective): model, optimizers,
-    RNG, data position, and what a resume checks and carries on (model, seed, global batch,
-    skipped steps, logged losses). Returns the checkpoint folder."""
-    cfg, train = state.config, state.config.train
-    for hook in state.hooks:
-        hook.before_save(state, state.step)
-    extra = {"run": state.out_dir.name, "config_hash": state.config_hash,
-             "model": model_identity(cfg), "strategy": cfg.strategy.name, "seed": train.seed,
-             "global_batch_size": None if state.loader is None
-             else train.batch_size * state.world_size,
-             "skipped_steps": list(state.skipped_steps), "losses": [list(x) for x in state.losses]}
-    path = save(cfg.checkpoint.dir, state.step, state.model, state.optimizer, state.loader,
-                extra=extra)
-    state.last_checkpoint_step = state.step
-    if state.rank == 0:
-        log.info("saved checkpoint %s", path)
-    return path
-
-
-def save_due(state) -> bool:
-    """Whether the run saves now: checkpoint.dir set, the step a multiple of checkpoint.every,
-    and this step not saved yet."""
-    ckpt = state.config.checkpoint
-    return ckpt.dir is not None and ckpt.every > 0 and state.step % ckpt.every == 0 \
-        and state.last_checkpoint_step != state.step
+def check_compatible(meta: dict, path: Path, opts: list, loader, scheduler) -> None:
+    """ValueError when what is being loaded into does not fit what the checkpoint holds."""
+    saved = meta["optimizers"]
+    if opts and [type(o).__name__ for o in opts] != saved:
+        raise ValueError(f"{str(path)!r} holds optimizers {saved}, but "
+                         f"{[type(o).__name__ for o in opts]} were given; pass the same "
+                         f"optimizers (in the same order) as when saving")
+    if loader is not None and not meta["has_loader"]:
+        raise ValueError(f"{str(path)!r} was saved without a data loader; pass loader=None")
+    if scheduler is not None and not meta.get("has_scheduler"):
+        raise ValueError(f"{str(path)!r} was saved without an LR scheduler; pass scheduler=None")

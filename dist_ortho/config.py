@@ -13,7 +13,8 @@ A config file has up to eight sections; every key is optional and falls back to 
     dist:       backend auto|gloo|nccl, timeout_s
     profiling:  enabled, memory, trace_step (null = no trace), instrument_every
     output:     dir, name (null = "<preset>-<strategy>-p<world size>")
-    checkpoint: dir (null = off), every (steps, 0 = off), resume
+    checkpoint: dir (null = off), every (steps, 0 = off), resume, keep_last (0 = keep all),
+                keep_every (milestones, 0 = none), async_save
 
 Loading goes through `dist_ortho.schema` (the project's one typed loader): an unknown key, a wrong
 type or a value out of range raises `ConfigError` (a ValueError) that names the full key
@@ -168,14 +169,24 @@ class OutputConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Where and how often to save, and whether to resume from the latest checkpoint there."""
+    """Where and how often to save, how many to keep, blocking or in the background, and whether
+    to resume from the newest intact checkpoint there (see `dist_ortho.checkpoint`)."""
 
     dir: str | None = None
     every: int = 0
     resume: bool = False
+    # retention: keep the newest keep_last checkpoints (0 = keep all) plus every step divisible
+    # by keep_every (0 = no milestones); older ones are deleted once a newer one is verified
+    keep_last: int = 3
+    keep_every: int = 0
+    # write in a background thread from a staged copy (dist_ortho.ckpt_async); training waits
+    # only for the copy
+    async_save: bool = False
 
     def check(self, key: str) -> None:
         at_least(f"{key}.every", self.every, 0, "(0 = never)")
+        at_least(f"{key}.keep_last", self.keep_last, 0, "(0 = keep every checkpoint)")
+        at_least(f"{key}.keep_every", self.keep_every, 0, "(0 = no milestones)")
         if self.dir is None and self.every > 0:
             raise ConfigError(f"{key}.dir", "is null but checkpoint.every > 0; set a directory "
                                             "or set checkpoint.every=0")

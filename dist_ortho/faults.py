@@ -1,4 +1,5 @@
-"""Testing aids: inject a NaN into one rank's gradient, or make one rank fail on purpose.
+"""Testing aids: inject a NaN into one rank's gradient, or make one rank fail on purpose, in any
+phase of a step or of a checkpoint save.
 
 They exist so the reliability behaviour (NaN steps skipped everywhere, a dead or hung rank ending
 the job within the collective timeout, a rank killed inside a checkpoint save leaving nothing
@@ -22,15 +23,28 @@ study launches; `--fault` flags win over it. Keys (`FaultConfig`):
                                     itself after its gradients), "hang" (sleeps forever there),
                                     "raise" (a RuntimeError there) or "kill_in_save" (SIGKILL as it
                                     enters the checkpoint save that follows that step)
+    fail_phase                      where in step fail_step the fault strikes instead (kill, hang
+                                    or raise), as the rank enters the phase (`PHASES`): forward,
+                                    backward, exchange (the optimizer's forward exchange), ns
+                                    (Newton-Schulz), return (the exchange back), normalize (the
+                                    NorMuon all-reduce), save (the checkpoint save after that
+                                    step, once the rank's files are written, before the commit),
+                                    retention (rank 0 deleting an old checkpoint after that save)
     runs                            a glob on the run's output name: only matching runs (default
                                     *; quote it: runs='*bucketed*')
 
 Everything that can be checked before launch is (`check_against`: steps, ranks against the world
-size, a save after a kill_in_save step); the parameter name is checked once the model is built.
+size, a save after a kill_in_save step, a phase the run has); the parameter name is checked once
+the model is built.
+
+How phases are seen: the injector is a `PhaseTimer` (`dist_ortho.timing`) that the run puts beside
+the profiler on the optimizer (`opt.set_timer`), on the loop's forward and backward, and on
+checkpoint saves (`for_checkpoint`), so the optimizer itself knows nothing of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -43,15 +57,23 @@ from typing import Literal
 
 import torch
 
+from dist_ortho import models
 from dist_ortho.config import Config
 from dist_ortho.schema import ConfigError, at_least, build, parse_overrides
 from dist_ortho.sharding import chunk_sizes, local_tensor
 
-__all__ = ["FaultConfig", "ENV_VAR", "from_sources", "FaultInjector"]
+__all__ = ["FaultConfig", "ENV_VAR", "from_sources", "FaultInjector", "PHASES"]
 
 log = logging.getLogger("dist_ortho.run")
 ENV_VAR = "DIST_ORTHO_FAULTS"
 KEY = "faults"
+# fault phase -> the timer phase whose entry triggers it ("exchange"/"return": the first
+# comm_wait of the orthogonalize phase before / after Newton-Schulz)
+PHASES = {"forward": "forward", "backward": "backward", "exchange": "comm_wait", "ns": "ns",
+          "return": "comm_wait", "normalize": "normalize", "save": "commit",
+          "retention": "delete"}
+_OPTIMIZER_PHASES = ("exchange", "ns", "return", "normalize")
+_SAVE_PHASES = ("save", "retention")
 
 
 @dataclass
@@ -62,6 +84,8 @@ class FaultConfig:
     fail_step: int | None = None
     fail_rank: int = 0
     fail_mode: Literal["kill", "hang", "raise", "kill_in_save"] = "kill"
+    fail_phase: Literal["forward", "backward", "exchange", "ns", "return", "normalize", "save",
+                        "retention"] | None = None
     runs: str = "*"
 
     def check(self, key: str) -> None:
@@ -69,6 +93,9 @@ class FaultConfig:
             at_least(f"{key}.{name}", getattr(self, name), 0)
         if self.nan_param is not None and not self.nan_param:
             raise ConfigError(f"{key}.nan_param", "must be a parameter name or null")
+        if self.fail_phase is not None and self.fail_mode == "kill_in_save":
+            raise ConfigError(f"{key}.fail_mode", "kill_in_save is a phase of its own; with "
+                                                  "fail_phase use kill, hang or raise")
 
     @property
     def active(self) -> bool:
@@ -92,14 +119,41 @@ class FaultConfig:
             if used and rank >= world_size:
                 raise ConfigError(f"{KEY}.{name}", f"is {rank}, but this run has {world_size} "
                                                    f"rank(s) (0..{world_size - 1})")
-        if self.fail_step is not None and self.fail_mode == "kill_in_save":
+        if self.fail_step is not None and (self.fail_mode == "kill_in_save"
+                                           or self.fail_phase in _SAVE_PHASES):
             ckpt = config.checkpoint
+            what = f"fail_phase {self.fail_phase}" if self.fail_phase else "fail_mode kill_in_save"
             if not ckpt.saves_after(self.fail_step + 1, steps):
-                raise ConfigError(f"{KEY}.fail_step", f"fail_mode kill_in_save needs a checkpoint "
-                                                      f"save after step {self.fail_step}, but "
+                raise ConfigError(f"{KEY}.fail_step", f"{what} needs a checkpoint save after "
+                                                      f"step {self.fail_step}, but "
                                                       f"checkpoint.dir={ckpt.dir!r} and "
                                                       f"checkpoint.every={ckpt.every} save none "
                                                       f"there")
+        if self.fail_step is not None and self.fail_phase is not None:
+            self._check_phase(config, world_size)
+
+    def _check_phase(self, config: Config, world_size: int) -> None:
+        phase, key = self.fail_phase, f"{KEY}.fail_phase"
+        if phase in ("forward", "backward") and models.is_shape_only(config.model.preset):
+            raise ConfigError(key, f"{phase}: model {config.model.preset!r} is shape-only (its "
+                                   f"gradients are synthetic, no forward or backward runs); use "
+                                   f"a GPT preset")
+        if phase in _OPTIMIZER_PHASES and config.optimizer.name == "adamw":
+            raise ConfigError(key, f"{phase} is a phase of NorMuon/Muon, but optimizer.name is "
+                                   f"adamw")
+        if phase in ("exchange", "return") and world_size == 1:
+            raise ConfigError(key, f"{phase}: one rank exchanges nothing; use 2 or more ranks")
+        if phase == "return" and config.strategy.name == "replicated":
+            raise ConfigError(key, "return: strategy replicated sends no results back (every rank "
+                                   "orthogonalizes every matrix); use another strategy")
+        if phase == "retention":
+            if self.fail_rank != 0:
+                raise ConfigError(f"{KEY}.fail_rank", f"is {self.fail_rank}, but only rank 0 "
+                                                      f"deletes old checkpoints (fail_phase "
+                                                      f"retention); use 0")
+            if config.checkpoint.keep_last == 0:
+                raise ConfigError(key, "retention: checkpoint.keep_last is 0 (keep all), so "
+                                       "nothing is deleted; set checkpoint.keep_last")
 
 
 def from_sources(flags: Sequence[str] = (), environ: Mapping[str, str] | None = None
@@ -121,6 +175,9 @@ class FaultInjector:
                  world_size: int) -> None:
         self.faults, self.rank = faults, rank
         self.target = None
+        self.step: int | None = None
+        self.fired = False
+        self._after_ns = False
         if faults.nan_step is not None:
             params = {n: p for n, p in model.named_parameters() if p.requires_grad}
             name = faults.nan_param or next(iter(params))
@@ -135,6 +192,46 @@ class FaultInjector:
                                                      f"{world_size} ranks")
             self.target = (name, p)
 
+    # -- phases (a PhaseTimer) ------------------------------------------------------------------
+    def before_step(self, state, step: int) -> None:
+        self.step = step
+
+    def _armed(self, step: int | None) -> bool:
+        f = self.faults
+        return (f.fail_phase is not None and f.fail_step is not None and step == f.fail_step
+                and self.rank == f.fail_rank and not self.fired)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str, step: int | None, save: bool):
+        f = self.faults
+        if name == "orthogonalize":
+            self._after_ns = False
+        if self._armed(step) and (f.fail_phase in _SAVE_PHASES) == save \
+                and PHASES[f.fail_phase] == name \
+                and (f.fail_phase != "exchange" or not self._after_ns) \
+                and (f.fail_phase != "return" or self._after_ns):
+            self.fired = True
+            _fail(self.rank, f.fail_mode, f"step {step}, phase {f.fail_phase}")
+        try:
+            yield
+        finally:
+            if name == "ns":
+                self._after_ns = True
+
+    def phase(self, name: str):
+        return self._phase(name, self.step, save=False)
+
+    def for_checkpoint(self, step: int):
+        """A timer for the phases of the save after `step` steps (fault phases save, retention
+        strike in the save that follows step fail_step)."""
+        injector = self
+
+        class _Save:
+            def phase(self, name: str):
+                return injector._phase(name, step - 1, save=True)
+
+        return _Save()
+
     def after_gradients(self, state, step: int) -> None:
         f = self.faults
         if f.nan_step == step and self.rank == f.nan_rank:
@@ -146,7 +243,8 @@ class FaultInjector:
                 g[(0,) * g.ndim] = float("nan")
             log.warning("testing aid: rank %d wrote NaN into its gradient shard of %s at step %d",
                         self.rank, name, step)
-        if f.fail_step == step and self.rank == f.fail_rank and f.fail_mode != "kill_in_save":
+        if f.fail_step == step and self.rank == f.fail_rank and f.fail_mode != "kill_in_save" \
+                and f.fail_phase is None:
             _fail(self.rank, f.fail_mode, f"step {step}")
 
     def before_save(self, state, step: int) -> None:

@@ -35,6 +35,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ from pathlib import Path
 
 from dist_ortho.config import Config, ConfigError, config_hash, dump_config
 from dist_ortho.io import atomic_write_text
+from dist_ortho.phase_marker import MARKER_DIR, where_ranks_were
 
 __all__ = ["Job", "JobResult", "Interrupted", "Progress", "run_jobs", "is_complete", "read_done",
            "write_done", "run_as_rank", "launch_command", "first_error", "error_line",
@@ -274,35 +276,42 @@ def _torchrun_failures(lines: Sequence[str]) -> list[tuple[str, int, bool]]:
     return out
 
 
-def first_error(log: Path, returncode: int | None = None) -> str:
+def first_error(log: Path, returncode: int | None = None, run_dir: Path | None = None) -> str:
     """One line saying why a job failed: the first failing rank's own error line, or the signal
     that killed it; else the first error line any rank printed; else the last exception line of
     the log; else its last line. Ranks torchrun stopped with SIGTERM after another one failed
-    are consequences, whatever order torchrun's report puts them in."""
+    are consequences, whatever order torchrun's report puts them in. With `run_dir`, where each
+    rank was (its last phase, `dist_ortho.phase_marker`) follows in brackets, that rank first."""
+    rank, text = _first_error(log, returncode)
+    where = where_ranks_were(run_dir, None if rank is None else int(rank)) if run_dir else ""
+    return f"{text} [{where}]" if where else text
+
+
+def _first_error(log: Path, returncode: int | None) -> tuple[str | None, str]:
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
-        return f"exited {returncode}" if returncode is not None else ""
+        return None, f"exited {returncode}" if returncode is not None else ""
     errors = [(m.group(1), m.group(2).strip()) for m in map(_ERROR.match, lines) if m]
     failures = _torchrun_failures(lines)
     causes = [f for f in failures if f[1] != -signal.SIGTERM] or failures
     if causes:
         rank, code, _ = max(causes, key=lambda f: f[2])  # torchrun's root cause when it is one
         if code < 0:
-            return f"rank {rank} was killed by {_signal_name(-code)}"
+            return rank, f"rank {rank} was killed by {_signal_name(-code)}"
         for r, text in errors:
             if r == rank:
-                return f"rank {r}: {text}"[:300]
+                return r, f"rank {r}: {text}"[:300]
     if errors:
         rank, text = errors[0]
-        return (f"rank {rank}: {text}" if rank is not None else text)[:300]
+        return rank, (f"rank {rank}: {text}" if rank is not None else text)[:300]
     if returncode is not None and returncode < 0:
-        return f"killed by {_signal_name(-returncode)}"
+        return None, f"killed by {_signal_name(-returncode)}"
     found = [m.group(1) for m in map(_EXCEPTION.match, (ln.strip() for ln in lines)) if m]
     if found:
-        return found[-1].strip()[:300]
-    return next((ln.strip()[:300] for ln in reversed(lines) if ln.strip()),
-                f"exited {returncode}")
+        return None, found[-1].strip()[:300]
+    return None, next((ln.strip()[:300] for ln in reversed(lines) if ln.strip()),
+                      f"exited {returncode}")
 
 
 def _signal_name(signum: int) -> str:
@@ -394,6 +403,7 @@ def _launch(job: Job, workdir: Path, env: Mapping[str, str]) -> _Running:
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / DONE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(job.run_dir / MARKER_DIR, ignore_errors=True)  # where an earlier launch was
     atomic_write_text(job.run_dir / JOB_FILE, json.dumps(
         {"name": job.name, "config_hash": job.config_hash, "world_size": job.world_size,
          "settings": job.settings}, indent=2) + "\n")
@@ -415,7 +425,7 @@ def _finish(run: _Running, returncode: int) -> JobResult:
     seconds = time.perf_counter() - run.started
     if returncode != 0:
         return JobResult(run.job, "failed", seconds, returncode, run.log,
-                         first_error(run.log, returncode))
+                         first_error(run.log, returncode, run.job.run_dir))
     if not is_complete(run.job):
         missing = [n for n in (DONE_FILE, *run.job.outputs) if not (run.job.run_dir / n).is_file()]
         return JobResult(run.job, "failed", seconds, returncode, run.log,

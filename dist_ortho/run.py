@@ -54,7 +54,7 @@ part of the config or its hash): one rank writes a NaN into its gradient shard a
 kills itself (SIGKILL), hangs, raises, or is killed as it enters a checkpoint save, so the
 behaviour above can be checked end to end through torchrun. The loop only knows them as
 `RunState.hooks` (objects with `after_gradients(state, step)` and `before_save(state, step)`).
-Checkpoint glue (resume checks, what a save carries) lives in `dist_ortho.checkpoint`.
+Checkpoint glue (resume checks, what a save carries) lives in `dist_ortho.ckpt_run` and `checkpoint`.
 
 The loop is split into `build_run(config) -> RunState`, `train(state, steps, callbacks)`,
 `finish(state)` and `close(state)`, so a convergence study or checkpoint/resume can reuse it.
@@ -81,7 +81,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import fully_shard
 
-from dist_ortho import checkpoint, models, strategies
+from dist_ortho import ckpt_run, models, strategies
 from dist_ortho.config import (Config, ConfigError, config_from_dict, config_hash, dump_config,
                                load_config, resolve, run_device_type)
 from dist_ortho.data import build_loader
@@ -90,6 +90,7 @@ from dist_ortho.io import atomic_write_text
 from dist_ortho.jobs import DONE_FILE, read_done, run_as_rank, write_done
 from dist_ortho.optimizer import Muon, NorMuon
 from dist_ortho.param_groups import build_optimizers
+from dist_ortho.phase_marker import PhaseMarker, Tee
 from dist_ortho.preflight import check_launch, writable_dir
 from dist_ortho.profiling import Profiler, ProfilerConfig
 from dist_ortho.profiling.env import environment, write_run_metadata
@@ -228,10 +229,16 @@ class RunState:
     last_checkpoint_step: int | None = None  # the step of the last checkpoint saved or loaded
     skipped_steps: list[int] = field(default_factory=list)  # steps skipped for NaN/Inf grads
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step done, logged loss)
-    # objects with after_gradients(state, step) and before_save(state, step), e.g. the testing
-    # aids of dist_ortho.faults
+    # objects with before_step(state, step), after_gradients(state, step) and
+    # before_save(state, step), e.g. the testing aids of dist_ortho.faults
     hooks: list = field(default_factory=list)
     faults: FaultConfig | None = None  # the testing aids active in this run (recorded in run.json)
+    scheduler: object | None = None  # an LR scheduler stepped after every optimizer step; saved
+    saver: object | None = None  # dist_ortho.ckpt_async.AsyncSaver with checkpoint.async_save
+    # PhaseTimers that also see the loop's and the checkpoints' phases (`for_checkpoint(step)`):
+    # the rank's PhaseMarker (dist_ortho.phase_marker) and the testing aids
+    markers: list = field(default_factory=list)
+    timer: object | None = None  # Tee(profiler, *markers): the loop's phases
 
     @property
     def shape_only(self) -> bool:
@@ -302,7 +309,7 @@ def build_run(config: Config, faults: FaultConfig | None = None) -> RunState:
     try:
         state = _build(config, strategy, device, owns, faults)
         if config.checkpoint.resume:
-            checkpoint.resume_run(state)
+            ckpt_run.resume_run(state)
     except ConfigError:
         # raised on every rank alike, with no collective pending: safe to end the group here
         if owns and dist.is_initialized():
@@ -325,6 +332,7 @@ def _build(config: Config, strategy, device: torch.device, owns: bool,
     model = build_sharded_model(config, device, mesh)
     active = faults if faults is not None and faults.applies_to(config.output.name) else None
     hooks = [FaultInjector(active, model, rank, world_size)] if active is not None else []
+    out_dir = Path(config.output.dir) / config.output.name
     optimizer = build_optimizers(model, config.optimizer, strategy)
     loader = None
     if not models.is_shape_only(config.model.preset):
@@ -341,7 +349,11 @@ def _build(config: Config, strategy, device: torch.device, owns: bool,
                                   "run": config.output.name},
                         device=device, group=None)
     profiler.attach(optimizer)
-    out_dir = Path(config.output.dir) / config.output.name
+    # where this rank is, readable after it died (jobs.first_error), and the testing aids: they
+    # see every phase the profiler sees, and the checkpoints' phases
+    markers = [PhaseMarker(out_dir, rank), *hooks]
+    for opt in _matrix_optimizers(optimizer):
+        opt.set_timer(Tee(opt.timer, *markers))
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         # this run is not complete until it says so: DONE first, then what an earlier run left
@@ -349,7 +361,9 @@ def _build(config: Config, strategy, device: torch.device, owns: bool,
         for name in RESULT_FILES:
             (out_dir / name).unlink(missing_ok=True)
     return RunState(config, digest, device, rank, world_size, mesh, model, optimizer, loader,
-                    profiler, out_dir, owns_process_group=owns, hooks=hooks, faults=active)
+                    profiler, out_dir, owns_process_group=owns, hooks=hooks, faults=active,
+                    saver=ckpt_run.make_saver(config), markers=markers,
+                    timer=Tee(profiler, *markers))
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -358,27 +372,38 @@ def train_step(state: RunState, warmup: bool | None = None) -> StepOutput:
     """One profiled step: gradients (real or synthetic), hooks, optional clipping, optimizer step.
     `warmup` marks the step as warm-up for the profiler (default: `state.is_warmup`)."""
     cfg, prof, step = state.config, state.profiler, state.step
+    timer = state.timer if state.timer is not None else prof
+    marks = Tee(*state.markers)  # unprofiled sub-phases: forward, backward
+    for marker in state.markers:
+        if hasattr(marker, "before_step"):
+            marker.before_step(state, step)
+        else:
+            marker.step = step
     start = time.perf_counter()
     loss = None
     with prof.step(step, warmup=state.is_warmup(step) if warmup is None else warmup):
         if state.shape_only:
-            with prof.phase("grads"):
+            with timer.phase("grads"):
                 models.synthetic_grads(state.model, step, cfg.train.seed)
         else:
             x, y = state.loader.batch_at(step)
-            with prof.phase("forward_backward"):
-                _, loss = state.model(x, y)
-                loss.backward()
+            with timer.phase("forward_backward"):
+                with marks.phase("forward"):
+                    _, loss = state.model(x, y)
+                with marks.phase("backward"):
+                    loss.backward()
         for hook in state.hooks:
             hook.after_gradients(state, step)
         if cfg.train.grad_clip is not None:
-            with prof.phase("grad_clip"):
+            with timer.phase("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.grad_clip)
-        with prof.phase("optimizer"):
+        with timer.phase("optimizer"):
             # every optimizer or none: a NaN/Inf gradient on any rank skips the step (one
             # all-reduce decides; see dist_ortho.param_groups.CombinedOptimizer)
             state.optimizer.step()
             stepped = not state.optimizer.last_step_skipped
+            if state.scheduler is not None:
+                state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
     if not stepped:
         state.skipped_steps.append(step)
@@ -427,8 +452,10 @@ def train(state: RunState, steps: int | None = None,
         out = train_step(state)
         for callback in callbacks:
             callback(state, out)
-        if checkpoint.save_due(state):
-            checkpoint.save_run(state)
+        if state.saver is not None:
+            state.saver.check()  # a background save that failed stops the run here
+        if ckpt_run.save_due(state):
+            ckpt_run.save_run(state)
     return state
 
 
@@ -436,7 +463,9 @@ def finish(state: RunState) -> Path:
     """Save the final checkpoint (with checkpoint.dir, unless this step is saved already), write
     metrics (collective), metadata and run.json, then DONE last; returns the run dir."""
     if state.config.checkpoint.dir is not None and state.last_checkpoint_step != state.step:
-        checkpoint.save_run(state)
+        ckpt_run.save_run(state)
+    if state.saver is not None:
+        state.saver.wait()  # the final checkpoint is complete before DONE says so
     if state.rank == 0 and state.skipped_steps:
         log.warning("%d step(s) skipped for non-finite gradients: %s", len(state.skipped_steps),
                     state.skipped_steps)
@@ -463,11 +492,15 @@ def close(state: RunState) -> None:
     profiler, FSDP hooks) would otherwise survive until interpreter shutdown, and gloo work and
     tensors freed that late can abort the process after it has finished its job."""
     owns = state.owns_process_group
+    if state.saver is not None:
+        state.saver.close()
     state.profiler.detach()
-    for hook in state.hooks:
+    for opt in _matrix_optimizers(state.optimizer):
+        opt.set_timer(None)
+    for hook in [*state.hooks, *state.markers]:
         getattr(hook, "close", lambda: None)()
-    state.model = state.optimizer = state.loader = state.profiler = None
-    state.hooks = []
+    state.model = state.optimizer = state.loader = state.profiler = state.scheduler = None
+    state.hooks, state.markers, state.saver, state.timer = [], [], None, None
     state.owns_process_group = False
     gc.collect()
     if owns and dist.is_initialized():
@@ -492,15 +525,24 @@ def run(config: Config, faults: FaultConfig | None = None) -> Path:
     except Exception as exc:
         # every rank says where it stopped; a collective error usually means another rank died
         # or hung, and torchrun's summary names the rank that failed first
-        log.error("rank %d of %d stopped at step %d: %s: %s (collectives time out after "
+        log.error("rank %d of %d stopped at step %d%s: %s: %s (collectives time out after "
                   "dist.timeout_s=%g s)", state.rank, state.world_size, state.step,
-                  type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
-                  state.config.dist.timeout_s)
+                  _where(state), type(exc).__name__,
+                  str(exc).splitlines()[0] if str(exc) else "", state.config.dist.timeout_s)
         raise
     if state.rank == 0:
         log.info("wrote %s", out)
     close(state)
     return out
+
+
+def _where(state: RunState) -> str:
+    """ in <phase path>: where the main thread was when it failed (from its PhaseMarker)."""
+    for marker in state.markers:
+        if isinstance(marker, PhaseMarker):
+            place = marker.where()
+            return f" in {place}" if place else ""
+    return ""
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -545,6 +587,7 @@ def _main(args: argparse.Namespace, overrides: list[str]) -> int:
     writable_dir(config.output.dir, "output.dir")
     if config.checkpoint.dir is not None:
         writable_dir(config.checkpoint.dir, "checkpoint.dir")
+        ckpt_run.precheck_resume(config, _launch_world_size())
     run(config, faults)
     return 0
 

@@ -11,12 +11,15 @@ size and loads that back. Workers return plain data; the tests assert on it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 
 import torch
 import torch.distributed as dist
 
 from dist_ortho import OptimizerConfig, build_optimizers, checkpoint
+from dist_ortho.ckpt_manifest import _HashingStream
 from dist_ortho.data import CorpusConfig, build_loader
 from dist_ortho.models import build_model
 
@@ -182,3 +185,55 @@ def resume_worker(rank: int, world: int, strategies: list[str], root: str,
         res["reload_loader_step"] = loader2.step
         out[s] = res
     return out
+
+
+class DiskFull:
+    """Makes this process's checkpoint writer fail with ENOSPC once `after` bytes of a file went
+    out, as a full disk does (the write that crosses it is the one that fails)."""
+
+    def __init__(self, after: int = 4096) -> None:
+        self.after = after
+
+    def __enter__(self):
+        self._write = write = _HashingStream.write
+        after = self.after
+
+        def full(stream, data) -> int:
+            if stream.raw.tell() + len(memoryview(data).cast("B")) > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(stream, data)
+
+        _HashingStream.write = full
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _HashingStream.write = self._write
+
+
+def disk_full_worker(rank: int, world: int, root: str, full_rank: int) -> dict:
+    """Save step 1; rank `full_rank` runs out of disk in the save of step 2; then what is on disk,
+    what loads, and a save of step 2 once there is room again."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    model, opt, loader = make_run("balanced", 0, mesh, rank, world)
+    train(model, opt, loader, 1, world)
+    checkpoint.save(root, 1, model, opt, loader)
+    at_1 = named_state(model, opt, _local)
+    train(model, opt, loader, 1, world)
+    try:
+        with DiskFull() if rank == full_rank else contextlib.nullcontext():
+            checkpoint.save(root, 2, model, opt, loader)
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    res = dict(error=error, steps=checkpoint.complete_steps(root),
+               latest=checkpoint.latest_step(root),
+               verify_1=checkpoint.verify(checkpoint.checkpoint_path(root, 1)),
+               names=sorted(os.listdir(root)))
+    model2, opt2, loader2 = make_run("balanced", 1, mesh, rank, world)
+    res["loaded"] = checkpoint.load(root, model2, opt2, loader2)
+    res["load_mismatch"] = mismatches(named_state(model2, opt2, _local), at_1)
+    checkpoint.save(root, 2, model, opt, loader)  # room again: it commits and clears the leftover
+    res["after_retry"] = sorted(os.listdir(root))
+    return res

@@ -6,6 +6,7 @@ Three spawns in all (P=2 train+save+resume, P=2 fresh resume, P=3 resume); see t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -196,10 +197,10 @@ def test_user_mistakes_raise_value_error(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(ValueError, match=str(missing)):
         checkpoint.load(missing, model, opt)
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(ValueError, match="no intact checkpoint"):
         checkpoint.load(tmp_path, model, opt)
     checkpoint.save(tmp_path, 3, model, opt)
-    with pytest.raises(ValueError, match="no checkpoint for step 7.*complete steps: \\[3\\]"):
+    with pytest.raises(ValueError, match="no checkpoint for step 7.*steps there: \\[3\\]"):
         checkpoint.load(tmp_path, model, opt, step=7)
     with pytest.raises(ValueError, match="holds optimizers"):
         checkpoint.load(tmp_path, model, opt.optimizers[1])
@@ -253,7 +254,7 @@ def test_killed_save_never_looks_complete(tmp_path, monkeypatch):
     assert not (tmp_path / ".step_00000002.partial").exists()
     assert checkpoint.latest_step(tmp_path) == 2
     assert checkpoint.checkpoint_info(tmp_path)["extra"] == {"note": "retry"}
-    assert json.loads((tmp_path / "step_00000002" / "meta.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "step_00000002" / "manifest.json").read_text())["meta"]["step"] == 2
 
     # saving a step again replaces it; a pointer to a removed folder falls back to the newest
     checkpoint.save(tmp_path, 2, model, opt, extra={"note": "again"})
@@ -264,3 +265,102 @@ def test_killed_save_never_looks_complete(tmp_path, monkeypatch):
 
     shutil.rmtree(tmp_path / "step_00000001")
     assert checkpoint.latest_step(tmp_path) == 2
+
+
+# -- integrity, retention, disk full (issue 17) ----------------------------------------------------
+def _folder_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_keep_last_holds_folder_count_and_size_through_a_long_run(tmp_path):
+    keep_last, keep_every = 2, 5
+    model, opt = _small()
+    batches = _batches(2, 12)
+    sizes = []
+    for step, (x, y) in enumerate(batches, start=1):
+        _step(model, opt, x, y)
+        path = checkpoint.save(tmp_path, step, model, opt, keep_last=keep_last,
+                               keep_every=keep_every)
+        sizes.append(_folder_bytes(path))
+        milestones = [s for s in range(keep_every, step - keep_last + 1, keep_every)]
+        want = milestones + list(range(max(1, step - keep_last + 1), step + 1))
+        assert checkpoint.complete_steps(tmp_path) == want, step
+        # nothing else: no partial or half-deleted folder, `latest` names the newest
+        assert sorted(p.name for p in tmp_path.iterdir()) == \
+            ["latest", *(f"step_{s:08d}" for s in want)], step
+        assert checkpoint.latest_step(tmp_path) == step
+        kept = sum(_folder_bytes(checkpoint.checkpoint_path(tmp_path, s)) for s in want
+                   if s not in milestones)
+        assert kept <= keep_last * max(sizes), step
+    assert checkpoint.load(tmp_path, *_small(1)) == 12
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (retention catches OSError only)."""
+
+
+class _KillAtDelete:
+    def phase(self, name: str):
+        if name == "delete":
+            raise _Killed()
+        return contextlib.nullcontext()
+
+
+def test_kill_during_retention_cleanup_leaves_only_intact_or_clearly_partial(tmp_path):
+    model, opt = _small()
+    x, y = _batches(3, 1)[0]
+    for step in (1, 2):
+        _step(model, opt, x, y)
+        checkpoint.save(tmp_path, step, model, opt, keep_last=2)
+    _step(model, opt, x, y)
+    with pytest.raises(_Killed):  # killed after the rename of step 1, before its deletion
+        checkpoint.save(tmp_path, 3, model, opt, keep_last=2, timer=_KillAtDelete())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_00000001.deleting", "latest",
+                                                          "step_00000002", "step_00000003"]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000003"
+    for step in checkpoint.complete_steps(tmp_path):
+        assert checkpoint.verify(checkpoint.checkpoint_path(tmp_path, step)) == []
+    assert checkpoint.load(tmp_path, *_small(1)) == 3
+    # the next save's retention clears the leftover: k folders again
+    _step(model, opt, x, y)
+    checkpoint.save(tmp_path, 4, model, opt, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003",
+                                                          "step_00000004"]
+
+
+def test_disk_full_in_a_save_leaves_earlier_checkpoints_intact_and_usable(tmp_path):
+    # rank 1 alone runs out of space while DCP writes its shard: every rank fails the save (no
+    # hang), nothing named step_2 appears, step 1 verifies and loads; with room, step 2 commits.
+    # Regression: DCP reports a writer's error as CheckpointException, a BaseException, which
+    # went past save's `except Exception` as a many-line traceback dump instead of one RuntimeError
+    # naming the rank that failed.
+    results = spawn(ckpt_cases.disk_full_worker, 2, args=(str(tmp_path), 1), timeout_s=30)
+    for rank, r in enumerate(results):
+        assert r["error"] is not None and "No space left on device" in r["error"], (rank, r)
+        assert "rank(s) [1]" in r["error"], r["error"]
+        assert r["steps"] == [1] and r["latest"] == 1 and r["verify_1"] == []
+        assert ".step_00000002.partial" in r["names"] and "step_00000002" not in r["names"]
+        assert r["loaded"] == 1 and r["load_mismatch"] == [], (rank, r["load_mismatch"])
+        assert r["after_retry"] == ["latest", "step_00000001", "step_00000002"]
+
+
+def test_nothing_is_unpickled_from_checkpoint_folders():
+    """DCP's .metadata is the one pickle a load reads (README: trusted folders only); every
+    torch.load in the package passes weights_only=True, and pickle.load appears only where
+    dist_ortho.testing reads back the results its own ranks wrote."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = []
+    for folder in ("dist_ortho", "strategies", "profiling"):
+        for dirpath, _, names in os.walk(os.path.join(root, folder)):
+            for name in (n for n in names if n.endswith(".py")):
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, root)
+                for i, line in enumerate(open(path).read().splitlines(), start=1):
+                    if "torch.load(" in line and "weights_only=True" not in line:
+                        found.append(f"{rel}:{i}: {line.strip()}")
+                    if ("pickle.load" in line or "pickle.Unpickler" in line) \
+                            and rel != os.path.join("dist_ortho", "testing.py"):
+                        found.append(f"{rel}:{i}: {line.strip()}")
+    assert found == []
+    readme = open(os.path.join(root, "README.md")).read()
+    assert "Load checkpoints only from folders you trust" in readme and ".metadata" in readme

@@ -6,6 +6,7 @@ the bug it pins."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import yaml
 from dist_ortho.cli import main as cli_main
 from dist_ortho.config import load_config
 from dist_ortho.jobs import first_error
+from dist_ortho.phase_marker import PhaseMarker, where_ranks_were
 from dist_ortho.preflight import cpu_cores
 from dist_ortho.sweep import load_study, run_sweep
 
@@ -230,3 +232,34 @@ def test_run_main_prints_one_line_for_an_error_inside_the_run(capsys, tmp_path):
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def test_a_failed_job_says_where_each_rank_was(tmp_path):
+    """The phase markers (dist_ortho.phase_marker) outlive a SIGKILL'd rank: the error line ends
+    with where each rank was, the first failing rank first, telling the optimizer's exchange
+    before Newton-Schulz from the one after it."""
+    markers = [PhaseMarker(tmp_path, r) for r in range(3)]
+    with contextlib.ExitStack() as held:  # phases never left, as in a rank that died there
+        for m in markers:
+            m.step = 3
+        for name in ("optimizer", "orthogonalize", "comm_wait"):
+            held.enter_context(markers[0].phase(name))
+        for name in ("optimizer", "orthogonalize"):
+            held.enter_context(markers[1].phase(name))
+        with markers[1].phase("ns"):
+            pass
+        held.enter_context(markers[1].phase("comm_wait"))
+        with markers[2].phase("forward_backward"):  # between phases: the step still shows
+            pass
+        with pytest.raises(RuntimeError), markers[2].phase("optimizer"):
+            raise RuntimeError("x")  # an error leaves its phase in the file
+        assert markers[2].where() == "optimizer"
+        log = tmp_path / "log"
+        log.write_text(ROOT_CAUSE.format(code=-9, tb="Signal 9 (SIGKILL) received by PID 6153"))
+        assert first_error(log, 1, tmp_path) == (
+            "rank 1 was killed by SIGKILL (signal 9) [rank 1 at step 3, "
+            "optimizer/orthogonalize/comm_wait(return); rank 0 at step 3, "
+            "optimizer/orthogonalize/comm_wait(forward); rank 2 at step 3, optimizer]")
+    for m in markers:
+        m.close()
+    assert where_ranks_were(tmp_path / "nowhere") == ""

@@ -324,8 +324,11 @@ def test_killed_rank_fails_its_sweep_point_within_the_timeout(tmp_path, monkeypa
     assert r.status == "failed" and r.returncode != 0, (r.status, log[-3000:])
     assert ended - fault_time(log) < timeout_s + 10
     assert "Signal 9 (SIGKILL)" in log and "rank 0 of 2 stopped at step 3" in log
-    # one line: the first failing rank and why, not torchrun's report
-    assert r.error == "rank 1 was killed by SIGKILL (signal 9)"
+    # one line: the first failing rank and why, not torchrun's report, and where each rank was
+    # (rank 1 died between its gradients and its optimizer step)
+    assert r.error.startswith("rank 1 was killed by SIGKILL (signal 9) [rank 1 at step 3; "
+                              "rank 0 at step 3, "), r.error
+    assert "\n" not in r.error
     with open(result.failures) as f:
         (row,) = list(csv.DictReader(f))
     assert row["status"] == "failed" and row["point"] == r.job.name

@@ -104,13 +104,15 @@ def test_crashing_point_is_recorded_as_its_first_ranks_error_and_the_sweep_goes_
     # one line, the first failing rank's own message and the log; no torchrun report, no traceback
     (line,) = [ln for ln in progress.splitlines() if "FAILED" in ln]
     assert line.endswith(".log") and "rank 1: RuntimeError: testing aid: rank 1 failed on " \
-        "purpose at step 1; log: " in line
+        "purpose at step 1 [rank 1 at step 1" in line and "; log: " in line
     assert "Root Cause" not in progress and "Traceback" not in progress
     study_dir = tmp_path / "results" / "crash"
     with open(study_dir / "failures.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["point"] == "llama-tiny--broken--p2" and row["status"] == "failed"
-    assert row["error"] == "rank 1: RuntimeError: testing aid: rank 1 failed on purpose at step 1"
+    # then where each rank was (dist_ortho.phase_marker): rank 1 raised between phases
+    assert row["error"].startswith("rank 1: RuntimeError: testing aid: rank 1 failed on purpose "
+                                   "at step 1 [rank 1 at step 1"), row["error"]
     log = Path(row["log"]).read_text()
     assert "Root Cause" in log  # everything torchrun said is still in the log
     with open(study_dir / "summary.csv") as f:

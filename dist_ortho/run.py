@@ -19,12 +19,10 @@ What happens, on every rank:
    one thread per rank (ranks share cores; timings are for comparing strategies, not absolute);
    `dist.backend: gloo` keeps the ranks on the CPU on a GPU machine too (`run_device_type`).
    `dist.timeout_s` is the timeout of the default group, which the FSDP mesh, the optimizers and
-   checkpoints all use: a collective that waits longer fails. Gloo raises on the waiting ranks;
-   NCCL's watchdog tears the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, set when unset;
-   TORCH_NCCL_BLOCKING_WAIT is left off, so waits stay asynchronous and overlap is kept). Either
-   way the failing rank exits non-zero and torchrun stops the others, so a rank that dies or hangs
-   ends the job within about `dist.timeout_s` (a dead rank usually at once: torchrun sees its exit
-   and gloo sees the closed connection).
+   checkpoints all use: a collective that waits longer fails (gloo raises; NCCL's watchdog tears
+   the process down, TORCH_NCCL_ASYNC_ERROR_HANDLING=3 when unset, waits stay asynchronous), the
+   rank exits non-zero and torchrun stops the others: a rank that dies or hangs ends the job
+   within about `dist.timeout_s` (a dead one usually at once).
 2. Model. Each block (GPT) or layer (shape-only) and then the root are wrapped with `fully_shard`
    on a 1-D mesh over all ranks, so every weight matrix is row-sharded across ranks. GPT weights
    are drawn from the seeded global RNG before sharding; shape-only models are built on the meta
@@ -49,15 +47,10 @@ What happens, on every rank:
    sweep knows the run is complete. At the start rank 0 removes DONE and the result files of an
    earlier run in that folder, so a run killed midway leaves nothing that reads as complete.
 
-Testing aids (`dist_ortho.faults`, `--fault KEY=VALUE` or DIST_ORTHO_FAULTS; off by default, never
-part of the config or its hash): one rank writes a NaN into its gradient shard at a given step, or
-kills itself (SIGKILL), hangs, raises, or is killed as it enters a checkpoint save, so the
-behaviour above can be checked end to end through torchrun. The loop only knows them as
-`RunState.hooks` (objects with `after_gradients(state, step)` and `before_save(state, step)`).
-Checkpoint glue (resume checks, what a save carries) lives in `dist_ortho.ckpt_run` and `checkpoint`.
-
-The loop is split into `build_run(config) -> RunState`, `train(state, steps, callbacks)`,
-`finish(state)` and `close(state)`, so a convergence study or checkpoint/resume can reuse it.
+Testing aids (`dist_ortho.faults`: a NaN gradient, a rank killed, hung or raising in a phase;
+never part of the config or its hash) reach the loop only as `RunState.hooks`. Checkpoint glue
+lives in `dist_ortho.ckpt_run`. The loop is `build_run(config) -> RunState`, `train(state, steps,
+callbacks)`, `finish(state)`, `close(state)`, so a convergence study can reuse it.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ from dist_ortho import checkpoint
 from dist_ortho.ckpt_run import precheck_resume
 from dist_ortho.config import ConfigError, load_config
 
+# real torchrun jobs (damage x resume, fault matrix): excluded from the README's test command, run by .ci/run
+pytestmark = pytest.mark.slow
+
 DAMAGE = ("truncate", "delete", "corrupt")
 FILES = ("__1_0.distcp", ".metadata", "manifest.json")
 DAMAGED_STEP, INTACT_STEP = 6, 4  # the resumes take the last 2 steps again

@@ -127,7 +127,10 @@ def test_shipped_configs_load():
     for name in ("default_study.yaml", "study.yaml"):
         points = expand(load_study(CONFIGS / name), "cpu")
         assert points and all(p.config.optimizer.ns_dtype == "float32" for p in points)
-    assert len(expand(load_study(CONFIGS / "default_study.yaml"), "cpu")) == 15
+    # interleaved: one job per world size (1, 2, 4), each holding every model x strategy point
+    jobs = expand(load_study(CONFIGS / "default_study.yaml"), "cpu")
+    assert [j.world_size for j in jobs] == [1, 2, 4]
+    assert [len(j.settings["points"]) for j in jobs] == [10, 10, 10]
 
 
 def test_resolve_records_device_choices():

@@ -411,6 +411,7 @@ def test_build_optimizers_steps_all_params_and_round_trips():
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+@pytest.mark.slow
 def test_regression_mixed_dtype_error_identical_across_hash_seeds():
     """Bug: the message listed dtypes from a set, so ranks (different PYTHONHASHSEED) raised
     different texts. Errors must be identical on every rank."""

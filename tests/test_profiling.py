@@ -211,9 +211,12 @@ def test_memory_measured_and_ordered(world_size):
                 # its own packed buffer and the P gathered ones are live together
                 slot = matrix_slot_bytes(res["matrix_shapes"], world_size)
                 assert value(df, "optimizer", "mem_peak_increase_bytes") >= (world_size + 1) * slot
-    for phase in ("step", "optimizer"):
-        assert peaks["replicated"][phase] >= peaks["round_robin"][phase], (phase, peaks)
-    assert peaks["replicated"]["optimizer"] > peaks["round_robin"]["optimizer"]
+    # the optimizer phase is where the strategies differ: replicated holds every gathered matrix
+    assert peaks["replicated"]["optimizer"] > peaks["round_robin"]["optimizer"], peaks
+    # not "step" against "step": a step's peak may be forward/backward's, which also holds each
+    # strategy's persistent buffers from the previous step (tens of KiB either way at this size;
+    # this comparison flipped in a full-suite run)
+    assert peaks["replicated"]["step"] >= peaks["round_robin"]["optimizer"], peaks
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

@@ -215,6 +215,7 @@ def three(root, first) -> Launch:
 
 
 # -- checkpoint / resume ---------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_resume_continues_bitwise(root, first, second, strategy, model):
@@ -238,6 +239,7 @@ def test_resume_continues_bitwise(root, first, second, strategy, model):
         assert rank1["loader"]["step"] == STEPS
 
 
+@pytest.mark.slow
 def test_resumed_runs_report_their_true_steps(root, first, second):
     assert second.output.count("resumed from") == len(STRATEGIES) * len(MODELS)
     for s in STRATEGIES:
@@ -254,6 +256,7 @@ def test_resumed_runs_report_their_true_steps(root, first, second):
             assert done["steps"] == STEPS and done["resumed_from"] == K
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_saved_starts_from_scratch(root, first):
     assert f"no complete checkpoint in {root / 'ck' / 'scratch'}; starting from step 0" \
         in first.output
@@ -261,6 +264,7 @@ def test_resume_with_nothing_saved_starts_from_scratch(root, first):
                       flat_state(root / "ck" / "full-gpt-replicated", STEPS, root / "flat")) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_resume_at_three_ranks_gives_the_same_losses(root, first, three, strategy):
     assert "saved at world size 2, loaded at 3" in three.output
@@ -274,6 +278,7 @@ def test_resume_at_three_ranks_gives_the_same_losses(root, first, three, strateg
 # -- NaN / Inf -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,skipped,nan_param", [
     ("nan-gpt", 1, "tok_emb.weight"), ("nan-shape", 2, "layers.0.mlp.gate_proj.weight")])
+@pytest.mark.slow
 def test_nan_in_one_ranks_gradient_is_skipped_everywhere(root, first, name, skipped, nan_param):
     assert f"wrote NaN into its gradient shard of {nan_param} at step {skipped}" in first.output
     run_dir = root / "out" / name
@@ -291,6 +296,7 @@ def test_nan_in_one_ranks_gradient_is_skipped_everywhere(root, first, name, skip
     assert counters and set(counters.values()) == {STEPS - 1.0}, counters
 
 
+@pytest.mark.slow
 def test_nan_with_nonfinite_raise_fails_the_job(root):
     out = one_run(2, [*MODEL_SETS["gpt"], f"output.dir={root / 'raise'}", "output.name=r",
                       "train.steps=3", "optimizer.nonfinite=raise"],
@@ -302,6 +308,7 @@ def test_nan_with_nonfinite_raise_fails_the_job(root):
 
 
 # -- faults ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_killed_rank_fails_its_sweep_point_within_the_timeout(tmp_path, monkeypatch):
     from dist_ortho.sweep import load_study, run_sweep
 
@@ -343,6 +350,7 @@ def test_killed_rank_fails_its_sweep_point_within_the_timeout(tmp_path, monkeypa
                                                     "step_00000003"]
 
 
+@pytest.mark.slow
 def test_rank_killed_in_a_save_leaves_no_checkpoint_and_resume_recovers(root, first):
     ck = root / "ck" / "killed-save"
     sets = [*MODEL_SETS["shape"], f"output.dir={root / 'out'}", "output.name=killed-save",
@@ -364,6 +372,7 @@ def test_rank_killed_in_a_save_leaves_no_checkpoint_and_resume_recovers(root, fi
                       flat_state(root / "ck" / "full-shape-replicated", STEPS, root / "flat")) == []
 
 
+@pytest.mark.slow
 def test_hung_rank_ends_the_job_at_the_timeout(root):
     # long enough that ranks of a loaded 2-core machine reach step 1 before any collective times
     # out (3 s was not), short enough to show the hang is ended by the timeout
@@ -408,6 +417,7 @@ def test_reliability_config_errors_name_their_key(sets, faults, key, phrase):
     assert info.value.key == key and phrase in str(info.value), str(info.value)
 
 
+@pytest.mark.slow
 def test_testing_aids_stay_out_of_the_config_and_its_hash(root, first):
     run_dir = root / "out" / "nan-gpt"
     facts = json.loads((run_dir / "run.json").read_text())
@@ -453,6 +463,7 @@ def test_runtime_config_errors_before_any_collective(one_process, tmp_path, faul
     (["train.seed=5"], "train.seed"),
     (["train.steps=3", "train.warmup_steps=1"], "train.steps"),  # the checkpoint is at step 4
 ])
+@pytest.mark.slow
 def test_resume_into_a_different_run_is_a_config_error(root, first, one_process, overrides, key):
     from dist_ortho.run import build_run
 

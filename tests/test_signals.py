@@ -17,6 +17,9 @@ import yaml
 
 from dist_ortho.jobs import descendants
 
+# a sweep/study/convergence under torchrun per signal: excluded from the README's test command, run by .ci/run
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
 FOREVER = 100_000  # steps: far more than the test waits, so a point can only end by being stopped

@@ -52,6 +52,7 @@ from dist_ortho.models import synthetic_grads  # noqa: E402
 from dist_ortho.models.shapes import matrix_shapes  # noqa: E402
 from dist_ortho.profiling.calibration import NS_CALIBRATION_SHAPES, calibrate  # noqa: E402
 from dist_ortho.profiling.costmodel import CostConstants, predict  # noqa: E402
+from dist_ortho.profiling.env import busy_cpu_s  # noqa: E402
 from dist_ortho.profiling.stats import median_interval  # noqa: E402
 from dist_ortho.testing import spawn  # noqa: E402
 from dist_ortho.timing import SecondsTimer  # noqa: E402
@@ -114,24 +115,15 @@ def step_worker(rank: int, world_size: int, model_name: str, repeats: int, steps
                 cpu_s=usage.ru_utime + usage.ru_stime)
 
 
-def _busy_cpu_s() -> float | None:
-    """CPU seconds the whole machine has spent busy since boot (Linux /proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
 
 def _measured(fn, P: int, args: tuple) -> tuple[list, float | None, list]:
     """One spawn; the cores other processes used meanwhile (machine busy time minus this run's
     own CPU time, over the wall time), and the load averages at start and end."""
     loads = [os.getloadavg()[0]]
-    busy0, wall0 = _busy_cpu_s(), time.time()
+    busy0, wall0 = busy_cpu_s(), time.time()
     own0 = resource.getrusage(resource.RUSAGE_SELF)
     per_rank = spawn(fn, P, args=args, timeout_s=1800, join_timeout_s=3600)
-    busy1, wall1 = _busy_cpu_s(), time.time()
+    busy1, wall1 = busy_cpu_s(), time.time()
     own1 = resource.getrusage(resource.RUSAGE_SELF)
     loads.append(os.getloadavg()[0])
     if busy0 is None or busy1 is None:

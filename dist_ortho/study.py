@@ -61,6 +61,7 @@ from dist_ortho.jobs import JOB_FILE, run_as_rank, write_done
 from dist_ortho.optimizer import OrthogonalizedOptimizer
 from dist_ortho.plan import owner_bound_bytes
 from dist_ortho.profiling.calibration import measure_collectives, measure_ns
+from dist_ortho.profiling.env import busy_cpu_s
 
 __all__ = ["SCHEDULE_FILE", "MACHINE_FILE", "SCHEDULE_COLUMNS", "step_bound", "matrix_facts",
            "measure_machine", "foreign_cores", "run_group", "main"]
@@ -146,15 +147,6 @@ def measure_machine(facts: dict, world_size: int, ns_dtype: str, repeats: int) -
 
 
 # --- the machine's state ----------------------------------------------------------------------
-
-def _busy_cpu_s() -> float | None:
-    """CPU seconds the whole machine has been busy since boot (Linux /proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_s() -> float:
@@ -249,7 +241,7 @@ def _work(config_path: Path) -> int:
     faults = from_sources()
     device, owns = run_mod.init_distributed(config)
     rank, world = dist.get_rank(), dist.get_world_size()
-    started, busy0, own0 = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
+    started, busy0, own0 = time.perf_counter(), busy_cpu_s(), _own_cpu_s()
     machine = {"world_size": world, "threads": _threads(), "load_start": _load(),
                "models": {}, "load_samples": []}
     rows: list[dict] = []
@@ -280,7 +272,7 @@ def _work(config_path: Path) -> int:
         if world > 1:
             dist.all_reduce(own)
         machine.update(wall_s=wall, load_end=_load(), own_cpu_s=own.item(),
-                       foreign_cores=foreign_cores(busy0, _busy_cpu_s(), own.item(), wall))
+                       foreign_cores=foreign_cores(busy0, busy_cpu_s(), own.item(), wall))
         if rank == 0:
             atomic_write_text(run_dir / SCHEDULE_FILE, _schedule_csv(rows))
             atomic_write_text(run_dir / MACHINE_FILE, json.dumps(machine, indent=2) + "\n")

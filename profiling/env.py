@@ -31,7 +31,7 @@ import yaml
 
 from dist_ortho.io import atomic_write_text
 
-__all__ = ["environment", "git_info", "write_run_metadata", "CONFIG_FILE", "ENV_FILE"]
+__all__ = ["environment", "git_info", "write_run_metadata", "busy_cpu_s", "CONFIG_FILE", "ENV_FILE"]
 
 CONFIG_FILE = "config.yaml"
 ENV_FILE = "environment.json"
@@ -45,6 +45,17 @@ def _git(*args: str, cwd: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (Linux /proc/stat), or None: with
+    the process's own CPU time over a wall interval, how many cores other processes took."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def git_info(root: str | Path | None = None) -> dict:

@@ -61,8 +61,9 @@ def convergence_setup(tmp_path: Path) -> tuple[list[str], Path, str]:
 
 
 @pytest.mark.parametrize("command,signum", [("sweep", signal.SIGINT), ("sweep", signal.SIGTERM),
-                                            ("study", signal.SIGTERM),
-                                            ("convergence", signal.SIGINT)])
+                                            ("study", signal.SIGINT), ("study", signal.SIGTERM),
+                                            ("convergence", signal.SIGINT),
+                                            ("convergence", signal.SIGTERM)])
 def test_signal_stops_the_points_process_tree_and_leaves_no_orphans(tmp_path, command, signum):
     argv, workdir, point = (convergence_setup(tmp_path) if command == "convergence"
                             else sweep_setup(tmp_path, command))

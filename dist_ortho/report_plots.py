@@ -99,6 +99,12 @@ def _save(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def _note_panel(ax, text: str, fontsize: float | None = None) -> None:
+    """A panel that says why it has no data, instead of empty axes."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=fontsize)
+    ax.set_axis_off()
+
+
 def _errorbars(ax, d, col: str, label: str, color, marker: str, offset: float, log: bool,
                scale: float = 1.0) -> list[float]:
     """Median with its interval as error bars, if the table has the interval columns."""
@@ -155,9 +161,7 @@ def plot_distance(results, path: Path) -> Path:
         ax = axes[0][j]
         sub = s[(s["facet"] == facet)]
         if "distance" not in sub or sub["distance"].isna().all():
-            ax.text(0.5, 0.5, "no calibration: the bound needs an interleaved study",
-                    ha="center", va="center", transform=ax.transAxes, fontsize=8)
-            ax.set_axis_off()
+            _note_panel(ax, "no calibration: the bound needs an interleaved study", fontsize=8)
             continue
         offsets, log = _offsets(results.labels, sub["world_size"])
         values = [1.0]
@@ -187,9 +191,7 @@ def plot_bytes(results, path: Path) -> Path:
         ax = axes[0][j]
         sub = s[(s["facet"] == facet) & (s["world_size"] > 1)]
         if sub.empty:
-            ax.text(0.5, 0.5, "only world size 1: nothing is communicated", ha="center",
-                    va="center", transform=ax.transAxes)
-            ax.set_axis_off()
+            _note_panel(ax, "only world size 1: nothing is communicated")
             continue
         offsets, log = _offsets(results.labels, sub["world_size"])
         values = []

@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from dist_ortho import mesh_step
 from dist_ortho import rules as rule_registry
 from dist_ortho import strategies as strategy_registry
 from dist_ortho.newton_schulz import NSConfig, matrix_view_shape, ns_dtype_name
@@ -49,6 +50,7 @@ from dist_ortho.plan import CommItem, Plan, all_reduce_bytes
 from dist_ortho.rules.base import UpdateRule, check_unit_interval
 from dist_ortho.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
 from dist_ortho.strategies.base import ExecContext, Strategy
+from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, MeshPlan, check_replicas
 from dist_ortho.timing import NULL_TIMER, PhaseTimer
 
 __all__ = ["OrthogonalizedOptimizer", "NorMuon", "Muon", "NONFINITE_POLICIES", "plan_step",
@@ -123,6 +125,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                  momentum: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
                  ns_coefficients: str = "jordan", nonfinite: str = "skip",
+                 replicas: str = DEFAULT_REPLICAS,
                  process_group: dist.ProcessGroup | None = None, **rule_hparams) -> None:
         self.rule = rule_registry.get(rule)
         unknown = sorted(set(rule_hparams) - set(self.rule.defaults))
@@ -141,12 +144,15 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         ns_dtype=ns_dtype, ns_coefficients=ns_coefficients)
         self.strategy = strategy
         self.nonfinite = nonfinite
+        self.replicas = check_replicas(replicas)  # HSDP/TP replicas: "spread" the NS or "repeat"
         self.process_group = process_group
         self.timer: PhaseTimer = NULL_TIMER  # set_timer(); the null timer costs nothing
         self.skipped_steps = 0
         self.last_step_skipped = False
         self._flops = FlopCount()  # NS FLOPs actually run on this rank, counted from the shapes
-        self._layouts: dict[int, Layout] = {}
+        self._layouts: dict[int, Layout | None] = {}  # None: mesh path only (mesh_step)
+        self._infos: dict[int, mesh_step.MeshParam] = {}
+        self._mesh_groups: dict[tuple[int, ...], dict] = {}  # per plan key: member ranks -> group
         self._names: dict[int, str] = {}
         self._plans: dict[tuple[int, ...], Plan] = {}
         self._ready = False
@@ -172,7 +178,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}(rule={self.rule.name}, strategy={self.strategy.name}"
-                 f"{_options_text(self.strategy.options)}, nonfinite={self.nonfinite})"]
+                 f"{_options_text(self.strategy.options)}, replicas={self.replicas}, "
+                 f"nonfinite={self.nonfinite})"]
         for g, group in enumerate(self.param_groups):
             lines.append(f"  group {g}: {_group_text(group)}")
         return "\n".join(lines)
@@ -209,6 +216,12 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"parameter {name!r} has dtype {p.dtype}; needs floating point")
             matrix_view_shape(p.shape)  # raises for 5-D and up
+            info = mesh_step.inspect_param(p, name)
+            self._infos[id(p)] = info
+            self._names[id(p)] = name
+            if not info.one_group:  # TP/EP placements: validated by the mesh path's plan()
+                self._layouts[id(p)] = None
+                continue
             layout = resolve_layout(p, name, self.process_group)
             if layout.sharded:
                 expected = chunk_sizes(p.shape[0], layout.world_size)[layout.rank]
@@ -218,7 +231,6 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         f"{layout.rank}, but FSDP2's torch.chunk layout gives {expected}; custom "
                         f"uneven shardings are not supported.")
             self._layouts[id(p)] = layout
-            self._names[id(p)] = name
         if self._ready:
             self._plans.clear()
             self.plan()
@@ -251,11 +263,17 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             return self._plans[key]
         if not entries:
             raise ValueError(f"{type(self).__name__} has no parameters to step")
-        layout = self._group_layout([p for _, p in entries])
-        out_dtypes = {self._ns_config(g).torch_dtype(layout.device) for g, _ in entries}
+        device = local_tensor(entries[0][1]).device
+        out_dtypes = {self._ns_config(g).torch_dtype(device) for g, _ in entries}
         if len(out_dtypes) > 1:
             raise ValueError(f"param groups use different ns_dtype values {sorted(map(str, out_dtypes))}; "
                              f"results travel in one buffer dtype, so use one ns_dtype per optimizer")
+        infos = [self._infos[id(p)] for _, p in entries]
+        if mesh_step.needs_mesh(infos, self.replicas):
+            plan = self._mesh_plan(entries, infos, next(iter(out_dtypes)), device)
+            self._plans[key] = plan
+            return plan
+        layout = self._group_layout([p for _, p in entries])
         specs = []
         for i, (g, p) in enumerate(entries):
             lay = self._layouts[id(p)]
@@ -266,6 +284,18 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         plan = plan_step(self.strategy, specs, layout.world_size, layout.rank, self.rule)
         plan.layout = layout
         self._plans[key] = plan
+        return plan
+
+    def _mesh_plan(self, entries, infos, out_dtype: torch.dtype, device) -> MeshPlan:
+        """The mesh path's plan (`mesh_step`): validate, plan, then make the groups it needs."""
+        params = [p for _, p in entries]
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        plan = mesh_step.mesh_plan(params, [self._names[id(p)] for p in params], infos,
+                                   self.strategy, self.rule, [g["ns_steps"] for g, _ in entries],
+                                   out_dtype, self.replicas, rank)
+        groups = mesh_step.make_groups(plan, infos)
+        self._mesh_groups[tuple(id(p) for p in params)] = groups
+        plan.layout = Layout(groups.get(plan.world), plan.rank, plan.world_size, True, device)
         return plan
 
     # -- state -----------------------------------------------------------------------------------
@@ -329,27 +359,38 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 self.last_step_skipped = True
                 return loss
 
+        on_mesh = isinstance(plan, MeshPlan)
+        if on_mesh:
+            mesh_step.check_grads(entries)
         with timer.phase("momentum"):
             directions = []
-            for (group, p), g in zip(entries, grads):
-                state = self._init_state(p, self._layouts[id(p)])
+            for i, ((group, p), g) in enumerate(zip(entries, grads)):
+                state = self._init_state(p, mesh_step.state_layout(
+                    plan, i, self._infos[id(p)], layout.device) if on_mesh
+                    else self._layouts[id(p)])
                 state["step"] += 1
                 buf = local_tensor(state["momentum_buffer"])
                 buf.lerp_(g, 1 - group["momentum"])
                 u = torch.lerp(g, buf, group["momentum"]) if group["nesterov"] else buf
                 directions.append(u.contiguous())
 
-        orthogonalizer = Orthogonalizer([self._ns_config(g) for g, _ in entries], layout.device,
-                                        self._flops)
-        ctx = ExecContext(layout.group, layout.rank, layout.world_size, orthogonalizer,
-                          plan.matrices[0].out_dtype, layout.device, timer)
-        with timer.phase("orthogonalize"):
-            results = self.strategy.execute(plan, directions, ctx)
+        if on_mesh:
+            updates = mesh_step.run_step(
+                plan, self.strategy, self.rule, self._mesh_groups[tuple(id(p) for _, p in entries)],
+                entries, [self.state[p] for _, p in entries], directions,
+                [self._ns_config(g) for g, _ in entries], layout.device, self._flops, timer)
+        else:
+            orthogonalizer = Orthogonalizer([self._ns_config(g) for g, _ in entries],
+                                            layout.device, self._flops)
+            ctx = ExecContext(layout.group, layout.rank, layout.world_size, orthogonalizer,
+                              plan.matrices[0].out_dtype, layout.device, timer)
+            with timer.phase("orthogonalize"):
+                results = self.strategy.execute(plan, directions, ctx)
+            with timer.phase("normalize"):
+                updates = self.rule.updates([g for g, _ in entries],
+                                            [self.state[p] for _, p in entries],
+                                            plan.matrices, results, layout)
         del directions
-
-        with timer.phase("normalize"):
-            updates = self.rule.updates([g for g, _ in entries], [self.state[p] for _, p in entries],
-                                        plan.matrices, results, layout)
         with timer.phase("apply"):
             for (group, p), update in zip(entries, updates):
                 local = local_tensor(p)
@@ -377,11 +418,12 @@ class Muon(OrthogonalizedOptimizer):
                  weight_decay: float = 0.0, nesterov: bool = True, ns_steps: int = 5,
                  ns_dtype: str | torch.dtype = "auto", ns_coefficients: str = "jordan",
                  strategy: str | Strategy = "replicated", nonfinite: str = "skip",
-                 process_group: dist.ProcessGroup | None = None) -> None:
+                 process_group: dist.ProcessGroup | None = None,
+                 replicas: str = DEFAULT_REPLICAS) -> None:
         super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         process_group=process_group)
+                         replicas=replicas, process_group=process_group)
 
 
 class NorMuon(OrthogonalizedOptimizer):
@@ -393,8 +435,9 @@ class NorMuon(OrthogonalizedOptimizer):
                  beta2: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
                  ns_coefficients: str = "jordan", strategy: str | Strategy = "replicated",
-                 nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None) -> None:
+                 nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None,
+                 replicas: str = DEFAULT_REPLICAS) -> None:
         super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         process_group=process_group)
+                         replicas=replicas, process_group=process_group)

@@ -52,16 +52,18 @@ class NorMuonRule(UpdateRule):
         check_unit_interval("beta2", group["beta2"])
 
     def init_state(self, p: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-        """v: zeros with one float32 entry per matrix row, sharded on dim 0 exactly like `p`."""
+        """v: zeros with one float32 entry per matrix row, sharded like `p`'s rows (on a mesh:
+        like the rows the rule sees, `layout.state_shape` / `state_placements`)."""
         view = matrix_view_shape(p.shape)
-        local_rows = local_tensor(p).shape[0]
-        local = torch.zeros((local_rows,) + view[1:-1], dtype=torch.float32,
-                            device=local_tensor(p).device)
+        local_shape = (layout.state_shape if layout.state_shape is not None
+                       else (local_tensor(p).shape[0],) + view[1:-1])
+        local = torch.zeros(local_shape, dtype=torch.float32, device=local_tensor(p).device)
         if layout.mesh is None:
             return {"v": local}
         shape = torch.Size(view[:-1])
-        return {"v": DTensor.from_local(local, layout.mesh, layout.placements, run_check=False,
-                                        shape=shape,
+        return {"v": DTensor.from_local(local, layout.mesh,
+                                        layout.state_placements or layout.placements,
+                                        run_check=False, shape=shape,
                                         stride=torch.empty(shape, device="meta").stride())}
 
     def state_bytes_per_row(self, spec: MatrixSpec) -> int:

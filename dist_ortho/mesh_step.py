@@ -32,7 +32,7 @@ from dist_ortho.strategies.base import Strategy
 from dist_ortho.strategies.mesh import MeshPlan, plan_mesh
 from dist_ortho.timing import PhaseTimer
 
-__all__ = ["MeshParam", "inspect_param", "needs_mesh", "mesh_plan", "state_layout", "run_step"]
+__all__ = ["MeshParam", "inspect_param", "needs_mesh", "mesh_plan", "state_layout", "check_grads", "run_step"]
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,20 @@ def state_layout(plan: MeshPlan, p_index: int, info: MeshParam, device) -> Layou
     return Layout(None, 0, 1, True, device, mesh=info.device_mesh,
                   placements=info.placements, state_shape=lay.state_shape(me),
                   state_placements=lay.state_placements())
+
+
+def check_grads(entries: Sequence[tuple[dict, torch.Tensor]]) -> None:
+    """The mesh path reads gradients in their parameter's layout; a gradient left in another one
+    (a Partial sum a TP module did not reduce) would be orthogonalized wrong, so refuse it. The
+    placements are the same on every rank, so every rank raises alike, before any collective."""
+    for _, p in entries:
+        g = p.grad
+        if isinstance(p, DTensor) and (not isinstance(g, DTensor)
+                                       or tuple(g.placements) != tuple(p.placements)):
+            have = tuple(g.placements) if isinstance(g, DTensor) else type(g).__name__
+            raise ValueError(f"a gradient has placements {have} but its parameter has "
+                             f"{tuple(p.placements)}; reduce it to the parameter's placements "
+                             f"(redistribute) before the optimizer step")
 
 
 def run_step(plan: MeshPlan, strategy: Strategy, rule: UpdateRule, groups: dict,

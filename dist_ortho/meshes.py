@@ -202,7 +202,7 @@ class MatrixLayout:
                                  f"the optimizer step, as FSDP2 does for gradients")
             if isinstance(pl, Replicate):
                 continue
-            if not isinstance(pl, Shard):
+            if not (isinstance(pl, Shard) or is_strided(pl)):  # torch 2.13: not a Shard
                 raise ValueError(f"{where}: placement {pl!r} is not supported; use Shard, "
                                  f"Replicate or FSDP2's _StridedShard")
             if pl.dim not in roles:

@@ -378,7 +378,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             updates = mesh_step.run_step(
                 plan, self.strategy, self.rule, self._mesh_groups[tuple(id(p) for _, p in entries)],
                 entries, [self.state[p] for _, p in entries], directions,
-                [self._ns_config(g) for g, _ in entries], layout.device, self._flops, timer)
+                [self._ns_config(g) for g, _ in entries], tuple(self.rule.float32_state),
+                layout.device, self._flops, timer)
         else:
             orthogonalizer = Orthogonalizer([self._ns_config(g) for g, _ in entries],
                                             layout.device, self._flops)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch._C._distributed_c10d import ProcessGroup
-from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.distributed_c10d import _resolve_process_group, get_process_group_ranks
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -37,6 +37,7 @@ class CommRecord:
     numel: int
     dtype: str
     group_size: int
+    ranks: tuple[int, ...] = ()  # global ranks of the group it ran on (a plan maps them to axes)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -181,6 +182,23 @@ def _functional(name: str, args) -> tuple[str, float, float, int, torch.dtype, i
     return None
 
 
+def _group_ranks(namespace: str, args) -> tuple[int, ...]:
+    """Global ranks of the process group a collective runs on: the boxed ProcessGroup argument of
+    a c10d op (the other boxed arguments, e.g. a ReduceOp, refuse to unbox), or the group name a
+    functional collective takes as its last string argument."""
+    if namespace == "c10d":
+        for a in args:
+            if isinstance(a, (torch.ScriptObject, ProcessGroup)):
+                try:
+                    pg = ProcessGroup.unbox(a) if not isinstance(a, ProcessGroup) else a
+                except RuntimeError:
+                    continue
+                return tuple(get_process_group_ranks(_resolve_process_group(pg.group_name)))
+        return ()
+    names = [a for a in args if isinstance(a, str)]
+    return tuple(get_process_group_ranks(_resolve_process_group(names[-1]))) if names else ()
+
+
 def _is_dtensor_op(types) -> bool:
     return any(issubclass(t, DTensor) for t in types)
 
@@ -212,7 +230,8 @@ class CommCounter(TorchDispatchMode):
             if parsed is not None:
                 kind, send, recv, numel, dtype, P = parsed
                 self.records.append(CommRecord(name, kind, self.phase, float(send), float(recv),
-                                               int(numel), str(dtype).replace("torch.", ""), P))
+                                               int(numel), str(dtype).replace("torch.", ""), P,
+                                               _group_ranks(namespace, args)))
             elif name not in ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier"):
                 self.unparsed.append(name)
         return func(*args, **kwargs)

@@ -49,7 +49,7 @@ from dist_ortho.strategies.base import Strategy
 from dist_ortho.strategies.ownership import lpt_owners
 
 __all__ = ["REPLICA_MODES", "DEFAULT_REPLICAS", "Unit", "Instance", "Domain", "MeshPlan",
-           "plan_mesh", "check_replicas"]
+           "plan_mesh", "check_replicas", "bytes_by_axis", "counted_by_axis"]
 
 REPLICA_MODES = ("spread", "repeat")
 # spread: by the cost model it is faster on every preset we project (README, "Meshes"): NS FLOPs
@@ -146,11 +146,41 @@ class MeshPlan(Plan):
         for dom in self.domains:
             inst = dom.instance(rank)
             out.append((inst.members, dom.label))
-            if dom.replicas > 1:
+            if dom.replicas > 1 and self.replicas == "spread":
                 out.append((self.mesh.members(rank, dom.key[2]), dom.replica_label))
             for dims in col_dims_of(dom, inst):
                 out.append((self.mesh.members(rank, dims), self.mesh.label(dims)))
         return [(ranks, label) for ranks, label in out if len(ranks) > 1]
+
+    def axis_of(self, ranks) -> str:
+        """The mesh axes a collective over the group of these global ranks travels on (the
+        label this plan gives that group), so that counted bytes can be compared per axis."""
+        ranks = tuple(sorted(ranks))
+        for members, label in self.groups(self.global_rank):
+            if members == ranks:
+                return label
+        raise KeyError(f"no group over ranks {ranks} in this plan")
+
+
+def bytes_by_axis(items) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(kind, axis): (send bytes, recv bytes)} over plan items (CommItem.axis)."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for c in items:
+        acc = out.setdefault((c.kind, c.axis), [0.0, 0.0])
+        acc[0] += c.send_bytes
+        acc[1] += c.recv_bytes
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def counted_by_axis(plan: Plan, records) -> dict[tuple[str, str], tuple[float, float]]:
+    """The same sum over counted records (profiling.comm.CommRecord: kind, ranks), each put on
+    the axis its group spans in `plan` (a one-group plan's items all travel on CommItem's
+    default axis)."""
+    default = CommItem("", 0, 0).axis
+    return bytes_by_axis(dataclasses.replace(
+        CommItem(r.kind, r.send_bytes, r.recv_bytes),
+        axis=plan.axis_of(r.ranks) if isinstance(plan, MeshPlan) else default)
+        for r in records)
 
 
 def col_dims_of(domain: Domain, inst: Instance) -> list[tuple[int, ...]]:
@@ -236,7 +266,7 @@ def plan_mesh(strategy: Strategy, layouts: Sequence[MatrixLayout], rank: int,
                 cost.computes += sorted({dom.units[inst.share[j]].param for j in sub.computes}
                                         - set(cost.computes))
                 held[where[member]] += sub.transient_bytes
-        if dom.replicas > 1:
+        if dom.replicas > 1 and replicas == "spread":  # repeat: replicas exchange nothing
             _replica_items(dom, ranks, where, mesh, b_out, held)
     for dom in domains:  # 4: the update rule's reductions, per domain on G
         for inst in dom.instances:

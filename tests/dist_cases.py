@@ -170,7 +170,7 @@ def plain_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
 def bad_input_worker(rank: int, world_size: int) -> dict:
     """Every bad input must raise ValueError at construction on every rank, before collectives."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
     from dist_ortho import strategies
 
@@ -181,7 +181,9 @@ def bad_input_worker(rank: int, world_size: int) -> dict:
         return torch.nn.Parameter(distribute_tensor(t, mesh, [placement], src_data_rank=None))
 
     attempts = {
-        "shard1": lambda: NorMuon([("tp.weight", param((8, 8), Shard(1)))]),
+        # a sum still to be reduced (Shard(1), tensor parallel, is scheduled: tests/test_mesh_dist)
+        "partial": lambda: NorMuon([("tp.weight", DTensor.from_local(
+            full_tensor((8, 8), 3), mesh, [Partial()], run_check=False))]),
         "vector": lambda: NorMuon([("norm.weight", param((8,)))]),
         "bucket_too_small": lambda: NorMuon(
             [("big", param((64, 64))), ("small", param((4, 4)))],

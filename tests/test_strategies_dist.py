@@ -132,7 +132,7 @@ def test_bad_input_raises_on_every_rank_before_any_collective():
     for key, message in out[0].items():
         assert message is not None, f"{key} did not raise ValueError"
         assert out[1][key] == message, "every rank must raise the same error"
-    assert "tp.weight" in out[0]["shard1"] and "Shard(0)" in out[0]["shard1"]
+    assert "tp.weight" in out[0]["partial"] and "Partial" in out[0]["partial"]
     assert "norm.weight" in out[0]["vector"] and "AdamW" in out[0]["vector"]
     assert "'big'" in out[0]["bucket_too_small"] and "16384" in out[0]["bucket_too_small"]
     assert "ring_of_fire" in out[0]["unknown_strategy"]

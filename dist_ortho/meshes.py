@@ -43,6 +43,7 @@ rows of the update.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -136,7 +137,13 @@ class MeshSpec:
     def members(self, rank: int, dims: Iterable[int]) -> tuple[int, ...]:
         """Global ranks that differ from `rank` only along `dims`, ascending (a process group's
         rank order)."""
-        dims = sorted(set(dims))
+        cache = self.__dict__.setdefault("_members_cache", {})  # planning asks it per rank and unit
+        key = (rank, tuple(sorted(set(dims))))
+        if key not in cache:
+            cache[key] = self._members(rank, key[1])
+        return cache[key]
+
+    def _members(self, rank: int, dims: tuple[int, ...]) -> tuple[int, ...]:
         base = list(self.coordinate(rank))
         out = []
         for sub in _product([self.sizes[d] for d in dims]):
@@ -158,6 +165,18 @@ def _product(sizes: Sequence[int]):
     for head in range(sizes[0]):
         for tail in _product(sizes[1:]):
             yield (head,) + tail
+
+
+@functools.lru_cache(maxsize=None)
+def _nested_chunk(length: int, pieces: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """(offset, length) after splitting `length` by torch.chunk into n pieces and taking piece c,
+    for each (n, c) in turn."""
+    offset = 0
+    for n, c in pieces:
+        sizes = chunk_sizes(length, n)
+        offset += sum(sizes[:c])
+        length = sizes[c]
+    return offset, length
 
 
 def span_of(layouts: Sequence["MatrixLayout"]) -> tuple[int, ...]:
@@ -292,6 +311,13 @@ class MatrixLayout:
 
     # -- where the pieces are ------------------------------------------------------------------
     def param_coordinate(self, rank: int) -> tuple[int, ...]:
+        # planning a 1024-rank mesh asks this millions of times: cache per layout
+        cache = self.__dict__.setdefault("_coordinates", {})
+        if rank not in cache:
+            cache[rank] = self._param_coordinate(rank)
+        return cache[rank]
+
+    def _param_coordinate(self, rank: int) -> tuple[int, ...]:
         root = self.mesh.coordinate(rank)
         out = []
         for dd in self.dims:
@@ -307,14 +333,13 @@ class MatrixLayout:
     def extent(self, tensor_dim: int, rank: int) -> tuple[int, int]:
         """(offset, length) of the piece of `tensor_dim` that `rank` holds (torch.chunk,
         nested in the order the mesh dims apply)."""
-        coord = self.param_coordinate(rank)
-        offset, length = 0, self.shape[tensor_dim]
-        for p in self.order[tensor_dim]:
-            n, c = self._pdim_size(p), coord[p]
-            sizes = chunk_sizes(length, n)
-            offset += sum(sizes[:c])
-            length = sizes[c]
-        return offset, length
+        cache = self.__dict__.setdefault("_extents", {})
+        key = (tensor_dim, rank)
+        if key not in cache:
+            coord = self.param_coordinate(rank)
+            cache[key] = _nested_chunk(self.shape[tensor_dim], tuple(
+                (self._pdim_size(p), coord[p]) for p in self.order[tensor_dim]))
+        return cache[key]
 
     def local_shape(self, rank: int) -> tuple[int, ...]:
         """Shape of `rank`'s local tensor (what DTensor.to_local() returns)."""

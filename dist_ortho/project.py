@@ -33,7 +33,7 @@ matplotlib.use("Agg")  # files only, no display: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dist_ortho import strategies  # noqa: E402
+from dist_ortho import mesh_project, strategies  # noqa: E402
 from dist_ortho.cli import run_command  # noqa: E402
 from dist_ortho.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from dist_ortho.models.shapes import matrix_shapes  # noqa: E402
@@ -70,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a quarter of all matrix bytes)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
+    parser.add_argument("--mesh", default=None,
+                        help="a 2-D/3-D mesh, axis=size outermost first (e.g. dp=128,tp=8 or "
+                             "replicate=8,shard=16,tp=8; axes tp, ep, replicate, others FSDP): "
+                             "bytes per mesh axis and inter-node bytes per strategy and replicas "
+                             "mode instead of --world-sizes (dist_ortho.mesh_project)")
 
 
 def _world_sizes(text: str) -> list[int]:
@@ -222,6 +227,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     writable_dir(args.out, "--out")  # before any work: a bad folder is one line, not a traceback
+    if getattr(args, "mesh", None):
+        return mesh_project.main_mesh(args)
     sizes = _world_sizes(args.world_sizes)
     names = None if args.strategies == "all" else [s.strip() for s in
                                                    args.strategies.split(",") if s.strip()]

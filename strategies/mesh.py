@@ -351,23 +351,28 @@ def _convert_items(dom: Domain, inst: Instance, ranks, where, mesh: MeshSpec, it
     """One all-to-all per column group: rows for columns (`to_rows`) or back (`from_rows`)."""
     for dims in col_dims_of(dom, inst):
         label = mesh.label(dims)
+        # units of one shape and layout (the same weight of every layer, every expert of a
+        # stack) trade the same pieces: count each kind once (planning 1024 ranks stays fast)
+        kinds: dict[tuple, list] = {}
+        for k in inst.units:
+            lay = dom.units[k].layout
+            if lay.col_dims == dims:
+                kinds.setdefault((lay.shape, lay.placements, lay.dims), [lay, 0])[1] += 1
         for x in inst.members:
             send = recv = 0
-            for k in inst.units:
-                lay = dom.units[k].layout
-                if lay.col_dims != dims:
-                    continue
+            peers = mesh.members(x, dims)
+            for lay, count in kinds.values():
                 col_dim = len(lay.shape) - 1
                 t, _ = lay.col_position(x)
                 split = lay.row_split(x)
-                for y in mesh.members(x, dims):
+                for y in peers:
                     if y == x:
                         continue
                     ty, _ = lay.col_position(y)
                     out_el = split[ty] * lay.extent(col_dim, x)[1]  # my columns of y's rows
                     in_el = split[t] * lay.extent(col_dim, y)[1]  # y's columns of my rows
-                    send += out_el if phase == "to_rows" else in_el
-                    recv += in_el if phase == "to_rows" else out_el
+                    send += count * (out_el if phase == "to_rows" else in_el)
+                    recv += count * (in_el if phase == "to_rows" else out_el)
             ranks[where[x]].comm.append(CommItem("all_to_all", send * itemsize,
                                                  recv * itemsize, phase, label))
             held[where[x]] = max(held[where[x]], 2 * (send + recv) * itemsize)

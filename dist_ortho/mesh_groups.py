@@ -1,6 +1,6 @@
-"""The runtime side of meshes: DTensors to `meshes` descriptions, process groups, axis labels.
+"""The runtime side of meshes: DTensors to `meshes` descriptions and process groups.
 
-Core module. Three jobs:
+Core module. Two jobs:
 - `describe(param)`: a DTensor's root mesh (`MeshSpec`), the root dims each dim of its own mesh
   covers (a sliced mesh covers one root dim per dim, a flattened one several, in order) and its
   placements. Pure data afterwards.
@@ -8,11 +8,9 @@ Core module. Three jobs:
   own group when one matches, else one made once per process (`new_group` with local
   synchronization: only members call it) and reused. Made only after every parameter passed
   validation, so a ValueError never leaves a rank waiting in group creation.
-- axis labels: `register_group(pg, label)` records which mesh axes a group spans ("shard",
-  "shard+tp", ...) and `group_label(pg)` reads it back; the profiler's comm counter attributes
-  every collective's bytes to the label of the group it ran on, so counted bytes can be compared
-  with a plan's per axis. Unregistered groups read as "shard" (the plans of one-group optimizers
-  put everything on their one group, under CommItem's default axis).
+Which mesh axes a collective travels on is not recorded here: the comm counter records the
+ranks of each collective's group (`CommRecord.ranks`) and the plan maps them to its axis labels
+(`MeshPlan.axis_of`), so no process-wide registry of labels is needed.
 """
 
 from __future__ import annotations
@@ -24,11 +22,8 @@ import torch.distributed.device_mesh as device_mesh
 
 from dist_ortho.meshes import MeshSpec
 
-__all__ = ["root_mesh", "mesh_spec", "describe", "group_for", "register_group", "group_label",
-           "DEFAULT_LABEL"]
+__all__ = ["root_mesh", "mesh_spec", "describe", "group_for"]
 
-DEFAULT_LABEL = "shard"
-_LABELS: dict[str, str] = {}  # process group name -> axis label
 _GROUPS: dict[tuple, object] = {}  # (id of the default group, ranks) -> group made here
 
 
@@ -92,18 +87,6 @@ def describe(param, name: str) -> tuple[MeshSpec, tuple[tuple[int, ...], ...], t
 
 
 # -- groups ----------------------------------------------------------------------------------------
-
-def register_group(group, label: str) -> None:
-    """Record that collectives on `group` travel on mesh axes `label`."""
-    if group is not None:
-        _LABELS[group.group_name] = label
-
-
-def group_label(group_or_name) -> str:
-    """The axis label of a process group (or its name); DEFAULT_LABEL when unregistered."""
-    name = group_or_name if isinstance(group_or_name, str) else group_or_name.group_name
-    return _LABELS.get(name, DEFAULT_LABEL)
-
 
 def group_for(ranks: Sequence[int], candidates: Sequence = ()):
     """A process group over exactly `ranks` (None for a single rank): the default group, one of

@@ -9,7 +9,7 @@ parameter has a replicate dim: `needs_mesh`. Everything else (1-D FSDP, HSDP wit
 At construction (`mesh_plan`): every parameter's layout is analyzed (`meshes.MatrixLayout.analyze`:
 a ValueError naming the parameter for placements that cannot be scheduled exactly, e.g. Partial),
 its local shape is checked against the layout, then the plan is made and only then the process
-groups it needs are made or looked up (`mesh_groups.group_for`) and labelled with their mesh axes.
+groups it needs are made or looked up (`mesh_groups.group_for`).
 So a mistake raises on every rank alike before any collective or group creation.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from dist_ortho.mesh_groups import describe, group_for, register_group, root_mesh
+from dist_ortho.mesh_groups import describe, group_for, root_mesh
 from dist_ortho.meshes import MatrixLayout, MeshSpec, is_strided
 from dist_ortho.newton_schulz import NSConfig
 from dist_ortho.orthogonalizer import FlopCount
@@ -116,7 +116,7 @@ def mesh_plan(params: Sequence[torch.Tensor], names: Sequence[str], infos: Seque
 
 
 def make_groups(plan: MeshPlan, infos: Sequence[MeshParam]) -> dict:
-    """Every process group this rank's part of the plan uses, by member ranks, labelled."""
+    """Every process group this rank's part of the plan uses, by member ranks."""
     candidates = []
     for info in infos:
         mesh = info.device_mesh
@@ -128,7 +128,6 @@ def make_groups(plan: MeshPlan, infos: Sequence[MeshParam]) -> dict:
     for ranks, label in plan.groups(plan.global_rank):
         if ranks not in groups:
             groups[ranks] = group_for(ranks, candidates)
-            register_group(groups[ranks], label)
     return groups
 
 

@@ -52,8 +52,10 @@ __all__ = ["REPLICA_MODES", "DEFAULT_REPLICAS", "Unit", "Instance", "Domain", "M
            "plan_mesh", "check_replicas", "bytes_by_axis", "counted_by_axis"]
 
 REPLICA_MODES = ("spread", "repeat")
-# spread: by the cost model it is faster on every preset we project (README, "Meshes"): NS FLOPs
-# per rank drop by R for (R-1)/R of a rank's result rows over the replica dim
+# spread: NS FLOPs per rank drop by R for (R-1)/R of a rank's result rows over the replica axis;
+# the cost model finds it faster for every strategy on the projected H100 meshes (README,
+# "Meshes"; results/examples/projection/llama-70b_replicate8xshard16xtp8_h100.md: balanced 209 vs
+# 291 ms); `dist-ortho project --mesh` says where repeat would win (slow inter-node links)
 DEFAULT_REPLICAS = "spread"
 
 

@@ -101,3 +101,4 @@ def test_project_mesh_rows_and_table():
     assert "inter-node GB/rank" in table and "GB replicate" in table
     with pytest.raises(ValueError, match="axis=size"):
         parse_mesh("dp:4")
+

@@ -285,3 +285,86 @@ def suite_worker(rank: int, world_size: int, jobs: list[tuple[str, str, tuple]])
     """All mesh jobs in one process group (see dist_cases.suite_worker)."""
     dist_cases.set_threads()
     return {key: globals()[name](rank, world_size, *args) for key, name, args in jobs}
+
+
+def ep_train_worker(rank: int, world_size: int, strategy_names: list[str], steps: int = 3) -> dict:
+    """`TinyMoE` with its expert stacks split over "ep" (Shard(0), whole experts per rank,
+    replicated on "dp") and its other weights replicated, trained through DTensor (which computes
+    each rank's experts and all-reduces their weighted sum), every strategy, beside the
+    single-process model; every rank sees the whole batch. DTensor leaves some gradients
+    Partial; they are reduced to the parameters' placements before the step, as FSDP2 does.
+
+    Bounds: dist_cases.fsdp_train_worker's, with d_model = H = 32 (the MoE's contractions have
+    inner dimensions H, I = 16 and E = 4, all within the GPT model's d, 4d and seq terms)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from dist_ortho.models.moe import TinyMoE
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "dp"))
+    batch, seq, layers, hidden, vocab = 4, 16, 2, 32, 256
+    eps_grad, eps_loss = dist_cases.training_errors(layers, hidden, seq, batch * seq, vocab)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+
+    def build():
+        torch.manual_seed(0)
+        return TinyMoE(vocab=vocab, hidden=hidden, n_layers=layers)
+
+    def optimizers(model, strategy):
+        ortho = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+        return (NorMuon(ortho, lr=0.02, ns_dtype="float32", strategy=strategy),
+                torch.optim.AdamW(rest, lr=1e-2))
+
+    reference = build()
+    named = list(reference.named_parameters())
+    orthogonalized = {n for n, p in named if p.ndim >= 2 and "emb" not in n}
+    eps_update = {n: (tolerances.update_error(p.shape, "normuon", "float32")
+                      if n in orthogonalized else tolerances.update_error(p.shape, "adamw"))
+                  + 2 * eps_grad for n, p in named}
+    trajectory = tolerances.Trajectory([p for _, p in named], lr=1.0)
+    ref_opts = optimizers(reference, "replicated")
+    ref_losses, loss_bounds = [], []
+    for _ in range(steps):
+        _, loss = reference(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        loss_bounds.append(2 * tolerances.C * eps_loss * abs(loss.item()) + sum(
+            float(p.grad.double().norm()) * tolerances.param_bound(
+                eps_update[n], trajectory.w_norms[i], trajectory.steps[i])
+            for i, (n, p) in enumerate(named)))
+        for opt in ref_opts:
+            opt.step()
+            opt.zero_grad()
+        trajectory.record([p for _, p in named])
+        ref_losses.append(loss.item())
+    bounds = dict(zip([n for n, _ in named], trajectory.bounds([eps_update[n] for n, _ in named])))
+    R = [Replicate(), Replicate()]
+    x, y = (DTensor.from_local(t, mesh, R) for t in (tokens[:, :-1], tokens[:, 1:]))
+    out = {}
+    for name in strategy_names:
+        model = build()
+        for module in list(model.modules()):
+            for pname, p in list(module.named_parameters(recurse=False)):
+                placements = [Shard(0), Replicate()] if p.ndim == 3 else R
+                setattr(module, pname, torch.nn.Parameter(
+                    distribute_tensor(p.data, mesh, placements, src_data_rank=None)))
+        opts = optimizers(model, name)
+        losses = []
+        for _ in range(steps):
+            _, loss = model(x, y)
+            loss.backward()
+            for p in model.parameters():
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
+            losses.append(loss.full_tensor().item())
+        ratios = {n: float((p.full_tensor().detach() - dict(named)[n].detach()).norm()) / bounds[n]
+                  for n, p in model.named_parameters()}
+        out[name] = dict(losses=losses, param_ratios=ratios,
+                         loss_ratios=[abs(a - b) / c
+                                      for a, b, c in zip(losses, ref_losses, loss_bounds)],
+                         on_mesh=isinstance(opts[0].plan(), MeshPlan),
+                         stacks={n: str(p.placements) for n, p in model.named_parameters()
+                                 if p.ndim == 3})
+    return dict(reference_losses=ref_losses, runs=out)

@@ -22,7 +22,8 @@ from dist_ortho.testing import spawn
 STRATEGIES = strategies.available()
 JOBS = [("hsdp", "hsdp_worker", (STRATEGIES,)), ("tp", "tp_worker", (STRATEGIES,)),
         ("ep", "ep_worker", (STRATEGIES,)), ("bad", "bad_mesh_input_worker", ()),
-        ("tp_train", "tp_train_worker", (STRATEGIES,))]
+        ("tp_train", "tp_train_worker", (STRATEGIES,)),
+        ("ep_train", "ep_train_worker", (STRATEGIES,))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,5 +154,20 @@ def test_fsdp_tp_2x2_training_matches_single_process():
         tolerances.report("FSDP2+TP training losses", run["loss_ratios"])
         assert max(run["loss_ratios"]) <= 1.0, (name, run["loss_ratios"])
         tolerances.report("FSDP2+TP training weights", list(run["param_ratios"].values()))
+        assert max(run["param_ratios"].values()) <= 1.0, (name, run["param_ratios"])
+    assert all(o["runs"][n]["losses"] == res["runs"][n]["losses"] for o in out for n in res["runs"])
+
+
+@pytest.mark.exactness
+def test_moe_with_expert_stacks_on_an_ep_axis_trains_like_single_process():
+    out = [rank["ep_train"] for rank in suite()]
+    res = out[0]
+    assert sorted(res["runs"]) == sorted(STRATEGIES)
+    for name, run in res["runs"].items():
+        assert run["on_mesh"], name
+        assert all(v == "(Shard(dim=0), Replicate())" for v in run["stacks"].values()), run
+        tolerances.report("EP MoE training losses", run["loss_ratios"])
+        assert max(run["loss_ratios"]) <= 1.0, (name, run["loss_ratios"])
+        tolerances.report("EP MoE training weights", list(run["param_ratios"].values()))
         assert max(run["param_ratios"].values()) <= 1.0, (name, run["param_ratios"])
     assert all(o["runs"][n]["losses"] == res["runs"][n]["losses"] for o in out for n in res["runs"])

@@ -24,6 +24,10 @@ buckets are Python ints from the cached plan, never read back from a tensor, so 
 strategies' collectives overlap with Newton-Schulz. tests/test_gpu.py counts the syncs of a step
 (P = 1 and P = 2) and asserts this number.
 
+On 2-D/3-D meshes (HSDP with replicas="spread", tensor parallel, expert parallel) steps 3-4 go
+through `dist_ortho.mesh_step` (`strategies.mesh`): the same strategies per row group, plus the
+TP column exchange and the replica exchange.
+
 With one rank, the same code runs with every collective skipped. Parameters must be 2-D or more
 (4-D conv weights are viewed as (out, -1), 3-D stacks as batches of matrices); use
 `dist_ortho.split_model_params` (or `build_optimizers`) to send embeddings, heads, norms and biases
@@ -118,6 +122,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
 
     rule: a name from `dist_ortho.rules.available()` ("normuon", "muon") or an UpdateRule.
     strategy: a name from `dist_ortho.strategies.available()` or a Strategy instance.
+    replicas: on a 2-D/3-D mesh, ranks holding the same values of a matrix (HSDP's replicate
+    axis, a TP axis a weight is not split on) "spread" the matrices between them, each
+    orthogonalized once in the job, or "repeat" all of them (`dist_ortho.mesh_step`).
     Extra keyword arguments are the rule's own hyperparameters (NorMuon: beta2)."""
 
     def __init__(self, params: Iterable, rule: str | UpdateRule = "normuon",

@@ -306,9 +306,14 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         return plan
 
     # -- state -----------------------------------------------------------------------------------
-    def _init_state(self, p: torch.Tensor, layout: Layout) -> dict:
+    def _init_state(self, p: torch.Tensor, layout: Layout | None) -> dict:
         state = self.state[p]
         if "momentum_buffer" not in state:
+            if layout is None:  # mesh path (TP/EP), e.g. a checkpoint creating state before a step
+                entries = self._entries(require_grad=False)
+                index = [id(q) for _, q in entries].index(id(p))
+                layout = mesh_step.state_layout(self.plan(entries), index, self._infos[id(p)],
+                                                local_tensor(p).device)
             state["momentum_buffer"] = torch.zeros_like(p)
             state["step"] = torch.zeros((), dtype=torch.float32)
             state.update(self.rule.init_state(p, layout))

@@ -368,3 +368,50 @@ def ep_train_worker(rank: int, world_size: int, strategy_names: list[str], steps
                          stacks={n: str(p.placements) for n, p in model.named_parameters()
                                  if p.ndim == 3})
     return dict(reference_losses=ref_losses, runs=out)
+
+
+def tp_checkpoint_worker(rank: int, world_size: int, root: str) -> dict:
+    """dist_ortho.checkpoint on a 2x2 FSDP2 x TP GPT (mesh-path NorMuon state: momentum and v in
+    the row layout): saving before any step creates every state (all ranks save the same keys);
+    after 2 steps, save, load into a fresh model and optimizer, and one more step on both gives
+    bitwise the same weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    from dist_ortho import OptimizerConfig, build_optimizers, checkpoint
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    config = OptimizerConfig(ns_dtype="float32", adamw_lr=1e-3)
+    dp = mesh["dp"].get_local_rank()
+
+    def build():
+        model = dist_cases._tiny_gpt(0)
+        for block in model.blocks:
+            parallelize_module(block.mlp, mesh["tp"], {"fc_in": ColwiseParallel(),
+                                                       "fc_out": RowwiseParallel()})
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        return model, build_optimizers(model, config, strategy="balanced")
+
+    def step(model, opt, s):
+        x, y = dist_cases._batch(s, 4, 16)
+        _, loss = model(x[dp * 2:dp * 2 + 2], y[dp * 2:dp * 2 + 2])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    fresh, fresh_opt = build()
+    checkpoint.save(f"{root}/fresh", 0, fresh, fresh_opt)
+    model, opt = build()
+    for s in range(2):
+        step(model, opt, s)
+    checkpoint.save(root, 2, model, opt)
+    other, other_opt = build()
+    loaded = checkpoint.load(root, other, other_opt)
+    step(model, opt, 2)
+    step(other, other_opt, 2)
+    return dict(loaded=loaded, bitwise=all(torch.equal(a.to_local(), b.to_local())
+                                           for a, b in zip(model.parameters(),
+                                                           other.parameters())))

@@ -8,6 +8,7 @@ equal the plan's per (kind, mesh axis), the FLOPs run equal the plan's. One spaw
 from __future__ import annotations
 
 import functools
+import tempfile
 
 import pytest
 import torch
@@ -20,10 +21,12 @@ from dist_ortho.sharding import MatrixSpec
 from dist_ortho.testing import spawn
 
 STRATEGIES = strategies.available()
+_CKPT = tempfile.TemporaryDirectory(prefix="dist_ortho_mesh_ckpt_")  # removed at exit
 JOBS = [("hsdp", "hsdp_worker", (STRATEGIES,)), ("tp", "tp_worker", (STRATEGIES,)),
         ("ep", "ep_worker", (STRATEGIES,)), ("bad", "bad_mesh_input_worker", ()),
         ("tp_train", "tp_train_worker", (STRATEGIES,)),
-        ("ep_train", "ep_train_worker", (STRATEGIES,))]
+        ("ep_train", "ep_train_worker", (STRATEGIES,)),
+        ("tp_ckpt", "tp_checkpoint_worker", (_CKPT.name,))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,3 +174,8 @@ def test_moe_with_expert_stacks_on_an_ep_axis_trains_like_single_process():
         tolerances.report("EP MoE training weights", list(run["param_ratios"].values()))
         assert max(run["param_ratios"].values()) <= 1.0, (name, run["param_ratios"])
     assert all(o["runs"][n]["losses"] == res["runs"][n]["losses"] for o in out for n in res["runs"])
+
+
+def test_checkpoint_of_a_tensor_parallel_model_resumes_bitwise():
+    for res in [rank["tp_ckpt"] for rank in suite()]:
+        assert res == dict(loaded=2, bitwise=True), res

@@ -1,0 +1,141 @@
+"""Workers for tests/test_overlap.py, run on real gloo process groups (dist_ortho.testing.spawn).
+
+`train_worker` trains the same FSDP2 GPT three ways on every rank, side by side: strategy
+`overlapped` with schedule backward (orthogonalization in FSDP2's post-reduce-scatter hooks),
+the same strategy with schedule step (the same plan, run after backward), and the single-process
+reference (the unwrapped model on the whole global batch, `replicated`). It returns, per step and
+per parameter, whether the two FSDP2 runs are bitwise equal (the same plan, buckets and NS batches
+on the same gradients must give the same bits), the distance of the overlapped run to the
+reference over its derived float32 bound (tests/tolerances.py), and the optimizer's bytes counted
+at the collectives beside the plan's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import dist_cases
+import tolerances
+from dist_ortho import OptimizerConfig, build_optimizers, strategies
+from dist_ortho.profiling import Profiler, ProfilerConfig
+
+PRESET = dict(n_layers=2, d_model=48, n_heads=4, seq_len=16)
+GLOBAL_BATCH = 24  # divisible by every world size 1..4 times 2 micro-batches
+
+
+def _model(mesh, preset: str):
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_ortho.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(preset, **PRESET)
+    if mesh is not None:
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def _micro_batches(step: int, rows: slice, micro: int):
+    x, y = dist_cases._batch(step, GLOBAL_BATCH, PRESET["seq_len"])
+    x, y = x[rows], y[rows]
+    n = x.shape[0] // micro
+    return [(x[i * n:(i + 1) * n], y[i * n:(i + 1) * n]) for i in range(micro)]
+
+
+def _backward(model, batches, sync_every: bool, fsdp: bool):
+    """Accumulate the mean loss's gradient over micro-batches; with FSDP2, reduce gradients on
+    every micro-batch (sync_every) or only on the last (FSDP2's set_requires_gradient_sync)."""
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        last = i == len(batches) - 1
+        if fsdp and not sync_every:
+            model.set_requires_gradient_sync(last)
+        _, loss = model(x, y)
+        (loss / len(batches)).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
+def _optimizer_bytes(prof: Profiler) -> dict:
+    """Bytes per kind of the collectives the optimizer issued (in its backward hooks, phase
+    .../overlap, or in step(), phase optimizer/...), from the profiler's per-op records."""
+    out: dict = {}
+    for c in prof.collectives():
+        if "overlap" in c["phase"].split("/") or c["phase"].startswith("optimizer"):
+            s, r = out.get(c["kind"], (0.0, 0.0))
+            out[c["kind"]] = (s + c["send_bytes"], r + c["recv_bytes"])
+    return out
+
+
+def train_worker(rank: int, world_size: int, preset: str = "gpt-tiny", steps: int = 3,
+                 micro: int = 1, sync_every: bool = True, options: dict | None = None) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    options = dict(options or {})
+    config = OptimizerConfig(ns_dtype="float32", adamw_lr=1e-3)
+    per_rank = GLOBAL_BATCH // world_size
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    reference = _model(None, preset)
+    ref_opt = build_optimizers(reference, config, strategy="replicated")
+    matrix_ids = {id(p) for g in ref_opt.optimizers[0].param_groups for p in g["params"]}
+    named = list(reference.named_parameters())
+    tokens = GLOBAL_BATCH * PRESET["seq_len"]
+    eps_grad, _ = dist_cases.training_errors(PRESET["n_layers"], PRESET["d_model"],
+                                             PRESET["seq_len"], tokens, 256)
+    eps_update = [(tolerances.update_error(p.shape, "normuon", "float32")
+                   if id(p) in matrix_ids else tolerances.update_error(p.shape, "adamw"))
+                  + 2 * eps_grad for _, p in named]
+    trajectory = tolerances.Trajectory([p for _, p in named], lr=1.0)
+
+    runs = {}
+    for schedule in ("backward", "step"):
+        model = _model(mesh, preset)
+        opt = build_optimizers(model, config, strategy=strategies.build(
+            "overlapped", schedule=schedule, **options))
+        prof = Profiler(ProfilerConfig(memory=False), device=torch.device("cpu"))
+        prof.attach(opt)
+        runs[schedule] = (model, opt, prof)
+
+    equal, ratios, counted, planned, losses = [], [], [], [], []
+    hooks = runs["backward"][1].optimizers[0].overlap
+    for step in range(steps):
+        batches = _micro_batches(step, slice(0, GLOBAL_BATCH), 1)
+        _backward(reference, batches, True, fsdp=False)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        trajectory.record([p for _, p in named])
+        bounds = trajectory.bounds(eps_update)
+        params = {}
+        for schedule, (model, opt, prof) in runs.items():
+            with prof.step(step):
+                with prof.phase("forward_backward"):
+                    loss = _backward(model, _micro_batches(step, rows, micro), sync_every, True)
+                with prof.phase("optimizer"):
+                    opt.step()
+            opt.zero_grad()
+            params[schedule] = [p.full_tensor().detach() for _, p in model.named_parameters()]
+            if schedule == "backward":
+                losses.append(loss.item())
+        equal.append([bool(torch.equal(a, b)) for a, b in zip(params["backward"],
+                                                               params["step"])])
+        ratios.append(tolerances.distance_ratios(params["backward"], [p for _, p in named],
+                                                 bounds))
+    for schedule, (model, opt, prof) in runs.items():
+        inner = opt.optimizers[0]
+        counted.append(_optimizer_bytes(prof))
+        planned.append({k: (s * steps, r * steps)
+                        for k, (s, r) in inner.plan().mine.bytes_by_kind().items()})
+    inner = runs["backward"][1].optimizers[0]
+    plan = inner.plan()
+    dist.barrier()
+    return dict(equal=equal, ratios=ratios, counted=counted, planned=planned,
+                executed_flops=inner.executed_ns_flops, planned_flops=steps * plan.mine.ns_flops,
+                restarts=hooks.restarts, fallbacks=hooks.fallbacks,
+                units=sorted({m.unit for m in plan.matrices}), buckets=len(plan.buckets),
+                owners=list(plan.owner), phases=sorted({c["phase"] for c in
+                                                        runs["backward"][2].collectives()}))

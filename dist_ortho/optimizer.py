@@ -62,22 +62,25 @@ HOST_SYNCS_PER_STEP = 1
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
-                    world_size: int, device: torch.device, flag: int | None = None):
+                    world_size: int, device: torch.device, flag: torch.Tensor | None = None):
     """Number of gradient shards holding NaN/Inf, summed over the ranks of `group`: one tiny
     all-reduce, so every rank gets the same verdict. A sum is NaN/Inf iff an element is (or the
-    sum overflows float32, which is no healthier). With `flag` (0 or 1), the same all-reduce
-    carries it as a second float and (count, sum of the ranks' flags) is returned."""
+    sum overflows float32, which is no healthier). With `flag` (a one-element 0/1 float tensor on
+    `device`), the same all-reduce carries it as a second float and (count, number of ranks that
+    raised it) is returned, still read with one `.item()`: both are small integers, packed as
+    count * (P + 1) + flags in float64 before the read."""
     sums = [torch.sum(g, dtype=torch.float32).to(device) for g in grads]
     bad = ((~torch.isfinite(torch.stack(sums))).sum().to(torch.float32).reshape(1) if sums
            else torch.zeros(1, device=device))
     if flag is not None:
-        bad = torch.cat([bad, torch.full((1,), float(flag), device=device)])
+        bad = torch.cat([bad, flag.to(device=device, dtype=torch.float32).reshape(1)])
     if world_size > 1:
         dist.all_reduce(bad, group=group)
     if flag is None:
         return int(bad.item())  # the step's one documented host sync (HOST_SYNCS_PER_STEP)
-    both = bad.tolist()  # still one host sync for both numbers
-    return int(both[0]), int(both[1])
+    packed = bad[0].double() * (world_size + 1) + bad[1].double()
+    count, flags = divmod(int(packed.item()), world_size + 1)  # the same one host sync
+    return count, flags
 
 
 def handle_nonfinite(count: int, policy: str, who: str) -> None:
@@ -367,13 +370,15 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         grads = [local_tensor(p.grad) for _, p in entries]
         timer = self.timer
         overlap = self._overlap
-        reason = overlap.unusable(entries) if overlap is not None else None
+        backward_mode = getattr(self.strategy, "runs_in_backward", False)
 
         with timer.phase("nonfinite_check"):
             checked = list(grads) + [local_tensor(g) for g in companion_grads]
-            if getattr(self.strategy, "runs_in_backward", False):
+            if backward_mode:  # the same all-reduce agrees whether backward's work is usable
+                reason, flag = (overlap.verdict(entries) if overlap is not None
+                                else (None, torch.zeros(1, device=layout.device)))
                 bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
-                                                layout.device, flag=int(reason is not None))
+                                                layout.device, flag=flag)
             else:
                 bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
                                                 layout.device), 0
@@ -385,8 +390,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 self.last_step_skipped = True
                 return
         if overlap is not None and unusable:  # every rank drops it alike
-            overlap.fall_back(reason or "another rank could not use the work started in "
-                                        "backward")
+            overlap.fall_back(reason or "a gradient changed after its backward hook (clipping? "
+                                        "unscaling?) on this or another rank")
 
         if overlap is not None and overlap.started:
             with timer.phase("orthogonalize"):

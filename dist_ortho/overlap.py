@@ -33,7 +33,8 @@ What step() does. One all-reduce (the non-finite check, which in this mode carri
 float) agrees on every rank whether the work started in backward can be used: it cannot when no
 hook fired (gradients set by hand, plain tensors, no backward), when some parameters have no
 gradient, when momentum/nesterov changed, or when a gradient changed after its hook fired
-(clipping, unscaling: caught by comparing a float64 sum and norm of every shard and its storage
+(clipping, unscaling: caught by comparing a float64 sum and norm of every shard, kept on the
+device and folded into that all-reduce, so the step still makes one host sync, and its storage
 pointer). Then every rank drains the pipeline (units whose hooks never fired are pushed first),
 commits the new momentum, and normalizes and applies; or, if any rank cannot use it, every rank
 drops it and runs the same plan at step time. A skipped step (NaN/Inf) drops it too.
@@ -253,26 +254,30 @@ class BackwardOverlap:
                 self._pipe.push(b, inputs)
 
     # -- step ------------------------------------------------------------------------------------
-    def unusable(self, entries) -> str | None:
-        """Why this rank cannot use the work started in backward for a step on `entries` (None:
-        it can). A local verdict; the optimizer agrees on it across ranks with one all-reduce."""
+    def verdict(self, entries) -> tuple[str | None, torch.Tensor]:
+        """Whether this rank can use the work started in backward for a step on `entries`:
+        (the reason it cannot, if known on the host, else None; a one-element float tensor on the
+        device, 1 if it cannot). The gradient check stays on the device, so the optimizer agrees
+        on the flag across ranks in its one all-reduce and reads it with its one host sync."""
+        device = self.layout.device
         if self._pipe is None:
-            return "no backward hook fired"
+            return "no backward hook fired", torch.ones(1, device=device)
         if [id(p) for _, p in entries] != [id(p) for _, p in self.entries]:
-            return "some parameters have no gradient"
+            return "some parameters have no gradient", torch.ones(1, device=device)
         ks = sorted(self._prints)
         for k in ks:
             group, p = self.entries[k]
             if self._hparams[k] != (group["momentum"], group["nesterov"]):
-                return "momentum or nesterov changed after backward"
+                return ("momentum or nesterov changed after backward",
+                        torch.ones(1, device=device))
         if not ks:
-            return None
+            return None, torch.zeros(1, device=device)
         grads = [local_tensor(self.entries[k][1].grad) for k in ks]
+        if any(g.data_ptr() != self._prints[k][0] for k, g in zip(ks, grads)):
+            return "a gradient was replaced after backward", torch.ones(1, device=device)
         now = torch.stack([_fingerprint(g) for g in grads])
-        if (any(g.data_ptr() != self._prints[k][0] for k, g in zip(ks, grads))
-                or not torch.equal(now, torch.stack([self._prints[k][1] for k in ks]))):
-            return "a gradient changed after backward (clipping? unscaling?)"
-        return None
+        changed = (now != torch.stack([self._prints[k][1] for k in ks])).any()
+        return None, changed.to(torch.float32).reshape(1)
 
     def finish(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Push the units whose hooks did not fire, drain, and return (new momentum rows,

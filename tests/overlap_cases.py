@@ -1,6 +1,6 @@
 """Workers for tests/test_overlap.py, run on real gloo process groups (dist_ortho.testing.spawn).
 
-`train_worker` trains the same FSDP2 GPT three ways on every rank, side by side: strategy
+`train_case` trains the same FSDP2 GPT three ways on every rank, side by side: strategy
 `overlapped` with schedule backward (orthogonalization in FSDP2's post-reduce-scatter hooks),
 the same strategy with schedule step (the same plan, run after backward), and the single-process
 reference (the unwrapped model on the whole global batch, `replicated`). It returns, per step and
@@ -20,7 +20,11 @@ import tolerances
 from dist_ortho import OptimizerConfig, build_optimizers, strategies
 from dist_ortho.profiling import Profiler, ProfilerConfig
 
-PRESET = dict(n_layers=2, d_model=48, n_heads=4, seq_len=16)
+# the GPT presets, shrunk so that a world size's whole set of cases runs in seconds; gpt-mini
+# with a fused QKV (3d x d) gives shards of unequal rows at P = 3 and 4
+PRESETS = {"gpt-tiny": dict(n_layers=2, d_model=48, n_heads=4, seq_len=16),
+           "gpt-mini": dict(n_layers=3, d_model=32, n_heads=4, seq_len=16, fused_qkv=True)}
+SEQ = 16
 GLOBAL_BATCH = 24  # divisible by every world size 1..4 times 2 micro-batches
 
 
@@ -30,7 +34,7 @@ def _model(mesh, preset: str):
     from dist_ortho.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(preset, **PRESET)
+    model = build_model(preset, **PRESETS[preset])
     if mesh is not None:
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
@@ -39,7 +43,7 @@ def _model(mesh, preset: str):
 
 
 def _micro_batches(step: int, rows: slice, micro: int):
-    x, y = dist_cases._batch(step, GLOBAL_BATCH, PRESET["seq_len"])
+    x, y = dist_cases._batch(step, GLOBAL_BATCH, SEQ)
     x, y = x[rows], y[rows]
     n = x.shape[0] // micro
     return [(x[i * n:(i + 1) * n], y[i * n:(i + 1) * n]) for i in range(micro)]
@@ -70,23 +74,35 @@ def _optimizer_bytes(prof: Profiler) -> dict:
     return out
 
 
-def train_worker(rank: int, world_size: int, preset: str = "gpt-tiny", steps: int = 3,
-                 micro: int = 1, sync_every: bool = True, options: dict | None = None) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
+def _scale_grads(model, factor: float) -> None:
+    """What gradient clipping does after backward: rescale every gradient in place."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
 
-    options = dict(options or {})
+
+def train_case(rank: int, world_size: int, mesh, preset: str, steps: int, micro: int,
+               sync_every: bool, scale_after_backward: float | None = None,
+               options: dict | None = None) -> dict:
+    """Trains `preset` with `overlapped` schedule backward and schedule step side by side (both
+    FSDP2 on `mesh`) and the unwrapped reference on the whole batch; see the module docstring.
+    `scale_after_backward`: rescale every gradient after backward in both FSDP2 runs (as clipping
+    would), which must make the backward schedule fall back to step time (the reference is then
+    the step schedule only: the single-process run is not rescaled)."""
     config = OptimizerConfig(ns_dtype="float32", adamw_lr=1e-3)
     per_rank = GLOBAL_BATCH // world_size
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    mesh = init_device_mesh("cpu", (world_size,))
+    dims = PRESETS[preset]
 
     reference = _model(None, preset)
     ref_opt = build_optimizers(reference, config, strategy="replicated")
     matrix_ids = {id(p) for g in ref_opt.optimizers[0].param_groups for p in g["params"]}
     named = list(reference.named_parameters())
-    tokens = GLOBAL_BATCH * PRESET["seq_len"]
-    eps_grad, _ = dist_cases.training_errors(PRESET["n_layers"], PRESET["d_model"],
-                                             PRESET["seq_len"], tokens, 256)
+    tokens = GLOBAL_BATCH * SEQ
+    eps_grad, _ = dist_cases.training_errors(dims["n_layers"], dims["d_model"], SEQ, tokens, 256)
+    # as in dist_cases.fsdp_train_worker; micro-batches add one more rounding of the gradient's
+    # sum (the accumulation), which training_errors' N-term already covers: the same N terms are
+    # summed, in another order
     eps_update = [(tolerances.update_error(p.shape, "normuon", "float32")
                    if id(p) in matrix_ids else tolerances.update_error(p.shape, "adamw"))
                   + 2 * eps_grad for _, p in named]
@@ -96,16 +112,15 @@ def train_worker(rank: int, world_size: int, preset: str = "gpt-tiny", steps: in
     for schedule in ("backward", "step"):
         model = _model(mesh, preset)
         opt = build_optimizers(model, config, strategy=strategies.build(
-            "overlapped", schedule=schedule, **options))
+            "overlapped", schedule=schedule, **(options or {})))
         prof = Profiler(ProfilerConfig(memory=False), device=torch.device("cpu"))
         prof.attach(opt)
         runs[schedule] = (model, opt, prof)
 
-    equal, ratios, counted, planned, losses = [], [], [], [], []
+    equal, ratios = [], []
     hooks = runs["backward"][1].optimizers[0].overlap
     for step in range(steps):
-        batches = _micro_batches(step, slice(0, GLOBAL_BATCH), 1)
-        _backward(reference, batches, True, fsdp=False)
+        _backward(reference, _micro_batches(step, slice(0, GLOBAL_BATCH), 1), True, fsdp=False)
         ref_opt.step()
         ref_opt.zero_grad()
         trajectory.record([p for _, p in named])
@@ -114,17 +129,18 @@ def train_worker(rank: int, world_size: int, preset: str = "gpt-tiny", steps: in
         for schedule, (model, opt, prof) in runs.items():
             with prof.step(step):
                 with prof.phase("forward_backward"):
-                    loss = _backward(model, _micro_batches(step, rows, micro), sync_every, True)
+                    _backward(model, _micro_batches(step, rows, micro), sync_every, True)
+                if scale_after_backward is not None:
+                    _scale_grads(model, scale_after_backward)
                 with prof.phase("optimizer"):
                     opt.step()
             opt.zero_grad()
             params[schedule] = [p.full_tensor().detach() for _, p in model.named_parameters()]
-            if schedule == "backward":
-                losses.append(loss.item())
         equal.append([bool(torch.equal(a, b)) for a, b in zip(params["backward"],
                                                                params["step"])])
         ratios.append(tolerances.distance_ratios(params["backward"], [p for _, p in named],
                                                  bounds))
+    counted, planned = [], []
     for schedule, (model, opt, prof) in runs.items():
         inner = opt.optimizers[0]
         counted.append(_optimizer_bytes(prof))
@@ -132,10 +148,52 @@ def train_worker(rank: int, world_size: int, preset: str = "gpt-tiny", steps: in
                         for k, (s, r) in inner.plan().mine.bytes_by_kind().items()})
     inner = runs["backward"][1].optimizers[0]
     plan = inner.plan()
-    dist.barrier()
     return dict(equal=equal, ratios=ratios, counted=counted, planned=planned,
                 executed_flops=inner.executed_ns_flops, planned_flops=steps * plan.mine.ns_flops,
                 restarts=hooks.restarts, fallbacks=hooks.fallbacks,
-                units=sorted({m.unit for m in plan.matrices}), buckets=len(plan.buckets),
-                owners=list(plan.owner), phases=sorted({c["phase"] for c in
-                                                        runs["backward"][2].collectives()}))
+                units=[m.unit for m in plan.matrices], buckets=len(plan.buckets),
+                unit_order=[[plan.matrices[i].name for i in b] for b in plan.buckets],
+                flops_per_rank=[c.ns_flops for c in plan.ranks],
+                overlap_phases=sorted({c["phase"] for c in runs["backward"][2].collectives()
+                                       if "overlap" in c["phase"].split("/")}))
+
+
+def manual_grads_case(rank: int, world_size: int, mesh) -> dict:
+    """Gradients set by hand on FSDP2 parameters (no backward, so no hook fires): the step runs
+    at step time, bitwise equal to schedule step on the same gradients."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {}
+    for schedule in ("backward", "step"):
+        model = _model(mesh, "gpt-tiny")
+        opt = build_optimizers(model, OptimizerConfig(ns_dtype="float32"),
+                               strategy=strategies.build("overlapped", schedule=schedule))
+        for step in range(2):
+            gen = torch.Generator().manual_seed(10 + step)
+            for p in model.parameters():
+                p.grad = distribute_tensor(torch.randn(p.shape, generator=gen), p.device_mesh,
+                                           p.placements, src_data_rank=None)
+            opt.step()
+        out[schedule] = [p.full_tensor() for p in model.parameters()]
+        out[schedule + "_hooks"] = opt.optimizers[0].overlap is not None
+    return dict(equal=[bool(torch.equal(a, b)) for a, b in zip(out["backward"], out["step"])],
+                hooks=out["backward_hooks"])
+
+
+def overlap_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """Every case of one world size in one process group: {"kind": "train", **train_case args}
+    or {"kind": "manual"}."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist_cases.set_threads()
+    mesh = init_device_mesh("cpu", (world_size,))
+    out = []
+    for case in cases:
+        case = dict(case)
+        kind = case.pop("kind")
+        if kind == "train":
+            out.append(train_case(rank, world_size, mesh, **case))
+        else:
+            out.append(manual_grads_case(rank, world_size, mesh))
+    dist.barrier()
+    return out

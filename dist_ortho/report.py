@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dist_ortho import report_plots
+from dist_ortho import report_plots, timeline_plots
 from dist_ortho.cli import run_command
 from dist_ortho.comparison import BASELINE, Analysis, analyze
 from dist_ortho.io import atomic_write_text
@@ -376,6 +376,7 @@ def write_report(path: str | Path, margin: float | None = None) -> Path:
               "measure.", ""] + figure("bytes_per_rank")
     for name in ("peak_memory", "imbalance", "phases"):
         lines += [f"### {name.replace('_', ' ')}", ""] + figure(name)
+    lines += timeline_plots.report_section(results.runs_dir, list(s["run"]), plots_dir)
     if results.failures:
         lines += ["## Failed jobs", "", "| job | status | error | log |", "|---|---|---|---|"]
         for f in results.failures:

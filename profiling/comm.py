@@ -14,6 +14,7 @@ Nothing is monkeypatched, and it works on any backend (gloo, NCCL, the fake proc
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_ortho.plan import bytes_by_kind
 
-__all__ = ["CommRecord", "CommCounter", "summarize"]
+__all__ = ["CommRecord", "CommCounter", "summarize", "add_listener", "remove_listener"]
+
+# called as fn(record, issue time in time.time_ns(), the op's output) for every collective a
+# CommCounter records (profiling.timeline takes each collective's span from it)
+_LISTENERS: list = []
+
+
+def add_listener(fn) -> None:
+    _LISTENERS.append(fn)
+
+
+def remove_listener(fn) -> None:
+    if fn in _LISTENERS:
+        _LISTENERS.remove(fn)
 
 
 @dataclass(frozen=True)
@@ -211,8 +225,15 @@ class CommCounter(TorchDispatchMode):
             parsed = (_c10d(name, args) if namespace == "c10d" else _functional(name, args))
             if parsed is not None:
                 kind, send, recv, numel, dtype, P = parsed
-                self.records.append(CommRecord(name, kind, self.phase, float(send), float(recv),
-                                               int(numel), str(dtype).replace("torch.", ""), P))
+                record = CommRecord(name, kind, self.phase, float(send), float(recv), int(numel),
+                                    str(dtype).replace("torch.", ""), P)
+                self.records.append(record)
+                if _LISTENERS:
+                    issued = time.time_ns()
+                    out = func(*args, **kwargs)
+                    for fn in list(_LISTENERS):
+                        fn(record, issued, out)
+                    return out
             elif name not in ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier"):
                 self.unparsed.append(name)
         return func(*args, **kwargs)

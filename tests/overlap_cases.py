@@ -12,6 +12,8 @@ at the collectives beside the plan's.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -197,3 +199,63 @@ def overlap_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
             out.append(manual_grads_case(rank, world_size, mesh))
     dist.barrier()
     return out
+
+
+def timeline_worker(rank: int, world_size: int, out_dir: str, cpu_rate: float) -> dict:
+    """Two FSDP2 GPT runs of `overlapped` (schedule backward), with and without an emulated
+    inter-node link, each with a Timeline teed into the loop's and the optimizer's phases as
+    `dist_ortho.run` does; the emulated one writes trace.json to `out_dir`. Returns what the test
+    checks: parameters of both (emulation must not change a bit), the emulator's delays in issue
+    order, the optimizer's counted and planned bytes, and the trace's collective spans."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_ortho.phase_marker import Tee
+    from dist_ortho.profiling.interconnect import LinkEmulator, emulated_link
+    from dist_ortho.profiling.timeline import Timeline
+
+    dist_cases.set_threads()
+    mesh = init_device_mesh("cpu", (world_size,))
+    per_rank = GLOBAL_BATCH // world_size
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    out = {}
+    for emulate in (True, False):
+        model = _model(mesh, "gpt-tiny")
+        opt = build_optimizers(model, OptimizerConfig(ns_dtype="float32"),
+                               strategy=strategies.build("overlapped"))
+        prof = Profiler(ProfilerConfig(memory=False), device=torch.device("cpu"))
+        prof.attach(opt)
+        link = emulated_link("h100", "inter_node", cpu_rate)
+        timeline = Timeline(rank, {"interconnect": link.label if emulate else "real"})
+        for inner in opt.optimizers[:1]:
+            inner.set_timer(Tee(inner.timer, timeline))
+        timer = Tee(prof, timeline)
+        emulator = LinkEmulator(link)
+        with emulator if emulate else contextlib.nullcontext():
+            for step in range(2):
+                timeline.step = step
+                with prof.step(step):
+                    with timer.phase("forward_backward"):
+                        x, y = _micro_batches(step, rows, 1)[0]
+                        with timeline.phase("forward"):
+                            _, loss = model(x, y)
+                        with timeline.phase("backward"):
+                            loss.backward()
+                    with timer.phase("optimizer"):
+                        opt.step()
+                opt.zero_grad()
+        timeline.close()
+        key = "emulated" if emulate else "real"
+        out[key] = [p.full_tensor() for p in model.parameters()]
+        if emulate:
+            timeline.write(out_dir)
+            inner = opt.optimizers[0]
+            out.update(delays=emulator.delays, counted=_optimizer_bytes(prof),
+                       planned={k: (s * 2, r * 2) for k, (s, r)
+                                in inner.plan().mine.bytes_by_kind().items()},
+                       spans=[(s.lane, s.name, s.start_ns, s.end_ns) for s in timeline.spans
+                              if s.cat == "collective"])
+    dist.barrier()
+    out["equal"] = [bool(torch.equal(a, b)) for a, b in zip(out.pop("emulated"),
+                                                            out.pop("real"))]
+    return out
+

@@ -164,7 +164,8 @@ def _fmt(value, spec: str, scale: float = 1.0, missing: str = "–") -> str:
 def _iv(row, col: str, spec: str, scale: float = 1.0) -> str:
     """"median [low, high]" of a column with interval columns."""
     low, high = getattr(row, f"{col}_low", math.nan), getattr(row, f"{col}_high", math.nan)
-    return Interval(getattr(row, col), low, high, 0, math.nan).format(spec, scale)
+    # a study without the baseline strategy has no ratio columns: "–"
+    return Interval(getattr(row, col, math.nan), low, high, 0, math.nan).format(spec, scale)
 
 
 def _rows(results: Results):

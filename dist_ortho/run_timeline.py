@@ -22,8 +22,11 @@ from contextlib import nullcontext
 from dist_ortho.io import atomic_write_text
 from dist_ortho.profiling.interconnect import (LinkEmulator, emulated_link, measure_cpu_ns_rate,
                                                world_agrees)
+from dist_ortho.profiling.overlap_model import interconnect_comm_model, predict_exposed
+from dist_ortho.profiling.timemodel import ComputeModel
+from dist_ortho.strategies.overlapped import Overlapped
 from dist_ortho.profiling.timeline import TRACE_FILE, Timeline, read_trace, step_marks
-from dist_ortho.timeline_plots import plot_gantt
+from dist_ortho.timeline_plots import EMULATION_FILE, plot_gantt
 
 __all__ = ["timeline", "interconnect_label", "start_emulation", "write", "GANTT_FILE",
            "EMULATION_FILE", "RESULT_FILES"]
@@ -31,7 +34,6 @@ __all__ = ["timeline", "interconnect_label", "start_emulation", "write", "GANTT_
 log = logging.getLogger("dist_ortho.run")
 
 GANTT_FILE = "gantt.png"
-EMULATION_FILE = "emulation.json"
 RESULT_FILES = (TRACE_FILE, GANTT_FILE, EMULATION_FILE)
 _ACTIVE: dict = {}  # the process's emulator: {"mode", "link", "users"}
 _CPU_RATE: dict = {}  # measured once per process
@@ -74,11 +76,12 @@ def start_emulation(state):
     state.profiler.run_info["interconnect"] = interconnect_label(state.config)  # in every row
     if p.emulate_hardware is None:
         return state
-    rate = p.emulate_cpu_ns_flops
+    rate, call_s = p.emulate_cpu_ns_flops, 0.0
     if rate is None:
         if "rate" not in _CPU_RATE:
-            _CPU_RATE["rate"] = world_agrees(measure_cpu_ns_rate())
-        rate = _CPU_RATE["rate"]
+            measured, call = measure_cpu_ns_rate()
+            _CPU_RATE.update(rate=world_agrees(measured, least=True), call_s=world_agrees(call))
+        rate, call_s = _CPU_RATE["rate"], _CPU_RATE["call_s"]
     link = emulated_link(p.emulate_hardware, p.emulate_link, rate)
     if _ACTIVE:
         if _ACTIVE["link"] != link:
@@ -100,11 +103,23 @@ def start_emulation(state):
             label=link.label, hardware=link.hardware, link=link.link,
             target_latency_s=link.latency_s, target_bytes_per_s=link.bytes_per_s,
             scale=link.scale, target_ns_flops_per_s=link.target_ns_flops_per_s,
-            cpu_ns_flops_per_s=link.cpu_ns_flops_per_s,
+            cpu_ns_flops_per_s=link.cpu_ns_flops_per_s, cpu_ns_call_s=call_s,
+            predicted_exposed=_predicted(state, link, call_s),
             note="collectives delayed to target link seconds x scale; bytes unchanged"),
             indent=2) + "\n")
         log.info("interconnect: %s", link.label)
     return state
+
+
+def _predicted(state, link, call_s: float) -> dict | None:
+    """The overlap cost model's exposed pipeline seconds for this run (strategy overlapped)."""
+    strategy = state.optimizer.optimizers[0].strategy if state.optimizer.optimizers else None
+    if not isinstance(strategy, Overlapped):
+        return None
+    plan = state.optimizer.optimizers[0].plan()
+    compute = ComputeModel(ns_flops_per_s=link.cpu_ns_flops_per_s, ns_call_s=call_s)
+    prediction = predict_exposed(plan, strategy.options, interconnect_comm_model(link), compute)
+    return dict(prediction.to_dict(), schedule=strategy.options.schedule)
 
 
 def write(state) -> None:

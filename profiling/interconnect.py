@@ -90,13 +90,13 @@ def emulated_link(hardware: str, link: str, cpu_ns_flops_per_s: float,
                         cpu_ns_flops_per_s)
 
 
-def measure_cpu_ns_rate(group=None) -> float:
-    """This host's NS FLOP/s with every rank busy at once (as in a run: ranks share the cores),
-    the same on every rank (`calibration.measure_ns`, slowest rank). Collective."""
-    _, loaded = measure_ns(group, shapes=((256, 256), (384, 384), (256, 768)), repeats=3)
-    if not loaded:  # not distributed: the alone timings are the run's
-        loaded, _ = measure_ns(group, shapes=((256, 256), (384, 384), (256, 768)), repeats=3)
-    return fit_ns_rate(loaded)[0]
+def measure_cpu_ns_rate(group=None) -> tuple[float, float]:
+    """This host's (NS FLOP/s, seconds per NS call) with every rank busy at once (as in a run:
+    ranks share the cores), the same on every rank (`calibration.measure_ns`: slowest rank, a
+    small matrix for the per-call cost). Collective."""
+    shapes = ((64, 64), (256, 256), (384, 384), (256, 768))
+    alone, loaded = measure_ns(group, shapes=shapes, repeats=3)
+    return fit_ns_rate(loaded or alone)  # not distributed: the alone timings are the run's
 
 
 class _Completer:
@@ -184,10 +184,11 @@ def future_of(work) -> torch.futures.Future:
         return done
 
 
-def world_agrees(value: float, group=None) -> float:
-    """The largest `value` over the ranks (so every rank emulates the same link)."""
+def world_agrees(value: float, group=None, least: bool = False) -> float:
+    """The largest (`least`: smallest) `value` over the ranks, so every rank emulates the same
+    link. Collective."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if least else dist.ReduceOp.MAX, group=group)
     return float(t.item())

@@ -42,7 +42,7 @@ from dist_ortho.profiling import comm
 from dist_ortho.profiling.interconnect import future_of
 
 __all__ = ["Span", "Timeline", "LANES", "category", "read_trace", "TRACE_FILE", "step_events",
-           "step_marks"]
+           "step_marks", "exposed_per_step"]
 
 TRACE_FILE = "trace.json"
 # lanes of a rank, top to bottom in the Gantt chart and as thread ids in the trace
@@ -223,4 +223,16 @@ def step_marks(trace: dict, step: int | None = None) -> dict[int, dict]:
     for mark in out.values():
         if "backward_end" in mark and "optimizer_end" in mark:
             mark["exposed_s"] = (mark["optimizer_end"] - mark["backward_end"]) / 1e6
+    return out
+
+
+def exposed_per_step(trace: dict) -> dict[int, float]:
+    """Per step: the exposed optimizer seconds of its slowest rank (`step_marks`), for every
+    step in the trace with a backward and an optimizer phase on every rank."""
+    out = {}
+    for step in _steps(trace):
+        marks = step_marks(trace, step)
+        values = [m.get("exposed_s") for m in marks.values()]
+        if values and all(v is not None for v in values):
+            out[step] = max(values)
     return out

@@ -78,3 +78,35 @@ def test_emulated_link_scale_and_bad_options():
         load_config(None, ["profiling.emulate_hardware=tpu"])
     with pytest.raises(ConfigError, match="profiling.emulate_link"):
         load_config(None, ["profiling.emulate_link=pcie"])
+
+
+def _trace(optimizer_end_ms: float, steps: int = 8) -> dict:
+    events = []
+    for step in range(steps):
+        t0 = step * 100_000.0
+        for rank in (0, 1):
+            for path, start, end in (("forward_backward/backward", 0, 10_000),
+                                     ("optimizer", 10_000, optimizer_end_ms * 1e3)):
+                events.append(dict(name=path.split("/")[-1], cat="x", ph="X", ts=t0 + start,
+                                   dur=end - start + rank * 100, pid=rank, tid=0,
+                                   args=dict(path=path, step=step, completed=True)))
+    return dict(traceEvents=events, otherData=dict(interconnect="emulated test"))
+
+
+def test_report_section_pairs_backward_and_step_with_the_prediction(tmp_path):
+    import json
+
+    from dist_ortho.timeline_plots import report_section
+
+    for run, end in (("m--overlapped_backward--p2", 15.0), ("m--overlapped_step--p2", 30.0)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "trace.json").write_text(json.dumps(_trace(end)))
+    (tmp_path / "m--overlapped_backward--p2" / "emulation.json").write_text(
+        json.dumps(dict(predicted_exposed=dict(difference_s=0.018))))
+    lines = report_section(tmp_path, ["m--overlapped_backward--p2", "m--overlapped_step--p2"],
+                           tmp_path / "plots")
+    text = "\n".join(lines)
+    # exposed: optimizer end - backward end of the slowest rank (rank 1: +0.1 ms on each)
+    assert "| m--overlapped_step--p2 | emulated test | 20.0 [20.0, 20.0] | 8 |" in text
+    assert "| m--overlapped_backward--p2 | 15.0 | separate | 18.0 | 1.20 |" in text
+    assert (tmp_path / "plots" / "gantt_m--overlapped_step--p2.png").is_file()

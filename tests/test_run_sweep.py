@@ -65,7 +65,7 @@ def test_sweep_report_and_resume(tmp_path, capsys):
         assert f"plots/{png.name}" in md
     # every run's Gantt chart, with what its collectives ran on
     assert "## Timelines" in md and "plots/gantt_llama-tiny--round_robin--p2.png" in md
-    assert "interconnect: real" in md
+    assert "| llama-tiny--round_robin--p2 | real |" in md
 
     # resume: everything is complete, nothing is launched or rewritten
     stamps = {p: p.stat().st_mtime_ns for p in study_dir.rglob("DONE")}

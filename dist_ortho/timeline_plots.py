@@ -98,8 +98,8 @@ def report_section(runs_dir, runs, plots_dir) -> list[str]:
     (`profiling.overlap_model`, from the run's emulation.json)."""
     lines = ["## Timelines", "",
              "Exposed optimizer time: step end minus backward end, the slowest rank's, per timed "
-             "step (median [95% interval]). Charts: one step per run (the last instrumented "
-             "one), every rank on the host's wall clock: the rank's thread, FSDP2's collectives "
+             "step (median [95% interval]). Charts: one step per run (the last one with its "
+             "collectives recorded: instrumented steps, every step when emulated), every rank on the host's wall clock: the rank's thread, FSDP2's collectives "
              "and the optimizer's (issue to completion); dashed: the end of backward. Load "
              "`runs/<run>/trace.json` in chrome://tracing or ui.perfetto.dev for every step.", ""]
     runs_dir = Path(runs_dir)

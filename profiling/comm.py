@@ -14,6 +14,7 @@ Nothing is monkeypatched, and it works on any backend (gloo, NCCL, the fake proc
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,11 +26,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_ortho.plan import bytes_by_kind
 
-__all__ = ["CommRecord", "CommCounter", "summarize", "add_listener", "remove_listener"]
+__all__ = ["CommRecord", "CommCounter", "summarize", "add_listener", "remove_listener", "notify",
+           "counter_tells"]
 
 # called as fn(record, issue time in time.time_ns(), the op's output) for every collective a
 # CommCounter records (profiling.timeline takes each collective's span from it)
 _LISTENERS: list = []
+# set while a CommCounter runs a collective it told the listeners about: a mode below it (the
+# interconnect emulator) then leaves the telling to it, so each collective is told once
+_TOLD = threading.local()
 
 
 def add_listener(fn) -> None:
@@ -39,6 +44,17 @@ def add_listener(fn) -> None:
 def remove_listener(fn) -> None:
     if fn in _LISTENERS:
         _LISTENERS.remove(fn)
+
+
+def notify(record, issued_ns: int, out) -> None:
+    """Tell the listeners about a collective (CommCounter does; see `_TOLD`)."""
+    for fn in list(_LISTENERS):
+        fn(record, issued_ns, out)
+
+
+def counter_tells() -> bool:
+    """Whether a CommCounter above the caller will tell the listeners about this collective."""
+    return getattr(_TOLD, "active", False)
 
 
 @dataclass(frozen=True)
@@ -230,9 +246,12 @@ class CommCounter(TorchDispatchMode):
                 self.records.append(record)
                 if _LISTENERS:
                     issued = time.time_ns()
-                    out = func(*args, **kwargs)
-                    for fn in list(_LISTENERS):
-                        fn(record, issued, out)
+                    _TOLD.active = True
+                    try:
+                        out = func(*args, **kwargs)
+                    finally:
+                        _TOLD.active = False
+                    notify(record, issued, out)
                     return out
             elif name not in ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier"):
                 self.unparsed.append(name)

@@ -21,7 +21,9 @@ moment every rank has issued it (loopback itself is quick), and `link free` seri
 collectives of this rank (all its process groups share one NIC, as FSDP2's and the optimizer's
 would on a GPU). A background thread completes the futures on time, so asynchronous collectives
 stay asynchronous: a rank that waits late waits less, which is what overlap buys. Every output of
-a run with emulation says "emulated" (run labels, trace metadata, report).
+a run with emulation says "emulated" (run labels, trace metadata, report). Collectives that no
+`CommCounter` records (uninstrumented steps) are told to `comm`'s listeners from here, so a run's
+timeline has them on every step.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from torch._C._distributed_c10d import Work, _create_work_from_future
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_ortho.profiling.calibration import fit_ns_rate, measure_ns
-from dist_ortho.profiling.comm import _c10d, _is_dtensor_op
+from dist_ortho.profiling.comm import (CommRecord, _c10d, _is_dtensor_op, counter_tells,
+                                       notify)
 from dist_ortho.profiling.hardware import get_preset
 from dist_ortho.profiling.timemodel import latency_steps
 
@@ -140,13 +143,14 @@ class LinkEmulator(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _is_dtensor_op(types):
             return NotImplemented
+        issued = time.time_ns()
         out = func(*args, **(kwargs or {}))
         if func.namespace != "c10d":
             return out
         parsed = _c10d(func._schema.name.split("::")[-1], args)
         if parsed is None:
             return out
-        kind, send, recv, _, _, P = parsed
+        kind, send, recv, numel, dtype, P = parsed
         nbytes = max(send, recv)
         seconds = self.link.seconds(kind, nbytes, P)
         self.delays.append((kind, float(nbytes), seconds))
@@ -168,7 +172,12 @@ class LinkEmulator(TorchDispatchMode):
 
         real.add_done_callback(on_real)
         work = _create_work_from_future(delayed).boxed()
-        return (*out[:-1], work) if isinstance(out, tuple) else work
+        out = (*out[:-1], work) if isinstance(out, tuple) else work
+        if not counter_tells():  # timelines see the collectives of uninstrumented steps too
+            notify(CommRecord(func._schema.name.split("::")[-1], kind, "", float(send),
+                              float(recv), int(numel), str(dtype).replace("torch.", ""), P),
+                   issued, out)
+        return out
 
 
 def future_of(work) -> torch.futures.Future:

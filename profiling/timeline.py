@@ -9,7 +9,8 @@ clock (`time.time_ns`), which all ranks of one machine share (across machines it
 their clock sync). On CUDA these are host times, when the CPU issued the work, not kernel times.
 
 Collectives: `profiling.comm.CommCounter` tells its listeners about each collective it records
-(the profiler installs a counter on instrumented steps), with the op's Work; the timeline records
+(the profiler installs a counter on instrumented steps), and so does the interconnect emulator
+for the ones no counter sees (every step of an emulated run), with the op's Work; the timeline records
 the issue time and takes the end from the Work's future (`add_done_callback`, run by the backend
 when the collective completes, so an asynchronous collective's span covers its flight, not the
 time someone waited for it; gloo's reduce-scatter has no future and is waited for at issue, see

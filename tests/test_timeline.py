@@ -36,9 +36,12 @@ def test_emulation_delays_every_collective_and_changes_no_bit_or_byte():
         assert_bytes_equal(r["counted"], r["planned"], rank)  # bytes unchanged
         # each collective's span (issue to completion, as the timeline saw it) lasts at least its
         # emulated time; both lists are in issue order
+        # (the profiler counted step 0 only; the timeline has every step's collectives, each
+        # once: from the counter on step 0, from the emulator on step 1)
         spans = r["spans"]
         assert len(spans) == len(r["delays"]) > 0
-        for (lane, kind, start, end), (kind2, nbytes, seconds) in zip(spans, r["delays"]):
+        assert {step for *_, step in spans} == {0, 1}
+        for (lane, kind, start, end, _), (kind2, nbytes, seconds) in zip(spans, r["delays"]):
             assert kind == kind2 and end is not None
             assert (end - start) / 1e9 >= seconds - 1e-3, (kind, nbytes, seconds, end - start)
         assert {lane for lane, *_ in spans} == {"fsdp comm", "optimizer comm"}

@@ -47,6 +47,8 @@ from dist_ortho import models, strategies
 from dist_ortho.io import atomic_write_text
 from dist_ortho.newton_schulz import resolve_ns_dtype
 from dist_ortho.param_groups import OptimizerConfig
+from dist_ortho.profiling.hardware import HARDWARE_PRESETS
+from dist_ortho.profiling.interconnect import LINKS
 from dist_ortho.schema import (ConfigError, at_least, build, parse_overrides, plain_name, positive,
                                read_yaml, to_dict, yaml_load)
 from dist_ortho.schema import apply_overrides as _apply_overrides
@@ -148,9 +150,26 @@ class ProfilingConfig:
     # per-op instruments (comm counter, CPU memory tracker) slow a CPU step 1.1-4x; installing them
     # on every k-th step only leaves the other steps' timings undistorted
     instrument_every: int = 1
+    # interconnect emulation (profiling.interconnect): every collective is delayed by this
+    # hardware preset's link time (link: intra_node or inter_node) times target NS rate / this
+    # CPU's (emulate_cpu_ns_flops; null: measured at the start, every rank agreeing). Every output
+    # of such a run is labelled "emulated". null hardware: off.
+    emulate_hardware: str | None = None
+    emulate_link: str = "inter_node"
+    emulate_cpu_ns_flops: float | None = None
 
     def check(self, key: str) -> None:
         at_least(f"{key}.instrument_every", self.instrument_every, 1)
+        if self.emulate_hardware is not None and self.emulate_hardware not in HARDWARE_PRESETS:
+            raise ConfigError(f"{key}.emulate_hardware", f"unknown hardware preset "
+                              f"{self.emulate_hardware!r}; use one of {sorted(HARDWARE_PRESETS)} "
+                              f"or null (no emulation)")
+        if self.emulate_link not in LINKS:
+            raise ConfigError(f"{key}.emulate_link", f"must be one of {list(LINKS)}, got "
+                              f"{self.emulate_link!r}")
+        if self.emulate_cpu_ns_flops is not None and not self.emulate_cpu_ns_flops > 0:
+            raise ConfigError(f"{key}.emulate_cpu_ns_flops", "must be > 0 (FLOP/s) or null "
+                              "(measured)")
 
 
 @dataclass
@@ -291,6 +310,9 @@ def config_hash(config: Config) -> str:
     """12 hex digits of sha256 over the canonical JSON of every section but HASH_EXCLUDED.
     Resolve first if "auto" choices should count as what they became."""
     data = {k: v for k, v in config.to_dict().items() if k not in HASH_EXCLUDED}
+    if config.profiling.emulate_hardware is None:  # off: the same digest as before it existed
+        for key in ("emulate_hardware", "emulate_link", "emulate_cpu_ns_flops"):
+            data["profiling"].pop(key, None)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -50,6 +50,7 @@ from dist_ortho import rules as rule_registry
 from dist_ortho import strategies as strategy_registry
 from dist_ortho.newton_schulz import NSConfig, matrix_view_shape, ns_dtype_name
 from dist_ortho.orthogonalizer import FlopCount, Orthogonalizer
+from dist_ortho.overlap import BackwardOverlap, null_comm_context, unit_positions
 from dist_ortho.plan import CommItem, Plan, all_reduce_bytes
 from dist_ortho.rules.base import UpdateRule, check_unit_interval
 from dist_ortho.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
@@ -67,16 +68,25 @@ HOST_SYNCS_PER_STEP = 1
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
-                    world_size: int, device: torch.device) -> int:
+                    world_size: int, device: torch.device, flag: torch.Tensor | None = None):
     """Number of gradient shards holding NaN/Inf, summed over the ranks of `group`: one tiny
     all-reduce, so every rank gets the same verdict. A sum is NaN/Inf iff an element is (or the
-    sum overflows float32, which is no healthier)."""
+    sum overflows float32, which is no healthier). With `flag` (a one-element 0/1 float tensor on
+    `device`), the same all-reduce carries it as a second float and (count, number of ranks that
+    raised it) is returned, still read with one `.item()`: both are small integers, packed as
+    count * (P + 1) + flags in float64 before the read."""
     sums = [torch.sum(g, dtype=torch.float32).to(device) for g in grads]
     bad = ((~torch.isfinite(torch.stack(sums))).sum().to(torch.float32).reshape(1) if sums
            else torch.zeros(1, device=device))
+    if flag is not None:
+        bad = torch.cat([bad, flag.to(device=device, dtype=torch.float32).reshape(1)])
     if world_size > 1:
         dist.all_reduce(bad, group=group)
-    return int(bad.item())  # the step's one documented host sync (HOST_SYNCS_PER_STEP)
+    if flag is None:
+        return int(bad.item())  # the step's one documented host sync (HOST_SYNCS_PER_STEP)
+    packed = bad[0].double() * (world_size + 1) + bad[1].double()
+    count, flags = divmod(int(packed.item()), world_size + 1)  # the same one host sync
+    return count, flags
 
 
 def handle_nonfinite(count: int, policy: str, who: str) -> None:
@@ -90,12 +100,13 @@ def handle_nonfinite(count: int, policy: str, who: str) -> None:
 
 
 def optimizer_items(specs: Sequence[MatrixSpec], world_size: int,
-                    rule: UpdateRule) -> list[CommItem]:
+                    rule: UpdateRule, flags: int = 1) -> list[CommItem]:
     """The collectives the optimizer adds to its strategy's on every rank, in issue order: the
-    non-finite check's one-float all-reduce, then the update rule's reductions."""
+    non-finite check's all-reduce of `flags` floats (2 when the strategy runs in backward: it
+    also agrees whether that work is usable), then the update rule's reductions."""
     if world_size <= 1:
         return []
-    flag = all_reduce_bytes(4, world_size)
+    flag = all_reduce_bytes(4 * flags, world_size)
     return [CommItem("all_reduce", flag, flag, "nonfinite_check")] + list(
         rule.reductions(specs, world_size))
 
@@ -105,7 +116,8 @@ def plan_step(strategy: Strategy, specs: Sequence[MatrixSpec], world_size: int, 
     """The plan of one optimizer step: the strategy's plan completed with `optimizer_items`. The
     optimizer's `plan()` and the cost model both call this, so their bytes agree by construction."""
     plan = strategy.plan(specs, world_size, rank)
-    items = optimizer_items(plan.matrices, world_size, rule_registry.get(rule))
+    flags = 2 if getattr(strategy, "runs_in_backward", False) else 1
+    items = optimizer_items(plan.matrices, world_size, rule_registry.get(rule), flags)
     for cost in plan.ranks:
         cost.comm.extend(items)
     return plan
@@ -162,6 +174,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self._mesh_groups: dict[tuple[int, ...], dict] = {}  # per plan key: member ranks -> group
         self._names: dict[int, str] = {}
         self._plans: dict[tuple[int, ...], Plan] = {}
+        self._units: dict[int, int] = {}  # id(param) -> FSDP unit in backward order (overlap)
+        self._overlap: BackwardOverlap | None = None
+        self._comm_context = null_comm_context
         self._ready = False
         super().__init__(params, defaults)
         self._ready = True
@@ -182,6 +197,41 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if timer is not None and not isinstance(timer, PhaseTimer):
             raise ValueError(f"timer must have a phase(name) method, got {type(timer).__name__}")
         self.timer = NULL_TIMER if timer is None else timer
+
+    def set_comm_context(self, factory=None) -> None:
+        """`factory()` gives a context manager entered around every region where this optimizer
+        issues collectives (its step, after any closure, and its backward hooks); the
+        interconnect emulator (`profiling.interconnect`) delays them there. None: nothing."""
+        self._comm_context = null_comm_context if factory is None else factory
+
+    def overlap_with_backward(self, model: torch.nn.Module) -> None:
+        """Plan this optimizer's buckets by `model`'s FSDP2 units in backward order (strategy
+        `overlapped`) and, with schedule backward, run them during the backward pass from FSDP2's
+        post-reduce-scatter hooks; see `dist_ortho.overlap`. Raises ValueError (on every rank,
+        before the one collective it issues: creating the optimizer's own process group) if that
+        cannot work."""
+        if self._units:
+            raise ValueError("overlap_with_backward() was already called for this optimizer")
+        if not getattr(self.strategy, "follows_backward", False):
+            raise ValueError(f"strategy {self.strategy.name!r} does not order its work by the "
+                             f"backward pass; use strategy 'overlapped'")
+        on_mesh = [self._names[id(p)] for _, p in self._entries(require_grad=False)
+                   if self._layouts[id(p)] is None]
+        if on_mesh:  # placements are alike on every rank, so every rank raises here
+            raise ValueError(f"parameter {on_mesh[0]!r} lives on a 2-D/3-D mesh (HSDP, TP or "
+                             f"EP): the mesh path has no backward overlap; use strategy "
+                             f"'balanced' (or any other) for it")
+        units = unit_positions(self._entries(require_grad=False), model, self._names)
+        if getattr(self.strategy, "runs_in_backward", False):
+            self._overlap = BackwardOverlap(self, model)
+        self._units = units
+        self._plans.clear()
+        self.plan()
+
+    @property
+    def overlap(self) -> BackwardOverlap | None:
+        """The backward-pass hooks, when installed (`overlap_with_backward`)."""
+        return self._overlap
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}(rule={self.rule.name}, strategy={self.strategy.name}"
@@ -287,7 +337,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             sizes = (chunk_sizes(p.shape[0], lay.world_size) if lay.sharded
                      else (p.shape[0],) * lay.world_size)
             specs.append(MatrixSpec(i, self._names[id(p)], tuple(p.shape), p.dtype, sizes,
-                                    lay.sharded, g["ns_steps"], next(iter(out_dtypes))))
+                                    lay.sharded, g["ns_steps"], next(iter(out_dtypes)),
+                                    self._units.get(id(p))))
         plan = plan_step(self.strategy, specs, layout.world_size, layout.rank, self.rule)
         plan.layout = layout
         self._plans[key] = plan
@@ -349,6 +400,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with self._comm_context():
+            self._step(companion_grads)
+        return loss
+
+    def _step(self, companion_grads: Sequence[torch.Tensor]) -> None:
         entries = self._entries(require_grad=True)
         if len(entries) < sum(len(g["params"]) for g in self.param_groups):
             # FSDP2 leaves grads None on all ranks together, so skipping them keeps ranks in step.
@@ -356,35 +412,61 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                       type(self).__name__,
                       sum(len(g["params"]) for g in self.param_groups) - len(entries))
         if not entries:
-            return loss
+            return
         plan = self.plan(entries)
         layout: Layout = plan.layout
         grads = [local_tensor(p.grad) for _, p in entries]
         timer = self.timer
+        overlap = self._overlap
+        backward_mode = getattr(self.strategy, "runs_in_backward", False)
 
         with timer.phase("nonfinite_check"):
-            bad = count_nonfinite(list(grads) + [local_tensor(g) for g in companion_grads],
-                                  layout.group, layout.world_size, layout.device)
+            checked = list(grads) + [local_tensor(g) for g in companion_grads]
+            if backward_mode:  # the same all-reduce agrees whether backward's work is usable
+                reason, flag = (overlap.verdict(entries) if overlap is not None
+                                else (None, torch.zeros(1, device=layout.device)))
+                bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
+                                                layout.device, flag=flag)
+            else:
+                bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
+                                                layout.device), 0
             if bad:
+                if overlap is not None:
+                    overlap.discard()
                 handle_nonfinite(bad, self.nonfinite, type(self).__name__)
                 self.skipped_steps += 1
                 self.last_step_skipped = True
-                return loss
+                return
+        if overlap is not None and unusable:  # every rank drops it alike
+            overlap.fall_back(reason or "a gradient changed after its backward hook (clipping? "
+                                        "unscaling?) on this or another rank")
 
         on_mesh = isinstance(plan, MeshPlan)
         if on_mesh:
             mesh_step.check_grads(entries)
-        with timer.phase("momentum"):
-            directions = []
-            for i, ((group, p), g) in enumerate(zip(entries, grads)):
-                state = self._init_state(p, mesh_step.state_layout(
-                    plan, i, self._infos[id(p)], layout.device) if on_mesh
-                    else self._layouts[id(p)])
-                state["step"] += 1
-                buf = local_tensor(state["momentum_buffer"])
-                buf.lerp_(g, 1 - group["momentum"])
-                u = torch.lerp(g, buf, group["momentum"]) if group["nesterov"] else buf
-                directions.append(u.contiguous())
+        from_backward = overlap is not None and overlap.started
+        assert not (on_mesh and from_backward), "overlap_with_backward refuses mesh layouts"
+        if from_backward:
+            with timer.phase("orthogonalize"):
+                new_bufs, results = overlap.finish()
+            with timer.phase("momentum"):
+                for (_, p), new in zip(entries, new_bufs):
+                    state = self._init_state(p, self._layouts[id(p)])
+                    state["step"] += 1
+                    local_tensor(state["momentum_buffer"]).copy_(new)
+            del new_bufs
+        else:
+            with timer.phase("momentum"):
+                directions = []
+                for i, ((group, p), g) in enumerate(zip(entries, grads)):
+                    state = self._init_state(p, mesh_step.state_layout(
+                        plan, i, self._infos[id(p)], layout.device) if on_mesh
+                        else self._layouts[id(p)])
+                    state["step"] += 1
+                    buf = local_tensor(state["momentum_buffer"])
+                    buf.lerp_(g, 1 - group["momentum"])
+                    u = torch.lerp(g, buf, group["momentum"]) if group["nesterov"] else buf
+                    directions.append(u.contiguous())
 
         if on_mesh:
             updates = mesh_step.run_step(
@@ -392,24 +474,25 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 entries, [self.state[p] for _, p in entries], directions,
                 [self._ns_config(g) for g, _ in entries], tuple(self.rule.float32_state),
                 layout.device, self._flops, timer)
+            del directions
         else:
-            orthogonalizer = Orthogonalizer([self._ns_config(g) for g, _ in entries],
-                                            layout.device, self._flops)
-            ctx = ExecContext(layout.group, layout.rank, layout.world_size, orthogonalizer,
-                              plan.matrices[0].out_dtype, layout.device, timer)
-            with timer.phase("orthogonalize"):
-                results = self.strategy.execute(plan, directions, ctx)
+            if not from_backward:
+                orthogonalizer = Orthogonalizer([self._ns_config(g) for g, _ in entries],
+                                                layout.device, self._flops)
+                ctx = ExecContext(layout.group, layout.rank, layout.world_size, orthogonalizer,
+                                  plan.matrices[0].out_dtype, layout.device, timer)
+                with timer.phase("orthogonalize"):
+                    results = self.strategy.execute(plan, directions, ctx)
+                del directions
             with timer.phase("normalize"):
                 updates = self.rule.updates([g for g, _ in entries],
                                             [self.state[p] for _, p in entries],
                                             plan.matrices, results, layout)
-        del directions
         with timer.phase("apply"):
             for (group, p), update in zip(entries, updates):
                 local = local_tensor(p)
                 local.mul_(1 - group["lr"] * group["weight_decay"])
                 local.add_(update.reshape(local.shape).to(local.dtype), alpha=-group["lr"])
-        return loss
 
 
 def _options_text(options) -> str:

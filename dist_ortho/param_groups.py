@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from dist_ortho.newton_schulz import ns_dtype_name
 from dist_ortho.optimizer import (NONFINITE_POLICIES, Muon, NorMuon, OrthogonalizedOptimizer,
@@ -353,6 +354,11 @@ def build_optimizers(model: nn.Module, config: OptimizerConfig | None = None,
             opts.append(NorMuon(matrices, beta2=config.beta2, **common))
         else:
             opts.append(Muon(matrices, **common))
+        # a strategy that follows the backward pass gets the model's FSDP2 units (and, with
+        # schedule backward, its hooks); without them (plain tensors) it runs at step time
+        if (getattr(opts[0].strategy, "follows_backward", False)
+                and any(isinstance(m, FSDPModule) for m in model.modules())):
+            opts[0].overlap_with_backward(model)
     if others:
         opts.append(torch.optim.AdamW([p for _, p in others], lr=config.adamw_lr,
                                       betas=config.adamw_betas,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dist_ortho import report_plots
+from dist_ortho import report_plots, timeline_plots
 from dist_ortho.cli import run_command
 from dist_ortho.comparison import BASELINE, Analysis, analyze
 from dist_ortho.io import atomic_write_text
@@ -164,7 +164,8 @@ def _fmt(value, spec: str, scale: float = 1.0, missing: str = "–") -> str:
 def _iv(row, col: str, spec: str, scale: float = 1.0) -> str:
     """"median [low, high]" of a column with interval columns."""
     low, high = getattr(row, f"{col}_low", math.nan), getattr(row, f"{col}_high", math.nan)
-    return Interval(getattr(row, col), low, high, 0, math.nan).format(spec, scale)
+    # a study without the baseline strategy has no ratio columns: "–"
+    return Interval(getattr(row, col, math.nan), low, high, 0, math.nan).format(spec, scale)
 
 
 def _rows(results: Results):
@@ -376,6 +377,7 @@ def write_report(path: str | Path, margin: float | None = None) -> Path:
               "measure.", ""] + figure("bytes_per_rank")
     for name in ("peak_memory", "imbalance", "phases"):
         lines += [f"### {name.replace('_', ' ')}", ""] + figure(name)
+    lines += timeline_plots.report_section(results.runs_dir, list(s["run"]), plots_dir)
     if results.failures:
         lines += ["## Failed jobs", "", "| job | status | error | log |", "|---|---|---|---|"]
         for f in results.failures:

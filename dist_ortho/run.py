@@ -42,15 +42,14 @@ What happens, on every rank:
    steps of a process (a fresh or a resumed one) are marked warm-up, keeping at least one
    measured step. With `checkpoint.dir`, a checkpoint is saved every `checkpoint.every` steps.
 6. Output in `<output.dir>/<output.name>/`: the final checkpoint (with `checkpoint.dir`), then
-   metrics.csv (profiler: the steps this process ran), the resolved config and the environment,
-   run.json (what the model and plan look like), and DONE last, each written atomically, so a
-   sweep knows the run is complete. At the start rank 0 removes DONE and the result files of an
-   earlier run in that folder, so a run killed midway leaves nothing that reads as complete.
+   metrics.csv (profiler: the steps this process ran), trace.json and gantt.png (every rank's
+   timeline, `dist_ortho.run_timeline`, which also emulates a cluster's links on request), the
+   resolved config and environment, run.json, and DONE last, each written atomically. At the
+   start rank 0 removes DONE and an earlier run's result files there.
 
-Testing aids (`dist_ortho.faults`: a NaN gradient, a rank killed, hung or raising in a phase;
-never part of the config or its hash) reach the loop only as `RunState.hooks`. Checkpoint glue
-lives in `dist_ortho.ckpt_run`. The loop is `build_run(config) -> RunState`, `train(state, steps,
-callbacks)`, `finish(state)`, `close(state)`, so a convergence study can reuse it.
+Testing aids (`dist_ortho.faults`; never part of the config or its hash) reach the loop only as
+`RunState.hooks`; checkpoint glue lives in `dist_ortho.ckpt_run`. The loop is `build_run(config)
+-> RunState`, `train(state, steps, callbacks)`, `finish(state)`, `close(state)`.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import fully_shard
 
-from dist_ortho import ckpt_run, models, strategies
+from dist_ortho import ckpt_run, models, run_timeline, strategies
 from dist_ortho.config import (Config, ConfigError, config_from_dict, config_hash, dump_config,
                                load_config, resolve, run_device_type)
 from dist_ortho.data import build_loader
@@ -96,7 +95,7 @@ __all__ = ["RunState", "StepOutput", "Callback", "LogProgress", "init_distribute
 log = logging.getLogger("dist_ortho.run")
 # what an earlier run in the same folder may have left; removed when a run starts
 RESULT_FILES = ("metrics.csv", "collectives.csv", "metrics.parquet", "collectives.parquet",
-                "run.json")
+                "run.json", *run_timeline.RESULT_FILES)
 
 
 # --- process group ------------------------------------------------------------------------------
@@ -300,7 +299,7 @@ def build_run(config: Config, faults: FaultConfig | None = None) -> RunState:
 
     device, owns = init_distributed(config)
     try:
-        state = _build(config, strategy, device, owns, faults)
+        state = run_timeline.start_emulation(_build(config, strategy, device, owns, faults))
         if config.checkpoint.resume:
             ckpt_run.resume_run(state)
     except ConfigError:
@@ -344,7 +343,7 @@ def _build(config: Config, strategy, device: torch.device, owns: bool,
     profiler.attach(optimizer)
     # where this rank is, readable after it died (jobs.first_error), and the testing aids: they
     # see every phase the profiler sees, and the checkpoints' phases
-    markers = [PhaseMarker(out_dir, rank), *hooks]
+    markers = [PhaseMarker(out_dir, rank), run_timeline.timeline(config, rank), *hooks]
     for opt in _matrix_optimizers(optimizer):
         opt.set_timer(Tee(opt.timer, *markers))
     if rank == 0:
@@ -463,6 +462,7 @@ def finish(state: RunState) -> Path:
         log.warning("%d step(s) skipped for non-finite gradients: %s", len(state.skipped_steps),
                     state.skipped_steps)
     state.profiler.write(state.out_dir)
+    run_timeline.write(state)  # trace.json, gantt.png
     facts = run_facts(state)
     if state.rank == 0:
         env = environment(state.config.dist.backend, state.device, state.world_size)

@@ -52,6 +52,9 @@ class MatrixSpec:
     sharded: bool = True
     ns_steps: int = 5
     out_dtype: torch.dtype | None = None  # dtype of NS results on the wire (the NS compute dtype)
+    # position, in backward order, of the FSDP2 unit (`fully_shard` module) holding this matrix:
+    # 0 finishes backward first. None when unknown; only the `overlapped` strategy reads it.
+    unit: int | None = None
 
     @property
     def out_itemsize(self) -> int:

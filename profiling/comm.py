@@ -14,6 +14,8 @@ Nothing is monkeypatched, and it works on any backend (gloo, NCCL, the fake proc
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,35 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_ortho.plan import bytes_by_kind
 
-__all__ = ["CommRecord", "CommCounter", "summarize"]
+__all__ = ["CommRecord", "CommCounter", "summarize", "add_listener", "remove_listener", "notify",
+           "counter_tells"]
+
+# called as fn(record, issue time in time.time_ns(), the op's output) for every collective a
+# CommCounter records (profiling.timeline takes each collective's span from it)
+_LISTENERS: list = []
+# set while a CommCounter runs a collective it told the listeners about: a mode below it (the
+# interconnect emulator) then leaves the telling to it, so each collective is told once
+_TOLD = threading.local()
+
+
+def add_listener(fn) -> None:
+    _LISTENERS.append(fn)
+
+
+def remove_listener(fn) -> None:
+    if fn in _LISTENERS:
+        _LISTENERS.remove(fn)
+
+
+def notify(record, issued_ns: int, out) -> None:
+    """Tell the listeners about a collective (CommCounter does; see `_TOLD`)."""
+    for fn in list(_LISTENERS):
+        fn(record, issued_ns, out)
+
+
+def counter_tells() -> bool:
+    """Whether a CommCounter above the caller will tell the listeners about this collective."""
+    return getattr(_TOLD, "active", False)
 
 
 @dataclass(frozen=True)
@@ -229,9 +259,16 @@ class CommCounter(TorchDispatchMode):
             parsed = (_c10d(name, args) if namespace == "c10d" else _functional(name, args))
             if parsed is not None:
                 kind, send, recv, numel, dtype, P = parsed
-                self.records.append(CommRecord(name, kind, self.phase, float(send), float(recv),
-                                               int(numel), str(dtype).replace("torch.", ""), P,
-                                               _group_ranks(namespace, args)))
+                record = CommRecord(name, kind, self.phase, float(send), float(recv), int(numel),
+                                    str(dtype).replace("torch.", ""), P,
+                                    _group_ranks(namespace, args))
+                self.records.append(record)
+                if _LISTENERS:
+                    issued = time.time_ns()
+                    out = func(*args, **kwargs)
+                    for fn in list(_LISTENERS):
+                        fn(record, issued, out)
+                    return out
             elif name not in ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier"):
                 self.unparsed.append(name)
         return func(*args, **kwargs)

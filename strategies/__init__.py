@@ -21,8 +21,10 @@ from dist_ortho.strategies.allgather_scatter import (  # noqa: E402
     AllGatherScatter, AllGatherScatterOptions)
 from dist_ortho.strategies.bucketed_async import BucketedAsync, BucketedAsyncOptions  # noqa: E402
 from dist_ortho.strategies.balanced import Balanced, BalancedOptions  # noqa: E402
+from dist_ortho.strategies.overlapped import Overlapped, OverlappedOptions  # noqa: E402
 
 __all__ = ["available", "build", "register", "Strategy", "Plan", "RankCost", "CommItem",
            "ExecContext", "EVERY_RANK", "options_class", "ReplicatedOptions", "RoundRobinOptions",
            "AllGatherScatterOptions", "BucketedAsyncOptions", "BalancedOptions", "Replicated",
-           "RoundRobin", "AllGatherScatter", "BucketedAsync", "Balanced"]
+           "RoundRobin", "AllGatherScatter", "BucketedAsync", "Balanced", "Overlapped",
+           "OverlappedOptions"]

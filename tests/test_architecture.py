@@ -19,7 +19,7 @@ LAYERS = {
     "dist_ortho.testing": 0, "dist_ortho.meshes": 0, "dist_ortho.mesh_groups": 0,
     "dist_ortho.strategies": 1,
     "dist_ortho.rules": 2, "dist_ortho.optimizer": 2, "dist_ortho.param_groups": 2,
-    "dist_ortho.reference": 2, "dist_ortho.mesh_step": 2,
+    "dist_ortho.reference": 2, "dist_ortho.mesh_step": 2, "dist_ortho.overlap": 2,
     "dist_ortho.profiling": 3,
     "dist_ortho.gpu_check": 4,
     "dist_ortho": 4,  # everything else: models, data, config, run, sweep, report, ... (studies)

@@ -47,7 +47,7 @@ def test_sweep_report_and_resume(tmp_path, capsys):
     with open(study_dir / "failures.csv") as f:
         assert list(csv.DictReader(f)) == []
     run_dir = study_dir / "runs" / "llama-tiny--round_robin--p2"
-    for name in ("metrics.csv", "run.json", "DONE"):
+    for name in ("metrics.csv", "run.json", "DONE", "trace.json", "gantt.png"):
         assert (run_dir / name).is_file(), name
     resolved = yaml.safe_load(next(p for p in (study_dir / "configs").glob("*round_robin--p2*"))
                               .read_text())
@@ -63,6 +63,9 @@ def test_sweep_report_and_resume(tmp_path, capsys):
     assert "| round_robin |" in md and "ratio to replicated" in md
     for png in pngs:
         assert f"plots/{png.name}" in md
+    # every run's Gantt chart, with what its collectives ran on
+    assert "## Timelines" in md and "plots/gantt_llama-tiny--round_robin--p2.png" in md
+    assert "| llama-tiny--round_robin--p2 | real |" in md
 
     # resume: everything is complete, nothing is launched or rewritten
     stamps = {p: p.stat().st_mtime_ns for p in study_dir.rglob("DONE")}

@@ -217,10 +217,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                              f"backward pass; use strategy 'overlapped'")
         on_mesh = [self._names[id(p)] for _, p in self._entries(require_grad=False)
                    if self._layouts[id(p)] is None]
-        if on_mesh:  # placements are alike on every rank, so every rank raises here
+        if on_mesh and getattr(self.strategy, "runs_in_backward", False):
+            # placements are alike on every rank, so every rank raises here
             raise ValueError(f"parameter {on_mesh[0]!r} lives on a 2-D/3-D mesh (HSDP, TP or "
-                             f"EP): the mesh path has no backward overlap; use strategy "
-                             f"'balanced' (or any other) for it")
+                             f"EP): the mesh path has no backward overlap; use the strategy "
+                             f"option schedule='step', or another strategy")
+        if on_mesh:  # schedule step: the mesh path plans per row group, FSDP units unused
+            return
         units = unit_positions(self._entries(require_grad=False), model, self._names)
         if getattr(self.strategy, "runs_in_backward", False):
             self._overlap = BackwardOverlap(self, model)
@@ -418,7 +421,10 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         grads = [local_tensor(p.grad) for _, p in entries]
         timer = self.timer
         overlap = self._overlap
-        backward_mode = getattr(self.strategy, "runs_in_backward", False)
+        # the mesh path never runs in backward (overlap_with_backward refuses it), and its plan
+        # counts the non-finite all-reduce without the overlap's usability flag
+        backward_mode = (getattr(self.strategy, "runs_in_backward", False)
+                         and not isinstance(plan, MeshPlan))
 
         with timer.phase("nonfinite_check"):
             checked = list(grads) + [local_tensor(g) for g in companion_grads]

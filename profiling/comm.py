@@ -265,9 +265,12 @@ class CommCounter(TorchDispatchMode):
                 self.records.append(record)
                 if _LISTENERS:
                     issued = time.time_ns()
-                    out = func(*args, **kwargs)
-                    for fn in list(_LISTENERS):
-                        fn(record, issued, out)
+                    _TOLD.active = True
+                    try:
+                        out = func(*args, **kwargs)
+                    finally:
+                        _TOLD.active = False
+                    notify(record, issued, out)
                     return out
             elif name not in ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier"):
                 self.unparsed.append(name)

@@ -209,6 +209,11 @@ def bad_mesh_input_worker(rank: int, world_size: int) -> dict:
     return messages
 
 
+def _step_time(name: str):
+    """The strategy to train with on a mesh: `overlapped` runs there with schedule step."""
+    return strategies.build(name, schedule="step") if name == "overlapped" else name
+
+
 def tp_train_worker(rank: int, world_size: int, strategy_names: list[str], steps: int = 3) -> dict:
     """A GPT whose MLPs are tensor parallel (fc_in ColwiseParallel, fc_out RowwiseParallel on
     "tp") and whose blocks are fully_shard-ed on "dp", 2x2, trained under each strategy beside the
@@ -259,7 +264,14 @@ def tp_train_worker(rank: int, world_size: int, strategy_names: list[str], steps
                                                        "fc_out": RowwiseParallel()})
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
-        opt = build_optimizers(model, config, strategy=name)
+        if name == "overlapped":  # no backward overlap on the mesh path: one clear error
+            try:
+                build_optimizers(model, config, strategy=name)
+            except ValueError as e:
+                assert "schedule='step'" in str(e), e
+            else:
+                raise AssertionError("overlapped (schedule backward) on a TP mesh did not raise")
+        opt = build_optimizers(model, config, strategy=_step_time(name))
         on_mesh = isinstance(opt.optimizers[0].plan(), MeshPlan)
         losses = []
         for step in range(steps):

@@ -123,7 +123,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                  momentum: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
                  ns_coefficients: str = "jordan", nonfinite: str = "skip",
-                 process_group: dist.ProcessGroup | None = None, **rule_hparams) -> None:
+                 process_group: dist.ProcessGroup | None = None, ns_form: str = "standard",
+                 **rule_hparams) -> None:
         self.rule = rule_registry.get(rule)
         unknown = sorted(set(rule_hparams) - set(self.rule.defaults))
         if unknown:
@@ -138,7 +139,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         defaults = dict(lr=lr, momentum=momentum, **{**self.rule.defaults, **rule_hparams},
                         weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
-                        ns_dtype=ns_dtype, ns_coefficients=ns_coefficients)
+                        ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, ns_form=ns_form)
         self.strategy = strategy
         self.nonfinite = nonfinite
         self.process_group = process_group
@@ -188,7 +189,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         _check_nonnegative("weight_decay", group["weight_decay"])
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
-        NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"])
+        NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"],
+                 form=group.get("ns_form", "standard"))
         group["ns_dtype"] = ns_dtype_name(group["ns_dtype"])  # torch.float32 -> "float32"
 
     def add_param_group(self, param_group: dict) -> None:
@@ -240,7 +242,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 if not require_grad or p.grad is not None]
 
     def _ns_config(self, group: dict) -> NSConfig:
-        return NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"])
+        return NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"],
+                        form=group.get("ns_form", "standard"))
 
     def plan(self, entries: list[tuple[dict, torch.Tensor]] | None = None) -> Plan:
         """The strategy's plan for these parameters (default: all), plus the optimizer's own
@@ -262,7 +265,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             sizes = (chunk_sizes(p.shape[0], lay.world_size) if lay.sharded
                      else (p.shape[0],) * lay.world_size)
             specs.append(MatrixSpec(i, self._names[id(p)], tuple(p.shape), p.dtype, sizes,
-                                    lay.sharded, g["ns_steps"], next(iter(out_dtypes))))
+                                    lay.sharded, g["ns_steps"], next(iter(out_dtypes)),
+                                    g.get("ns_form", "standard")))
         plan = plan_step(self.strategy, specs, layout.world_size, layout.rank, self.rule)
         plan.layout = layout
         self._plans[key] = plan
@@ -377,11 +381,12 @@ class Muon(OrthogonalizedOptimizer):
                  weight_decay: float = 0.0, nesterov: bool = True, ns_steps: int = 5,
                  ns_dtype: str | torch.dtype = "auto", ns_coefficients: str = "jordan",
                  strategy: str | Strategy = "replicated", nonfinite: str = "skip",
-                 process_group: dist.ProcessGroup | None = None) -> None:
+                 process_group: dist.ProcessGroup | None = None,
+                 ns_form: str = "standard") -> None:
         super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         process_group=process_group)
+                         process_group=process_group, ns_form=ns_form)
 
 
 class NorMuon(OrthogonalizedOptimizer):
@@ -393,8 +398,9 @@ class NorMuon(OrthogonalizedOptimizer):
                  beta2: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
                  ns_coefficients: str = "jordan", strategy: str | Strategy = "replicated",
-                 nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None) -> None:
+                 nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None,
+                 ns_form: str = "standard") -> None:
         super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         process_group=process_group)
+                         process_group=process_group, ns_form=ns_form)

@@ -52,6 +52,7 @@ class MatrixSpec:
     sharded: bool = True
     ns_steps: int = 5
     out_dtype: torch.dtype | None = None  # dtype of NS results on the wire (the NS compute dtype)
+    ns_form: str = "standard"  # NSConfig.form: "gram" iterates in the k x k Gram space
 
     @property
     def out_itemsize(self) -> int:
@@ -76,7 +77,7 @@ class MatrixSpec:
 
     @property
     def flops(self) -> int:
-        return ns_flops(self.shape, self.ns_steps)
+        return ns_flops(self.shape, self.ns_steps, self.ns_form)
 
     @property
     def padded_rows(self) -> int:

@@ -42,10 +42,10 @@ class MegabatchOptions:
 
 
 def shape_groups(matrices) -> list[list[MatrixSpec]]:
-    """Matrices grouped by (shape, dtype, NS steps), groups in order of first appearance."""
+    """Matrices grouped by (shape, dtype, NS steps and form), in order of first appearance."""
     groups: dict[tuple, list[MatrixSpec]] = {}
     for m in matrices:
-        groups.setdefault((m.shape, m.dtype, m.ns_steps), []).append(m)
+        groups.setdefault((m.shape, m.dtype, m.ns_steps, m.ns_form), []).append(m)
     return list(groups.values())
 
 

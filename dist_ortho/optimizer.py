@@ -334,14 +334,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 return loss
 
         with timer.phase("momentum"):
-            directions = []
-            for (group, p), g in zip(entries, grads):
-                state = self._init_state(p, self._layouts[id(p)])
-                state["step"] += 1
-                buf = local_tensor(state["momentum_buffer"])
-                buf.lerp_(g, 1 - group["momentum"])
-                u = torch.lerp(g, buf, group["momentum"]) if group["nesterov"] else buf
-                directions.append(u.contiguous())
+            directions = _momentum(entries, grads, [self._init_state(p, self._layouts[id(p)])
+                                                    for _, p in entries])
 
         orthogonalizer = Orthogonalizer([self._ns_config(g) for g, _ in entries], layout.device,
                                         self._flops)
@@ -355,11 +349,46 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             updates = self.rule.updates([g for g, _ in entries], [self.state[p] for _, p in entries],
                                         plan.matrices, results, layout)
         with timer.phase("apply"):
-            for (group, p), update in zip(entries, updates):
-                local = local_tensor(p)
-                local.mul_(1 - group["lr"] * group["weight_decay"])
-                local.add_(update.reshape(local.shape).to(local.dtype), alpha=-group["lr"])
+            _apply(entries, updates)
         return loss
+
+
+def _runs(entries) -> list[list[int]]:
+    """Positions of entries grouped by param group (one torch._foreach_* call each)."""
+    runs: dict[int, list[int]] = {}
+    for j, (group, _) in enumerate(entries):
+        runs.setdefault(id(group), []).append(j)
+    return list(runs.values())
+
+
+def _momentum(entries, grads, states) -> list[torch.Tensor]:
+    """buf <- lerp(buf, g, 1 - momentum); direction: lerp(g, buf, momentum) (Nesterov) or buf.
+    One _foreach_ call per param group: the same per-tensor kernels as a loop, without its
+    per-parameter Python and dispatch."""
+    directions: list[torch.Tensor | None] = [None] * len(entries)
+    for run in _runs(entries):
+        group = entries[run[0]][0]
+        bufs = [local_tensor(states[j]["momentum_buffer"]) for j in run]
+        gs = [grads[j] for j in run]
+        torch._foreach_add_([states[j]["step"] for j in run], 1)
+        torch._foreach_lerp_(bufs, gs, 1 - group["momentum"])
+        outs = torch._foreach_lerp(gs, bufs, group["momentum"]) if group["nesterov"] else bufs
+        for j, u in zip(run, outs):
+            directions[j] = u.contiguous()
+    return directions  # type: ignore[return-value]
+
+
+def _apply(entries, updates) -> None:
+    """p <- p (1 - lr wd) - lr update, in place; the decay pass is skipped when it multiplies by
+    exactly 1 (weight_decay 0), which leaves every bit as it was."""
+    for run in _runs(entries):
+        group = entries[run[0]][0]
+        locals_ = [local_tensor(entries[j][1]) for j in run]
+        ups = [updates[j].reshape(t.shape).to(t.dtype) for j, t in zip(run, locals_)]
+        decay = 1 - group["lr"] * group["weight_decay"]
+        if decay != 1:
+            torch._foreach_mul_(locals_, decay)
+        torch._foreach_add_(locals_, ups, alpha=-group["lr"])
 
 
 def _options_text(options) -> str:

@@ -13,7 +13,8 @@ group just before: max(sum of NS seconds with every rank busy / P, the largest m
 seconds alone) + the owner byte bound / the measured all-to-all bandwidth).
 
 `--code DIR` imports dist_ortho from another checkout (DIR/dist_ortho with DIR/strategies and
-DIR/profiling linked inside it, see --help) so that two versions of the code are measured by
+DIR/profiling linked inside it, see --help; run it with DIR as the working directory: the ranks'
+fork server puts the working directory first on sys.path) so that two versions are measured by
 one script, alternately (`--table` joins the runs: per strategy and label, the median over all
 runs' steps with its 95% order-statistic interval, and the distance to each run's own bound).
 """
@@ -65,9 +66,15 @@ def worker(rank: int, world_size: int, code: str | None, model_name: str, repeat
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             if r >= warmup:
                 times[name].append(elapsed.item())
+    flops = sum(facts["ns_flops"])
+    # the issue's bound: all NS FLOPs spread over P ranks at the calibrated rate of one rank
+    # running alone (the machine's best), plus the owner byte bound at the measured bandwidth
+    flop_bound = flops / world_size / machine["ns_rate_alone_flops"] + machine["comm_bound_s"]
     return {"code": os.path.dirname(os.path.dirname(os.path.abspath(dist_ortho.__file__))),
             "bound_s": machine["bound_s"], "ns_bound_s": machine["ns_bound_s"],
-            "comm_bound_s": machine["comm_bound_s"], "times": times}
+            "comm_bound_s": machine["comm_bound_s"], "flop_bound_s": flop_bound,
+            "ns_rate_alone_flops": machine["ns_rate_alone_flops"],
+            "ns_rate_busy_flops": machine["ns_rate_busy_flops"], "times": times}
 
 
 def table(paths: list[str]) -> str:
@@ -81,27 +88,32 @@ def table(paths: list[str]) -> str:
     lines = [f"runs: {len(runs)} ({counts}), P = {runs[0]['world_size']}, model "
              f"{runs[0]['model']}, steps per strategy and run: {len(runs[0]['times'][names[0]])}",
              "",
-             "| strategy | " + " | ".join(f"{lab}: step s (95% CI) | {lab}: step / bound"
-                                          for lab in labels) + " |",
-             "|---|" + "---|---|" * len(labels)]
+             "| strategy | " + " | ".join(f"{lab}: step s (95% CI) | {lab}: step / study bound "
+                                          f"| {lab}: step / FLOP bound" for lab in labels) + " |",
+             "|---|" + "---|---|---|" * len(labels)]
     for n in names:
         cells = []
         for lab in labels:
             mine = [r for r in runs if r["label"] == lab and n in r["times"]]
             if not mine:
-                cells += ["-", "-"]
+                cells += ["-", "-", "-"]
                 continue
             steps = [t for r in mine for t in r["times"][n]]
             iv = median_interval(steps)
             ratios = [t / r["bound_s"] for r in mine for t in r["times"][n]]
             riv = median_interval(ratios)
+            fiv = median_interval([t / r["flop_bound_s"] for r in mine for t in r["times"][n]])
             cells += [f"{iv.median:.3f} ({iv.low:.3f}-{iv.high:.3f})",
-                      f"{riv.median:.3f} ({riv.low:.3f}-{riv.high:.3f})"]
+                      f"{riv.median:.3f} ({riv.low:.3f}-{riv.high:.3f})",
+                      f"{fiv.median:.3f} ({fiv.low:.3f}-{fiv.high:.3f})"]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    bounds = {lab: statistics.median(r["bound_s"] for r in runs if r["label"] == lab)
-              for lab in labels}
-    lines += ["", "bound (median over runs): " + ", ".join(f"{lab} {b:.3f} s"
-                                                         for lab, b in bounds.items())]
+    for key, what in (("bound_s", "study bound"), ("flop_bound_s", "FLOP bound")):
+        bounds = {lab: statistics.median(r[key] for r in runs if r["label"] == lab)
+                  for lab in labels}
+        lines += ["", f"{what} (median over runs): " + ", ".join(
+            f"{lab} {b:.3f} s" for lab, b in bounds.items())]
+    lines += ["", "code measured: " + ", ".join(sorted({f"{r['label']}={r['code']}"
+                                                        for r in runs}))]
     return "\n".join(lines)
 
 
@@ -140,7 +152,7 @@ def main(argv=None) -> int:
         med = statistics.median(ts)
         print(f"{n:20s} {med:.3f} s  step/bound {med / out['bound_s']:.3f}")
     print(f"bound {out['bound_s']:.3f} s (ns {out['ns_bound_s']:.3f}, comm "
-          f"{out['comm_bound_s']:.3f}) code {out['code']}")
+          f"{out['comm_bound_s']:.3f}), FLOP bound {out['flop_bound_s']:.3f} s, code {out['code']}")
     return 0
 
 

@@ -8,6 +8,15 @@ an SVD. Polar Express (Amsel, Persson, Musco, Gower, "The Polar Express: Optimal
 and Their Application to the Muon Algorithm", arXiv:2505.16932) uses a different, minimax-optimal
 polynomial per step; its 5-step table is the one published in modded-nanogpt.
 
+Gram Newton-Schulz (`form="gram"`) runs the same polynomial steps in the k x k Gram space: with
+X_t = Q_t X_0 and A_t = X_t X_t^T, a step's p_t(A) = a I + b A + c A^2 gives Q_{t+1} = p_t(A_t) Q_t
+and, as everything is a polynomial in A_0 and commutes, A_{t+1} = p_t(A_t)^2 A_t. Only the first
+Gram X_0 X_0^T and the last product Q X_0 touch the long side l, so it costs
+4 k^2 l + (8 s - 6) k^3 FLOPs against s (4 k^2 l + 2 k^3): fewer when l > 1.5 k (44% fewer for a
+Llama MLP matrix, l = 3.5 k, 5 steps), more for square ones. Same polynomial, so the same result
+up to rounding; but A_t is carried forward instead of recomputed from X_t, so rounding is not
+corrected by the next step (measured and bounded in tests/test_families.py).
+
 The function is pure and deterministic. It works on any batch of matrices (..., m, n), transposes
 tall matrices so the Gram matrix X X^T is the small one, normalizes by the Frobenius norm in the
 input's precision (so a tiny-norm input does not underflow when cast to bfloat16), and then runs the
@@ -29,6 +38,9 @@ __all__ = [
     "matrix_view_shape",
     "resolve_ns_dtype",
     "ns_dtype_name",
+    "step_coefficients",
+    "normalized",
+    "NS_FORMS",
 ]
 
 # Keller Jordan's quintic coefficients (https://kellerjordan.github.io/posts/muon/).
@@ -47,6 +59,7 @@ _POLAR_EXPRESS_SAFETY = 1.0 + 2e-2
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 COEFFICIENT_SETS = ("jordan", "polar_express")
+NS_FORMS = ("standard", "gram")
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,7 @@ class NSConfig:
     dtype: str = "auto"
     coefficients: str = "jordan"
     eps: float = 1e-7
+    form: str = "standard"  # "standard" or "gram" (Gram Newton-Schulz; see the module docstring)
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -70,6 +84,8 @@ class NSConfig:
             )
         if not (self.eps > 0 and self.eps < 1):
             raise ValueError(f"ns eps must be in (0, 1), got {self.eps!r}")
+        if self.form not in NS_FORMS:
+            raise ValueError(f"ns_form must be one of {list(NS_FORMS)}, got {self.form!r}")
 
     def torch_dtype(self, device: torch.device | str | None = None) -> torch.dtype:
         return resolve_ns_dtype(self.dtype, device)
@@ -114,10 +130,12 @@ def matrix_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
     )
 
 
-def ns_flops(shape: tuple[int, ...], steps: int) -> int:
+def ns_flops(shape: tuple[int, ...], steps: int, form: str = "standard") -> int:
     """Matmul FLOPs of `steps` iterations on a (batch of) matrix of `shape` (after matrix_view_shape).
 
     Per step with k = min(m, n), l = max(m, n): X X^T is 2 k^2 l, A A is 2 k^3, B X is 2 k^2 l.
+    Gram form: X_0 X_0^T and Q X_0 (2 k^2 l each); per step A A and p(A) Q (2 k^3 each, the
+    first p(A) Q is p(A) itself) and, but after the last step, p(A) (p(A) A) (4 k^3).
     torch's FlopCounterMode counts the same (tested).
     """
     view = matrix_view_shape(shape)
@@ -126,7 +144,24 @@ def ns_flops(shape: tuple[int, ...], steps: int) -> int:
         batch *= d
     m, n = view[-2], view[-1]
     k, l = min(m, n), max(m, n)
+    if form == "gram":
+        return batch * (4 * k * k * l + (8 * steps - 6) * k * k * k)
     return batch * steps * (4 * k * k * l + 2 * k * k * k)
+
+
+def step_coefficients(coefficients: str, step: int) -> tuple[float, float, float]:
+    """(a, b, c) of iteration `step` (0-based) of a coefficient set."""
+    if coefficients == "jordan":
+        return JORDAN_COEFFICIENTS
+    return POLAR_EXPRESS_COEFFICIENTS[min(step, len(POLAR_EXPRESS_COEFFICIENTS) - 1)]
+
+
+def normalized(X: torch.Tensor, norm: torch.Tensor, coefficients: str, eps: float) -> torch.Tensor:
+    """X scaled by its Frobenius norm `norm` as the iteration starts (Polar Express with its
+    safety factor), in X's precision."""
+    if coefficients == "polar_express":
+        return X / (norm * _POLAR_EXPRESS_SAFETY + eps)
+    return X / (norm + eps)
 
 
 def newton_schulz(
@@ -135,6 +170,7 @@ def newton_schulz(
     compute_dtype: torch.dtype = torch.bfloat16,
     coefficients: str = "jordan",
     eps: float = 1e-7,
+    form: str = "standard",
 ) -> torch.Tensor:
     """Approximately orthogonalize each matrix in G (..., m, n); returns `compute_dtype`."""
     if G.ndim < 2:
@@ -146,17 +182,27 @@ def newton_schulz(
     # Normalize before the cast: dividing in the input precision keeps tiny-norm inputs from
     # flushing to zero in bfloat16.
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    if coefficients == "polar_express":
-        X = X / (norm * _POLAR_EXPRESS_SAFETY + eps)
-    else:
-        X = X / (norm + eps)
-    X = X.to(compute_dtype)
+    X = normalized(X, norm, coefficients, eps).to(compute_dtype)
+    if form == "gram":
+        X = _gram_iterations(X, steps, coefficients)
+        return X.mT if transpose else X
     for step in range(steps):
-        if coefficients == "jordan":
-            a, b, c = JORDAN_COEFFICIENTS
-        else:
-            a, b, c = POLAR_EXPRESS_COEFFICIENTS[min(step, len(POLAR_EXPRESS_COEFFICIENTS) - 1)]
+        a, b, c = step_coefficients(coefficients, step)
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
     return X.mT if transpose else X
+
+
+def _gram_iterations(X: torch.Tensor, steps: int, coefficients: str) -> torch.Tensor:
+    """The steps of `newton_schulz` on the Gram matrix (module docstring): Q X for the final Q."""
+    A = X @ X.mT
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    Q = None
+    for step in range(steps):
+        a, b, c = step_coefficients(coefficients, step)
+        P = a * eye + b * A + c * (A @ A)
+        Q = P if Q is None else P @ Q
+        if step + 1 < steps:
+            A = P @ (P @ A)
+    return Q @ X

@@ -145,7 +145,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
                  ns_coefficients: str = "jordan", nonfinite: str = "skip",
                  replicas: str = DEFAULT_REPLICAS,
-                 process_group: dist.ProcessGroup | None = None, **rule_hparams) -> None:
+                 process_group: dist.ProcessGroup | None = None, ns_form: str = "standard",
+                 **rule_hparams) -> None:
         self.rule = rule_registry.get(rule)
         unknown = sorted(set(rule_hparams) - set(self.rule.defaults))
         if unknown:
@@ -160,7 +161,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         defaults = dict(lr=lr, momentum=momentum, **{**self.rule.defaults, **rule_hparams},
                         weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
-                        ns_dtype=ns_dtype, ns_coefficients=ns_coefficients)
+                        ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, ns_form=ns_form)
         self.strategy = strategy
         self.nonfinite = nonfinite
         self.replicas = check_replicas(replicas)  # HSDP/TP replicas: "spread" the NS or "repeat"
@@ -255,7 +256,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         _check_nonnegative("weight_decay", group["weight_decay"])
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
-        NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"])
+        NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"],
+                 form=group.get("ns_form", "standard"))
         group["ns_dtype"] = ns_dtype_name(group["ns_dtype"])  # torch.float32 -> "float32"
 
     def add_param_group(self, param_group: dict) -> None:
@@ -312,7 +314,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 if not require_grad or p.grad is not None]
 
     def _ns_config(self, group: dict) -> NSConfig:
-        return NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"])
+        return NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"],
+                        form=group.get("ns_form", "standard"))
 
     def plan(self, entries: list[tuple[dict, torch.Tensor]] | None = None) -> Plan:
         """The strategy's plan for these parameters (default: all), plus the optimizer's own
@@ -341,7 +344,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                      else (p.shape[0],) * lay.world_size)
             specs.append(MatrixSpec(i, self._names[id(p)], tuple(p.shape), p.dtype, sizes,
                                     lay.sharded, g["ns_steps"], next(iter(out_dtypes)),
-                                    self._units.get(id(p))))
+                                    unit=self._units.get(id(p)),
+                                    ns_form=g.get("ns_form", "standard")))
         plan = plan_step(self.strategy, specs, layout.world_size, layout.rank, self.rule)
         plan.layout = layout
         self._plans[key] = plan
@@ -350,6 +354,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     def _mesh_plan(self, entries, infos, out_dtype: torch.dtype, device) -> MeshPlan:
         """The mesh path's plan (`mesh_step`): validate, plan, then make the groups it needs."""
         params = [p for _, p in entries]
+        gram = [self._names[id(p)] for g, p in entries if g.get("ns_form", "standard") != "standard"]
+        if gram:  # alike on every rank: placements and hyperparameters are
+            raise ValueError(f"parameter {gram[0]!r} lives on a 2-D/3-D mesh (HSDP, TP or EP), "
+                             f"whose plans count standard Newton-Schulz only; use "
+                             f"ns_form='standard' for it")
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         plan = mesh_step.mesh_plan(params, [self._names[id(p)] for p in params], infos,
                                    self.strategy, self.rule, [g["ns_steps"] for g, _ in entries],
@@ -463,16 +472,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             del new_bufs
         else:
             with timer.phase("momentum"):
-                directions = []
-                for i, ((group, p), g) in enumerate(zip(entries, grads)):
-                    state = self._init_state(p, mesh_step.state_layout(
-                        plan, i, self._infos[id(p)], layout.device) if on_mesh
-                        else self._layouts[id(p)])
-                    state["step"] += 1
-                    buf = local_tensor(state["momentum_buffer"])
-                    buf.lerp_(g, 1 - group["momentum"])
-                    u = torch.lerp(g, buf, group["momentum"]) if group["nesterov"] else buf
-                    directions.append(u.contiguous())
+                directions = _momentum(entries, grads, [self._init_state(p, mesh_step.state_layout(
+                    plan, i, self._infos[id(p)], layout.device) if on_mesh
+                    else self._layouts[id(p)]) for i, (_, p) in enumerate(entries)])
 
         if on_mesh:
             updates = mesh_step.run_step(
@@ -495,10 +497,45 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                                             [self.state[p] for _, p in entries],
                                             plan.matrices, results, layout)
         with timer.phase("apply"):
-            for (group, p), update in zip(entries, updates):
-                local = local_tensor(p)
-                local.mul_(1 - group["lr"] * group["weight_decay"])
-                local.add_(update.reshape(local.shape).to(local.dtype), alpha=-group["lr"])
+            _apply(entries, updates)
+
+
+def _runs(entries) -> list[list[int]]:
+    """Positions of entries grouped by param group (one torch._foreach_* call each)."""
+    runs: dict[int, list[int]] = {}
+    for j, (group, _) in enumerate(entries):
+        runs.setdefault(id(group), []).append(j)
+    return list(runs.values())
+
+
+def _momentum(entries, grads, states) -> list[torch.Tensor]:
+    """buf <- lerp(buf, g, 1 - momentum); direction: lerp(g, buf, momentum) (Nesterov) or buf.
+    One _foreach_ call per param group: the same per-tensor kernels as a loop, without its
+    per-parameter Python and dispatch."""
+    directions: list[torch.Tensor | None] = [None] * len(entries)
+    for run in _runs(entries):
+        group = entries[run[0]][0]
+        bufs = [local_tensor(states[j]["momentum_buffer"]) for j in run]
+        gs = [grads[j] for j in run]
+        torch._foreach_add_([states[j]["step"] for j in run], 1)
+        torch._foreach_lerp_(bufs, gs, 1 - group["momentum"])
+        outs = torch._foreach_lerp(gs, bufs, group["momentum"]) if group["nesterov"] else bufs
+        for j, u in zip(run, outs):
+            directions[j] = u.contiguous()
+    return directions  # type: ignore[return-value]
+
+
+def _apply(entries, updates) -> None:
+    """p <- p (1 - lr wd) - lr update, in place; the decay pass is skipped when it multiplies by
+    exactly 1 (weight_decay 0), which leaves every bit as it was."""
+    for run in _runs(entries):
+        group = entries[run[0]][0]
+        locals_ = [local_tensor(entries[j][1]) for j in run]
+        ups = [updates[j].reshape(t.shape).to(t.dtype) for j, t in zip(run, locals_)]
+        decay = 1 - group["lr"] * group["weight_decay"]
+        if decay != 1:
+            torch._foreach_mul_(locals_, decay)
+        torch._foreach_add_(locals_, ups, alpha=-group["lr"])
 
 
 def _options_text(options) -> str:
@@ -521,11 +558,11 @@ class Muon(OrthogonalizedOptimizer):
                  ns_dtype: str | torch.dtype = "auto", ns_coefficients: str = "jordan",
                  strategy: str | Strategy = "replicated", nonfinite: str = "skip",
                  process_group: dist.ProcessGroup | None = None,
-                 replicas: str = DEFAULT_REPLICAS) -> None:
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
         super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         replicas=replicas, process_group=process_group)
+                         replicas=replicas, process_group=process_group, ns_form=ns_form)
 
 
 class NorMuon(OrthogonalizedOptimizer):
@@ -538,8 +575,8 @@ class NorMuon(OrthogonalizedOptimizer):
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
                  ns_coefficients: str = "jordan", strategy: str | Strategy = "replicated",
                  nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None,
-                 replicas: str = DEFAULT_REPLICAS) -> None:
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
         super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         replicas=replicas, process_group=process_group)
+                         replicas=replicas, process_group=process_group, ns_form=ns_form)

@@ -47,7 +47,8 @@ class Orthogonalizer:
 
     def count(self, shape: Sequence[int], n: int, index: int) -> int:
         """FLOPs of orthogonalizing `n` matrices of `shape` with matrix `index`'s settings."""
-        return n * ns_flops(tuple(shape), self.configs[index].steps)
+        config = self.configs[index]
+        return n * ns_flops(tuple(shape), config.steps, config.form)
 
     def run(self, indices: Sequence[int], stacked: torch.Tensor) -> torch.Tensor:
         """NS of a stack of full tensors of one shape (stacked[j] is matrix indices[j]); returns
@@ -69,6 +70,7 @@ class Orthogonalizer:
         shape = tuple(stacked.shape[1:])
         view = matrix_view_shape(shape)
         out = newton_schulz(stacked.reshape((len(indices),) + view), first.steps,
-                            first.torch_dtype(self.device), first.coefficients, first.eps)
+                            first.torch_dtype(self.device), first.coefficients, first.eps,
+                            first.form)
         self.flops.total += self.count(shape, len(indices), indices[0])
         return out.reshape(stacked.shape)

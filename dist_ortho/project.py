@@ -35,6 +35,7 @@ import pandas as pd  # noqa: E402
 
 from dist_ortho import mesh_project, strategies  # noqa: E402
 from dist_ortho.cli import run_command  # noqa: E402
+from dist_ortho.families_report import families_section, split_ns_options  # noqa: E402
 from dist_ortho.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from dist_ortho.models.shapes import matrix_shapes  # noqa: E402
 from dist_ortho.preflight import writable_dir  # noqa: E402
@@ -126,6 +127,8 @@ def project(model: str, world_sizes: list[int], hardware: str = "h100",
     for P in world_sizes:
         for name in names:
             options = {"bucket_bytes": bucket_bytes} if name == "bucketed_async" else {}
+            if name == "split_ns":  # the planner weighs Gram bytes as this machine prices them
+                options = split_ns_options(constants, P, ns_dtype)
             pred = predict(shapes, P, name, options, constants=constants,
                            param_dtype=param_dtype, ns_dtype=ns_dtype, algorithm=algorithm)
             row = dict(model=model, hardware=hw_name, param_dtype=param_dtype,
@@ -250,6 +253,9 @@ def _main(args: argparse.Namespace) -> int:
         c: CostConstants = _constants_source(args.hardware)[0]
         note = f"Constants from {args.hardware}: {c.source}."
     table = markdown_table(rows)
+    families = families_section(rows, matrix_shapes(args.model, args.num_layers),
+                                args.param_dtype, args.ns_dtype)
+    table += "\n\n" + families if families else ""
     header = (f"# Projection: {args.model}, {args.algorithm}, params {args.param_dtype}, "
               f"NS {args.ns_dtype}\n\nPredicted by `profiling.costmodel` (not measured). {note}\n"
               f"Bytes are the busiest rank's larger direction per step; bound columns are the "

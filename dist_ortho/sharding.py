@@ -55,6 +55,7 @@ class MatrixSpec:
     # position, in backward order, of the FSDP2 unit (`fully_shard` module) holding this matrix:
     # 0 finishes backward first. None when unknown; only the `overlapped` strategy reads it.
     unit: int | None = None
+    ns_form: str = "standard"  # NSConfig.form: "gram" iterates in the k x k Gram space
 
     @property
     def out_itemsize(self) -> int:
@@ -79,7 +80,7 @@ class MatrixSpec:
 
     @property
     def flops(self) -> int:
-        return ns_flops(self.shape, self.ns_steps)
+        return ns_flops(self.shape, self.ns_steps, self.ns_form)
 
     @property
     def padded_rows(self) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from dist_ortho import rules as rule_registry
 from dist_ortho import strategies as strategy_registry
-from dist_ortho.newton_schulz import matrix_view_shape
+from dist_ortho.newton_schulz import NS_FORMS, matrix_view_shape
 from dist_ortho.optimizer import plan_step
 from dist_ortho.plan import Plan, owner_bound_bytes
 from dist_ortho.profiling.hardware import HardwarePreset
@@ -66,18 +66,21 @@ def _named_shapes(shapes) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def matrix_specs(shapes, world_size: int, param_dtype=torch.float32, ns_dtype="float32",
-                 ns_steps: int = 5, sharded: bool = True) -> list[MatrixSpec]:
+                 ns_steps: int = 5, sharded: bool = True,
+                 ns_form: str = "standard") -> list[MatrixSpec]:
     """The MatrixSpecs the optimizer builds for these shapes (FSDP2 dim-0 sharding, torch.chunk
     extents), so that a strategy's plan() here is the plan it makes at run time."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if not isinstance(ns_steps, int) or ns_steps < 1:
         raise ValueError(f"ns_steps must be an int >= 1, got {ns_steps!r}")
+    if ns_form not in NS_FORMS:
+        raise ValueError(f"ns_form must be one of {list(NS_FORMS)}, got {ns_form!r}")
     pdt, ndt = torch_dtype(param_dtype), torch_dtype(ns_dtype)
     specs = []
     for i, (name, shape) in enumerate(_named_shapes(shapes)):
         sizes = chunk_sizes(shape[0], world_size) if sharded else (shape[0],) * world_size
-        specs.append(MatrixSpec(i, name, shape, pdt, sizes, sharded, ns_steps, ndt))
+        specs.append(MatrixSpec(i, name, shape, pdt, sizes, sharded, ns_steps, ndt, ns_form=ns_form))
     return specs
 
 
@@ -290,7 +293,8 @@ def _ns_calls(plan: Plan, strategy: Strategy, rank: int) -> int:
 
 def predict(shapes, world_size: int, strategy="balanced", options: Mapping | None = None, *,
             constants=None, param_dtype=torch.float32, ns_dtype="float32", ns_steps: int = 5,
-            algorithm: str = "normuon", sharded: bool = True) -> Prediction:
+            algorithm: str = "normuon", sharded: bool = True,
+            ns_form: str = "standard") -> Prediction:
     """Predict one optimizer step of `strategy` on `world_size` ranks.
 
     shapes: matrix shapes, or (name, shape) pairs as `dist_ortho.models.matrix_shapes` returns.
@@ -298,7 +302,7 @@ def predict(shapes, world_size: int, strategy="balanced", options: Mapping | Non
     this world size), or None for bytes / FLOPs / memory only.
     """
     strat = _build_strategy(strategy, options)
-    specs = matrix_specs(shapes, world_size, param_dtype, ns_dtype, ns_steps, sharded)
+    specs = matrix_specs(shapes, world_size, param_dtype, ns_dtype, ns_steps, sharded, ns_form)
     plan = predict_plan(specs, world_size, strat, algorithm)
     ns_name = str(specs[0].out_dtype).replace("torch.", "")
     if isinstance(constants, HardwarePreset):

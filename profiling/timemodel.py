@@ -132,7 +132,7 @@ class ComputeModel:
         t, rest = 0.0, []
         for m in matrices:
             key = shape_key(m.shape, m.ns_steps)
-            if key in table:
+            if key in table and m.ns_form == "standard":  # the table timed the standard form
                 t += table[key]
             else:
                 rest.append(m)

@@ -22,6 +22,8 @@ from dist_ortho.strategies.allgather_scatter import (  # noqa: E402
 from dist_ortho.strategies.bucketed_async import BucketedAsync, BucketedAsyncOptions  # noqa: E402
 from dist_ortho.strategies.balanced import Balanced, BalancedOptions  # noqa: E402
 from dist_ortho.strategies.overlapped import Overlapped, OverlappedOptions  # noqa: E402
+from dist_ortho.strategies.megabatch import Megabatch, MegabatchOptions  # noqa: E402
+from dist_ortho.strategies.split_ns import SplitNS, SplitNSOptions  # noqa: E402
 
 __all__ = ["available", "build", "register", "Strategy", "Plan", "RankCost", "CommItem",
            "ExecContext", "EVERY_RANK", "options_class", "ReplicatedOptions", "RoundRobinOptions",

@@ -49,9 +49,11 @@ def orthogonalize_owned(matrices, full: dict[int, torch.Tensor], ctx: ExecContex
         groups[key].append(k)
     results = {}
     for ks in groups.values():
+        # one matrix: a view, not a stacked copy
+        stack = (full[ks[0]].unsqueeze(0) if len(ks) == 1
+                 else torch.stack([full[k] for k in ks]))
         with ctx.phase("ns"):
-            out = ctx.orthogonalizer.run([matrices[k].index for k in ks],
-                                    torch.stack([full[k] for k in ks]))
+            out = ctx.orthogonalizer.run([matrices[k].index for k in ks], stack)
         for j, k in enumerate(ks):
             results[k] = out[j]
     return results

@@ -42,6 +42,7 @@ below ~1/10 of the bound, while a bug has to move the update by about 2 C eps_up
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -49,10 +50,10 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_ortho.newton_schulz import matrix_view_shape
+from dist_ortho.newton_schulz import matrix_view_shape, step_coefficients
 
 __all__ = ["C", "unit_roundoff", "ns_error", "ns_scale_sensitivity", "update_error", "param_bound", "Trajectory",
-           "assert_within", "distance_ratios", "report"]
+           "assert_within", "distance_ratios", "report", "split_ns_error", "gram_ns_error"]
 
 C = 10.0
 
@@ -84,6 +85,7 @@ def ns_error(shape: Sequence[int], ns_dtype: torch.dtype | str, steps: int = 5) 
     return steps * (math.sqrt(l) + 2 * math.sqrt(k)) * u_ns
 
 
+@functools.lru_cache(maxsize=None)  # 0.7 s a call; a pure function of steps
 def ns_scale_sensitivity(steps: int = 5) -> float:
     """sup over sigma in (0, 1] of |d log p^s(sigma) / d log sigma| for Jordan's quintic p: a relative
     change delta of the input's scale (e.g. NS's eps / ||G||) moves every output singular value,
@@ -99,14 +101,74 @@ def ns_scale_sensitivity(steps: int = 5) -> float:
     return float((slope * sigma / value).abs().max())
 
 
+def split_ns_error(shape: Sequence[int], ns_dtype: torch.dtype | str, steps: int = 5) -> float:
+    """Relative NS error when the matrix's NS is split across ranks (strategy `split_ns`).
+
+    Two sums change order. (a) Each Gram entry (X X^T)_ij is a dot product of l terms; split, it
+    is a sum over members of partial dot products (each over its block of l), added in block
+    order in float32 (bfloat16: rounded once to bfloat16 after the float32 sum, as a float32-
+    accumulating matmul does). That is a reordering of the same l terms, which item 1 already
+    bounds by sqrt(l) u whatever the order, so eps_ns is unchanged. (b) The starting norm is a
+    sum of N = B m n squares, now as member partial sums: relative error sqrt(N) u on the sum,
+    half of it (+1 u for the sqrt) on the norm, and a change delta of the input's scale moves
+    the output by at most ns_scale_sensitivity * delta. So
+        eps_split = eps_ns + S (sqrt(N) / 2 + 1) u32,    S = ns_scale_sensitivity(steps).
+    B's rows are computed from the same A by the same inner products and travel losslessly."""
+    batch, m, n = _dims(shape)
+    u = unit_roundoff(torch.float32)
+    return ns_error(shape, ns_dtype, steps) + ns_scale_sensitivity(steps) * (
+        math.sqrt(batch * m * n) / 2 + 1) * u
+
+
+def gram_ns_error(shape: Sequence[int], steps: int = 5, sigma: torch.Tensor | None = None,
+                  coefficients: str = "jordan") -> float:
+    """Relative float32 difference between Gram Newton-Schulz (NSConfig form "gram") and the
+    standard iteration, before the constant C.
+
+    Both evaluate the same polynomial of X_0, so they differ by rounding only. (a) The Gram form
+    rounds A_0 = X_0 X_0^T once (sqrt(l) u, item 1), then per step A A, p(A) Q and p(A) (p(A) A),
+    four products of inner dimension k (4 sqrt(k) u), and at the end Q X_0 (sqrt(k) u). Unlike
+    the standard form it carries A_t forward instead of recomputing it from X_t, so an error made
+    in A at one step is not corrected: the remaining steps move it as they move any change of
+    the input's singular values, by at most S = ns_scale_sensitivity(steps). The standard side
+    has its own eps_ns:    eps_a = S (sqrt(l) + (4 s + 1) sqrt(k)) u + eps_ns.
+    (b) A holds sigma^2, not sigma, and this is not covered by (a) for small singular values.
+    A matmul is backward stable row by row: fl(X X^T) = (X + dX) X^T with |dX| <= sqrt(l) u |X|
+    (probabilistically), so sigma_i^2 = v_i^T A v_i moves by at most ||dX^T v_i|| sigma_i <=
+    sqrt(l) u sigma_max sigma_i, i.e. sigma_i by sqrt(l) u sigma_max / 2 (absolute: large
+    relative to a small sigma_i, which the standard form never squares). The s steps turn a
+    change of sigma_i into one of the output by the slope f'(sigma_i) of the composed polynomial
+    (up to prod_t a_t = 482 for Jordan's 5 steps near 0). With `sigma` (the input's singular
+    values, any scale; normalized here by their Frobenius norm as NS does):
+        eps_b = sqrt(sum_i (f'(sigma_i) sqrt(l) u sigma_max / 2)^2) / ||f(sigma)||.
+    Without `sigma` only eps_a is returned (well-conditioned inputs)."""
+    _, m, n = _dims(shape)
+    k, l = min(m, n), max(m, n)
+    u = unit_roundoff(torch.float32)
+    eps = (ns_scale_sensitivity(steps) * (math.sqrt(l) + (4 * steps + 1) * math.sqrt(k)) * u
+           + ns_error(shape, torch.float32, steps))
+    if sigma is None:
+        return eps
+    s = sigma.double().flatten()
+    s = s / s.norm()
+    slope, out = torch.ones_like(s), s.clone()
+    for t in range(steps):
+        a, b, c = step_coefficients(coefficients, t)
+        slope = slope * (a + 3 * b * out**2 + 5 * c * out**4)
+        out = a * out + b * out**3 + c * out**5
+    err = slope.abs() * math.sqrt(l) * u * float(s.max()) / 2
+    return eps + float(err.norm() / out.norm())
+
+
 def update_error(shape: Sequence[int], algorithm: str, ns_dtype: torch.dtype | str = "float32",
-                 steps: int = 5) -> float:
-    """Relative error of one computed update (model item 2), before the constant C."""
+                 steps: int = 5, split: bool = False) -> float:
+    """Relative error of one computed update (model item 2), before the constant C. `split`:
+    the NS may be split across ranks (split_ns_error)."""
     batch, m, n = _dims(shape) if algorithm != "adamw" else (1, 1, 1)
     u = unit_roundoff(torch.float32)
     if algorithm == "adamw":  # elementwise: two lerps, a sqrt, a division, bias corrections
         return 8 * u
-    eps_ns = ns_error(shape, ns_dtype, steps)
+    eps_ns = (split_ns_error if split else ns_error)(shape, ns_dtype, steps)
     if algorithm == "muon":
         return eps_ns + 2 * u
     if algorithm == "normuon":

@@ -85,8 +85,10 @@ class NorMuonRule(UpdateRule):
             v = local_tensor(state["v"])
             view = (o.shape[0],) + spec.view_shape[1:]
             O = o.float().reshape(view)
-            f2 = O.square().sum(dim=(-2, -1))
-            v.lerp_(O.square().mean(dim=-1), 1 - group["beta2"])
+            sq = O.square()  # once for both reductions
+            f2 = sq.sum(dim=(-2, -1))
+            v.lerp_(sq.mean(dim=-1), 1 - group["beta2"])
+            del sq
             O = O / (v.sqrt().unsqueeze(-1) + ROW_EPS)
             g2 = O.square().sum(dim=(-2, -1))
             if spec.sharded:

@@ -218,6 +218,8 @@ def analyze(summary: pd.DataFrame, root: Path, runs_dir: Path,
     ratio_rows = [{"run": run, **_cols("ratio_to_baseline", iv)} for run, iv in ratio_cols.items()]
     if ratio_rows:
         points = points.merge(pd.DataFrame(ratio_rows), on="run", how="left")
+    else:  # no baseline point anywhere (e.g. an HSDP study): the columns exist, empty
+        points = points.assign(**_cols("ratio_to_baseline", NAN_INTERVAL))
     _add_distances(points, machines)
     return Analysis(points, groups, paired, margin, timings, machines)
 

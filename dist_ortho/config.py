@@ -6,10 +6,12 @@ A config file has up to eight sections; every key is optional and falls back to 
     optimizer:  `dist_ortho.param_groups.OptimizerConfig` itself: name normuon|muon|adamw, lr,
                 momentum, beta2, weight_decay, nesterov, ns_steps, ns_dtype auto|float32|bfloat16,
                 ns_coefficients jordan|polar_express, adamw_lr, adamw_betas, adamw_weight_decay,
-                split (adamw_patterns, matrix_patterns), nonfinite skip|raise
+                split (adamw_patterns, matrix_patterns), nonfinite skip|raise,
+                replicas spread|repeat (HSDP replica groups share the NS work or each repeat it)
     strategy:   name (see `strategies.available()`), options (checked by `strategies.build`)
     train:      steps, warmup_steps (excluded from timings), batch_size (per rank), seq_len, seed,
-                data stdlib|synthetic, grad_clip (null = off), log_every
+                data stdlib|synthetic, grad_clip (null = off), log_every, replicate (HSDP: a
+                (replicate, shard) mesh with this many replica groups; 1 = plain FSDP2)
     dist:       backend auto|gloo|nccl, timeout_s
     profiling:  enabled, memory, trace_step (null = no trace), instrument_every
     output:     dir, name (null = "<preset>-<strategy>-p<world size>")
@@ -114,9 +116,11 @@ class TrainConfig:
     data: Literal["stdlib", "synthetic"] = "stdlib"
     grad_clip: float | None = None
     log_every: int = 10
+    # replica groups of an HSDP mesh (replicate x shard = world size; dist_ortho.run_mesh)
+    replicate: int = 1
 
     def check(self, key: str) -> None:
-        for name in ("steps", "batch_size", "seq_len", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "log_every", "replicate"):
             at_least(f"{key}.{name}", getattr(self, name), 1)
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"{key}.warmup_steps",
@@ -304,6 +308,8 @@ def resolve(config: Config, device_type: str | None = None) -> Config:
 
 # sections that only say where files go: not part of what a run computes or measures
 HASH_EXCLUDED = ("output", "checkpoint")
+# (section, field, default) of fields added after results were recorded
+HASH_OMITTED_DEFAULTS = (("train", "replicate", 1), ("optimizer", "replicas", "spread"))
 
 
 def config_hash(config: Config) -> str:
@@ -313,6 +319,10 @@ def config_hash(config: Config) -> str:
     if config.profiling.emulate_hardware is None:  # off: the same digest as before it existed
         for key in ("emulate_hardware", "emulate_link", "emulate_cpu_ns_flops"):
             data["profiling"].pop(key, None)
+    # fields added later are left out at their defaults: the digests of older results stay valid
+    for section, name, default in HASH_OMITTED_DEFAULTS:
+        if data.get(section, {}).get(name, default) == default:
+            data.get(section, {}).pop(name, None)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

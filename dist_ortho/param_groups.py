@@ -303,6 +303,10 @@ class OptimizerConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     # a NaN/Inf gradient on any rank: "skip" the step on every rank, or "raise"
     nonfinite: str = "skip"
+    # on a mesh with replica groups (HSDP's replicate axis): "spread" orthogonalizes each matrix
+    # once in the job and sends the results across the replicas, "repeat" has every replica group
+    # do the same work (see dist_ortho.optimizer)
+    replicas: str = "spread"
 
     def check(self, key: str = "optimizer") -> None:
         """Raise ConfigError naming the first bad field (`key` is this section's dotted path);
@@ -314,7 +318,8 @@ class OptimizerConfig:
                                                  f"(or the torch.dtype), got {self.ns_dtype!r}") from None
         for name, choices in (("name", ("normuon", "muon", "adamw")),
                               ("ns_coefficients", ("jordan", "polar_express")),
-                              ("nonfinite", ("skip", "raise"))):
+                              ("nonfinite", ("skip", "raise")),
+                              ("replicas", ("spread", "repeat"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{key}.{name}", f"must be one of {', '.join(choices)}, got "
                                                    f"{getattr(self, name)!r}")
@@ -336,6 +341,7 @@ def build_optimizers(model: nn.Module, config: OptimizerConfig | None = None,
     "muon" or "adamw"; `describe()` prints it with the reasons."""
     config = config or OptimizerConfig()
     optimizer_kwargs.setdefault("nonfinite", config.nonfinite)
+    matrix_kwargs = dict(replicas=config.replicas) if "replicas" not in optimizer_kwargs else {}
     if config.name not in ("normuon", "muon", "adamw"):
         raise ValueError(f"optimizer name must be normuon, muon or adamw, got {config.name!r}")
     rows = assign_params(model.named_parameters(), config.split, _roles(model))
@@ -348,7 +354,8 @@ def build_optimizers(model: nn.Module, config: OptimizerConfig | None = None,
     common = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                   nesterov=config.nesterov, ns_steps=config.ns_steps,
                   ns_dtype=ns_dtype_name(config.ns_dtype),
-                  ns_coefficients=config.ns_coefficients, strategy=strategy, **optimizer_kwargs)
+                  ns_coefficients=config.ns_coefficients, strategy=strategy, **optimizer_kwargs,
+                  **matrix_kwargs)
     if matrices:
         if config.name == "normuon":
             opts.append(NorMuon(matrices, beta2=config.beta2, **common))

@@ -7,6 +7,7 @@ A sweep, study or convergence study calls these for every job before launching a
   own plan for the model's matrices at that world size. The matrix shapes come from the model
   built on the meta device (no memory, no initialization), split as the optimizer splits them,
   so e.g. a `bucket_bytes` smaller than a matrix fails here with the strategy's own message.
+  An HSDP `train.replicate` that does not divide the world size fails here too.
 - `writable_dir(path, key)`: an output folder that can be created and written to, else a
   ConfigError naming the parameter (`output.dir`, `--output-dir`, `--out`).
 - `oversubscription_warning(world_size)`: a line to print when ranks would outnumber the cores.
@@ -48,6 +49,10 @@ def check_launch(config: Config, world_size: int, faults: FaultConfig | None = N
     ConfigError naming the key. `faults` are checked when they apply to this run."""
     if world_size < 1:
         raise ConfigError("world_size", f"must be >= 1, got {world_size}")
+    if world_size % config.train.replicate:  # HSDP: replicate x shard must be the world
+        raise ConfigError("train.replicate", f"{config.train.replicate} does not divide the world "
+                                             f"size {world_size}; use a divisor of it (1 = plain "
+                                             f"FSDP2, no replica groups)")
     if faults is not None and faults.applies_to(config.output.name
                                                 or f"{config.run_name}-p{world_size}"):
         faults.check_against(config, world_size)

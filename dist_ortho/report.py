@@ -37,6 +37,7 @@ import pandas as pd
 from dist_ortho import report_plots, timeline_plots
 from dist_ortho.cli import run_command
 from dist_ortho.comparison import BASELINE, Analysis, analyze
+from dist_ortho.report_hsdp import hsdp_lines
 from dist_ortho.io import atomic_write_text
 from dist_ortho.plan import owner_bound_bytes
 from dist_ortho.profiling import read_metrics, summarize_runs
@@ -360,6 +361,8 @@ def write_report(path: str | Path, margin: float | None = None) -> Path:
     lines += ["ratio to replicated: the median of per-round ratios of step time to `replicated`'s "
               "(below 1 is faster). optimizer share of step: median optimizer time / median "
               "step time.", ""] + figure("step_time")
+    hsdp = hsdp_lines(results)  # only for studies with <strategy>-spread/-repeat pairs
+    lines += ["## HSDP replicas: spread vs repeat", ""] + hsdp + [""] if hsdp else []
     lines += ["## Distance to the bound", ""]
     lines += ["How far each optimizer step is from the fastest this machine could do it: "
               "bound = max(Σ NS FLOPs / P, largest single matrix) / calibrated NS rate + the "

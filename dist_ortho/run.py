@@ -24,8 +24,8 @@ What happens, on every rank:
    rank exits non-zero and torchrun stops the others: a rank that dies or hangs ends the job
    within about `dist.timeout_s` (a dead one usually at once).
 2. Model. Each block (GPT) or layer (shape-only) and then the root are wrapped with `fully_shard`
-   on a 1-D mesh over all ranks, so every weight matrix is row-sharded across ranks. GPT weights
-   are drawn from the seeded global RNG before sharding; shape-only models are built on the meta
+   on a 1-D mesh over all ranks (with train.replicate, HSDP's 2-D mesh: `dist_ortho.run_mesh`).
+   GPT weights are drawn from the seeded global RNG before sharding; shape-only models are built on the meta
    device and filled per parameter after sharding (their values do not depend on the world size).
 3. Optimizers: `build_optimizers` (NorMuon/Muon for hidden matrices, AdamW for the rest) with the
    configured strategy deciding where each matrix is orthogonalized.
@@ -69,11 +69,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import fully_shard
 
-from dist_ortho import ckpt_run, models, run_timeline, strategies
+from dist_ortho import ckpt_run, models, run_mesh, run_timeline, strategies
 from dist_ortho.config import (Config, ConfigError, config_from_dict, config_hash, dump_config,
                                load_config, resolve, run_device_type)
 from dist_ortho.data import build_loader
@@ -284,7 +283,7 @@ def run_facts(state: RunState) -> dict:
     facts["predicted_ns_flops_per_rank"] = flops
     facts["predicted_send_bytes_per_rank"] = send
     facts["predicted_recv_bytes_per_rank"] = recv
-    return facts
+    return facts | run_mesh.axis_facts(state)
 
 
 def build_run(config: Config, faults: FaultConfig | None = None) -> RunState:
@@ -320,7 +319,7 @@ def _build(config: Config, strategy, device: torch.device, owns: bool,
     if config.output.name is None:
         config.output.name = f"{config.run_name}-p{world_size}"
     digest = config_hash(config)
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = run_mesh.build_mesh(device.type, world_size, config.train.replicate)
     model = build_sharded_model(config, device, mesh)
     active = faults if faults is not None and faults.applies_to(config.output.name) else None
     hooks = [FaultInjector(active, model, rank, world_size)] if active is not None else []

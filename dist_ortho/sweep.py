@@ -14,7 +14,9 @@ run config and the grid axes:
     set: {train.steps: 8}         # overrides applied to the base for every point
     grid:
       strategies: all             # or [replicated, {name: bucketed_async, label: b1m,
-                                  #                  options: {bucket_bytes: 1048576}}]
+                                  #                  options: {bucket_bytes: 1048576}},
+                                  #  {name: balanced, label: balanced-repeat,
+                                  #   set: {optimizer.replicas: repeat}}]
       world_sizes: [1, 2, 4]
       models: [transformer-bench]
       option_sets:                # optional: named override sets, crossed with everything else
@@ -100,6 +102,9 @@ class StrategyEntry:
     name: str
     label: str | None = None  # default: the name
     options: dict = field(default_factory=dict)
+    # overrides for this entry's points only, e.g. {optimizer.replicas: repeat}: two entries of
+    # one strategy then run side by side in the same interleaved job
+    set: dict = field(default_factory=dict)
 
     def check(self, key: str) -> None:
         if self.name not in strategies.available():
@@ -286,7 +291,8 @@ def _point_name(model: ModelEntry, strategy: StrategyEntry, p: int, opt: OptionS
 
 def _point_config(study: Study, base: dict, model: ModelEntry, strategy: StrategyEntry,
                   opt: OptionSet, p: int, name: str, device_type: str | None, faults) -> Config:
-    overrides = {**study.overrides, **opt.set, **model.set, "model.preset": model.preset,
+    overrides = {**study.overrides, **opt.set, **model.set, **strategy.set,
+                 "model.preset": model.preset,
                  "strategy.name": strategy.name, "strategy.options": strategy.options,
                  "output.dir": str(study.dir / "runs"), "output.name": name}
     try:

@@ -30,3 +30,19 @@ def sharded_runs(model_name: str, world_size: int, strategies_by_name: dict) -> 
         runs[name] = (model, NorMuon(list(model.named_parameters()), ns_dtype="float32",
                                      strategy=strategy))
     return runs
+
+
+def timed_step(opt) -> float:
+    """Seconds of `opt.step()` as the slowest rank saw it (the step ends when that rank's does),
+    every rank starting together."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    opt.step()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()

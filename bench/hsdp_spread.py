@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -41,6 +39,8 @@ def worker(rank: int, world_size: int, model: str, rounds: int, warmup: int,
            names: list[str]) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from common import timed_step
 
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
@@ -64,13 +64,9 @@ def worker(rank: int, world_size: int, model: str, rounds: int, warmup: int,
             for i, p in enumerate(params):
                 g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * r + i))
                 p.grad = distribute_tensor(g, mesh, [Replicate(), Shard(0)], src_data_rank=None)
-            dist.barrier()
-            start = time.perf_counter()
-            opt.step()
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            elapsed = timed_step(opt)
             if r >= warmup:
-                times[key][r] = elapsed.item()
+                times[key][r] = elapsed
     plans = {k: runs[k][1].plan() for k in keys}
     return dict(times=times,
                 max_ns_flops={k: max(c.ns_flops for c in plans[k].ranks) for k in keys},

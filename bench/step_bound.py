@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -37,10 +36,8 @@ def worker(rank: int, world_size: int, code: str | None, model_name: str, repeat
     if code:
         sys.path.insert(0, code)
     sys.path.insert(0, BENCH)
-    import torch
-    import torch.distributed as dist
 
-    from common import sharded_runs
+    from common import sharded_runs, timed_step
     from dist_ortho.models import synthetic_grads
     from dist_ortho.plan import owner_bound_bytes
     from dist_ortho.study import measure_machine
@@ -59,13 +56,9 @@ def worker(rank: int, world_size: int, code: str | None, model_name: str, repeat
         for name in order:
             model, opt = runs[name]
             synthetic_grads(model, r, seed=0)
-            dist.barrier()
-            start = time.perf_counter()
-            opt.step()
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            elapsed = timed_step(opt)
             if r >= warmup:
-                times[name].append(elapsed.item())
+                times[name].append(elapsed)
     flops = sum(facts["ns_flops"])
     # the bound: all NS FLOPs spread over P ranks at the calibrated rate of one rank
     # running alone (the machine's best), plus the owner byte bound at the measured bandwidth

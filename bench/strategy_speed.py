@@ -16,10 +16,7 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
-import torch
-import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -31,7 +28,7 @@ from dist_ortho.testing import spawn  # noqa: E402
 
 def worker(rank: int, world_size: int, model_name: str, steps: int, warmup: int,
            names: list[str]) -> dict:
-    from common import sharded_runs
+    from common import sharded_runs, timed_step
     from dist_ortho.models import synthetic_grads
 
     runs = sharded_runs(model_name, world_size, {n: n for n in names})
@@ -40,13 +37,9 @@ def worker(rank: int, world_size: int, model_name: str, steps: int, warmup: int,
         for name in names:
             model, opt = runs[name]
             synthetic_grads(model, step, seed=0)
-            dist.barrier()
-            start = time.perf_counter()
-            opt.step()
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank ends the step
+            elapsed = timed_step(opt)
             if step >= warmup:
-                times[name].append(elapsed.item())
+                times[name].append(elapsed)
     plans = {n: runs[n][1].plan() for n in names}
     return {n: dict(median_s=statistics.median(times[n]), times=times[n],
                     flops_imbalance=plans[n].flops_imbalance,

@@ -130,7 +130,7 @@ def test_shipped_configs_load():
     # interleaved: one job per world size (1, 2, 4), each holding every model x strategy point
     jobs = expand(load_study(CONFIGS / "default_study.yaml"), "cpu")
     assert [j.world_size for j in jobs] == [1, 2, 4]
-    assert [len(j.settings["points"]) for j in jobs] == [12, 12, 12]  # 6 strategies x 2 models
+    assert [len(j.settings["points"]) for j in jobs] == [16, 16, 16]  # 8 strategies x 2 models
 
 
 def test_resolve_records_device_choices():

@@ -90,6 +90,11 @@ def test_hsdp_spread_quarters_the_busiest_rank_ns_flops():
                     assert max(repeat["all_planned_flops"]) == job
                 assert max(per_rank_spread) <= max(repeat["all_planned_flops"])
                 continue
+            if name == "megabatch":  # pads each shape group with zero matrices, by design:
+                # more NS than the job; spreading still lightens the busiest rank
+                assert sum(per_rank_spread) >= job
+                assert max(per_rank_spread) < max(repeat["all_planned_flops"]), per_rank_spread
+                continue
             assert sum(per_rank_spread) == job  # once in the whole job
             assert sum(repeat["all_planned_flops"]) == job  # per replica group
             if shapes == "even":

@@ -105,6 +105,11 @@ class Timeline:
     def close(self) -> None:
         comm.remove_listener(self._on_collective)
 
+    def for_checkpoint(self, step: int) -> "Timeline":  # noqa: ARG002 (spans carry self.step)
+        """A checkpoint save's phases become spans like the loop's (an async save's thread has
+        a phase stack of its own)."""
+        return self
+
     def _stack(self) -> list[str]:
         stack = getattr(self._local, "stack", None)
         if stack is None:

@@ -13,7 +13,8 @@ import overlap_cases
 from dist_ortho.config import ConfigError, load_config
 from dist_ortho.profiling.interconnect import emulated_link
 from dist_ortho.profiling.hardware import get_preset
-from dist_ortho.profiling.timeline import LANES, read_trace, step_marks
+from dist_ortho.profiling.timeline import LANES, Timeline, read_trace, step_marks
+from dist_ortho.run_timeline import _Release
 from dist_ortho.testing import spawn
 from dist_ortho.timeline_plots import plot_gantt
 from test_strategies_dist import assert_bytes_equal
@@ -113,3 +114,17 @@ def test_report_section_pairs_backward_and_step_with_the_prediction(tmp_path):
     assert "| m--overlapped_step--p2 | emulated test | 20.0 [20.0, 20.0] | 8 |" in text
     assert "| m--overlapped_backward--p2 | 15.0 | separate | 18.0 | 1.20 |" in text
     assert (tmp_path / "plots" / "gantt_m--overlapped_step--p2.png").is_file()
+
+
+def test_every_run_marker_times_a_checkpoint_save():
+    """Regression: the timeline and the emulator's release joined a run's markers without
+    `for_checkpoint`, so the first checkpoint save of every run crashed with AttributeError."""
+    timeline = Timeline(rank=0)
+    try:
+        timeline.step = 3
+        for marker in (timeline, _Release()):
+            with marker.for_checkpoint(3).phase("checkpoint_save"):
+                pass
+        assert [s.name for s in timeline.spans] == ["checkpoint_save"]
+    finally:
+        timeline.close()

@@ -200,6 +200,12 @@ def bad_input_worker(rank: int, world_size: int) -> dict:
         "nan_lr": lambda: NorMuon([("w", param((8, 8)))], lr=float("nan")),
         "beta_one": lambda: NorMuon([("w", param((8, 8)))], beta2=1.0),
     }
+    return raised_messages(attempts)
+
+
+def raised_messages(attempts: dict) -> dict:
+    """{key: the ValueError's message, or None} for each attempt, then a barrier that every rank
+    reaches only if no attempt started a collective that could hang."""
     messages = {}
     for key, attempt in attempts.items():
         try:
@@ -207,7 +213,6 @@ def bad_input_worker(rank: int, world_size: int) -> dict:
             messages[key] = None
         except ValueError as exc:
             messages[key] = str(exc)
-    # every rank reaches this barrier: nothing above started a collective that could hang
     dist.barrier()
     return messages
 

@@ -198,15 +198,7 @@ def bad_mesh_input_worker(rank: int, world_size: int) -> dict:
         "bad_replicas": lambda: NorMuon([("w", param((8, 8), [Shard(0), Shard(0)]))],
                                         replicas="everywhere"),
     }
-    messages = {}
-    for key, attempt in attempts.items():
-        try:
-            attempt()
-            messages[key] = None
-        except ValueError as exc:
-            messages[key] = str(exc)
-    dist.barrier()
-    return messages
+    return dist_cases.raised_messages(attempts)
 
 
 def _step_time(name: str):

@@ -206,6 +206,22 @@ def _step_time(name: str):
     return strategies.build(name, schedule="step") if name == "overlapped" else name
 
 
+def _tp_gpt(mesh):
+    """dist_cases' tiny GPT with tensor-parallel MLPs (fc_in column-, fc_out row-parallel on
+    "tp"), every block and then the root fully_shard-ed on "dp" (torchtitan's order)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    model = dist_cases._tiny_gpt(0)
+    for block in model.blocks:
+        parallelize_module(block.mlp, mesh["tp"], {"fc_in": ColwiseParallel(),
+                                                   "fc_out": RowwiseParallel()})
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
 def tp_train_worker(rank: int, world_size: int, strategy_names: list[str], steps: int = 3) -> dict:
     """A GPT whose MLPs are tensor parallel (fc_in ColwiseParallel, fc_out RowwiseParallel on
     "tp") and whose blocks are fully_shard-ed on "dp", 2x2, trained under each strategy beside the
@@ -213,9 +229,6 @@ def tp_train_worker(rank: int, world_size: int, strategy_names: list[str], steps
     all-reduce of fc_out's partial outputs is one more reordered sum per token, inside its
     per-token term)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
 
     from dist_ortho import OptimizerConfig, build_optimizers
 
@@ -250,12 +263,7 @@ def tp_train_worker(rank: int, world_size: int, strategy_names: list[str], steps
     per_rank = global_batch // 2
     out = {}
     for name in strategy_names:
-        model = dist_cases._tiny_gpt(0)
-        for block in model.blocks:
-            parallelize_module(block.mlp, mesh["tp"], {"fc_in": ColwiseParallel(),
-                                                       "fc_out": RowwiseParallel()})
-            fully_shard(block, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
+        model = _tp_gpt(mesh)
         if name == "overlapped":  # no backward overlap on the mesh path: one clear error
             try:
                 build_optimizers(model, config, strategy=name)
@@ -380,9 +388,6 @@ def tp_checkpoint_worker(rank: int, world_size: int, root: str) -> dict:
     after 2 steps, save, load into a fresh model and optimizer, and one more step on both gives
     bitwise the same weights."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
 
     from dist_ortho import OptimizerConfig, build_optimizers, checkpoint
 
@@ -391,12 +396,7 @@ def tp_checkpoint_worker(rank: int, world_size: int, root: str) -> dict:
     dp = mesh["dp"].get_local_rank()
 
     def build():
-        model = dist_cases._tiny_gpt(0)
-        for block in model.blocks:
-            parallelize_module(block.mlp, mesh["tp"], {"fc_in": ColwiseParallel(),
-                                                       "fc_out": RowwiseParallel()})
-            fully_shard(block, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
+        model = _tp_gpt(mesh)
         return model, build_optimizers(model, config, strategy="balanced")
 
     def step(model, opt, s):

@@ -166,7 +166,9 @@ class Strategy:
             o = plan.owner[i]
             if o == EVERY_RANK or o == ctx.rank:
                 with ctx.phase("ns"):
-                    out = ctx.orthogonalizer.run([i], inputs[i].unsqueeze(0))[0]
+                    # contiguous: a collective sends the storage as it lies, and NS hands a
+                    # tall matrix back as the transpose of its wide working copy
+                    out = ctx.orthogonalizer.run([i], inputs[i].unsqueeze(0))[0].contiguous()
             else:
                 out = torch.empty(inputs[i].shape, dtype=ctx.out_dtype, device=inputs[i].device)
             if o != EVERY_RANK and ctx.world_size > 1:

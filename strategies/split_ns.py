@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_ortho.newton_schulz import normalized, step_coefficients
+from dist_ortho.newton_schulz import matmul_add, normalized, step_coefficients
 from dist_ortho.sharding import MatrixSpec, dtype_size
 from dist_ortho.strategies.balanced import orthogonalize_owned
 from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
@@ -396,7 +396,8 @@ class _SplitRounds:
                     A[k] = total.to(compute[k])
                     mine = next(p for p in self.a.parts[k] if p.member == ctx.rank)
                     _, b, c = step_coefficients(cfg[k].coefficients, t)
-                    rows[k] = b * A[k][mine.alo:mine.ahi] + c * (A[k][mine.alo:mine.ahi] @ A[k])
+                    mine_rows = A[k][mine.alo:mine.ahi]
+                    rows[k] = matmul_add(mine_rows, mine_rows, A[k], beta=b, alpha=c)
             with ctx.phase("comm_wait"):
                 brows = self._exchange(rows, 2 + 2 * t)
             with ctx.phase("ns"):
@@ -404,7 +405,7 @@ class _SplitRounds:
                     kk = A[k].shape[0]
                     B = torch.cat([r.view(-1, kk) for r in brows[k]])
                     a_coef, _, _ = step_coefficients(cfg[k].coefficients, t)
-                    X[k] = a_coef * X[k] + B @ X[k]
+                    X[k] = matmul_add(X[k], B, X[k], beta=a_coef)
         for k in X:
             m, mine = self.matrices[k], next(p for p in self.a.parts[k]
                                              if p.member == ctx.rank)

@@ -168,13 +168,17 @@ class Megabatch(Strategy):
         """Start one group's forward all-to-all; returns (receive buffer, handle or None)."""
         m = group[0]
         blocks = _blocks(len(group), P)
-        send = torch.zeros((blocks * P, m.padded_rows, m.row_numel), dtype=shards[0].dtype,
+        # slot j = b*P + d goes to rank d: written straight into owner-major (P, blocks, ...)
+        # order, one copy per shard; only padding (rows past this shard's, zero matrices) is zeroed
+        send = torch.empty((P, blocks, m.padded_rows, m.row_numel), dtype=shards[0].dtype,
                            device=ctx.device)
         rows = m.dim0_sizes[me]
-        if rows:
-            send[:len(group), :rows].copy_(torch.stack([s.reshape(rows, -1) for s in shards]))
-        # slot b*P + d goes to rank d: owner-major order is (P, blocks, ...)
-        send = send.view(blocks, P, m.padded_rows, m.row_numel).transpose(0, 1).contiguous()
+        for j, shard in enumerate(shards):
+            send[j % P, j // P, :rows].copy_(shard.reshape(rows, m.row_numel))
+        for j in range(len(shards), blocks * P):
+            send[j % P, j // P].zero_()
+        if rows < m.padded_rows:
+            send[:, :, rows:].zero_()
         if P == 1:
             return send, None
         recv = torch.empty_like(send)
@@ -185,11 +189,12 @@ class Megabatch(Strategy):
         """Start one group's return all-to-all of this rank's results (blocks, *shape)."""
         blocks = out.shape[0]
         flat = out.reshape(blocks, m.shape[0], m.row_numel)
-        send = torch.zeros((P, blocks, m.padded_rows, m.row_numel), dtype=ctx.out_dtype,
+        send = torch.empty((P, blocks, m.padded_rows, m.row_numel), dtype=ctx.out_dtype,
                            device=ctx.device)
         start = 0
         for d, rows in enumerate(m.dim0_sizes):
             send[d, :, :rows].copy_(flat[:, start:start + rows])
+            send[d, :, rows:].zero_()  # padding rows: a recipient never reads them; no garbage
             start += rows
         if P == 1:
             return send, None

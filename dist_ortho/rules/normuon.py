@@ -85,12 +85,13 @@ class NorMuonRule(UpdateRule):
             v = local_tensor(state["v"])
             view = (o.shape[0],) + spec.view_shape[1:]
             O = o.float().reshape(view)
-            sq = O.square()  # once for both reductions
-            f2 = sq.sum(dim=(-2, -1))
-            v.lerp_(sq.mean(dim=-1), 1 - group["beta2"])
-            del sq
+            # one read of O for both reductions, no O*O temporary (the step's passes over every
+            # element are what this phase costs)
+            row_sq = torch.linalg.vector_norm(O, dim=-1).square()
+            f2 = row_sq.sum(dim=-1)
+            v.lerp_(row_sq / O.shape[-1], 1 - group["beta2"])
             O = O / (v.sqrt().unsqueeze(-1) + ROW_EPS)
-            g2 = O.square().sum(dim=(-2, -1))
+            g2 = torch.linalg.vector_norm(O, dim=(-2, -1)).square()
             if spec.sharded:
                 # local rows of a 2-D/4-D matrix add to one slot; a 3-D stack's local matrices
                 # each own the slot of their global index
@@ -114,5 +115,5 @@ class NorMuonRule(UpdateRule):
                 f2, g2 = norms
             scale = f2.sqrt() / (g2.sqrt() + NORM_EPS)
             scale = scale.reshape(-1, 1, 1) if O.ndim == 3 else scale.reshape(())
-            updates.append(O * scale * shape_scale(spec.shape))
+            updates.append(O.mul_(scale * shape_scale(spec.shape)))  # O is this step's own
         return updates

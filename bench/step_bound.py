@@ -1,22 +1,35 @@
-"""Every strategy's optimizer step over its lower bound on this machine, and code A against code B.
+"""Every strategy's optimizer step against its lower bound on this machine, and code A against B.
 
-    python bench/step_bound.py --world-size 2 --model transformer-bench --repeats 9 \
+    python bench/step_bound.py --world-size 2 --model transformer-bench --repeats 21 \
         --label after --json /tmp/after.json
     python bench/step_bound.py --code /tmp/base ...   # the same with another checkout's package
     python bench/step_bound.py --table before.json after.json ... > results/bench/step_bound.md
 
 One gloo process group (one thread per rank) builds the shape-only model, shards it with FSDP2
-and steps NorMuon (float32 NS) under every strategy, interleaved: each repeat takes one step of
-every strategy in turn, the order rotating between repeats; the step's time is its slowest
-rank's. The bound is the study's (`dist_ortho.study.step_bound`, calibrated in the same process
-group just before: max(sum of NS seconds with every rank busy / P, the largest matrix's NS
-seconds alone) + the owner byte bound / the measured all-to-all bandwidth).
+and steps NorMuon (float32 NS) under every strategy. The bound is measured in the same rounds
+as the steps, because this shared host's speed drifts by tens of percent within a minute and a
+bound calibrated once, before, would be compared against steps taken on another machine state:
+
+- `ideal`: every rank runs Newton-Schulz on its share of the job's matrices (LPT by FLOPs; an
+  exact half each at P = 2 on transformer-bench) at the same time, nothing else: no momentum, no
+  norms, no exchange. It is the NS FLOPs / P at the rate P ranks sustain together on this host,
+  the one part of the step no schedule can remove. Plus the owner byte bound at the measured
+  all-to-all bandwidth: `bound` = ideal + comm bound.
+- `alone`: rank 0 runs every matrix's NS while the other ranks wait; / P, plus the same byte
+  term, it is the issue's FLOP bound at the rate of one rank alone. On a host whose cores share
+  cache, memory bandwidth and a hypervisor's time slices, P ranks cannot all run at that rate;
+  the gap between `alone` and `ideal` is that contention, measured, not overhead of any schedule.
+
+Each round takes one sample of `ideal`, `alone` and one step of every strategy, in an order that
+rotates between rounds; a step's (and the ideal's) time is its slowest rank's. Ratios are paired
+by round (profiling/stats.py: median of the per-round ratios with its 95% order-statistic
+interval); "best/best" is the fastest step over the fastest bound sample (both are best-of-n,
+the convention of the cost model's calibration: load only ever adds time).
 
 `--code DIR` imports dist_ortho from another checkout (DIR/dist_ortho with DIR/strategies and
-DIR/profiling linked inside it, see --help; run it with DIR as the working directory: the ranks'
-fork server puts the working directory first on sys.path) so that two versions are measured by
-one script, alternately (`--table` joins the runs: per strategy and label, the median over all
-runs' steps with its 95% order-statistic interval, and the distance to each run's own bound).
+DIR/profiling linked inside it; run it with DIR as the working directory: the ranks' fork server
+puts the working directory first on sys.path) so that two versions are measured by one script,
+alternately; `--table` joins the runs per label.
 """
 
 from __future__ import annotations
@@ -26,9 +39,23 @@ import json
 import os
 import statistics
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
+CONTROLS = ("ideal", "alone")
+
+
+def _lpt_share(flops: list[int], world_size: int, rank: int) -> list[int]:
+    """Positions of the matrices rank `rank` runs in the ideal split (largest first, least load)."""
+    load = [0] * world_size
+    mine = []
+    for k in sorted(range(len(flops)), key=lambda k: (-flops[k], k)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        load[r] += flops[k]
+        if r == rank:
+            mine.append(k)
+    return mine
 
 
 def worker(rank: int, world_size: int, code: str | None, model_name: str, repeats: int,
@@ -37,8 +64,11 @@ def worker(rank: int, world_size: int, code: str | None, model_name: str, repeat
         sys.path.insert(0, code)
     sys.path.insert(0, BENCH)
 
+    import torch
+    import torch.distributed as dist
     from common import sharded_runs, timed_step
     from dist_ortho.models import synthetic_grads
+    from dist_ortho.newton_schulz import newton_schulz
     from dist_ortho.plan import owner_bound_bytes
     from dist_ortho.study import measure_machine
 
@@ -46,67 +76,109 @@ def worker(rank: int, world_size: int, code: str | None, model_name: str, repeat
     runs = sharded_runs(model_name, world_size, {n: n for n in names})
     plan = runs[names[0]][1].plan()
     numel = sum(m.numel for m in plan.matrices if m.sharded)
-    facts = {"shapes": [list(m.shape) for m in plan.matrices],
-             "ns_flops": [int(m.flops) for m in plan.matrices], "matrix_numel": numel,
+    flops = [int(m.flops) for m in plan.matrices]
+    facts = {"shapes": [list(m.shape) for m in plan.matrices], "ns_flops": flops,
+             "matrix_numel": numel,
              "bound_bytes_per_rank": owner_bound_bytes(world_size, numel, 4, 4)}
     machine = measure_machine(facts, world_size, "float32", repeats=3)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    inputs = [torch.randn(m.view_shape) for m in plan.matrices]
+    steps = [m.ns_steps for m in plan.matrices]
+    share = _lpt_share(flops, world_size, rank)
+
+    def sweep(positions) -> None:
+        for k in positions:
+            newton_schulz(inputs[k], steps[k], torch.float32)
+
+    def timed(fn) -> float:  # like timed_step: together, the slowest rank's seconds
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return elapsed.item()
+
+    everything = list(range(len(inputs)))
+    controls = {"ideal": lambda: sweep(share),
+                "alone": lambda: sweep(everything if rank == 0 else [])}
+    labels = list(CONTROLS) + names
+    times: dict[str, list[float]] = {n: [] for n in labels}
     for r in range(warmup + repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = labels[r % len(labels):] + labels[:r % len(labels)]
         for name in order:
-            model, opt = runs[name]
-            synthetic_grads(model, r, seed=0)
-            elapsed = timed_step(opt)
+            if name in controls:
+                elapsed = timed(controls[name])
+            else:
+                model, opt = runs[name]
+                synthetic_grads(model, r, seed=0)
+                elapsed = timed_step(opt)
             if r >= warmup:
                 times[name].append(elapsed)
-    flops = sum(facts["ns_flops"])
-    # the issue's bound: all NS FLOPs spread over P ranks at the calibrated rate of one rank
-    # running alone (the machine's best), plus the owner byte bound at the measured bandwidth
-    flop_bound = flops / world_size / machine["ns_rate_alone_flops"] + machine["comm_bound_s"]
+    load = [sum(flops[k] for k in _lpt_share(flops, world_size, q)) for q in range(world_size)]
     return {"code": os.path.dirname(os.path.dirname(os.path.abspath(dist_ortho.__file__))),
-            "bound_s": machine["bound_s"], "ns_bound_s": machine["ns_bound_s"],
-            "comm_bound_s": machine["comm_bound_s"], "flop_bound_s": flop_bound,
+            "comm_bound_s": machine["comm_bound_s"], "study_bound_s": machine["bound_s"],
+            "ns_flops": sum(flops), "ideal_flop_imbalance": max(load) * world_size / sum(flops),
             "ns_rate_alone_flops": machine["ns_rate_alone_flops"],
             "ns_rate_busy_flops": machine["ns_rate_busy_flops"], "times": times}
 
 
+def bounds(run: dict) -> tuple[list[float], list[float]]:
+    """Per round: (ideal + comm bound, alone / P + comm bound)."""
+    comm, P = run["comm_bound_s"], run["world_size"]
+    return ([t + comm for t in run["times"]["ideal"]],
+            [t / P + comm for t in run["times"]["alone"]])
+
+
 def table(paths: list[str]) -> str:
     sys.path.insert(0, ROOT)
-    from dist_ortho.profiling.stats import median_interval
+    from dist_ortho.profiling.stats import compare_unpaired, median_interval
 
     runs = [json.load(open(p)) for p in paths]
     labels = list(dict.fromkeys(r["label"] for r in runs))
-    names = list(dict.fromkeys(n for r in runs for n in r["times"]))
+    names = [n for n in dict.fromkeys(n for r in runs for n in r["times"]) if n not in CONTROLS]
     counts = ", ".join(f"{lab} x{sum(r['label'] == lab for r in runs)}" for lab in labels)
+    fmt = lambda iv: f"{iv.median:.3f} ({iv.low:.3f}-{iv.high:.3f})"  # noqa: E731
     lines = [f"runs: {len(runs)} ({counts}), P = {runs[0]['world_size']}, model "
-             f"{runs[0]['model']}, steps per strategy and run: {len(runs[0]['times'][names[0]])}",
-             "",
-             "| strategy | " + " | ".join(f"{lab}: step s (95% CI) | {lab}: step / study bound "
-                                          f"| {lab}: step / FLOP bound" for lab in labels) + " |",
-             "|---|" + "---|---|---|" * len(labels)]
-    for n in names:
-        cells = []
-        for lab in labels:
-            mine = [r for r in runs if r["label"] == lab and n in r["times"]]
-            if not mine:
-                cells += ["-", "-", "-"]
+             f"{runs[0]['model']}, rounds per run: {len(runs[0]['times']['ideal'])}", ""]
+    for lab in labels:
+        mine = [r for r in runs if r["label"] == lab]
+        per = [bounds(r) for r in mine]
+        ideal = [b for i, _ in per for b in i]
+        alone = [b for _, a in per for b in a]
+        lines += [f"**{lab}** (code {', '.join(sorted({r['code'] for r in mine}))}): bound = "
+                  f"ideal + comm {fmt(median_interval(ideal))} s, best {min(ideal):.3f} s; FLOP "
+                  f"bound (one rank alone) {fmt(median_interval(alone))} s, best "
+                  f"{min(alone):.3f} s; comm bound "
+                  f"{statistics.median(r['comm_bound_s'] for r in mine) * 1e3:.1f} ms; ideal "
+                  f"split FLOP imbalance {max(r['ideal_flop_imbalance'] for r in mine):.3f}", "",
+                  "| strategy | step s (95% CI) | step / bound, per round (95% CI) | best step / "
+                  "best bound | step / FLOP bound alone, per round (95% CI) | best step / "
+                  "best FLOP bound |", "|---|---|---|---|---|---|"]
+        for n in names:
+            have = [(r, b) for r, b in zip(mine, per) if n in r["times"]]
+            if not have:
                 continue
-            steps = [t for r in mine for t in r["times"][n]]
-            iv = median_interval(steps)
-            ratios = [t / r["bound_s"] for r in mine for t in r["times"][n]]
-            riv = median_interval(ratios)
-            fiv = median_interval([t / r["flop_bound_s"] for r in mine for t in r["times"][n]])
-            cells += [f"{iv.median:.3f} ({iv.low:.3f}-{iv.high:.3f})",
-                      f"{riv.median:.3f} ({riv.low:.3f}-{riv.high:.3f})",
-                      f"{fiv.median:.3f} ({fiv.low:.3f}-{fiv.high:.3f})"]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    for key, what in (("bound_s", "study bound"), ("flop_bound_s", "FLOP bound")):
-        bounds = {lab: statistics.median(r[key] for r in runs if r["label"] == lab)
-                  for lab in labels}
-        lines += ["", f"{what} (median over runs): " + ", ".join(
-            f"{lab} {b:.3f} s" for lab, b in bounds.items())]
-    lines += ["", "code measured: " + ", ".join(sorted({f"{r['label']}={r['code']}"
-                                                        for r in runs}))]
+            steps = [t for r, _ in have for t in r["times"][n]]
+            to_ideal = [t / b for r, (i, _) in have for t, b in zip(r["times"][n], i)]
+            to_alone = [t / b for r, (_, a) in have for t, b in zip(r["times"][n], a)]
+            best_i = min(b for _, (i, _) in have for b in i)
+            best_a = min(b for _, (_, a) in have for b in a)
+            lines.append(f"| {n} | {fmt(median_interval(steps))} | "
+                         f"{fmt(median_interval(to_ideal))} | {min(steps) / best_i:.3f} | "
+                         f"{fmt(median_interval(to_alone))} | {min(steps) / best_a:.3f} |")
+        lines.append("")
+    if len(labels) == 2:  # code B against code A: separate process groups, so unpaired
+        first, second = labels
+        lines += [f"**{second} / {first}**, step time (unpaired: interval arithmetic on the two "
+                  "medians' intervals; a verdict needs the margin of profiling/stats.py)", "",
+                  f"| strategy | {second} / {first} (95%) | verdict |", "|---|---|---|"]
+        for n in names:
+            ivs = [median_interval([t for r in runs if r["label"] == lab and n in r["times"]
+                                    for t in r["times"][n]]) for lab in (second, first)]
+            if all(iv.n for iv in ivs):
+                c = compare_unpaired(second, first, *ivs)
+                verdict = "not distinguishable" if c.verdict == "tie" else c.verdict
+                lines.append(f"| {n} | {fmt(c.ratio)} | {verdict} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -114,7 +186,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--model", default="transformer-bench")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--strategies", default=None, help="comma-separated (default: all)")
     parser.add_argument("--code", default=None,
@@ -141,11 +213,15 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)
+    ideal, alone = bounds(out)
     for n, ts in out["times"].items():
-        med = statistics.median(ts)
-        print(f"{n:20s} {med:.3f} s  step/bound {med / out['bound_s']:.3f}")
-    print(f"bound {out['bound_s']:.3f} s (ns {out['ns_bound_s']:.3f}, comm "
-          f"{out['comm_bound_s']:.3f}), FLOP bound {out['flop_bound_s']:.3f} s, code {out['code']}")
+        if n in CONTROLS:
+            continue
+        ratio = statistics.median(t / b for t, b in zip(ts, ideal))
+        print(f"{n:20s} {statistics.median(ts):.3f} s  step/bound {ratio:.3f} (per round)")
+    print(f"bound {statistics.median(ideal):.3f} s (ideal split + comm "
+          f"{out['comm_bound_s']:.3f}), FLOP bound alone {statistics.median(alone):.3f} s, "
+          f"code {out['code']}")
     return 0
 
 

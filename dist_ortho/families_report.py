@@ -14,7 +14,8 @@ as the planner did: a preset (GPUs per node known) keeps split groups inside one
 round is one all-to-all over all P ranks (split_ns's exchange: the members' bytes, empty to
 everyone else), so its latency is the all-to-all's, alpha (P - 1) at P. Calibrated constants (no
 node size) price both at their all-to-all alpha and beta. The forward and return all-to-alls span
-every rank: their busiest rank's bytes are weighed at the all-to-all beta (`flop_per_byte_exchange`).
+every rank: their busiest rank's bytes are weighed at the all-to-all beta
+(`flop_per_byte_exchange`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def families_section(rows: list[dict], shapes, param_dtype: str, ns_dtype: str) 
     if all((P, "balanced") in by and (P, "split_ns") in by for P in sizes):
         out += ["## split_ns against whole-matrix ownership (balanced)", "",
                 "| P | balanced step ms | split_ns step ms | split_ns / balanced | "
-                "NS FLOP imbalance balanced | split_ns | split_ns byte weight FLOP/B |",
+                "NS FLOP imbalance balanced | split_ns | split_ns planner weights (NS FLOPs) |",
                 "|---|---|---|---|---|---|---|"]
         for P in sizes:
             b, s = by[(P, "balanced")], by[(P, "split_ns")]
@@ -75,7 +76,13 @@ def families_section(rows: list[dict], shapes, param_dtype: str, ns_dtype: str) 
             out.append(f"| {P} | {b['step_s'] * 1e3:.4g} | {s['step_s'] * 1e3:.4g} | "
                        f"{ratio:.3f} ({verdict}) | {b['flops_imbalance']:.3f} | "
                        f"{s['flops_imbalance']:.3f} | {s.get('options', '') or '-'} |")
-        out.append("")
+        out += ["", "Planner weights, in NS FLOPs (the NS rate times seconds): flop_per_byte, a "
+                "byte of the split rounds on the link the groups use; flop_per_round, one round's "
+                "latency (each split matrix waits 1 + 2 ns_steps rounds; a round is one "
+                "all-to-all over all P ranks, empty outside the groups); flop_per_byte_exchange, "
+                "a byte of the forward / return all-to-all; ranks_per_node, groups inside one "
+                "node. split_ns's step prices its rounds with these weights (as its planner "
+                "does); its comm column above prices them as whole-group all-to-alls.", ""]
     if all((P, "balanced") in by and (P, "megabatch") in by for P in sizes):
         out += ["## megabatch's padding (zero matrices to a multiple of P per shape group)", "",
                 "| P | padding share of NS FLOPs | bytes/rank megabatch / balanced | "

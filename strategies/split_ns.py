@@ -9,10 +9,13 @@ members and sums all partials in block order (float32, so every member holds bit
 A), (3) computes its rows of A A and B = b A + c A A, (4) exchanges its rows of B, and (5)
 updates X_j <- a X_j + B X_j locally. The norm that starts the iteration is likewise a sum of the
 members' partial sums of squares. Members run exactly the whole matrix's FLOPs between them.
-Who splits what is `split_plan.assign` (by FLOPs and Gram bytes; see its docstring).
+Who splits what is `split_plan.assign` (by FLOPs against the rounds' bytes and latency, groups
+inside one node with `ranks_per_node`; see its docstring).
 
 Communication, all as `all_to_all_single` over the strategy's group so that it works on any
-process group (no subgroups to create; ranks outside a split exchange nothing):
+process group (no subgroups to create; ranks outside a split exchange no bytes, though NCCL
+still posts a zero-byte message to every peer, so a round's latency is the all-to-all's, alpha
+(P - 1), which the planner weighs as `flop_per_round`):
 - forward: one exchange; every rank sends each owner its row shard of the owner's whole matrices
   and each member the piece of its shard inside the member's block;
 - split rounds: 1 + 2 * steps exchanges (norm partials, then per step Gram partials and B rows),

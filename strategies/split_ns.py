@@ -9,10 +9,13 @@ members and sums all partials in block order (float32, so every member holds bit
 A), (3) computes its rows of A A and B = b A + c A A, (4) exchanges its rows of B, and (5)
 updates X_j <- a X_j + B X_j locally. The norm that starts the iteration is likewise a sum of the
 members' partial sums of squares. Members run exactly the whole matrix's FLOPs between them.
-Who splits what is `split_plan.assign` (by FLOPs and Gram bytes; see its docstring).
+Who splits what is `split_plan.assign` (by FLOPs against the rounds' bytes and latency, groups
+inside one node with `ranks_per_node`; see its docstring).
 
 Communication, all as `all_to_all_single` over the strategy's group so that it works on any
-process group (no subgroups to create; ranks outside a split exchange nothing):
+process group (no subgroups to create; ranks outside a split exchange no bytes, though NCCL
+still posts a zero-byte message to every peer, so a round's latency is the all-to-all's, alpha
+(P - 1), which the planner weighs as `flop_per_round`):
 - forward: one exchange; every rank sends each owner its row shard of the owner's whole matrices
   and each member the piece of its shard inside the member's block;
 - split rounds: 1 + 2 * steps exchanges (norm partials, then per step Gram partials and B rows),
@@ -41,7 +44,7 @@ from dist_ortho.strategies.collectives import exchange
 from dist_ortho.strategies.ownership import lpt_owners
 from dist_ortho.strategies.registry import register
 from dist_ortho.strategies.split_plan import (SPLIT_POLICIES, Part, assign, gram_itemsizes,
-                                              part_flops, split_dims)
+                                              part_flops, piece_numel, split_dims)
 
 __all__ = ["SplitNSOptions", "SplitNS", "piece_numel"]
 
@@ -51,14 +54,26 @@ class SplitNSOptions:
     """max_group: most ranks one matrix is split over. flop_per_byte: what one byte of the split
     rounds costs in NS FLOPs when the planner compares candidates (default 100: roughly this
     CPU's NS rate over gloo's bandwidth; an H100 node over NVLink is ~1400, across
-    InfiniBand ~12000). split: "auto" (the planner decides) or "all" (every splittable matrix
-    evenly over min(max_group, P) ranks). batch_same_shape: as in `balanced`, for whole
-    matrices."""
+    InfiniBand ~12000). flop_per_round: what each member of a split waits per split round (1 +
+    2 ns_steps rounds, one exchange each) in NS FLOPs: the exchange's latency times the NS rate
+    (default 0: latency ignored). ranks_per_node: GPUs per node (ranks [n G, (n + 1) G) on node
+    n); when set, every split group lies inside one node and flop_per_byte / flop_per_round
+    should be that node's link (None: groups may span nodes). flop_per_byte_exchange: what one
+    byte of the forward / return all-to-alls (over all ranks) costs in NS FLOPs; the planner
+    keeps a split only if its busiest rank plus its busiest forward and return bytes beat LPT's
+    (default 0: those bytes not weighed). The cost model prices the split
+    rounds with these same weights (`SplitNS.sharded_time`); `dist-ortho project` sets them
+    from the priced machine. split: "auto" (the planner decides) or "all" (every splittable
+    matrix evenly over min(max_group, P, ranks_per_node) ranks). batch_same_shape: as in
+    `balanced`, for whole matrices."""
 
     max_group: int = 4
     flop_per_byte: float = 100.0
     split: str = "auto"
     batch_same_shape: bool = True
+    flop_per_round: float = 0.0
+    ranks_per_node: int | None = None
+    flop_per_byte_exchange: float = 0.0
 
     def __post_init__(self) -> None:
         if (not isinstance(self.max_group, int) or isinstance(self.max_group, bool)
@@ -69,6 +84,24 @@ class SplitNSOptions:
                 or not self.flop_per_byte >= 0):
             raise ValueError(f"split_ns option 'flop_per_byte' must be a number >= 0, got "
                              f"{self.flop_per_byte!r}")
+        if (isinstance(self.flop_per_round, bool)
+                or not isinstance(self.flop_per_round, (int, float))
+                or not 0 <= self.flop_per_round < float("inf")):
+            raise ValueError(f"split_ns option 'flop_per_round' must be a finite number >= 0 (a "
+                             f"round's latency times the NS FLOP rate; 0 ignores latency), got "
+                             f"{self.flop_per_round!r}")
+        if (isinstance(self.flop_per_byte_exchange, bool)
+                or not isinstance(self.flop_per_byte_exchange, (int, float))
+                or not 0 <= self.flop_per_byte_exchange < float("inf")):
+            raise ValueError(f"split_ns option 'flop_per_byte_exchange' must be a finite number "
+                             f">= 0 (the forward/return all-to-all's seconds per byte times the "
+                             f"NS FLOP rate; 0 ignores them), got {self.flop_per_byte_exchange!r}")
+        if self.ranks_per_node is not None and (
+                not isinstance(self.ranks_per_node, int) or isinstance(self.ranks_per_node, bool)
+                or self.ranks_per_node < 1):
+            raise ValueError(f"split_ns option 'ranks_per_node' must be None (groups may span "
+                             f"nodes) or the GPUs per node, an int >= 1, got "
+                             f"{self.ranks_per_node!r}")
         if self.split not in SPLIT_POLICIES:
             raise ValueError(f"split_ns option 'split' must be one of {SPLIT_POLICIES}, got "
                              f"{self.split!r}")
@@ -79,15 +112,6 @@ class SplitNSOptions:
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> tuple[int, int]:
     lo, hi = max(a0, b0), min(a1, b1)
     return lo, max(lo, hi)
-
-
-def piece_numel(m: MatrixSpec, part: Part, rank: int) -> int:
-    """Elements of rank's row shard that lie in `part`."""
-    if part.axis == 1:
-        return m.dim0_sizes[rank] * (part.hi - part.lo)
-    start = m.shard_offset(rank)
-    lo, hi = _overlap(start, start + m.dim0_sizes[rank], part.lo, part.hi)
-    return (hi - lo) * m.row_numel
 
 
 def _cut(m: MatrixSpec, part: Part, rank: int, shard: torch.Tensor) -> torch.Tensor:
@@ -132,7 +156,8 @@ class SplitNS(Strategy):
 
     def _assignment(self, matrices, world_size):
         o = self.options
-        return assign(tuple(matrices), world_size, o.max_group, float(o.flop_per_byte), o.split)
+        return assign(tuple(matrices), world_size, o.max_group, float(o.flop_per_byte), o.split,
+                      float(o.flop_per_round), o.ranks_per_node, float(o.flop_per_byte_exchange))
 
     def plan(self, matrices, world_size, rank) -> Plan:
         plan = super().plan(matrices, world_size, rank)
@@ -180,12 +205,14 @@ class SplitNS(Strategy):
         return None
 
     def sharded_time(self, plan, calls, compute):
-        """Forward, the split rounds and return as synchronous calls, plus the busiest rank's
-        NS (its whole matrices and its shares of the split ones, at the fitted rate)."""
+        """Forward and return as synchronous calls; between them each rank runs its whole
+        matrices and its shares of the split ones (at the fitted rate), and a member of a split
+        also waits in the split rounds, priced as the planner prices them (`rank_costs`: bytes
+        times flop_per_byte plus flop_per_round per round, in NS FLOPs, so at the NS rate)."""
         P = plan.world_size
         sharded = [m for m in plan.matrices if m.sharded]
         a = self._assignment(sharded, P)
-        works = []
+        works, rounds = [], []
         for r in range(P):
             whole = [m for k, m in enumerate(sharded) if not a.is_split(k)
                      and a.parts[k][0].member == r]
@@ -194,8 +221,13 @@ class SplitNS(Strategy):
             split_flops = a.flops[r] - sum(m.flops for m in whole)
             works.append(compute.ns_matrices_seconds(whole, self.batches_same_shape)
                          + (compute.ns_seconds(split_flops, split) if split else 0.0))
-        ns_s = max(compute.concurrent(works), default=0.0)
-        return sum(c.seconds for c in calls) + ns_s, ns_s
+            rounds.append(compute.ns_seconds(a.cost[r] - a.flops[r], 0))
+        finish = compute.concurrent(works)
+        ns_s = max(finish, default=0.0)
+        # calls: forward, the split rounds (priced above instead), return
+        ends = [calls[0], calls[-1]] if len(calls) >= 2 else list(calls)
+        step = max((f + w for f, w in zip(finish, rounds)), default=0.0)
+        return sum(c.seconds for c in ends) + step, ns_s
 
     # -- execution -------------------------------------------------------------------------------
     def _execute_sharded(self, plan: Plan, indices, inputs, ctx: ExecContext):

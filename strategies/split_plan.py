@@ -12,10 +12,18 @@ Choice (`assign`): greedy LPT over whole matrices is the baseline. Then a target
 bisected between the even split (sum of FLOPs / P) and LPT's: for a target, matrices go largest
 first whole onto the rank with the least room that still fits them (best fit), and a matrix that
 fits nowhere is split over the fewest ranks with the most room (at most `max_group`), each block
-as large as its rank's room allows. A rank's cost is its NS FLOPs plus `flop_per_byte` times the
-bytes it sends in the Gram exchanges. The lowest feasible target wins, if it beats LPT.
-`split="all"` splits every splittable matrix evenly over min(max_group, P) ranks (tests and
-comparisons).
+as large as its rank's room allows. A rank's cost (`rank_costs`) is its NS FLOPs, plus, if it is a
+member of any split, `flop_per_byte` times the bytes it sends in the split rounds and
+`flop_per_round` for each of the 1 + 2 ns_steps rounds it waits in (the rounds' latency: every
+split matrix shares each round's exchange, so a rank in two splits pays it once). The lowest
+feasible target wins if its busiest rank's cost, plus `flop_per_byte_exchange` times the busiest
+rank's bytes of the forward and of the return all-to-all (`exchange_bytes`: packing the small
+matrices tightly can pile bytes on a few ranks), is below the same sum for LPT (which sends nothing
+in rounds), so the planner never picks a split that its own pricing says is slower.
+With `ranks_per_node` (G) every split group lies inside one node (ranks [n G, (n + 1) G)): the
+candidate groups are the G-rank nodes that hold the ranks with the most room, and the weights are
+then the intra-node link's. `split="all"` splits every splittable matrix evenly over
+min(max_group, P, G) ranks (tests and comparisons).
 """
 
 from __future__ import annotations
@@ -31,9 +39,12 @@ import torch
 from dist_ortho.sharding import MatrixSpec, chunk_sizes, dtype_size
 
 __all__ = ["Part", "Assignment", "assign", "split_dims", "part_flops", "gram_itemsizes",
-           "SPLIT_POLICIES"]
+           "rank_costs", "SPLIT_POLICIES"]
 
 SPLIT_POLICIES = ("auto", "all")
+# node-local groups: candidate nodes per group size, those holding the ranks with the most room
+# (a node further down that order has less room on its best rank; trying all would cost O(P))
+NODES_TRIED = 8
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Assignment:
 
     parts: tuple[tuple[Part, ...], ...]
     flops: tuple[int, ...]  # per rank: NS FLOPs, split shares included
+    cost: tuple[float, ...] = ()  # per rank: flops + priced split-round bytes and latency
 
     def is_split(self, k: int) -> bool:
         return len(self.parts[k]) > 1
@@ -92,6 +104,32 @@ def gram_send_bytes(m: MatrixSpec, k: int, g: int, arows: int) -> int:
     return (g - 1) * (b_norm + m.ns_steps * k * (k * b_gram + arows * m.out_itemsize))
 
 
+def piece_numel(m: MatrixSpec, part: Part, rank: int) -> int:
+    """Elements of rank's row shard that lie in `part`."""
+    if part.axis == 1:
+        return m.dim0_sizes[rank] * (part.hi - part.lo)
+    start = m.shard_offset(rank)
+    return max(0, min(start + m.dim0_sizes[rank], part.hi) - max(start, part.lo)) * m.row_numel
+
+
+def exchange_bytes(matrices, parts, world_size: int, local: list[int]) -> tuple[float, float]:
+    """The busiest rank's bytes (larger of send and receive) in the forward all-to-all (every
+    rank sends each owner / member its piece of the part) and in the return (the way back), as
+    `split_ns` plans them; local[r]: elements of rank r's shards of all matrices."""
+    P = world_size
+    own = [0] * P  # elements a rank keeps: its own pieces of its parts
+    got = [0] * P  # elements a rank's parts take from the others
+    b_in, b_out = dtype_size(matrices[0].dtype), matrices[0].out_itemsize
+    for m, ps in zip(matrices, parts):
+        for p in ps:
+            mine = piece_numel(m, p, p.member)
+            own[p.member] += mine
+            n = (p.hi - p.lo) * (m.row_numel if p.axis == 0 else m.shape[0])
+            got[p.member] += n - mine
+    out = [max(local[r] - own[r], got[r]) for r in range(P)]
+    return max(out, default=0) * b_in, max(out, default=0) * b_out
+
+
 def _parts(m: MatrixSpec, dims, members, blocks) -> tuple[Part, ...]:
     axis, k, _ = dims
     parts, lo, alo = [], 0, 0
@@ -107,6 +145,30 @@ def _split(m: MatrixSpec, dims, members: list[int]) -> tuple[tuple[Part, ...], l
     return parts, [part_flops(m, dims[1], p.hi - p.lo, p.ahi - p.alo) for p in parts]
 
 
+def rank_costs(matrices, parts, world_size: int, flop_per_byte: float,
+               flop_per_round: float) -> list[float]:
+    """Per rank: its NS FLOPs plus, if it is in a split group, the priced bytes it sends in the
+    split rounds and the latency of every round (all split matrices share one exchange per
+    round, 1 + 2 * the largest ns_steps of them, which every member waits in once)."""
+    cost = [0.0] * world_size
+    split = {k for k, p in enumerate(parts) if len(p) > 1}
+    steps = max((matrices[k].ns_steps for k in split), default=0)
+    members = set()
+    for k, m in enumerate(matrices):
+        dims = split_dims(m) if k in split else None
+        for p in parts[k]:
+            if dims is None:
+                cost[p.member] += m.flops
+                continue
+            arows = p.ahi - p.alo
+            cost[p.member] += (part_flops(m, dims[1], p.hi - p.lo, arows) + flop_per_byte
+                               * gram_send_bytes(m, dims[1], len(parts[k]), arows))
+            members.add(p.member)
+    for r in members:
+        cost[r] += flop_per_round * (1 + 2 * steps)
+    return cost
+
+
 def _whole_lpt(matrices, world_size: int, order) -> tuple[list, list[int]]:
     parts: list = [None] * len(matrices)
     flops = [0] * world_size
@@ -119,112 +181,183 @@ def _whole_lpt(matrices, world_size: int, order) -> tuple[list, list[int]]:
     return parts, flops
 
 
+class _Room:
+    """Room left per rank under a target cost: `sorted` (room, rank) ascending for best fit, and
+    `left[rank]` for node-local group choices."""
+
+    def __init__(self, target: float, world_size: int) -> None:
+        self.left = [target] * world_size
+        self.sorted = [(target, r) for r in range(world_size)]
+
+    def take(self, r: int, used: float) -> None:
+        self.sorted.pop(bisect.bisect_left(self.sorted, (self.left[r], r)))
+        self.left[r] -= used
+        bisect.insort(self.sorted, (self.left[r], r))
+
+
 def _fill(matrices, world_size: int, order, target: float, max_group: int,
-          flop_per_byte: float):
+          flop_per_byte: float, flop_per_round: float, ranks_per_node: int | None):
     """Pack every matrix under `target` cost per rank, largest first: whole on the rank with the
     least room that still fits it (best fit), or else, if splittable, over the ranks with the
-    most room, each taking the largest block that fits (at most max_group ranks). Returns
-    (parts, flops per rank) or None if the target cannot be met this way."""
-    room = sorted((target, r) for r in range(world_size))  # ascending by room left
+    most room (inside one node with `ranks_per_node`), each taking the largest block that fits
+    (at most max_group ranks). Returns (parts, flops per rank) or None if the target cannot be
+    met this way."""
+    room = _Room(target, world_size)
+    members: set[int] = set()  # ranks already paying the rounds' latency
     parts: list = [None] * len(matrices)
     flops = [0] * world_size
     for k in order:
         m = matrices[k]
         f = m.flops
-        pos = bisect.bisect_left(room, (f, -1))
-        if pos < len(room):
-            left, r = room.pop(pos)
+        pos = bisect.bisect_left(room.sorted, (f, -1))
+        if pos < len(room.sorted):
+            r = room.sorted[pos][1]
             parts[k] = (Part(r, 0, 0, m.shape[0]),)
             flops[r] += f
-            bisect.insort(room, (left - f, r))
+            room.take(r, f)
             continue
         dims = split_dims(m)
         if dims is None:
             return None
-        placed = _split_into(m, dims, room, max_group, flop_per_byte)
+        placed = _split_into(m, dims, room, max_group, flop_per_byte, flop_per_round,
+                             ranks_per_node, members)
         if placed is None:
             return None
         parts[k] = placed
         for part in placed:
-            share = part_flops(m, dims[1], part.hi - part.lo, part.ahi - part.alo)
-            flops[part.member] += share
+            flops[part.member] += part_flops(m, dims[1], part.hi - part.lo, part.ahi - part.alo)
     return parts, flops
 
 
-def _split_into(m: MatrixSpec, dims, room: list, max_group: int, flop_per_byte: float):
-    """Split m over the fewest ranks with the most room (2..max_group) whose blocks cover its
-    long side; takes their room from `room` (sorted (room, rank) pairs) and returns the parts,
-    or None (room left unchanged) if no group size fits."""
+def _groups(room: _Room, g: int, ranks_per_node: int | None):
+    """Candidate groups of g ranks, (room, rank) most room first: the g ranks with the most
+    room, or per node (the NODES_TRIED nodes holding the ranks with the most room) its g ranks
+    with the most room."""
+    if ranks_per_node is None:
+        yield room.sorted[-g:][::-1]
+        return
+    P, seen = len(room.left), []
+    for _, r in reversed(room.sorted):
+        n = r // ranks_per_node
+        if n in seen:
+            continue
+        seen.append(n)
+        ranks = range(n * ranks_per_node, min((n + 1) * ranks_per_node, P))
+        if len(ranks) >= g:
+            yield sorted(((room.left[q], q) for q in ranks), reverse=True)[:g]
+        if len(seen) == NODES_TRIED:
+            return
+
+
+def _split_into(m: MatrixSpec, dims, room: _Room, max_group: int, flop_per_byte: float,
+                flop_per_round: float, ranks_per_node: int | None, members: set):
+    """Split m over the fewest ranks with the most room (2..max_group, inside one node with
+    ranks_per_node) whose blocks cover its long side; takes their room and returns the parts,
+    or None (room unchanged) if no group fits. A rank not yet in a split also pays the rounds'
+    latency."""
     _, k, l = dims
     steps = m.ns_steps
-    for g in range(2, min(max_group, len(room)) + 1):
-        top = room[-g:][::-1]  # most room first
-        blocks, left = [], l
-        for (space, _), arows in zip(top, chunk_sizes(k, g)):
-            usable = space - flop_per_byte * gram_send_bytes(m, k, g, arows)
-            block = min(left, math.floor((usable / steps - 2 * arows * k * k) / (4 * k * k)))
-            if block < 1:
-                break
-            blocks.append(block)
-            left -= block
-        if left or len(blocks) < g:
-            continue
-        del room[-g:]
-        parts = _parts(m, dims, [r for _, r in top], blocks)
-        for (space, r), part in zip(top, parts):
-            arows = part.ahi - part.alo
-            used = part_flops(m, k, part.hi - part.lo, arows) + flop_per_byte * gram_send_bytes(
-                m, k, g, arows)
-            bisect.insort(room, (space - used, r))
-        return parts
+    latency = flop_per_round * (1 + 2 * steps)
+    for g in range(2, min(max_group, len(room.left)) + 1):
+        for top in _groups(room, g, ranks_per_node):
+            blocks, left = [], l
+            for (space, r), arows in zip(top, chunk_sizes(k, g)):
+                usable = (space - flop_per_byte * gram_send_bytes(m, k, g, arows)
+                          - (0.0 if r in members else latency))
+                block = min(left, math.floor((usable / steps - 2 * arows * k * k) / (4 * k * k)))
+                if block < 1:
+                    break
+                blocks.append(block)
+                left -= block
+            if left or len(blocks) < g:
+                continue
+            parts = _parts(m, dims, [r for _, r in top], blocks)
+            for part in parts:
+                arows = part.ahi - part.alo
+                used = (part_flops(m, k, part.hi - part.lo, arows)
+                        + flop_per_byte * gram_send_bytes(m, k, g, arows)
+                        + (0.0 if part.member in members else latency))
+                room.take(part.member, used)
+                members.add(part.member)
+            return parts
     return None
+
+
+def _split_all(matrices, P: int, g_max: int, splittable, ranks_per_node: int | None):
+    """Every splittable matrix evenly over g_max ranks (fewer if its long side or its node is
+    smaller): the least loaded rank and the least loaded others of its node (of all ranks
+    without ranks_per_node); the rest whole by LPT."""
+    cost = [0] * P
+    parts: list = [None] * len(matrices)
+    for k in splittable:
+        m = matrices[k]
+        dims = split_dims(m)
+        first = min(range(P), key=lambda r: (cost[r], r))
+        pool = (range(P) if ranks_per_node is None else
+                range(first // ranks_per_node * ranks_per_node,
+                      min((first // ranks_per_node + 1) * ranks_per_node, P)))
+        others = sorted((r for r in pool if r != first), key=lambda r: (cost[r], r))
+        members = [first] + others[:min(g_max, dims[2]) - 1]
+        if len(members) < 2:
+            continue  # a one-rank node: whole, below
+        parts[k], shares = _split(m, dims, members)
+        for part, f in zip(parts[k], shares):
+            cost[part.member] += f
+    heap = [(cost[r], r) for r in range(P)]
+    heapq.heapify(heap)
+    for k, m in enumerate(matrices):
+        if parts[k] is None:
+            c, r = heapq.heappop(heap)
+            parts[k] = (Part(r, 0, 0, m.shape[0]),)
+            cost[r] += m.flops
+            heapq.heappush(heap, (cost[r], r))
+    return parts, cost
 
 
 @functools.lru_cache(maxsize=16)
 def assign(matrices: tuple[MatrixSpec, ...], world_size: int, max_group: int,
-           flop_per_byte: float, split: str) -> Assignment:
+           flop_per_byte: float, split: str, flop_per_round: float = 0.0,
+           ranks_per_node: int | None = None, flop_per_byte_exchange: float = 0.0) -> Assignment:
     """The parts of every (sharded) matrix; see the module docstring."""
     P = world_size
-    g_max = min(max_group, P)
+    g_max = min(max_group, P, ranks_per_node or P)
     splittable = sorted((k for k, m in enumerate(matrices) if split_dims(m) is not None
                          and split_dims(m)[2] >= 2),
                         key=lambda k: (-matrices[k].flops, matrices[k].index))
     if split == "all" and g_max >= 2:
-        # every splittable matrix over g_max ranks (those whose long side has fewer elements
-        # than g_max ranks split over as many as it has)
-        cost = [0.0] * P
-        flops = [0] * P
-        parts: list = [None] * len(matrices)
-        heap = [(0.0, r) for r in range(P)]
-        for k in splittable:
-            m = matrices[k]
-            dims = split_dims(m)
-            members = [heapq.heappop(heap)[1] for _ in range(min(g_max, dims[2]))]
-            parts[k], shares = _split(m, dims, members)
-            for part, f in zip(parts[k], shares):
-                cost[part.member] += f
-                flops[part.member] += f
-            for r in members:
-                heapq.heappush(heap, (cost[r], r))
-        for k, m in enumerate(matrices):
-            if parts[k] is None:
-                c, r = heapq.heappop(heap)
-                parts[k] = (Part(r, 0, 0, m.shape[0]),)
-                cost[r] += m.flops
-                flops[r] += m.flops
-                heapq.heappush(heap, (cost[r], r))
-        return Assignment(tuple(parts), tuple(flops))
+        parts, flops = _split_all(matrices, P, g_max, splittable, ranks_per_node)
+        cost = rank_costs(matrices, parts, P, flop_per_byte, flop_per_round)
+        return Assignment(tuple(parts), tuple(flops), tuple(cost))
     order = sorted(range(len(matrices)), key=lambda k: (-matrices[k].flops, matrices[k].index))
     parts, flops = _whole_lpt(matrices, P, order)
-    best = (max(flops, default=0), parts, flops)
+    w = flop_per_byte_exchange
+    local = [0] * P
+    if w:
+        for m in matrices:
+            for r, rows in enumerate(m.dim0_sizes):
+                local[r] += rows * m.row_numel
+
+    def objective(parts, cost) -> float:
+        """The busiest rank's cost, plus the busiest forward and return bytes (weighed)."""
+        return max(cost, default=0.0) + (w * sum(exchange_bytes(matrices, parts, P, local))
+                                         if w else 0.0)
+
+    best = (parts, flops, [float(f) for f in flops])
+    lpt = max(flops, default=0)
+    lpt_objective = objective(parts, best[2])
     if g_max >= 2 and splittable:
         ideal = sum(m.flops for m in matrices) / P
-        for target in _targets(ideal, float(best[0])):
-            packed = _fill(matrices, P, order, target, g_max, flop_per_byte)
-            if packed is not None and max(packed[1]) < best[0]:
-                best = (max(packed[1]), packed[0], packed[1])
+        for target in _targets(ideal, float(lpt)):
+            packed = _fill(matrices, P, order, target, g_max, flop_per_byte, flop_per_round,
+                           ranks_per_node)
+            if packed is None:
+                continue
+            cost = rank_costs(matrices, packed[0], P, flop_per_byte, flop_per_round)
+            # never a split its own pricing calls slower than LPT
+            if max(cost) < lpt and objective(packed[0], cost) < lpt_objective:
+                best = (packed[0], packed[1], cost)
                 break
-    return Assignment(tuple(best[1]), tuple(best[2]))
+    return Assignment(tuple(best[0]), tuple(best[1]), tuple(best[2]))
 
 
 def _targets(ideal: float, lpt: float) -> list[float]:

@@ -53,6 +53,9 @@ def exactness_cases(strategies: list[str]) -> list[dict]:
                       algo="normuon"))
     cases.append(dict(strategy="allgather_scatter", options={"assignment": "lpt"}, shapes=MIXED,
                       ns_dtype="float32", algo="normuon"))
+    if "split_ns" in strategies:  # split groups inside "nodes" of 2 ranks (P = 3: one of 1 rank)
+        cases.append(dict(strategy="split_ns", options={"split": "all", "ranks_per_node": 2},
+                          shapes=MIXED, ns_dtype="float32", algo="normuon"))
     for case in cases:
         case.setdefault("nesterov", True)
         case.setdefault("weight_decay", 0.0)

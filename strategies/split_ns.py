@@ -80,22 +80,12 @@ class SplitNSOptions:
                 or self.max_group < 1):
             raise ValueError(f"split_ns option 'max_group' must be an int >= 1 (1: never split), "
                              f"got {self.max_group!r}")
-        if (isinstance(self.flop_per_byte, bool) or not isinstance(self.flop_per_byte, (int, float))
-                or not self.flop_per_byte >= 0):
-            raise ValueError(f"split_ns option 'flop_per_byte' must be a number >= 0, got "
-                             f"{self.flop_per_byte!r}")
-        if (isinstance(self.flop_per_round, bool)
-                or not isinstance(self.flop_per_round, (int, float))
-                or not 0 <= self.flop_per_round < float("inf")):
-            raise ValueError(f"split_ns option 'flop_per_round' must be a finite number >= 0 (a "
-                             f"round's latency times the NS FLOP rate; 0 ignores latency), got "
-                             f"{self.flop_per_round!r}")
-        if (isinstance(self.flop_per_byte_exchange, bool)
-                or not isinstance(self.flop_per_byte_exchange, (int, float))
-                or not 0 <= self.flop_per_byte_exchange < float("inf")):
-            raise ValueError(f"split_ns option 'flop_per_byte_exchange' must be a finite number "
-                             f">= 0 (the forward/return all-to-all's seconds per byte times the "
-                             f"NS FLOP rate; 0 ignores them), got {self.flop_per_byte_exchange!r}")
+        _check_weight("flop_per_byte", self.flop_per_byte, "FLOPs one byte of a split round "
+                      "costs")
+        _check_weight("flop_per_round", self.flop_per_round, "a round's latency times the NS "
+                      "FLOP rate; 0 ignores latency")
+        _check_weight("flop_per_byte_exchange", self.flop_per_byte_exchange, "the forward/return "
+                      "all-to-all's seconds per byte times the NS FLOP rate; 0 ignores them")
         if self.ranks_per_node is not None and (
                 not isinstance(self.ranks_per_node, int) or isinstance(self.ranks_per_node, bool)
                 or self.ranks_per_node < 1):
@@ -141,6 +131,14 @@ def _result_piece(m: MatrixSpec, part: Part, rank: int, block: torch.Tensor) -> 
     start = m.shard_offset(rank)
     lo, hi = _overlap(start, start + m.dim0_sizes[rank], part.lo, part.hi)
     return block[lo - part.lo:hi - part.lo].reshape(-1)
+
+
+def _check_weight(name: str, value, meaning: str) -> None:
+    """One clear line for a planner weight that is not a finite number >= 0."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 <= value < float("inf")):
+        raise ValueError(f"split_ns option {name!r} must be a finite number >= 0 ({meaning}), "
+                         f"got {value!r}")
 
 
 @register

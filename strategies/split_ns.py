@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dist_ortho.newton_schulz import matmul_add, normalized, step_coefficients
@@ -44,7 +45,8 @@ from dist_ortho.strategies.collectives import exchange
 from dist_ortho.strategies.ownership import lpt_owners
 from dist_ortho.strategies.registry import register
 from dist_ortho.strategies.split_plan import (SPLIT_POLICIES, Part, assign, gram_itemsizes,
-                                              part_flops, piece_numel, split_dims)
+                                              part_flops, piece_numel, piece_numels,
+                                              split_dims)
 
 __all__ = ["SplitNSOptions", "SplitNS", "piece_numel"]
 
@@ -175,22 +177,25 @@ class SplitNS(Strategy):
         b_out = matrices[0].out_itemsize
         fwd = [[0, 0] for _ in range(P)]
         ret = [[0, 0] for _ in range(P)]
+        fwd_send = np.zeros(P, dtype=np.int64)
+        ret_recv = np.zeros(P, dtype=np.int64)
         held = [0] * P
         for k, m in enumerate(matrices):
             parts = a.parts[k]
             owner[m.index] = parts[0].member  # a split matrix: its first block's member
             for part in parts:
                 ranks[part.member].computes.append(m.index)
-                for r in range(P):
-                    if r == part.member:
-                        continue
-                    n = piece_numel(m, part, r)
-                    fwd[r][0] += n * b_in
-                    fwd[part.member][1] += n * b_in
-                    n_back = piece_numel(m, part, r)
-                    ret[part.member][0] += n_back * b_out
-                    ret[r][1] += n_back * b_out
+                pieces = piece_numels(m, part)  # what each rank sends the member, and gets back
+                pieces[part.member] = 0
+                total = int(pieces.sum())
+                fwd_send += pieces * b_in
+                fwd[part.member][1] += total * b_in
+                ret[part.member][0] += total * b_out
+                ret_recv += pieces * b_out
                 held[part.member] += _part_numel(m, part) * (b_in + b_out)
+        for r in range(P):
+            fwd[r][0] += int(fwd_send[r])
+            ret[r][1] += int(ret_recv[r])
         rounds = _round_bytes(matrices, a, P)
         for r, cost in enumerate(ranks):
             if P > 1:

@@ -34,12 +34,13 @@ import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dist_ortho.sharding import MatrixSpec, chunk_sizes, dtype_size
 
-__all__ = ["Part", "Assignment", "assign", "split_dims", "part_flops", "gram_itemsizes",
-           "rank_costs", "SPLIT_POLICIES"]
+__all__ = ["Part", "Assignment", "assign", "piece_numels", "split_dims", "part_flops",
+           "gram_itemsizes", "rank_costs", "SPLIT_POLICIES"]
 
 SPLIT_POLICIES = ("auto", "all")
 # node-local groups: candidate nodes per group size, those holding the ranks with the most room
@@ -110,6 +111,17 @@ def piece_numel(m: MatrixSpec, part: Part, rank: int) -> int:
         return m.dim0_sizes[rank] * (part.hi - part.lo)
     start = m.shard_offset(rank)
     return max(0, min(start + m.dim0_sizes[rank], part.hi) - max(start, part.lo)) * m.row_numel
+
+
+def piece_numels(m: MatrixSpec, part: Part) -> np.ndarray:
+    """piece_numel(m, part, r) for every rank r at once (int64): the planners of P = 4096 ask
+    it for every rank of every matrix."""
+    sizes = np.asarray(m.dim0_sizes, dtype=np.int64)
+    if part.axis == 1:
+        return sizes * (part.hi - part.lo)
+    starts = np.asarray(m.dim0_starts, dtype=np.int64)
+    overlap = np.minimum(starts[1:], part.hi) - np.maximum(starts[:-1], part.lo)
+    return np.clip(overlap, 0, None) * m.row_numel
 
 
 def exchange_bytes(matrices, parts, world_size: int, local: list[int]) -> tuple[float, float]:

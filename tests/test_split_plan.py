@@ -14,6 +14,7 @@ from dist_ortho.families_report import split_ns_options
 from dist_ortho.models import matrix_shapes
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.profiling.hardware import HARDWARE_PRESETS
+from dist_ortho.strategies import split_plan
 
 
 def _specs(model: str, P: int):
@@ -159,3 +160,18 @@ def test_projection_weights_come_from_the_preset():
 def test_bad_split_options_name_themselves(options, word):
     with pytest.raises(ValueError, match=word):
         strategies.build("split_ns", **options)
+
+
+def test_planning_at_4096_ranks_counts_each_rank_piece_as_the_executor_does():
+    """Regression: split_ns planned its forward/return bytes with a per-rank Python loop whose
+    shard offsets were re-summed for every rank, O(P^2) per matrix (minutes at P = 4096). The
+    vector `piece_numels` must equal `piece_numel`, which execute uses, for every rank: uneven
+    and empty shards, row blocks and column blocks, ranks before, inside and after a block."""
+    specs = cm.matrix_specs([(10, 7), (3, 5), (9, 4, 2), (16, 16)], 6, torch.float32,
+                            torch.float32)
+    for m in specs:
+        assert len(m.dim0_starts) == 7 and m.dim0_starts[-1] == m.shape[0]
+        for axis, lo, hi in [(0, 0, m.shape[0]), (0, 2, 5), (0, 4, 4), (1, 1, 3)]:
+            part = split_plan.Part(member=1, axis=axis, lo=lo, hi=hi)
+            want = [split_plan.piece_numel(m, part, r) for r in range(6)]
+            assert split_plan.piece_numels(m, part).tolist() == want, (m.shape, part)

@@ -32,9 +32,9 @@ def sharded_runs(model_name: str, world_size: int, strategies_by_name: dict) -> 
     return runs
 
 
-def timed_step(opt) -> float:
-    """Seconds of `opt.step()` as the slowest rank saw it (the step ends when that rank's does),
-    every rank starting together."""
+def timed_call(fn) -> float:
+    """Seconds of `fn()` as the slowest rank saw it (the work ends when that rank's does), every
+    rank starting together."""
     import time
 
     import torch
@@ -42,7 +42,12 @@ def timed_step(opt) -> float:
 
     dist.barrier()
     start = time.perf_counter()
-    opt.step()
+    fn()
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return elapsed.item()
+
+
+def timed_step(opt) -> float:
+    """Seconds of `opt.step()` as the slowest rank saw it."""
+    return timed_call(opt.step)

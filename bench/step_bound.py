@@ -39,23 +39,10 @@ import json
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 CONTROLS = ("ideal", "alone")
-
-
-def _lpt_share(flops: list[int], world_size: int, rank: int) -> list[int]:
-    """Positions of the matrices rank `rank` runs in the ideal split (largest first, least load)."""
-    load = [0] * world_size
-    mine = []
-    for k in sorted(range(len(flops)), key=lambda k: (-flops[k], k)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        load[r] += flops[k]
-        if r == rank:
-            mine.append(k)
-    return mine
 
 
 def worker(rank: int, world_size: int, code: str | None, model_name: str, repeats: int,
@@ -65,11 +52,11 @@ def worker(rank: int, world_size: int, code: str | None, model_name: str, repeat
     sys.path.insert(0, BENCH)
 
     import torch
-    import torch.distributed as dist
-    from common import sharded_runs, timed_step
+    from common import sharded_runs, timed_call, timed_step
     from dist_ortho.models import synthetic_grads
     from dist_ortho.newton_schulz import newton_schulz
     from dist_ortho.plan import owner_bound_bytes
+    from dist_ortho.strategies.ownership import lpt_owners
     from dist_ortho.study import measure_machine
 
     import dist_ortho
@@ -83,19 +70,12 @@ def worker(rank: int, world_size: int, code: str | None, model_name: str, repeat
     machine = measure_machine(facts, world_size, "float32", repeats=3)
     inputs = [torch.randn(m.view_shape) for m in plan.matrices]
     steps = [m.ns_steps for m in plan.matrices]
-    share = _lpt_share(flops, world_size, rank)
+    owners = lpt_owners(plan.matrices, world_size)  # the ideal split: LPT by NS FLOPs
+    share = [k for k, o in enumerate(owners) if o == rank]
 
     def sweep(positions) -> None:
         for k in positions:
             newton_schulz(inputs[k], steps[k], torch.float32)
-
-    def timed(fn) -> float:  # like timed_step: together, the slowest rank's seconds
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        return elapsed.item()
 
     everything = list(range(len(inputs)))
     controls = {"ideal": lambda: sweep(share),
@@ -106,14 +86,14 @@ def worker(rank: int, world_size: int, code: str | None, model_name: str, repeat
         order = labels[r % len(labels):] + labels[:r % len(labels)]
         for name in order:
             if name in controls:
-                elapsed = timed(controls[name])
+                elapsed = timed_call(controls[name])
             else:
                 model, opt = runs[name]
                 synthetic_grads(model, r, seed=0)
                 elapsed = timed_step(opt)
             if r >= warmup:
                 times[name].append(elapsed)
-    load = [sum(flops[k] for k in _lpt_share(flops, world_size, q)) for q in range(world_size)]
+    load = [sum(f for f, o in zip(flops, owners) if o == q) for q in range(world_size)]
     return {"code": os.path.dirname(os.path.dirname(os.path.abspath(dist_ortho.__file__))),
             "comm_bound_s": machine["comm_bound_s"], "study_bound_s": machine["bound_s"],
             "ns_flops": sum(flops), "ideal_flop_imbalance": max(load) * world_size / sum(flops),

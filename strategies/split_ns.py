@@ -175,27 +175,23 @@ class SplitNS(Strategy):
         a = self._assignment(matrices, P)
         b_in = dtype_size(matrices[0].dtype)
         b_out = matrices[0].out_itemsize
-        fwd = [[0, 0] for _ in range(P)]
-        ret = [[0, 0] for _ in range(P)]
-        fwd_send = np.zeros(P, dtype=np.int64)
-        ret_recv = np.zeros(P, dtype=np.int64)
+        # elements each rank sends the members of others' parts (forward) and gets back (return),
+        # and elements each member gathers for its parts (forward) and sends back (return)
+        sent = np.zeros(P, dtype=np.int64)
+        gathered = np.zeros(P, dtype=np.int64)
         held = [0] * P
         for k, m in enumerate(matrices):
             parts = a.parts[k]
             owner[m.index] = parts[0].member  # a split matrix: its first block's member
             for part in parts:
                 ranks[part.member].computes.append(m.index)
-                pieces = piece_numels(m, part)  # what each rank sends the member, and gets back
+                pieces = piece_numels(m, part)
                 pieces[part.member] = 0
-                total = int(pieces.sum())
-                fwd_send += pieces * b_in
-                fwd[part.member][1] += total * b_in
-                ret[part.member][0] += total * b_out
-                ret_recv += pieces * b_out
+                sent += pieces
+                gathered[part.member] += pieces.sum()
                 held[part.member] += _part_numel(m, part) * (b_in + b_out)
-        for r in range(P):
-            fwd[r][0] += int(fwd_send[r])
-            ret[r][1] += int(ret_recv[r])
+        fwd = [(int(sent[r]) * b_in, int(gathered[r]) * b_in) for r in range(P)]
+        ret = [(int(gathered[r]) * b_out, int(sent[r]) * b_out) for r in range(P)]
         rounds = _round_bytes(matrices, a, P)
         for r, cost in enumerate(ranks):
             if P > 1:

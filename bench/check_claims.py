@@ -2,7 +2,7 @@
 
     python bench/check_claims.py results/examples/default_study RERUN_1/default_study RERUN_2/...
 
-Every "A faster than B" claim of each study directory (`dist_ortho.comparison.claims_of`, what
+Every "A faster than B" claim of each study directory (`dist_ortho.reporting.comparison.claims_of`, what
 its report.md states) is checked in every other one (`comparison.failed_claims`: there the
 paired ratio A/B must have its whole 95% interval below 1). Prints one line per study and per
 claim that fails, and a markdown table to --out (default: results/bench/claims_rerun.md).
@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dist_ortho import comparison, report  # noqa: E402
-from dist_ortho.io import atomic_write_text  # noqa: E402
+from dist_ortho.core.io import atomic_write_text  # noqa: E402
+from dist_ortho.reporting import report  # noqa: E402
+from dist_ortho.reporting import comparison
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ ends, in one of three settings, and the settings take turns within every round (
 rotating from round to round) so that slow drifts of a shared machine hit all of them alike:
   none      no save (the baseline)
   blocking  `checkpoint.save`: DCP's write with checksums, commit, verification, retention
-  async     `dist_ortho.ckpt_async.AsyncSaver`: the state is copied into a reused staging buffer,
+  async     `dist_ortho.checkpointing.async_save.AsyncSaver`: the state is copied into a reused staging buffer,
             then written, checksummed and committed by a background thread while training goes
             on; the window ends once that save is complete (its cost is all inside the window)
 A window's time is its slowest rank's. Reported per setting: the mean time per step of a window,
@@ -42,11 +42,12 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from dist_ortho import OptimizerConfig, build_optimizers, checkpoint  # noqa: E402
-from dist_ortho.ckpt_async import AsyncSaver  # noqa: E402
-from dist_ortho.io import atomic_write_text  # noqa: E402
+from dist_ortho import OptimizerConfig, build_optimizers
+from dist_ortho.checkpointing import checkpoint  # noqa: E402
+from dist_ortho.checkpointing.async_save import AsyncSaver  # noqa: E402
+from dist_ortho.core.io import atomic_write_text  # noqa: E402
 from dist_ortho.models import build_model  # noqa: E402
-from dist_ortho.testing import spawn  # noqa: E402
+from dist_ortho.testing.processes import spawn  # noqa: E402
 
 SETTINGS = ("none", "blocking", "async")
 # two-sided 95% Student t quantiles by degrees of freedom (no scipy here)

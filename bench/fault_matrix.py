@@ -7,7 +7,7 @@ following `--resume` continues bitwise from the newest intact checkpoint.
 
 The cases are those of tests/fault_cases.py (gpt-tiny, 2 gloo ranks, strategy balanced, 6 steps,
 a checkpoint every 2 steps, keep_last 1, collective timeout fault_cases.TIMEOUT_S): each case is
-one job through `dist_ortho.jobs` (as a sweep runs a point); then one torchrun runs the
+one job through `dist_ortho.studies.jobs` (as a sweep runs a point); then one torchrun runs the
 uninterrupted reference and every case's `--resume`. Writes fault_matrix.md and fault_matrix.csv.
 Time to exit: from the wall clock the failing rank logged just before it failed to the moment the
 job runner had the job's exit status (torchrun stopping the other rank included), on whatever
@@ -32,8 +32,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
 import fault_cases as fc  # noqa: E402 - tests/ on the path first
-from dist_ortho.faults import PHASES  # noqa: E402
-from dist_ortho.io import atomic_write_text  # noqa: E402
+
+from dist_ortho.core.io import atomic_write_text  # noqa: E402
+from dist_ortho.studies.faults import PHASES  # noqa: E402
 
 FIELDS = ["phase", "mode", "saves", "rank", "returncode", "seconds_to_exit", "within_timeout",
           "error",

@@ -4,7 +4,7 @@
 #     bash bench/gpu_check.sh --dry-run          # list the checks, run nothing
 # Without a CUDA GPU: one line, exit 0, nothing installed or run. With one: installs this project
 # offline into the Python that has the CUDA torch (pip --no-deps --no-build-isolation --no-index
-# -e ., unless it is installed from here already), then `python -m dist_ortho.gpu_check`: every
+# -e ., unless it is installed from here already), then `python -m dist_ortho.testing.gpu_check`: every
 # check in its own process with its own time budget (400 s in all), summary.md and json files
 # under the output folder, exit 1 if any check failed. The GPU machine brings torch with CUDA;
 # without one, install the project's version (the torch== line of constraints-cpu.txt) from the
@@ -33,8 +33,8 @@ for arg in "$@"; do
     if [ "$arg" = "--dry-run" ]; then  # lists, installs nothing
         installed_here || echo "gpu_check: would first install this project offline:" \
             "$PY -m pip install --no-deps --no-build-isolation --no-index -e ."
-        if "$PY" -c 'import dist_ortho.gpu_check' >/dev/null 2>&1; then
-            exec "$PY" -m dist_ortho.gpu_check "$@"
+        if "$PY" -c 'import dist_ortho.testing.gpu_check' >/dev/null 2>&1; then
+            exec "$PY" -m dist_ortho.testing.gpu_check "$@"
         fi
         echo "gpu_check: error: listing the checks needs dist_ortho importable by $PY; install it" \
             "first (README) or set PYTHON"
@@ -47,4 +47,4 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     exit 0
 fi
 install
-exec "$PY" -m dist_ortho.gpu_check "$@"
+exec "$PY" -m dist_ortho.testing.gpu_check "$@"

@@ -27,20 +27,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from dist_ortho import NorMuon, strategies  # noqa: E402
-from dist_ortho.io import atomic_write_text  # noqa: E402
+from dist_ortho.core.io import atomic_write_text  # noqa: E402
 from dist_ortho.models.shapes import matrix_shapes  # noqa: E402
 from dist_ortho.profiling.stats import compare, median_interval  # noqa: E402
-from dist_ortho.testing import spawn  # noqa: E402
+from dist_ortho.testing.processes import spawn  # noqa: E402
 
 MODES = ("spread", "repeat")
 
 
 def worker(rank: int, world_size: int, model: str, rounds: int, warmup: int,
            names: list[str]) -> dict:
+    from common import timed_step
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    from common import timed_step
 
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))

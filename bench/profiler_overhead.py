@@ -31,8 +31,7 @@ def worker(rank: int, world_size: int, model_name: str, strategy: str, steps: in
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from dist_ortho import strategies
-    from dist_ortho import OptimizerConfig, build_optimizers
+    from dist_ortho import OptimizerConfig, build_optimizers, strategies
     from dist_ortho.models import build_model
     from dist_ortho.profiling import Profiler, ProfilerConfig
 
@@ -92,7 +91,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.world_size < 1 or args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("world size, steps and batch size must be >= 1, warmup >= 0")
-    from dist_ortho.testing import spawn
+    from dist_ortho.testing.processes import spawn
 
     times = spawn(worker, args.world_size, args=(args.model, args.strategy, args.steps,
                                                  args.warmup, args.batch_size))[0]

@@ -53,13 +53,13 @@ def worker(rank: int, world_size: int, code: str | None, model_name: str, repeat
 
     import torch
     from common import sharded_runs, timed_call, timed_step
-    from dist_ortho.models import synthetic_grads
-    from dist_ortho.newton_schulz import newton_schulz
-    from dist_ortho.plan import owner_bound_bytes
-    from dist_ortho.strategies.ownership import lpt_owners
-    from dist_ortho.study import measure_machine
 
     import dist_ortho
+    from dist_ortho.core.newton_schulz import newton_schulz
+    from dist_ortho.core.plan import owner_bound_bytes
+    from dist_ortho.models import synthetic_grads
+    from dist_ortho.strategies.ownership import lpt_owners
+    from dist_ortho.studies.interleaved import measure_machine
     runs = sharded_runs(model_name, world_size, {n: n for n in names})
     plan = runs[names[0]][1].plan()
     numel = sum(m.numel for m in plan.matrices if m.sharded)
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     # the ranks are fresh interpreters: they must find the same package first
     os.environ["PYTHONPATH"] = os.pathsep.join([code, os.environ.get("PYTHONPATH", "")])
     from dist_ortho import strategies
-    from dist_ortho.testing import spawn
+    from dist_ortho.testing.processes import spawn
 
     names = args.strategies.split(",") if args.strategies else strategies.available()
     out = spawn(worker, args.world_size, args=(code, args.model, args.repeats, args.warmup,

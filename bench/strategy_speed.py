@@ -17,18 +17,18 @@ import os
 import statistics
 import sys
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from dist_ortho import strategies  # noqa: E402
-from dist_ortho.testing import spawn  # noqa: E402
+from dist_ortho.testing.processes import spawn  # noqa: E402
 
 
 def worker(rank: int, world_size: int, model_name: str, steps: int, warmup: int,
            names: list[str]) -> dict:
     from common import sharded_runs, timed_step
+
     from dist_ortho.models import synthetic_grads
 
     runs = sharded_runs(model_name, world_size, {n: n for n in names})

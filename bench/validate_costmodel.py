@@ -10,7 +10,7 @@
 2. Per validated world size P, one process group: the in-sample calibration (at P, with the
    model's own shapes, whose measured NS seconds the model then uses), then the shape-only model
    sharded with FSDP2 and stepped by NorMuon (float32 NS) under every strategy, interleaved as the
-   study does (`dist_ortho.study`): `repeats` x `steps` rounds, one step of each strategy per
+   study does (`dist_ortho.studies.interleaved`): `repeats` x `steps` rounds, one step of each strategy per
    round, the order rotated every repeat. Every timed step is recorded (steps.csv): the step's
    time (slowest rank) and the slowest rank's seconds in Newton-Schulz (`ns`) and in waiting for
    collectives (`comm_wait`).
@@ -47,15 +47,16 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
         sys.path.insert(0, path)
 
 from common import sharded_runs  # noqa: E402
+
 from dist_ortho import strategies  # noqa: E402
+from dist_ortho.core.timing import SecondsTimer  # noqa: E402
 from dist_ortho.models import synthetic_grads  # noqa: E402
 from dist_ortho.models.shapes import matrix_shapes  # noqa: E402
 from dist_ortho.profiling.calibration import NS_CALIBRATION_SHAPES, calibrate  # noqa: E402
 from dist_ortho.profiling.costmodel import CostConstants, predict  # noqa: E402
 from dist_ortho.profiling.env import busy_cpu_s  # noqa: E402
 from dist_ortho.profiling.stats import median_interval  # noqa: E402
-from dist_ortho.testing import spawn  # noqa: E402
-from dist_ortho.timing import SecondsTimer  # noqa: E402
+from dist_ortho.testing.processes import spawn  # noqa: E402
 
 OUT = os.path.join(ROOT, "results", "costmodel_validation")
 TARGET = 0.25

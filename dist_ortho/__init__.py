@@ -2,7 +2,7 @@
 strategies (see the `strategies` package) and a profiler (`profiling`).
 
 The names below are loaded on first use (module `__getattr__`), so that importing a low layer
-such as `dist_ortho.strategies` or `dist_ortho.newton_schulz` does not pull in the optimizer; see
+such as `dist_ortho.strategies` or `dist_ortho.core.newton_schulz` does not pull in the optimizer; see
 ARCHITECTURE.md for the layers.
 """
 
@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import importlib
 
-# eager: a core module with no dist_ortho imports; and the function `newton_schulz` must shadow the
-# submodule of the same name as a package attribute
-from dist_ortho.newton_schulz import NSConfig, newton_schulz, ns_flops
+# eager: a core module with no dist_ortho imports
+from dist_ortho.core.newton_schulz import NSConfig, newton_schulz, ns_flops
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "NorMuon": "dist_ortho.optimizer",
-    "Muon": "dist_ortho.optimizer",
-    "OrthogonalizedOptimizer": "dist_ortho.optimizer",
-    "split_params": "dist_ortho.param_groups",
-    "split_model_params": "dist_ortho.param_groups",
-    "SplitConfig": "dist_ortho.param_groups",
-    "CombinedOptimizer": "dist_ortho.param_groups",
-    "OptimizerConfig": "dist_ortho.param_groups",
-    "build_optimizers": "dist_ortho.param_groups",
-    "ReferenceHParams": "dist_ortho.reference",
-    "reference_step": "dist_ortho.reference",
+    "NorMuon": "dist_ortho.optim.optimizer",
+    "Muon": "dist_ortho.optim.optimizer",
+    "OrthogonalizedOptimizer": "dist_ortho.optim.optimizer",
+    "split_params": "dist_ortho.optim.param_groups",
+    "split_model_params": "dist_ortho.optim.param_groups",
+    "SplitConfig": "dist_ortho.optim.param_groups",
+    "CombinedOptimizer": "dist_ortho.optim.param_groups",
+    "OptimizerConfig": "dist_ortho.optim.param_groups",
+    "build_optimizers": "dist_ortho.optim.param_groups",
+    "ReferenceHParams": "dist_ortho.optim.reference",
+    "reference_step": "dist_ortho.optim.reference",
 }
 
 __all__ = ["newton_schulz", "ns_flops", "NSConfig", *_EXPORTS]

@@ -4,8 +4,8 @@
     dist-ortho sweep   launch/configs/study.yaml        grid of torchrun runs -> summary.csv
     dist-ortho report  results/<study>                  plots + report.md from a finished sweep
     dist-ortho study   [--config launch/configs/default_study.yaml]   sweep, then report
-    dist-ortho project ...                              cost model (dist_ortho.project)
-    dist-ortho convergence ...                          convergence study (dist_ortho.convergence)
+    dist-ortho project ...                              cost model (dist_ortho.studies.project)
+    dist-ortho convergence ...                          convergence study (dist_ortho.studies.convergence)
 
 Every subcommand lives in a module exposing `add_arguments(parser)` and `main(args) -> int`. Only
 the module of the subcommand being run is imported, so a missing or broken module (say, the cost
@@ -15,7 +15,7 @@ Errors, the same for every command (`run_command`): a user mistake (ConfigError 
 ValueError, an OSError such as an output path that cannot be written) is ONE line on stderr,
 `dist-ortho <command>: error: <key>: <what is wrong and the fix>`, exit status 2, no traceback.
 SIGINT and SIGTERM end a command with one line and exit status 130 / 143; the job runner
-(`dist_ortho.jobs`) first stops the running point's whole process tree and leaves it incomplete.
+(`dist_ortho.studies.jobs`) first stops the running point's whole process tree and leaves it incomplete.
 Set DIST_ORTHO_TRACEBACK=1 to get the full traceback of an error instead of its one line.
 """
 
@@ -23,24 +23,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from dist_ortho.jobs import Interrupted, error_line
+from dist_ortho.core.commands import run_command
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run_command"]
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("dist_ortho.run", "one profiled run (under torchrun, or a single process)"),
-    "sweep": ("dist_ortho.sweep", "launch a grid of torchrun runs and aggregate summary.csv"),
-    "report": ("dist_ortho.report", "plots and report.md for a sweep's results directory"),
-    "study": ("dist_ortho.sweep:study", "the default scaling study: sweep, then report"),
-    "project": ("dist_ortho.project", "cost model: project step time and bytes to large scale"),
-    "convergence": ("dist_ortho.convergence", "loss-vs-steps study of NorMuon, Muon and AdamW"),
+    "run": ("dist_ortho.studies.run", "one profiled run (under torchrun, or a single process)"),
+    "sweep": ("dist_ortho.studies.sweep", "launch a grid of torchrun runs and aggregate summary.csv"),
+    "report": ("dist_ortho.reporting.report", "plots and report.md for a sweep's results directory"),
+    "study": ("dist_ortho.studies.sweep:study", "the default scaling study: sweep, then report"),
+    "project": ("dist_ortho.studies.project", "cost model: project step time and bytes to large scale"),
+    "convergence": ("dist_ortho.studies.convergence", "loss-vs-steps study of NorMuon, Muon and AdamW"),
 }
 
 
@@ -99,34 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown and not getattr(args, "_takes_anything", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return run_command(args.command, args._main, args)
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-def run_command(name: str, main_fn: Callable[[argparse.Namespace], int],
-                args: argparse.Namespace) -> int:
-    """Run one command's main with the common error and signal handling (module docstring)."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
-    try:
-        return int(main_fn(args) or 0)
-    except (ValueError, OSError) as exc:  # ConfigError is a ValueError
-        if os.environ.get("DIST_ORTHO_TRACEBACK"):
-            raise
-        print(error_line(name, exc), file=sys.stderr, flush=True)
-        return 2
-    except Interrupted as exc:
-        print(f"dist-ortho {name}: {exc.describe()}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"dist-ortho {name}: {Interrupted(signal.SIGINT).describe()}", file=sys.stderr,
-              flush=True)
-        return 128 + signal.SIGINT
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -19,4 +19,4 @@ NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-dist_ortho}" \
-  -m dist_ortho.run --config "$CONFIG" "$@"
+  -m dist_ortho.studies.run --config "$CONFIG" "$@"

@@ -2,7 +2,7 @@
 # One run on this node under torchrun.
 #   launch/run.sh launch/configs/base.yaml                      # one rank per GPU (or 2 on CPU)
 #   NPROC=4 launch/run.sh launch/configs/tiny.yaml --set strategy.name=balanced
-# Everything after the config goes to dist_ortho.run (e.g. --set key=value ...).
+# Everything after the config goes to dist_ortho.studies.run (e.g. --set key=value ...).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # the repo's .venv when there is one, else python3 on PATH; override with PYTHON=...
@@ -15,4 +15,4 @@ if [ -z "${NPROC:-}" ]; then
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
-  -m dist_ortho.run --config "$CONFIG" "$@"
+  -m dist_ortho.studies.run --config "$CONFIG" "$@"

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_ortho.newton_schulz import newton_schulz, ns_flops
-from dist_ortho.optimizer import NorMuon
+from dist_ortho.core.newton_schulz import newton_schulz, ns_flops
+from dist_ortho.core.timing import SecondsTimer
+from dist_ortho.optim.optimizer import NorMuon
 from dist_ortho.profiling.comm import CommCounter
 from dist_ortho.profiling.prediction import torch_dtype
-from dist_ortho.profiling.timemodel import (CommModel, ComputeModel, CostConstants,
-                                            latency_steps, shape_key)
+from dist_ortho.profiling.timemodel import (CommModel, ComputeModel, CostConstants, latency_steps,
+                                            shape_key)
 from dist_ortho.strategies.collectives import all_gather_single  # the op the strategies issue
-from dist_ortho.timing import SecondsTimer
 
 __all__ = ["CALIBRATED_KINDS", "CommSample", "NSSample", "ElementwiseSample", "fit_comm_model",
            "fit_ns_rate", "fit_elementwise", "measure_collectives", "measure_ns",

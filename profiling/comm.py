@@ -24,7 +24,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group, get_proce
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_ortho.plan import bytes_by_kind
+from dist_ortho.core.plan import bytes_by_kind
 
 __all__ = ["CommRecord", "CommCounter", "summarize", "add_listener", "remove_listener", "notify",
            "counter_tells"]

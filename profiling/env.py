@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dist_ortho.io import atomic_write_text
+from dist_ortho.core.io import atomic_write_text
 
 __all__ = ["environment", "git_info", "write_run_metadata", "busy_cpu_s", "CONFIG_FILE", "ENV_FILE"]
 

@@ -26,8 +26,8 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 
 from dist_ortho import rules as rule_registry
-from dist_ortho.meshes import MatrixLayout, MeshSpec
-from dist_ortho.plan import CommItem
+from dist_ortho.core.meshes import MatrixLayout, MeshSpec
+from dist_ortho.core.plan import CommItem
 from dist_ortho.profiling.hardware import PAIRWISE_KINDS, HardwarePreset
 from dist_ortho.profiling.prediction import torch_dtype
 from dist_ortho.profiling.timemodel import latency_steps

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_ortho.plan import Plan
-from dist_ortho.strategies.overlapped import OverlappedOptions, simulate_pipeline
+from dist_ortho.core.plan import Plan
 from dist_ortho.profiling.interconnect import EmulatedLink
 from dist_ortho.profiling.timemodel import KINDS, CommModel, ComputeModel, aligned_calls
+from dist_ortho.strategies.overlapped import OverlappedOptions, simulate_pipeline
 
 __all__ = ["ExposedPrediction", "predict_exposed", "interconnect_comm_model"]
 

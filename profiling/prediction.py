@@ -23,12 +23,12 @@ import torch
 
 from dist_ortho import rules as rule_registry
 from dist_ortho import strategies as strategy_registry
-from dist_ortho.newton_schulz import NS_FORMS, matrix_view_shape
-from dist_ortho.optimizer import plan_step
-from dist_ortho.plan import Plan, owner_bound_bytes
+from dist_ortho.core.newton_schulz import NS_FORMS, matrix_view_shape
+from dist_ortho.core.plan import Plan, owner_bound_bytes
+from dist_ortho.core.sharding import MatrixSpec, chunk_sizes, dtype_size
+from dist_ortho.optim.optimizer import plan_step
 from dist_ortho.profiling.hardware import HardwarePreset
 from dist_ortho.profiling.timemodel import CostConstants, StepTime, step_time
-from dist_ortho.sharding import MatrixSpec, chunk_sizes, dtype_size
 from dist_ortho.strategies.base import Strategy
 
 __all__ = ["RankPrediction", "LowerBounds", "Prediction", "matrix_specs", "predict_plan",

@@ -17,7 +17,7 @@
 Phases nest, and each is named by its path: "optimizer", "optimizer/orthogonalize",
 "optimizer/orthogonalize/ns". `attach` makes the optimizer report its own phases (nonfinite_check,
 momentum, orthogonalize, normalize, apply; inside orthogonalize the strategy marks comm_wait and
-ns) through this profiler, a `dist_ortho.timing.PhaseTimer` (`opt.set_timer(prof)`), so they
+ns) through this profiler, a `dist_ortho.core.timing.PhaseTimer` (`opt.set_timer(prof)`), so they
 appear under whatever phase the caller stepped the optimizer in. The step itself is the phase
 "step": its rows hold whole-step values.
 
@@ -76,12 +76,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_ortho.io import atomic_path
-from dist_ortho.optimizer import OrthogonalizedOptimizer
+from dist_ortho.core.io import atomic_path
+from dist_ortho.core.sharding import local_tensor
+from dist_ortho.optim.optimizer import OrthogonalizedOptimizer
 from dist_ortho.profiling.comm import CommCounter
 from dist_ortho.profiling.device import DeviceOps, resolve_device
 from dist_ortho.profiling.tables import as_dicts, storage_bytes, write_csv, write_parquet
-from dist_ortho.sharding import local_tensor
 
 __all__ = ["ProfilerConfig", "Profiler", "ROW_COLUMNS", "COLLECTIVE_COLUMNS", "STEP_PHASE"]
 

@@ -61,7 +61,7 @@ __all__ = ["summarize_runs", "read_metrics", "summarize_metrics", "step_table",
 log = logging.getLogger("profiling")
 
 METRICS_FILE = "metrics.csv"
-# the phases NorMuon/Muon mark themselves (see dist_ortho.optimizer and strategies.base)
+# the phases NorMuon/Muon mark themselves (see dist_ortho.optim.optimizer and strategies.base)
 OPTIMIZER_PHASE_NAMES = frozenset({"optimizer", "nonfinite_check", "momentum", "orthogonalize",
                                    "normalize", "apply", "comm_wait", "ns"})
 _IDENTITY = ("strategy", "model", "world_size", "config_hash")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dist_ortho.io import atomic_path, atomic_writer
+from dist_ortho.core.io import atomic_path, atomic_writer
 
 __all__ = ["as_dicts", "write_csv", "write_parquet", "storage_bytes"]
 

@@ -22,7 +22,7 @@ their span is the issue instant.
 `write(out_dir)` (collective: every rank calls it) gathers every rank's spans on rank 0 and writes
 `trace.json` in the Chrome trace event format (one process per rank, one thread per lane; load it
 in chrome://tracing or ui.perfetto.dev) with the run's labels (e.g. "emulated interconnect")
-in its metadata. `dist_ortho.timeline_plots` draws the per-rank Gantt chart from it.
+in its metadata. `dist_ortho.reporting.timeline_plots` draws the per-rank Gantt chart from it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import Work
 
-from dist_ortho.io import atomic_write_text
+from dist_ortho.core.io import atomic_write_text
 from dist_ortho.profiling import comm
 from dist_ortho.profiling.interconnect import future_of
 

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from dist_ortho.io import atomic_write_text
-from dist_ortho.plan import EVERY_RANK, Plan, TimedCall
-from dist_ortho.sharding import MatrixSpec
+from dist_ortho.core.io import atomic_write_text
+from dist_ortho.core.plan import EVERY_RANK, Plan, TimedCall
+from dist_ortho.core.sharding import MatrixSpec
 from dist_ortho.strategies.base import Strategy
 
 __all__ = ["KINDS", "latency_steps", "CommModel", "ComputeModel", "CostConstants", "StepTime",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_ortho.sharding import dtype_size
+from dist_ortho.core.sharding import dtype_size
 from dist_ortho.strategies import owner_exchange as ox
 from dist_ortho.strategies.balanced import orthogonalize_owned
 from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy

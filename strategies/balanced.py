@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_ortho.sharding import dtype_size
+from dist_ortho.core.sharding import dtype_size
 from dist_ortho.strategies import owner_exchange as ox
 from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
 from dist_ortho.strategies.ownership import lpt_owners

@@ -9,7 +9,7 @@ A strategy is split in two:
   momentum direction U, one per matrix, and returns this rank's dim-0 shards of NS(U), shaped and
   sharded exactly like the inputs.
 
-Plan types and the byte convention live in the core module `dist_ortho.plan` (re-exported here).
+Plan types and the byte convention live in the core module `dist_ortho.core.plan` (re-exported here).
 
 Parameters that are *not* sharded (plain tensors replicated on a group, as under DDP) take a common
 path here: every rank already holds the whole matrix, so the owner (from the strategy's own
@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from dist_ortho.orthogonalizer import Orthogonalizer
-from dist_ortho.plan import (EVERY_RANK, CommItem, ComputeTimes, Plan, RankCost, TimedCall,
-                             all_reduce_bytes)
-from dist_ortho.sharding import MatrixSpec
-from dist_ortho.timing import NULL_TIMER, PhaseTimer
+from dist_ortho.core.orthogonalizer import Orthogonalizer
+from dist_ortho.core.plan import (EVERY_RANK, CommItem, ComputeTimes, Plan, RankCost, TimedCall,
+                                  all_reduce_bytes)
+from dist_ortho.core.sharding import MatrixSpec
+from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 
 __all__ = ["CommItem", "RankCost", "Plan", "ExecContext", "Strategy", "EVERY_RANK",
            "all_reduce_bytes"]

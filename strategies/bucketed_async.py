@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dist_ortho.plan import ComputeTimes, TimedCall
-from dist_ortho.sharding import dtype_size
+from dist_ortho.core.plan import ComputeTimes, TimedCall
+from dist_ortho.core.sharding import dtype_size
 from dist_ortho.strategies import owner_exchange as ox
 from dist_ortho.strategies.balanced import orthogonalize_owned, owner_plan
 from dist_ortho.strategies.base import ExecContext, Plan, Strategy

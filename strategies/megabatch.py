@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dist_ortho.sharding import MatrixSpec, dtype_size
+from dist_ortho.core.sharding import MatrixSpec, dtype_size
 from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
 from dist_ortho.strategies.registry import register
 

@@ -1,7 +1,7 @@
 """Scheduling on 2-D and 3-D meshes: HSDP replicas share the work, tensor and expert parallel.
 
 Every strategy schedules matrices that are row-sharded over one process group. This module reduces
-any mesh layout `dist_ortho.meshes` accepts to that, runs the chosen strategy unchanged on each
+any mesh layout `dist_ortho.core.meshes` accepts to that, runs the chosen strategy unchanged on each
 group, and adds what the mesh needs around it. Parameters whose mesh dims play the same roles form
 a *domain*; a domain's ranks split into *instances* of its row group G (one per coordinate on the
 other dims). Per optimizer step, in this order on every rank:
@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_ortho.meshes import MatrixLayout, MeshSpec, span_of
-from dist_ortho.newton_schulz import ns_flops
-from dist_ortho.plan import EVERY_RANK, CommItem, Plan, RankCost, all_reduce_bytes
-from dist_ortho.sharding import MatrixSpec, dtype_size
+from dist_ortho.core.meshes import MatrixLayout, MeshSpec, span_of
+from dist_ortho.core.newton_schulz import ns_flops
+from dist_ortho.core.plan import EVERY_RANK, CommItem, Plan, RankCost, all_reduce_bytes
+from dist_ortho.core.sharding import MatrixSpec, dtype_size
 from dist_ortho.strategies.base import Strategy
 from dist_ortho.strategies.ownership import lpt_owners
 

@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from dist_ortho.newton_schulz import NSConfig
-from dist_ortho.orthogonalizer import FlopCount, Orthogonalizer
+from dist_ortho.core.newton_schulz import NSConfig
+from dist_ortho.core.orthogonalizer import FlopCount, Orthogonalizer
+from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 from dist_ortho.strategies.base import ExecContext, Strategy
 from dist_ortho.strategies.collectives import exchange
 from dist_ortho.strategies.mesh import Domain, Instance, MeshPlan, col_dims_of
-from dist_ortho.timing import NULL_TIMER, PhaseTimer
 
 __all__ = ["to_rows", "orthogonalize", "from_rows", "unit_piece"]
 

@@ -5,7 +5,7 @@ final as soon as its `fully_shard` unit has reduce-scattered it, and the last la
 This strategy plans for that:
 
 - buckets are the FSDP2 units in backward order (`MatrixSpec.unit`: 0 finishes first; the
-  optimizer fills it from the model, see `dist_ortho.overlap`), optionally cut further into
+  optimizer fills it from the model, see `dist_ortho.optim.overlap`), optionally cut further into
   buckets of at most `bucket_bytes`; matrices of an unknown unit form one bucket;
 - owners come from LPT by Newton-Schulz FLOPs inside each bucket, seeded with the load of the
   buckets before it, so that every bucket's work is spread over the ranks and the step's total
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_ortho.plan import ComputeTimes, TimedCall
-from dist_ortho.sharding import dtype_size
+from dist_ortho.core.plan import ComputeTimes, TimedCall
+from dist_ortho.core.sharding import dtype_size
 from dist_ortho.strategies import owner_exchange as ox
 from dist_ortho.strategies.balanced import orthogonalize_owned, owner_plan
 from dist_ortho.strategies.base import ExecContext, Plan, Strategy

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_ortho.sharding import MatrixSpec
+from dist_ortho.core.sharding import MatrixSpec
 from dist_ortho.strategies.collectives import Exchange, exchange
 
 __all__ = ["forward_send", "forward_recv_numels", "assemble", "return_send",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
-from dist_ortho.sharding import MatrixSpec
+from dist_ortho.core.sharding import MatrixSpec
 
 __all__ = ["round_robin_owners", "lpt_owners", "OWNERSHIP_POLICIES", "assign"]
 

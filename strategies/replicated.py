@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_ortho.sharding import MatrixSpec, dtype_size
+from dist_ortho.core.sharding import MatrixSpec, dtype_size
 from dist_ortho.strategies.base import EVERY_RANK, CommItem, ExecContext, Plan, RankCost, Strategy
 from dist_ortho.strategies.collectives import all_gather_flat, pack_padded
 from dist_ortho.strategies.registry import register

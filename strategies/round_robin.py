@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dist_ortho.sharding import dtype_size
+from dist_ortho.core.sharding import dtype_size
 from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
 from dist_ortho.strategies.ownership import round_robin_owners
 from dist_ortho.strategies.registry import register

@@ -37,16 +37,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dist_ortho.newton_schulz import matmul_add, normalized, step_coefficients
-from dist_ortho.sharding import MatrixSpec, dtype_size
+from dist_ortho.core.newton_schulz import matmul_add, normalized, step_coefficients
+from dist_ortho.core.sharding import MatrixSpec, dtype_size
 from dist_ortho.strategies.balanced import orthogonalize_owned
 from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
 from dist_ortho.strategies.collectives import exchange
 from dist_ortho.strategies.ownership import lpt_owners
 from dist_ortho.strategies.registry import register
 from dist_ortho.strategies.split_plan import (SPLIT_POLICIES, Part, assign, gram_itemsizes,
-                                              part_flops, piece_numel, piece_numels,
-                                              split_dims)
+                                              part_flops, piece_numel, piece_numels, split_dims)
 
 __all__ = ["SplitNSOptions", "SplitNS", "piece_numel"]
 

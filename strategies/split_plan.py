@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dist_ortho.sharding import MatrixSpec, chunk_sizes, dtype_size
+from dist_ortho.core.sharding import MatrixSpec, chunk_sizes, dtype_size
 
 __all__ = ["Part", "Assignment", "assign", "piece_numels", "split_dims", "part_flops",
            "gram_itemsizes", "rank_costs", "SPLIT_POLICIES"]

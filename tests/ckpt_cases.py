@@ -1,4 +1,4 @@
-"""Workers for tests/test_checkpoint.py, run on real gloo ranks by dist_ortho.testing.spawn.
+"""Workers for tests/test_checkpoint.py, run on real gloo ranks by dist_ortho.testing.processes.spawn.
 
 `train_save_worker` (P=2) trains gpt-tiny under FSDP2 with NorMuon + AdamW for every strategy:
 K steps, save, N more steps (the uninterrupted run), then loads step K into fresh objects in the
@@ -18,10 +18,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from dist_ortho import OptimizerConfig, build_optimizers, checkpoint
-from dist_ortho.ckpt_manifest import _HashingStream
-from dist_ortho.data import CorpusConfig, build_loader
+from dist_ortho import OptimizerConfig, build_optimizers
+from dist_ortho.checkpointing import checkpoint
+from dist_ortho.checkpointing.manifest import _HashingStream
 from dist_ortho.models import build_model
+from dist_ortho.studies.data import CorpusConfig, build_loader
 
 K, N = 2, 2  # save after K steps, continue N more
 GLOBAL_BATCH, SEQ = 6, 32  # 6 rows split 3+3 at P=2, 2+2+2 at P=3, 6 in one process

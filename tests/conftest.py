@@ -17,9 +17,9 @@ os.environ.setdefault("PYTHONPATH", os.pathsep.join([HERE, ROOT]))
 # the multi-rank tests again on the CPU). Default: cpu, the tests as CI runs them.
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import dist_ortho.testing  # noqa: E402
 from devices import TEST_DEVICE  # noqa: E402
+
+import dist_ortho.testing.processes  # noqa: E402
 
 if TEST_DEVICE not in ("cpu", "cuda"):
     raise pytest.UsageError(f"DIST_ORTHO_TEST_DEVICE must be cpu or cuda, got {TEST_DEVICE!r}")
@@ -32,7 +32,7 @@ if TEST_DEVICE == "cuda":
                     f"DIST_ORTHO_TEST_DEVICE=cuda")
 
     # test modules import `spawn` after this file is loaded, so they get the skipping one
-    dist_ortho.testing.spawn = _spawn_on_cpu_only
+    dist_ortho.testing.processes.spawn = _spawn_on_cpu_only
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Workers for tests/test_convergence.py that run on real gloo ranks (dist_ortho.testing.spawn).
+"""Workers for tests/test_convergence.py that run on real gloo ranks (dist_ortho.testing.processes.spawn).
 
 `tiny_run_config` is also used in-process by the tests, so the single-process and multi-rank runs
 are built from the same settings.
@@ -6,9 +6,9 @@ are built from the same settings.
 
 from __future__ import annotations
 
-from dist_ortho.config import config_from_dict
-from dist_ortho.convergence import ConvergenceConfig, train_with_curve
-from dist_ortho.schema import build
+from dist_ortho.core.schema import build
+from dist_ortho.studies.config import config_from_dict
+from dist_ortho.studies.convergence import ConvergenceConfig, train_with_curve
 
 
 def tiny_run_config(out_dir: str, optimizer: str, strategy: str, batch_size: int, steps: int,

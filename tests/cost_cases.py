@@ -1,7 +1,7 @@
 """Workers for the cost-model tests: step NorMuon/Muon under CommCounter and report what happened.
 
 Two ways to run the real strategy code at a world size:
-- `gloo_worker` runs on real gloo ranks (dist_ortho.testing.spawn), P = 1..4;
+- `gloo_worker` runs on real gloo ranks (dist_ortho.testing.processes.spawn), P = 1..4;
 - `python tests/cost_cases.py fake P RANK` runs one rank of P (64, 1024, ...) in this one process on
   torch's fake process group, whose collectives return at once without moving data. The bytes the
   counter sees are still the real call's arguments, and FLOPs are counted from shapes, so both can
@@ -77,7 +77,7 @@ def _make(case: dict, mesh, rank: int, world_size: int):
     semantics: every rank makes its own rows), or plain tensors."""
     from torch.distributed.tensor import DTensor, Shard
 
-    from dist_ortho.sharding import chunk_sizes
+    from dist_ortho.core.sharding import chunk_sizes
 
     dtype = _DTYPES[case["param_dtype"]]
     gen = torch.Generator().manual_seed(1234 + rank)
@@ -127,9 +127,8 @@ class _FakeAllToAllInput(TorchDispatchMode):
 
 
 def run_case(case: dict, mesh, rank: int, world_size: int, fake: bool = False) -> dict:
-    from dist_ortho import strategies
-    from dist_ortho import Muon, NorMuon
-    from dist_ortho.sharding import local_tensor
+    from dist_ortho import Muon, NorMuon, strategies
+    from dist_ortho.core.sharding import local_tensor
     from dist_ortho.profiling.comm import CommCounter
 
     params = _make(case, mesh, rank, world_size)

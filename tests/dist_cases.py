@@ -1,4 +1,4 @@
-"""Workers run on real gloo process groups by the distributed tests (see dist_ortho.testing.spawn).
+"""Workers run on real gloo process groups by the distributed tests (see dist_ortho.testing.processes.spawn).
 
 Each worker runs many cases in one process group and returns plain data; the tests assert on it.
 Inputs are built from the same seeded global tensors on every rank and sharded locally with
@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import os
 
+import tolerances
 import torch
 import torch.distributed as dist
-
-import tolerances
 from gpu_cases import sync_count_worker  # noqa: F401 (suite_worker finds workers by name)
-from dist_ortho import NorMuon, Muon, NSConfig, ReferenceHParams, reference_step
+
+from dist_ortho import Muon, NorMuon, NSConfig, ReferenceHParams, reference_step
 from dist_ortho.profiling.comm import CommCounter
 
 MIXED = [(16, 16), (24, 8), (8, 24), (1, 16), (5, 12), (10, 8), (3, 6, 4), (6, 2, 3, 3)]
@@ -138,7 +138,7 @@ def run_case(case: dict, mesh, placements, steps: int = 3) -> dict:
 
 
 def set_threads() -> None:
-    """Threads per rank: 1 (dist_ortho.testing's default) unless $DIST_ORTHO_TEST_THREADS says
+    """Threads per rank: 1 (dist_ortho.testing.processes's default) unless $DIST_ORTHO_TEST_THREADS says
     otherwise; .ci/run repeats the exactness tests with 1 and 2."""
     threads = os.environ.get("DIST_ORTHO_TEST_THREADS")
     if threads:

@@ -1,5 +1,5 @@
 """The fault matrix: a rank killed or hung in each phase of a step or a save, through the job runner
-(`dist_ortho.jobs`, as a sweep runs a point), then `--resume` of every case in one torchrun.
+(`dist_ortho.studies.jobs`, as a sweep runs a point), then `--resume` of every case in one torchrun.
 
 Used by tests/test_ckpt_faults.py (which asserts the behaviour) and bench/fault_matrix.py (which
 writes the table of times to exit to results/bench/fault_matrix.md). One run: gpt-tiny on 2 gloo
@@ -8,7 +8,7 @@ exchange), NorMuon + AdamW, 6 steps, a checkpoint every 2 steps, keep_last 1, co
 TIMEOUT_S.
 
 The fault strikes at step FAIL_STEP (0-based) on FAIL_RANK, as the rank enters the phase
-(`dist_ortho.faults.PHASES`); "save" strikes in the save after that step (the checkpoint of step
+(`dist_ortho.studies.faults.PHASES`); "save" strikes in the save after that step (the checkpoint of step
 4) once the rank's files are written, "retention" on rank 0 while it deletes the checkpoint of
 step 2 after committing step 4. So every case leaves the checkpoint of step 2 (or 4 for
 retention) as the newest intact one, and the resume must end where the uninterrupted run ends.
@@ -26,11 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_ortho import checkpoint
-from dist_ortho.ckpt_manifest import read_manifest
-from dist_ortho.config import load_config, resolve
-from dist_ortho.faults import PHASES
-from dist_ortho.jobs import Job, Progress, run_jobs, stop_tree
+from dist_ortho.checkpointing import checkpoint
+from dist_ortho.checkpointing.manifest import read_manifest
+from dist_ortho.studies.config import load_config, resolve
+from dist_ortho.studies.faults import PHASES
+from dist_ortho.studies.jobs import Job, Progress, run_jobs, stop_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -45,7 +45,7 @@ SETS = ["model.preset=gpt-tiny", "train.data=synthetic", "train.seq_len=32", "tr
         f"train.steps={STEPS}", "train.warmup_steps=1", "train.log_every=1",
         "strategy.name=balanced", "profiling.memory=false", "profiling.instrument_every=100",
         f"dist.timeout_s={TIMEOUT_S}", f"checkpoint.every={EVERY}", "checkpoint.keep_last=1"]
-# where the failing rank's marker says it was (dist_ortho.phase_marker paths)
+# where the failing rank's marker says it was (dist_ortho.studies.phase_marker paths)
 WHERE = {"forward": "step 3, forward_backward/forward",
          "backward": "step 3, forward_backward/backward",
          "exchange": "step 3, optimizer/orthogonalize/comm_wait(forward)",
@@ -67,7 +67,7 @@ class Case:
     seconds_to_exit: float | None = None  # from the fault (logged by the rank) to the job's end
     log: Path | None = None
     left: dict | None = None  # what the failed job left in its checkpoint folder (`left_behind`)
-    async_save: bool = False  # saves on the background thread (dist_ortho.ckpt_async)
+    async_save: bool = False  # saves on the background thread (dist_ortho.checkpointing.async_save)
 
     @property
     def name(self) -> str:
@@ -90,7 +90,7 @@ def cases(phases=tuple(PHASES), modes=MODES, async_phases=()) -> list[Case]:
 
 
 def run_args(root: Path, name: str, resume: bool = False, extra: tuple = ()) -> list[str]:
-    """`python -m dist_ortho.run` arguments of one case's run (or the reference's)."""
+    """`python -m dist_ortho.studies.run` arguments of one case's run (or the reference's)."""
     sets = [*SETS, f"output.dir={root / 'out'}", f"output.name={name}",
             f"checkpoint.dir={root / 'ck' / name}", *extra]
     return ["--config", str(TINY), "--set", *sets] + (["--resume"] if resume else [])
@@ -101,7 +101,7 @@ def _job(root: Path, case: Case) -> Job:
     faults = f"fail_step={FAIL_STEP} fail_rank={case.rank} fail_phase={case.phase} " \
              f"fail_mode={case.mode}"
     return Job(name=case.name, config=config, world_size=2,
-               entry=["-m", "dist_ortho.run", "--config", "{config}"],
+               entry=["-m", "dist_ortho.studies.run", "--config", "{config}"],
                env={"DIST_ORTHO_FAULTS": faults})
 
 
@@ -173,7 +173,7 @@ def step_folders(ckpt_dir: Path) -> list[str]:
 
 def run_many(nproc: int, jobs: list[list[str]], folder: Path, timeout_s: float = 600
              ) -> tuple[int, str]:
-    """Several `dist_ortho.run` command lines in one torchrun (tests/rel_cases.py): (exit code,
+    """Several `dist_ortho.studies.run` command lines in one torchrun (tests/rel_cases.py): (exit code,
     output). On timeout the process tree is stopped and the exit code is None."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs_file = folder / f"jobs_{len(list(folder.glob('jobs_*')))}.json"

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_ortho import NorMuon
-from dist_ortho.optimizer import HOST_SYNCS_PER_STEP
+from dist_ortho.optim.optimizer import HOST_SYNCS_PER_STEP
 
 # ops whose output shape is read back from the device before they return
 DATA_DEPENDENT = {"aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique",

@@ -14,12 +14,12 @@ sqrt(n) u terms. Workers return distance / bound ("ratios", <= 1 to pass), bytes
 
 from __future__ import annotations
 
+import dist_cases
+import tolerances
 import torch
 import torch.distributed as dist
 
-import dist_cases
-import tolerances
-from dist_ortho import NorMuon, Muon, NSConfig, ReferenceHParams, reference_step, strategies
+from dist_ortho import Muon, NorMuon, NSConfig, ReferenceHParams, reference_step, strategies
 from dist_ortho.profiling.comm import CommCounter
 from dist_ortho.strategies.mesh import MeshPlan, bytes_by_axis, counted_by_axis
 
@@ -118,8 +118,8 @@ def _tp_layouts(mesh):
     """Weights as parallelize_module (ColwiseParallel / RowwiseParallel on "tp") and then
     fully_shard (on "dp") place them, uneven shapes and an empty shard included, plus one weight
     TP leaves alone (on the dp sub-mesh only: every TP rank holds a copy)."""
-    from torch.distributed.tensor import Shard
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
 
@@ -383,13 +383,14 @@ def ep_train_worker(rank: int, world_size: int, strategy_names: list[str], steps
 
 
 def tp_checkpoint_worker(rank: int, world_size: int, root: str) -> dict:
-    """dist_ortho.checkpoint on a 2x2 FSDP2 x TP GPT (mesh-path NorMuon state: momentum and v in
+    """dist_ortho.checkpointing.checkpoint on a 2x2 FSDP2 x TP GPT (mesh-path NorMuon state: momentum and v in
     the row layout): saving before any step creates every state (all ranks save the same keys);
     after 2 steps, save, load into a fresh model and optimizer, and one more step on both gives
     bitwise the same weights."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dist_ortho import OptimizerConfig, build_optimizers, checkpoint
+    from dist_ortho import OptimizerConfig, build_optimizers
+    from dist_ortho.checkpointing import checkpoint
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     config = OptimizerConfig(ns_dtype="float32", adamw_lr=1e-3)

@@ -1,4 +1,4 @@
-"""Workers for tests/test_overlap.py, run on real gloo process groups (dist_ortho.testing.spawn).
+"""Workers for tests/test_overlap.py, run on real gloo process groups (dist_ortho.testing.processes.spawn).
 
 `train_case` trains the same FSDP2 GPT three ways on every rank, side by side: strategy
 `overlapped` with schedule backward (orthogonalization in FSDP2's post-reduce-scatter hooks),
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 
+import dist_cases
+import tolerances
 import torch
 import torch.distributed as dist
 
-import dist_cases
-import tolerances
 from dist_ortho import OptimizerConfig, build_optimizers, strategies
 from dist_ortho.profiling import Profiler, ProfilerConfig
 
@@ -204,14 +204,14 @@ def overlap_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
 def timeline_worker(rank: int, world_size: int, out_dir: str, cpu_rate: float) -> dict:
     """Two FSDP2 GPT runs of `overlapped` (schedule backward), with and without an emulated
     inter-node link, each with a Timeline teed into the loop's and the optimizer's phases as
-    `dist_ortho.run` does; the emulated one writes trace.json to `out_dir`. Returns what the test
+    `dist_ortho.studies.run` does; the emulated one writes trace.json to `out_dir`. Returns what the test
     checks: parameters of both (emulation must not change a bit), the emulator's delays in issue
     order, the optimizer's counted and planned bytes, and the trace's collective spans."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dist_ortho.phase_marker import Tee
     from dist_ortho.profiling.interconnect import LinkEmulator, emulated_link
     from dist_ortho.profiling.timeline import Timeline
+    from dist_ortho.studies.phase_marker import Tee
 
     dist_cases.set_threads()
     mesh = init_device_mesh("cpu", (world_size,))

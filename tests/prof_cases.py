@@ -1,4 +1,4 @@
-"""Workers for tests/test_profiling.py, run on real gloo process groups by dist_ortho.testing.spawn.
+"""Workers for tests/test_profiling.py, run on real gloo process groups by dist_ortho.testing.processes.spawn.
 
 One worker per world size trains a small FSDP2 GPT under every strategy with the profiler on and
 returns plain data (this rank's profiler rows, the plan's prediction, a FlopCounterMode count, the
@@ -66,8 +66,7 @@ def train(model, optimizer, prof, steps: int = STEPS, flop_step: int | None = No
 
 
 def _optimizer(model, name: str, options: dict | None = None):
-    from dist_ortho import strategies
-    from dist_ortho import OptimizerConfig, build_optimizers
+    from dist_ortho import OptimizerConfig, build_optimizers, strategies
 
     return build_optimizers(model, OptimizerConfig(ns_dtype="float32", adamw_lr=1e-3),
                             strategy=strategies.build(name, **(options or {})))

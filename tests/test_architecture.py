@@ -11,19 +11,24 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# layer of each module, by name prefix (longest prefix wins); a module may import its own layer
-# and the ones below it
-LAYERS = {
-    "dist_ortho.io": 0, "dist_ortho.schema": 0, "dist_ortho.timing": 0, "dist_ortho.newton_schulz": 0,
-    "dist_ortho.sharding": 0, "dist_ortho.plan": 0, "dist_ortho.orthogonalizer": 0,
-    "dist_ortho.testing": 0, "dist_ortho.meshes": 0, "dist_ortho.mesh_groups": 0,
-    "dist_ortho.strategies": 1,
-    "dist_ortho.rules": 2, "dist_ortho.optimizer": 2, "dist_ortho.param_groups": 2,
-    "dist_ortho.reference": 2, "dist_ortho.mesh_step": 2, "dist_ortho.overlap": 2,
-    "dist_ortho.profiling": 3,
-    "dist_ortho.gpu_check": 4,
-    "dist_ortho": 4,  # everything else: models, data, config, run, sweep, report, ... (studies)
-}
+# The package's folders, bottom to top: a module may import its own folder and the folders below
+# it, never one above. Each folder is one layer; the package root (`dist_ortho/__init__.py`, its
+# lazy public names) and the command line sit on top.
+FOLDER_LAYERS = [
+    "core",           # NS math, shard and mesh arithmetic, plan types, config schema, I/O
+    "strategies",     # who orthogonalizes what and how rows travel
+    "rules",          # update rules (Muon, NorMuon)
+    "optim",          # the optimizers, parameter split, backward overlap, mesh step, reference
+    "profiling",      # measuring and predicting steps
+    "models",         # trainable GPTs and shape-only presets
+    "checkpointing",  # verified, retained, background checkpoints
+    "reporting",      # what a study's numbers say, reports and plots
+    "studies",        # runs, sweeps, interleaved studies, projections, convergence
+    "testing",        # aids for tests and hardware checks; the product never imports it
+]
+TOP = len(FOLDER_LAYERS)  # dist_ortho/__init__.py, __main__.py, cli.py
+MAX_TOP_LEVEL_MODULES = 15
+
 # imports inside functions that are lazy on purpose (a heavy optional dependency, torch's private
 # modules, or a PEP 562 re-export), each with its reason beside it: module -> imported names
 FUNCTION_IMPORTS_ALLOWED = {
@@ -80,8 +85,31 @@ def graph() -> dict[str, set[str]]:
             for name, path in MODULES.items()}
 
 
+def folder(name: str) -> str | None:
+    """The layer folder of a module (`dist_ortho.core.plan` -> `core`), None at the top level."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in FOLDER_LAYERS) else None
+
+
 def layer(name: str) -> int:
-    return LAYERS[max((p for p in LAYERS if name == p or name.startswith(p + ".")), key=len)]
+    f = folder(name)
+    return TOP if f is None else FOLDER_LAYERS.index(f)
+
+
+def test_every_subpackage_is_a_known_layer_and_the_top_level_is_small():
+    package = ROOT / "dist_ortho"
+    folders = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert folders | {"strategies", "profiling"} == set(FOLDER_LAYERS)
+    top = sorted(p.name for p in package.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path):
+    """A core module importing the optimizer is reported (the check is not vacuous)."""
+    module = tmp_path / "bad.py"
+    module.write_text("from dist_ortho.optim.optimizer import NorMuon\n")
+    deps = [m for m, _ in imports("dist_ortho.core.bad", module) if m in MODULES]
+    assert deps and [d for d in deps if layer(d) > layer("dist_ortho.core.bad")]
 
 
 def test_no_import_cycle_including_imports_inside_functions():
@@ -118,6 +146,7 @@ def test_no_import_cycle_including_imports_inside_functions():
 def test_imports_point_down_the_layers():
     wrong = [(name, dep) for name, deps in graph().items() for dep in deps
              if layer(dep) > layer(name)]
+    assert MODULES and graph()
     assert wrong == []
 
 
@@ -141,7 +170,7 @@ def _run(code: str) -> str:
 
 
 def test_strategies_import_without_the_optimizer():
-    out = _run("import sys, dist_ortho.strategies, dist_ortho.plan, dist_ortho.timing\n"
+    out = _run("import sys, dist_ortho.strategies, dist_ortho.core.plan, dist_ortho.core.timing\n"
                "print(sorted(m for m in sys.modules if m.startswith('dist_ortho.')))")
     loaded = eval(out)
     assert "dist_ortho.strategies.base" in loaded

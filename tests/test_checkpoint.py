@@ -11,15 +11,15 @@ import json
 import math
 import os
 
+import ckpt_cases
 import pytest
 import torch
-
-import ckpt_cases
-from dist_ortho import strategies
 from ckpt_cases import K, N
-from dist_ortho import NorMuon, OptimizerConfig, build_optimizers, checkpoint, split_params
+
+from dist_ortho import NorMuon, OptimizerConfig, build_optimizers, split_params, strategies
+from dist_ortho.checkpointing import checkpoint
 from dist_ortho.models import build_model
-from dist_ortho.testing import spawn
+from dist_ortho.testing.processes import spawn
 
 STRATEGIES = strategies.available()
 
@@ -347,7 +347,7 @@ def test_disk_full_in_a_save_leaves_earlier_checkpoints_intact_and_usable(tmp_pa
 def test_nothing_is_unpickled_from_checkpoint_folders():
     """DCP's .metadata is the one pickle a load reads (README: trusted folders only); every
     torch.load in the package passes weights_only=True, and pickle.load appears only where
-    dist_ortho.testing reads back the results its own ranks wrote."""
+    dist_ortho.testing.processes reads back the results its own ranks wrote."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     found = []
     for folder in ("dist_ortho", "strategies", "profiling"):

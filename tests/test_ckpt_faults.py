@@ -23,13 +23,13 @@ import os
 import shutil
 from pathlib import Path
 
+import fault_cases as fc
 import pytest
 import torch
 
-import fault_cases as fc
-from dist_ortho import checkpoint
-from dist_ortho.ckpt_run import precheck_resume
-from dist_ortho.config import ConfigError, load_config
+from dist_ortho.checkpointing import checkpoint
+from dist_ortho.studies.config import ConfigError, load_config
+from dist_ortho.studies.run_checkpoint import precheck_resume
 
 # real torchrun jobs (damage x resume, fault matrix): excluded from the README's test command, run by .ci/run
 pytestmark = pytest.mark.slow
@@ -174,7 +174,7 @@ def test_none_intact_resume_is_one_error_line_and_loads_nothing(root, reference,
                                                                 capsys):
     """Manifests fine, shards damaged: found by the verification after the group started; the
     command prints one line naming the folder and the damage and exits 2."""
-    from dist_ortho.run import add_arguments, main
+    from dist_ortho.studies.run import add_arguments, main
 
     ck = root / "ck" / "all-damaged"
     for step in (2, 4):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_ortho.config import (Config, ConfigError, apply_overrides, config_from_dict,
-                               config_hash, dump_config, load_config, parse_overrides, resolve)
+from dist_ortho.studies.config import (Config, ConfigError, apply_overrides, config_from_dict,
+                                       config_hash, dump_config, load_config, parse_overrides,
+                                       resolve)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 
@@ -122,7 +123,7 @@ def test_shipped_configs_load():
     for name in ("base.yaml", "tiny.yaml", "llama8b_gpu.yaml"):
         load_config(CONFIGS / name)
     assert load_config(CONFIGS / "base.yaml") == Config()  # base spells out the defaults
-    from dist_ortho.sweep import expand, load_study
+    from dist_ortho.studies.sweep import expand, load_study
 
     for name in ("default_study.yaml", "study.yaml"):
         points = expand(load_study(CONFIGS / name), "cpu")
@@ -172,7 +173,7 @@ def test_dump_round_trips(tmp_path):
 
 
 def test_optimizer_section_is_the_optimizer_config():
-    from dist_ortho.param_groups import OptimizerConfig, SplitConfig
+    from dist_ortho.optim.param_groups import OptimizerConfig, SplitConfig
 
     c = load_config(None, ["optimizer.name=muon", "optimizer.lr=0.05", "optimizer.ns_steps=3",
                            "optimizer.adamw_betas=[0.8, 0.9]", "optimizer.nonfinite=raise",
@@ -188,7 +189,7 @@ def test_optimizer_section_is_the_optimizer_config():
 
 
 def test_testing_aids_are_not_config_keys():
-    # the fault and NaN injection of dist_ortho.faults live outside the run config and its hash
+    # the fault and NaN injection of dist_ortho.studies.faults live outside the run config and its hash
     with pytest.raises(ConfigError, match=r"^train\.fault_step: unknown key"):
         load_config(None, ["train.fault_step=1"])
     assert not any("fault" in key or "nan" in key for section in Config().to_dict().values()
@@ -197,8 +198,8 @@ def test_testing_aids_are_not_config_keys():
 
 def test_one_loader_for_every_config_file(tmp_path):
     """Runs, sweep study files and convergence study files report mistakes the same way."""
-    from dist_ortho.convergence import load_study as load_convergence
-    from dist_ortho.sweep import load_study as load_sweep
+    from dist_ortho.studies.convergence import load_study as load_convergence
+    from dist_ortho.studies.sweep import load_study as load_sweep
 
     study = tmp_path / "s.yaml"
     study.write_text("name: s\nbase: %s\ngrid: {strategies: all, world_sizes: [1]}\n"

@@ -10,19 +10,18 @@ import json
 import math
 import statistics
 
+import conv_cases
 import pandas as pd
 import pytest
 import torch
 
-import conv_cases
-from dist_ortho.convergence.analysis import compare_curves
-from dist_ortho.convergence import (ConvergenceConfig, add_arguments, evaluate, load_study,
-                                    lr_scale, main, steps_to_reach, train_with_curve,
-                                    validation_batches)
-from dist_ortho.data import ByteCorpus, CorpusConfig
-from dist_ortho.schema import build
-from dist_ortho.testing import spawn
-
+from dist_ortho.core.schema import build
+from dist_ortho.studies.convergence import (ConvergenceConfig, add_arguments, evaluate, load_study,
+                                            lr_scale, main, steps_to_reach, train_with_curve,
+                                            validation_batches)
+from dist_ortho.studies.convergence.analysis import compare_curves
+from dist_ortho.studies.data import ByteCorpus, CorpusConfig
+from dist_ortho.testing.processes import spawn
 
 # --- validation batches -------------------------------------------------------------------------
 

@@ -20,16 +20,16 @@ import os
 import subprocess
 import sys
 
+import cost_cases
 import pytest
 import torch
 
-import cost_cases
 from dist_ortho import strategies
+from dist_ortho.core.newton_schulz import ns_flops
 from dist_ortho.models.shapes import matrix_shapes
-from dist_ortho.newton_schulz import ns_flops
-from dist_ortho.testing import spawn
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.profiling.hardware import HARDWARE_PRESETS, get_preset
+from dist_ortho.testing.processes import spawn
 
 STRATEGIES = strategies.available()
 GLOO_CASES = cost_cases.cases(STRATEGIES)
@@ -360,7 +360,7 @@ def test_user_mistakes_raise_value_error():
 def test_projection_cli_writes_table_and_plots(tmp_path, capsys):
     import argparse
 
-    from dist_ortho import project
+    from dist_ortho.studies import project
 
     parser = argparse.ArgumentParser()
     project.add_arguments(parser)

@@ -1,4 +1,4 @@
-"""Tests for dist_ortho.data: the stdlib byte corpus and the sharded loaders."""
+"""Tests for dist_ortho.studies.data: the stdlib byte corpus and the sharded loaders."""
 
 from __future__ import annotations
 
@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_ortho.data import (
-    SEPARATOR,
-    BatchLoader,
-    ByteCorpus,
-    CorpusConfig,
-    SyntheticTokens,
-    build_loader,
-)
+from dist_ortho.studies.data import (SEPARATOR, BatchLoader, ByteCorpus, CorpusConfig,
+                                     SyntheticTokens, build_loader)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ registered strategy is parametrized there)."""
 from __future__ import annotations
 
 import pytest
+import tolerances
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import tolerances
 from dist_ortho import NorMuon, strategies
-from dist_ortho.newton_schulz import matrix_view_shape, newton_schulz, ns_flops
+from dist_ortho.core.newton_schulz import matrix_view_shape, newton_schulz, ns_flops
 from dist_ortho.models import matrix_shapes
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.strategies.megabatch import padding_flops

@@ -6,16 +6,17 @@ import copy
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from devices import TEST_DEVICE
-from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, OptimizerConfig,
-                        ReferenceHParams, SplitConfig, build_optimizers, newton_schulz, ns_flops,
-                        reference_step, split_params)
-from dist_ortho.newton_schulz import POLAR_EXPRESS_COEFFICIENTS, matrix_view_shape
-from dist_ortho.reference import normuon_update
 from tolerances import (C, Trajectory, assert_within, ns_error, ns_scale_sensitivity, report,
                         unit_roundoff, update_error)
+from torch.utils.flop_counter import FlopCounterMode
+
+from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, OptimizerConfig,
+                        ReferenceHParams, SplitConfig, build_optimizers, ns_flops, reference_step,
+                        split_params)
+from dist_ortho.core import newton_schulz
+from dist_ortho.core.newton_schulz import POLAR_EXPRESS_COEFFICIENTS, matrix_view_shape
+from dist_ortho.optim.reference import normuon_update
 
 U32 = unit_roundoff(torch.float32)
 

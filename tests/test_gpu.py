@@ -3,7 +3,7 @@
 On any machine: a step of every strategy on meta-device parameters (a tensor made on the CPU where
 the parameter's device was needed raises), Newton-Schulz on fake "cuda" tensors (FakeTensorMode
 fakes CUDA without one), the host syncs of a step counted at P = 1 against the documented number
-(`dist_ortho.optimizer.HOST_SYNCS_PER_STEP`; on 2 gloo ranks in tests/test_strategies_dist.py), and bench/gpu_check.sh's no-GPU
+(`dist_ortho.optim.optimizer.HOST_SYNCS_PER_STEP`; on 2 gloo ranks in tests/test_strategies_dist.py), and bench/gpu_check.sh's no-GPU
 path and dry run. With CUDA (bench/gpu_check.sh runs this file on the GPU): an FSDP2 step of every
 strategy on an NCCL group of one rank against the reference, and the host syncs of a CUDA step,
 also as torch's CUDA sync debug mode sees them.
@@ -18,6 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import gpu_cases
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,16 +26,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-import dist_ortho.optimizer as optimizer_module
-import gpu_cases
-from dist_ortho import Muon, NorMuon, gpu_check, strategies
-from dist_ortho import run as run_module
-from dist_ortho.config import ConfigError, load_config, resolve, run_device_type
+import dist_ortho.optim.optimizer as optimizer_module
+from dist_ortho import Muon, NorMuon, strategies
+from dist_ortho.core.newton_schulz import NSConfig, newton_schulz
+from dist_ortho.core.orthogonalizer import Orthogonalizer
 from dist_ortho.models import ShapeConfig
-from dist_ortho.newton_schulz import NSConfig, newton_schulz
-from dist_ortho.optimizer import HOST_SYNCS_PER_STEP
-from dist_ortho.orthogonalizer import Orthogonalizer
-from dist_ortho.reference import ReferenceHParams, reference_step
+from dist_ortho.optim.optimizer import HOST_SYNCS_PER_STEP
+from dist_ortho.optim.reference import ReferenceHParams, reference_step
+from dist_ortho.studies import run as run_module
+from dist_ortho.studies.config import ConfigError, load_config, resolve, run_device_type
+from dist_ortho.testing import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = strategies.available()

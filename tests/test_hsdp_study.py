@@ -14,10 +14,11 @@ import yaml
 
 from dist_ortho import models
 from dist_ortho.cli import main as cli_main
-from dist_ortho.config import Config, ConfigError, apply_overrides, config_from_dict, config_hash
-from dist_ortho.param_groups import build_optimizers
-from dist_ortho.preflight import check_launch
-from dist_ortho.sweep import expand, load_study
+from dist_ortho.optim.param_groups import build_optimizers
+from dist_ortho.studies.config import (Config, ConfigError, apply_overrides, config_from_dict,
+                                       config_hash)
+from dist_ortho.studies.preflight import check_launch
+from dist_ortho.studies.sweep import expand, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "launch" / "configs" / "hsdp_study.yaml"

@@ -17,11 +17,11 @@ import torch
 import yaml
 
 from dist_ortho.cli import main as cli_main
-from dist_ortho.config import load_config
-from dist_ortho.jobs import first_error
-from dist_ortho.phase_marker import PhaseMarker, where_ranks_were
-from dist_ortho.preflight import cpu_cores
-from dist_ortho.sweep import load_study, run_sweep
+from dist_ortho.studies.config import load_config
+from dist_ortho.studies.jobs import first_error
+from dist_ortho.studies.phase_marker import PhaseMarker, where_ranks_were
+from dist_ortho.studies.preflight import cpu_cores
+from dist_ortho.studies.sweep import load_study, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
@@ -162,7 +162,7 @@ def one_process():
 
 
 def test_train_with_negative_steps_is_a_value_error_not_an_assert(one_process, tmp_path):
-    from dist_ortho.run import build_run, close, train
+    from dist_ortho.studies.run import build_run, close, train
 
     state = build_run(load_config(TINY, [f"output.dir={tmp_path}"]))
     try:
@@ -174,7 +174,7 @@ def test_train_with_negative_steps_is_a_value_error_not_an_assert(one_process, t
 
 
 def test_model_without_blocks_is_a_value_error_not_an_assert():
-    from dist_ortho.run import _blocks
+    from dist_ortho.studies.run import _blocks
 
     with pytest.raises(ValueError, match="Linear has no `blocks` or `layers` ModuleList"):
         _blocks(torch.nn.Linear(2, 2))
@@ -217,7 +217,7 @@ def test_a_failed_job_says_its_first_ranks_error_in_one_line(tmp_path, log, expe
 
 
 def test_run_main_prints_one_line_for_an_error_inside_the_run(capsys, tmp_path):
-    from dist_ortho.run import add_arguments, main
+    from dist_ortho.studies.run import add_arguments, main
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -235,7 +235,7 @@ def test_run_main_prints_one_line_for_an_error_inside_the_run(capsys, tmp_path):
 
 
 def test_a_failed_job_says_where_each_rank_was(tmp_path):
-    """The phase markers (dist_ortho.phase_marker) outlive a SIGKILL'd rank: the error line ends
+    """The phase markers (dist_ortho.studies.phase_marker) outlive a SIGKILL'd rank: the error line ends
     with where each rank was, the first failing rank first, telling the optimizer's exchange
     before Newton-Schulz from the one after it."""
     markers = [PhaseMarker(tmp_path, r) for r in range(3)]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from dist_ortho import NorMuon
-from dist_ortho.mesh_project import mesh_table, project_mesh
 from dist_ortho.models.moe import MOE_SHAPE_PRESETS, TinyMoE, moe_matrix_shapes
 from dist_ortho.models.shapes import matrix_shapes
 from dist_ortho.profiling.hardware import get_preset
 from dist_ortho.profiling.mesh_cost import mesh_cost, mesh_layouts, parse_mesh
+from dist_ortho.studies.mesh_project import mesh_table, project_mesh
 
 H100 = get_preset("h100")
 

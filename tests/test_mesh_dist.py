@@ -10,15 +10,15 @@ from __future__ import annotations
 import functools
 import tempfile
 
+import mesh_cases
 import pytest
+import tolerances
 import torch
 
-import mesh_cases
-import tolerances
 from dist_ortho import strategies
-from dist_ortho.plan import all_reduce_bytes
-from dist_ortho.sharding import MatrixSpec
-from dist_ortho.testing import spawn
+from dist_ortho.core.plan import all_reduce_bytes
+from dist_ortho.core.sharding import MatrixSpec
+from dist_ortho.testing.processes import spawn
 
 STRATEGIES = strategies.available()
 _CKPT = tempfile.TemporaryDirectory(prefix="dist_ortho_mesh_ckpt_")  # removed at exit

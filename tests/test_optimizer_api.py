@@ -6,26 +6,25 @@ from __future__ import annotations
 import copy
 import math
 
+import dist_cases
 import pytest
 import torch
+from devices import TEST_DEVICE
+from tolerances import C, Trajectory, assert_within, ns_error, unit_roundoff, update_error
 from torch import nn
 
-from devices import TEST_DEVICE
-import dist_cases
 from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, OptimizerConfig,
                         OrthogonalizedOptimizer, ReferenceHParams, SplitConfig, build_optimizers,
-                        reference_step, split_model_params, split_params)
-from dist_ortho import rules, strategies
+                        reference_step, rules, split_model_params, split_params, strategies)
+from dist_ortho.core.newton_schulz import newton_schulz, ns_flops
+from dist_ortho.core.orthogonalizer import Orthogonalizer
 from dist_ortho.models import build_model
-from dist_ortho.newton_schulz import newton_schulz, ns_flops
-from dist_ortho.optimizer import plan_step
-from dist_ortho.orthogonalizer import Orthogonalizer
+from dist_ortho.optim.optimizer import plan_step
 from dist_ortho.profiling import costmodel
 from dist_ortho.rules.base import UpdateRule, shape_scale
 from dist_ortho.strategies.balanced import orthogonalize_owned
 from dist_ortho.strategies.base import ExecContext
-from dist_ortho.testing import spawn
-from tolerances import C, Trajectory, assert_within, ns_error, unit_roundoff, update_error
+from dist_ortho.testing.processes import spawn
 
 
 def randn(*shape, seed=0):

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import functools
 
+import overlap_cases
 import pytest
 import torch
-
-import overlap_cases
-from dist_ortho import NorMuon, strategies
-from dist_ortho.overlap import fsdp_units
-from dist_ortho.testing import spawn
 from test_strategies_dist import assert_bytes_equal, assert_ratios
+
+from dist_ortho import NorMuon, strategies
+from dist_ortho.optim.overlap import fsdp_units
+from dist_ortho.testing.processes import spawn
 
 STEPS = 3
 # (preset, micro-batches, reduce on every micro-batch)

@@ -16,19 +16,19 @@ import os
 import tempfile
 
 import pandas as pd
+import prof_cases
 import pytest
 import torch
 import yaml
 
-import prof_cases
-from dist_ortho import strategies
-from dist_ortho import NorMuon
-from dist_ortho.sharding import chunk_sizes
-from dist_ortho.testing import spawn
-from dist_ortho.profiling import Profiler, ProfilerConfig, environment, summarize_runs, write_run_metadata
+from dist_ortho import NorMuon, strategies
+from dist_ortho.core.sharding import chunk_sizes
+from dist_ortho.core.timing import NULL_TIMER
+from dist_ortho.profiling import (Profiler, ProfilerConfig, environment, summarize_runs,
+                                  write_run_metadata)
 from dist_ortho.profiling.device import DeviceOps
 from dist_ortho.profiling.summary import phase_owner
-from dist_ortho.timing import NULL_TIMER
+from dist_ortho.testing.processes import spawn
 
 STRATEGIES = strategies.available()
 WORLD_SIZES = [2, 3]

@@ -37,10 +37,10 @@ import torch
 import yaml
 
 from dist_ortho import strategies
-from dist_ortho import checkpoint
-from dist_ortho.config import ConfigError, config_hash, load_config
-from dist_ortho.faults import from_sources
-from dist_ortho.jobs import stop_tree
+from dist_ortho.checkpointing import checkpoint
+from dist_ortho.studies.config import ConfigError, config_hash, load_config
+from dist_ortho.studies.faults import from_sources
+from dist_ortho.studies.jobs import stop_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -88,8 +88,8 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300) -> Launch:
 
 
 def run_args(sets: list[str], resume: bool = False, faults: list[str] = ()) -> list[str]:
-    """Arguments of `python -m dist_ortho.run` for tiny.yaml plus these overrides and testing
-    aids (`--fault`, dist_ortho.faults)."""
+    """Arguments of `python -m dist_ortho.studies.run` for tiny.yaml plus these overrides and testing
+    aids (`--fault`, dist_ortho.studies.faults)."""
     return (["--config", str(TINY), "--set", *COMMON, *sets] + (["--resume"] if resume else [])
             + (["--fault", *faults] if faults else []))
 
@@ -104,7 +104,7 @@ def run_many(nproc: int, jobs: list[list[str]], folder: Path) -> Launch:
 
 
 def one_run(nproc: int, sets: list[str], resume: bool = False, faults: list[str] = ()) -> Launch:
-    return torchrun(nproc, ["-m", "dist_ortho.run", *run_args(sets, resume, faults)])
+    return torchrun(nproc, ["-m", "dist_ortho.studies.run", *run_args(sets, resume, faults)])
 
 
 def fault_time(output: str) -> float:
@@ -310,7 +310,7 @@ def test_nan_with_nonfinite_raise_fails_the_job(root):
 # -- faults ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_killed_rank_fails_its_sweep_point_within_the_timeout(tmp_path, monkeypatch):
-    from dist_ortho.sweep import load_study, run_sweep
+    from dist_ortho.studies.sweep import load_study, run_sweep
 
     timeout_s = 20
     ck = tmp_path / "ck"
@@ -449,7 +449,7 @@ def one_process():
     (["nan_step=1", "nan_param=nope.weight"], "faults.nan_param"),  # checked once the model is
 ])                                                                  # built, before a collective
 def test_runtime_config_errors_before_any_collective(one_process, tmp_path, faults, key):
-    from dist_ortho.run import build_run
+    from dist_ortho.studies.run import build_run
 
     config = load_config(TINY, [f"output.dir={tmp_path / 'unused'}"])
     with pytest.raises(ConfigError) as info:
@@ -465,7 +465,7 @@ def test_runtime_config_errors_before_any_collective(one_process, tmp_path, faul
 ])
 @pytest.mark.slow
 def test_resume_into_a_different_run_is_a_config_error(root, first, one_process, overrides, key):
-    from dist_ortho.run import build_run
+    from dist_ortho.studies.run import build_run
 
     config = load_config(TINY, [*MODEL_SETS["gpt"], "train.batch_size=12",
                                 f"output.dir={root / 'unused'}",
@@ -479,7 +479,7 @@ def test_resume_into_a_different_run_is_a_config_error(root, first, one_process,
 def test_resume_flag_without_a_directory_is_refused(capsys):
     import argparse
 
-    from dist_ortho.run import add_arguments, main
+    from dist_ortho.studies.run import add_arguments, main
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

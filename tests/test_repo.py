@@ -42,9 +42,9 @@ def test_commands_write_where_git_ignores_and_examples_are_apart():
 
     import yaml
 
-    from dist_ortho.convergence.config import ConvergenceConfig
-    from dist_ortho.config import OutputConfig
-    from dist_ortho.project import DEFAULT_OUT
+    from dist_ortho.studies.config import OutputConfig
+    from dist_ortho.studies.convergence.config import ConvergenceConfig
+    from dist_ortho.studies.project import DEFAULT_OUT
 
     study = yaml.safe_load((ROOT / "launch" / "configs" / "default_study.yaml").read_text())
     written = [f"{study['output_dir']}/default_study/report.md", f"{DEFAULT_OUT}/x.csv",

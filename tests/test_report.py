@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_ortho import report
+from dist_ortho.reporting import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N = 1_000_000  # matrix elements of the fake model

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dist_ortho.cli import main as cli_main
-from dist_ortho.sweep import load_study, run_sweep
+from dist_ortho.studies.sweep import load_study, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
@@ -97,7 +97,7 @@ def test_study_runs_fresh_every_time_unless_resumed(tmp_path, capsys):
 
 def test_crashing_point_is_recorded_as_its_first_ranks_error_and_the_sweep_goes_on(
         tmp_path, capsys, monkeypatch):
-    # a testing aid makes rank 1 of one point raise mid-run (dist_ortho.faults, matched by name)
+    # a testing aid makes rank 1 of one point raise mid-run (dist_ortho.studies.faults, matched by name)
     monkeypatch.setenv("DIST_ORTHO_FAULTS", "fail_step=1 fail_rank=1 fail_mode=raise runs='*broken*'")
     broken = {"name": "replicated", "label": "broken"}
     study_file = write_study(tmp_path / "s.yaml", "crash", [broken, "round_robin"], [2])
@@ -113,7 +113,7 @@ def test_crashing_point_is_recorded_as_its_first_ranks_error_and_the_sweep_goes_
     with open(study_dir / "failures.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["point"] == "llama-tiny--broken--p2" and row["status"] == "failed"
-    # then where each rank was (dist_ortho.phase_marker): rank 1 raised between phases
+    # then where each rank was (dist_ortho.studies.phase_marker): rank 1 raised between phases
     assert row["error"].startswith("rank 1: RuntimeError: testing aid: rank 1 failed on purpose "
                                    "at step 1 [rank 1 at step 1"), row["error"]
     log = Path(row["log"]).read_text()
@@ -180,8 +180,8 @@ def test_every_subcommand_has_help(argv, capsys):
      "model.depth"),
 ])
 def test_study_file_errors_name_their_key(tmp_path, change, key):
-    from dist_ortho.config import ConfigError
-    from dist_ortho.sweep import expand
+    from dist_ortho.studies.config import ConfigError
+    from dist_ortho.studies.sweep import expand
 
     path = write_study(tmp_path / "s.yaml", "bad", ["replicated"], [1])
     data = yaml.safe_load(path.read_text())

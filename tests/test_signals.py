@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_ortho.jobs import descendants
+from dist_ortho.studies.jobs import descendants
 
 # a sweep/study/convergence under torchrun per signal: excluded from the README's test command, run by .ci/run
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dist_ortho import strategies
-from dist_ortho.families_report import split_ns_options
 from dist_ortho.models import matrix_shapes
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.profiling.hardware import HARDWARE_PRESETS
+from dist_ortho.reporting.families import split_ns_options
 from dist_ortho.strategies import split_plan
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 
-import pytest
-
 import dist_cases
 import gpu_cases
+import pytest
 import tolerances
+
 from dist_ortho import strategies
-from dist_ortho.testing import spawn
+from dist_ortho.testing.processes import spawn
 
 STRATEGIES = strategies.available()
 CASES = dist_cases.exactness_cases(STRATEGIES)
@@ -167,7 +167,7 @@ def test_fsdp2_transformer_training_matches_single_process(world_size):
 
 def test_host_syncs_per_step_p2_gloo():
     """On 2 gloo ranks with FSDP2-style DTensor shards, every strategy's NorMuon step makes exactly
-    the documented host syncs (dist_ortho.optimizer.HOST_SYNCS_PER_STEP; P = 1 and CUDA in
+    the documented host syncs (dist_ortho.optim.optimizer.HOST_SYNCS_PER_STEP; P = 1 and CUDA in
     tests/test_gpu.py)."""
     for rank, result in enumerate(rank["host_syncs"] for rank in suite(2)):
         assert sorted(result) == sorted(STRATEGIES)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_ortho import comparison, report
 from dist_ortho.cli import main as cli_main
 from dist_ortho.profiling import stats
-from dist_ortho.study import foreign_cores, step_bound
+from dist_ortho.reporting import comparison, report
+from dist_ortho.studies.interleaved import foreign_cores, step_bound
 
 ROOT = Path(__file__).resolve().parents[1]
 

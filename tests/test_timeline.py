@@ -1,4 +1,4 @@
-"""Per-rank timelines (profiling.timeline), the Gantt chart (dist_ortho.timeline_plots) and the
+"""Per-rank timelines (profiling.timeline), the Gantt chart (dist_ortho.reporting.timeline_plots) and the
 interconnect emulation (profiling.interconnect) on a real 2-rank FSDP2 GPT with strategy
 `overlapped` (worker: tests/overlap_cases.timeline_worker)."""
 
@@ -7,17 +7,17 @@ from __future__ import annotations
 import functools
 import tempfile
 
-import pytest
-
 import overlap_cases
-from dist_ortho.config import ConfigError, load_config
-from dist_ortho.profiling.interconnect import emulated_link
-from dist_ortho.profiling.hardware import get_preset
-from dist_ortho.profiling.timeline import LANES, Timeline, read_trace, step_marks
-from dist_ortho.run_timeline import _Release
-from dist_ortho.testing import spawn
-from dist_ortho.timeline_plots import plot_gantt
+import pytest
 from test_strategies_dist import assert_bytes_equal
+
+from dist_ortho.profiling.hardware import get_preset
+from dist_ortho.profiling.interconnect import emulated_link
+from dist_ortho.profiling.timeline import LANES, Timeline, read_trace, step_marks
+from dist_ortho.reporting.timeline_plots import plot_gantt
+from dist_ortho.studies.config import ConfigError, load_config
+from dist_ortho.studies.run_timeline import _Release
+from dist_ortho.testing.processes import spawn
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # this CPU's NS rate as the emulator is told it: h100 bf16 NS (989e12 x 0.5) is then 2000x faster,
@@ -100,7 +100,7 @@ def _trace(optimizer_end_ms: float, steps: int = 8) -> dict:
 def test_report_section_pairs_backward_and_step_with_the_prediction(tmp_path):
     import json
 
-    from dist_ortho.timeline_plots import report_section
+    from dist_ortho.reporting.timeline_plots import report_section
 
     for run, end in (("m--overlapped_backward--p2", 15.0), ("m--overlapped_step--p2", 30.0)):
         (tmp_path / run).mkdir()

@@ -19,12 +19,12 @@ import functools
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-
-import dist_ortho.reference as reference
-from dist_ortho.newton_schulz import matrix_view_shape, newton_schulz
 from test_foundation import EXACT_SHAPES, exactness_bounds, run_optimizer, run_reference
 from tolerances import distance_ratios, report
+from torch.overrides import TorchFunctionMode
+
+import dist_ortho.optim.reference as reference
+from dist_ortho.core.newton_schulz import matrix_view_shape, newton_schulz
 
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,
             torch.mm, torch.Tensor.mm}
@@ -106,7 +106,7 @@ def _stale_momentum(grad, momentum_buf, beta1, nesterov):
 
 def _normuon_update_variant(no_frobenius_rescale=False, shard_local_norms=0, no_shape_scale=False,
                             v_not_averaged=False):
-    """dist_ortho.reference.normuon_update with one bug put in."""
+    """dist_ortho.optim.reference.normuon_update with one bug put in."""
 
     def update(grad, momentum_buf, v, hp):
         U = reference.momentum_direction(grad, momentum_buf, hp.momentum, hp.nesterov)

@@ -1,7 +1,7 @@
 """Tolerances of the exactness tests, derived from floating-point error growth (issue #11).
 
 What is compared. The optimizer under test (any strategy, any world size) and the single-process
-reference (`dist_ortho.reference`) run the same algorithm on the same float32 inputs. They may
+reference (`dist_ortho.optim.reference`) run the same algorithm on the same float32 inputs. They may
 differ only in where rounding lands: the BLAS kernel path (SSE4.2 / AVX2 / AVX-512 blocking, FMA or
 not, 1 or 2 threads), a batched matmul where the reference runs a single one, and the order in
 which ranks' partial sums are all-reduced. So a tolerance has to bound float rounding on *any*
@@ -50,7 +50,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_ortho.newton_schulz import matrix_view_shape, step_coefficients
+from dist_ortho.core.newton_schulz import matrix_view_shape, step_coefficients
 
 __all__ = ["C", "unit_roundoff", "ns_error", "ns_scale_sensitivity", "update_error", "param_bound", "Trajectory",
            "assert_within", "distance_ratios", "report", "split_ns_error", "gram_ns_error"]
@@ -90,7 +90,7 @@ def ns_scale_sensitivity(steps: int = 5) -> float:
     """sup over sigma in (0, 1] of |d log p^s(sigma) / d log sigma| for Jordan's quintic p: a relative
     change delta of the input's scale (e.g. NS's eps / ||G||) moves every output singular value,
     hence the output, by at most this times delta (10.04 for 5 steps)."""
-    from dist_ortho.newton_schulz import JORDAN_COEFFICIENTS
+    from dist_ortho.core.newton_schulz import JORDAN_COEFFICIENTS
 
     a, b, c = JORDAN_COEFFICIENTS
     sigma = torch.logspace(-6, 0, 200_001, dtype=torch.float64)

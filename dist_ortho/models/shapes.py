@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from dist_ortho.seeds import derive_seed
+from dist_ortho.core.seeds import derive_seed
 
 __all__ = [
     "ShapeConfig",

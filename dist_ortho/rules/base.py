@@ -1,6 +1,6 @@
 """The update-rule interface: what turns orthogonalized rows into the update of each parameter.
 
-The optimizer (`dist_ortho.optimizer`) does what every orthogonalized optimizer shares: the
+The optimizer (`dist_ortho.optim.optimizer`) does what every orthogonalized optimizer shares: the
 non-finite check, momentum, asking its strategy for NS(U) of this rank's rows, and applying
 `W <- W (1 - lr wd) - lr update`. A rule says the rest:
 
@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from dist_ortho.newton_schulz import matrix_view_shape
-from dist_ortho.plan import CommItem
-from dist_ortho.sharding import Layout, MatrixSpec
+from dist_ortho.core.newton_schulz import matrix_view_shape
+from dist_ortho.core.plan import CommItem
+from dist_ortho.core.sharding import Layout, MatrixSpec
 
 __all__ = ["UpdateRule", "shape_scale", "check_unit_interval"]
 

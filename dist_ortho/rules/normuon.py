@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from dist_ortho.newton_schulz import matrix_view_shape
-from dist_ortho.plan import CommItem, all_reduce_bytes
+from dist_ortho.core.newton_schulz import matrix_view_shape
+from dist_ortho.core.plan import CommItem, all_reduce_bytes
+from dist_ortho.core.sharding import Layout, MatrixSpec, local_tensor
 from dist_ortho.rules.base import UpdateRule, check_unit_interval, shape_scale
 from dist_ortho.rules.registry import register
-from dist_ortho.sharding import Layout, MatrixSpec, local_tensor
 
 __all__ = ["NorMuonRule", "ROW_EPS", "NORM_EPS"]
 

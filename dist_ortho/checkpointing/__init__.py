@@ -1,0 +1,1 @@
+"""Layer 5: checkpoints that are verified, retained and optionally written in the background."""

@@ -1,0 +1,582 @@
+"""NorMuon and Muon as torch optimizers that work on FSDP2-sharded, replicated or local parameters.
+
+One step, on every rank, whatever the world size:
+1. non-finite check: one tiny all-reduce agrees across ranks whether any gradient holds NaN/Inf; if
+   so the step is skipped everywhere with a warning (`nonfinite="skip"`) or raises ("raise"),
+   before any state is touched.
+2. momentum: on local rows only (momentum is sharded exactly like the parameter).
+3. orthogonalize: the strategy moves row shards so that each matrix is whole on some rank, runs
+   Newton-Schulz there and brings back each rank's rows of the result (see `strategies`).
+4. normalize: the update rule (`dist_ortho.rules`) turns this rank's rows of NS(U) into update rows
+   (Muon: a shape scale; NorMuon: the per-row second-moment normalization, whose two Frobenius
+   norms come from one batched all-reduce of per-matrix sums of squares).
+5. apply: decoupled weight decay and the update, written in place into the local shard.
+
+`OrthogonalizedOptimizer(params, rule=..., strategy=...)` is the one optimizer class; `Muon` and
+`NorMuon` are it with their rule and constructor signatures. Timing: `set_timer(timer)` (any
+`dist_ortho.core.timing.PhaseTimer`, e.g. the profiler) receives the phases above and, through the
+strategy, comm_wait and ns; `executed_ns_flops` counts the Newton-Schulz FLOPs run on this rank.
+
+Host syncs: `step()` makes exactly `HOST_SYNCS_PER_STEP` = 1 device-to-host sync, the non-finite
+check's `.item()` (`count_nonfinite`): whether to skip must be known on the host before any state
+is touched, on every rank alike. Everything else is queued: shapes, owners, split sizes and
+buckets are Python ints from the cached plan, never read back from a tensor, so on CUDA the
+strategies' collectives overlap with Newton-Schulz. tests/test_gpu.py counts the syncs of a step
+(P = 1 and P = 2) and asserts this number.
+
+On 2-D/3-D meshes (HSDP with replicas="spread", tensor parallel, expert parallel) steps 3-4 go
+through `dist_ortho.optim.mesh_step` (`strategies.mesh`): the same strategies per row group, plus the
+TP column exchange and the replica exchange.
+
+With one rank, the same code runs with every collective skipped. Parameters must be 2-D or more
+(4-D conv weights are viewed as (out, -1), 3-D stacks as batches of matrices); use
+`dist_ortho.split_model_params` (or `build_optimizers`) to send embeddings, heads, norms and biases
+to AdamW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from dist_ortho import rules as rule_registry
+from dist_ortho import strategies as strategy_registry
+from dist_ortho.core.newton_schulz import NSConfig, matrix_view_shape, ns_dtype_name
+from dist_ortho.core.orthogonalizer import FlopCount, Orthogonalizer
+from dist_ortho.core.plan import CommItem, Plan, all_reduce_bytes
+from dist_ortho.core.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
+from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
+from dist_ortho.optim import mesh_step
+from dist_ortho.optim.overlap import BackwardOverlap, null_comm_context, unit_positions
+from dist_ortho.rules.base import UpdateRule, check_unit_interval
+from dist_ortho.strategies.base import ExecContext, Strategy
+from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, MeshPlan, check_replicas
+
+__all__ = ["OrthogonalizedOptimizer", "NorMuon", "Muon", "NONFINITE_POLICIES", "plan_step",
+           "optimizer_items", "count_nonfinite", "handle_nonfinite", "HOST_SYNCS_PER_STEP"]
+
+log = logging.getLogger("dist_ortho")
+NONFINITE_POLICIES = ("skip", "raise")
+# device-to-host syncs in one `step()`: count_nonfinite's `.item()` (see the module docstring)
+HOST_SYNCS_PER_STEP = 1
+
+
+def count_nonfinite(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
+                    world_size: int, device: torch.device, flag: torch.Tensor | None = None):
+    """Number of gradient shards holding NaN/Inf, summed over the ranks of `group`: one tiny
+    all-reduce, so every rank gets the same verdict. A sum is NaN/Inf iff an element is (or the
+    sum overflows float32, which is no healthier). With `flag` (a one-element 0/1 float tensor on
+    `device`), the same all-reduce carries it as a second float and (count, number of ranks that
+    raised it) is returned, still read with one `.item()`: both are small integers, packed as
+    count * (P + 1) + flags in float64 before the read."""
+    sums = [torch.sum(g, dtype=torch.float32).to(device) for g in grads]
+    bad = ((~torch.isfinite(torch.stack(sums))).sum().to(torch.float32).reshape(1) if sums
+           else torch.zeros(1, device=device))
+    if flag is not None:
+        bad = torch.cat([bad, flag.to(device=device, dtype=torch.float32).reshape(1)])
+    if world_size > 1:
+        dist.all_reduce(bad, group=group)
+    if flag is None:
+        return int(bad.item())  # the step's one documented host sync (HOST_SYNCS_PER_STEP)
+    packed = bad[0].double() * (world_size + 1) + bad[1].double()
+    count, flags = divmod(int(packed.item()), world_size + 1)  # the same one host sync
+    return count, flags
+
+
+def handle_nonfinite(count: int, policy: str, who: str) -> None:
+    """Raise (policy "raise") or warn that the step is skipped (policy "skip")."""
+    message = f"{who}: non-finite gradient on {count} parameter shard(s) across ranks"
+    if policy == "raise":
+        raise FloatingPointError(message + "; nothing was updated (nonfinite='raise').")
+    warnings.warn(message + "; step skipped on every rank, weights and state unchanged.",
+                  RuntimeWarning, stacklevel=4)
+    log.warning("%s; step skipped on every rank", message)
+
+
+def optimizer_items(specs: Sequence[MatrixSpec], world_size: int,
+                    rule: UpdateRule, flags: int = 1) -> list[CommItem]:
+    """The collectives the optimizer adds to its strategy's on every rank, in issue order: the
+    non-finite check's all-reduce of `flags` floats (2 when the strategy runs in backward: it
+    also agrees whether that work is usable), then the update rule's reductions."""
+    if world_size <= 1:
+        return []
+    flag = all_reduce_bytes(4 * flags, world_size)
+    return [CommItem("all_reduce", flag, flag, "nonfinite_check")] + list(
+        rule.reductions(specs, world_size))
+
+
+def plan_step(strategy: Strategy, specs: Sequence[MatrixSpec], world_size: int, rank: int,
+              rule: UpdateRule | str) -> Plan:
+    """The plan of one optimizer step: the strategy's plan completed with `optimizer_items`. The
+    optimizer's `plan()` and the cost model both call this, so their bytes agree by construction."""
+    plan = strategy.plan(specs, world_size, rank)
+    flags = 2 if getattr(strategy, "runs_in_backward", False) else 1
+    items = optimizer_items(plan.matrices, world_size, rule_registry.get(rule), flags)
+    for cost in plan.ranks:
+        cost.comm.extend(items)
+    return plan
+
+
+def _check_nonnegative(name: str, value) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+class OrthogonalizedOptimizer(torch.optim.Optimizer):
+    """Momentum, Newton-Schulz by a strategy, then an update rule; see the module docstring.
+
+    rule: a name from `dist_ortho.rules.available()` ("normuon", "muon") or an UpdateRule.
+    strategy: a name from `dist_ortho.strategies.available()` or a Strategy instance.
+    replicas: on a 2-D/3-D mesh, ranks holding the same values of a matrix (HSDP's replicate
+    axis, a TP axis a weight is not split on) "spread" the matrices between them, each
+    orthogonalized once in the job, or "repeat" all of them (`dist_ortho.optim.mesh_step`).
+    Extra keyword arguments are the rule's own hyperparameters (NorMuon: beta2)."""
+
+    def __init__(self, params: Iterable, rule: str | UpdateRule = "normuon",
+                 strategy: str | Strategy = "replicated", *, lr: float = 0.02,
+                 momentum: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
+                 ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
+                 ns_coefficients: str = "jordan", nonfinite: str = "skip",
+                 replicas: str = DEFAULT_REPLICAS,
+                 process_group: dist.ProcessGroup | None = None, ns_form: str = "standard",
+                 **rule_hparams) -> None:
+        self.rule = rule_registry.get(rule)
+        unknown = sorted(set(rule_hparams) - set(self.rule.defaults))
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {unknown} for update rule "
+                             f"{self.rule.name!r}; its own are {sorted(self.rule.defaults)}")
+        if isinstance(strategy, str):
+            strategy = strategy_registry.build(strategy)
+        elif not isinstance(strategy, Strategy):
+            raise ValueError(f"strategy must be a name from {strategy_registry.available()} or a "
+                             f"dist_ortho.strategies.Strategy instance, got {type(strategy).__name__}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        defaults = dict(lr=lr, momentum=momentum, **{**self.rule.defaults, **rule_hparams},
+                        weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
+                        ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, ns_form=ns_form)
+        self.strategy = strategy
+        self.nonfinite = nonfinite
+        self.replicas = check_replicas(replicas)  # HSDP/TP replicas: "spread" the NS or "repeat"
+        self.process_group = process_group
+        self.timer: PhaseTimer = NULL_TIMER  # set_timer(); the null timer costs nothing
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        self._flops = FlopCount()  # NS FLOPs actually run on this rank, counted from the shapes
+        self._layouts: dict[int, Layout | None] = {}  # None: mesh path only (mesh_step)
+        self._infos: dict[int, mesh_step.MeshParam] = {}
+        self._mesh_groups: dict[tuple[int, ...], dict] = {}  # per plan key: member ranks -> group
+        self._names: dict[int, str] = {}
+        self._plans: dict[tuple[int, ...], Plan] = {}
+        self._units: dict[int, int] = {}  # id(param) -> FSDP unit in backward order (overlap)
+        self._overlap: BackwardOverlap | None = None
+        self._comm_context = null_comm_context
+        self._ready = False
+        super().__init__(params, defaults)
+        self._ready = True
+        self.plan()  # surfaces every planning error now, on every rank, before any collective
+
+    @property
+    def algorithm(self) -> str:
+        """The update rule's name ("normuon", "muon")."""
+        return self.rule.name
+
+    @property
+    def executed_ns_flops(self) -> int:
+        """Newton-Schulz FLOPs run on this rank so far (what the profiler records)."""
+        return self._flops.total
+
+    def set_timer(self, timer: PhaseTimer | None) -> None:
+        """Report this optimizer's phases (and its strategy's) to `timer`; None: stop timing."""
+        if timer is not None and not isinstance(timer, PhaseTimer):
+            raise ValueError(f"timer must have a phase(name) method, got {type(timer).__name__}")
+        self.timer = NULL_TIMER if timer is None else timer
+
+    def set_comm_context(self, factory=None) -> None:
+        """`factory()` gives a context manager entered around every region where this optimizer
+        issues collectives (its step, after any closure, and its backward hooks); the
+        interconnect emulator (`profiling.interconnect`) delays them there. None: nothing."""
+        self._comm_context = null_comm_context if factory is None else factory
+
+    def overlap_with_backward(self, model: torch.nn.Module) -> None:
+        """Plan this optimizer's buckets by `model`'s FSDP2 units in backward order (strategy
+        `overlapped`) and, with schedule backward, run them during the backward pass from FSDP2's
+        post-reduce-scatter hooks; see `dist_ortho.optim.overlap`. Raises ValueError (on every rank,
+        before the one collective it issues: creating the optimizer's own process group) if that
+        cannot work."""
+        if self._units:
+            raise ValueError("overlap_with_backward() was already called for this optimizer")
+        if not getattr(self.strategy, "follows_backward", False):
+            raise ValueError(f"strategy {self.strategy.name!r} does not order its work by the "
+                             f"backward pass; use strategy 'overlapped'")
+        on_mesh = [self._names[id(p)] for _, p in self._entries(require_grad=False)
+                   if self._layouts[id(p)] is None]
+        if on_mesh and getattr(self.strategy, "runs_in_backward", False):
+            # placements are alike on every rank, so every rank raises here
+            raise ValueError(f"parameter {on_mesh[0]!r} lives on a 2-D/3-D mesh (HSDP, TP or "
+                             f"EP): the mesh path has no backward overlap; use the strategy "
+                             f"option schedule='step', or another strategy")
+        if on_mesh:  # schedule step: the mesh path plans per row group, FSDP units unused
+            return
+        units = unit_positions(self._entries(require_grad=False), model, self._names)
+        if getattr(self.strategy, "runs_in_backward", False):
+            self._overlap = BackwardOverlap(self, model)
+        self._units = units
+        self._plans.clear()
+        self.plan()
+
+    @property
+    def overlap(self) -> BackwardOverlap | None:
+        """The backward-pass hooks, when installed (`overlap_with_backward`)."""
+        return self._overlap
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}(rule={self.rule.name}, strategy={self.strategy.name}"
+                 f"{_options_text(self.strategy.options)}, replicas={self.replicas}, "
+                 f"nonfinite={self.nonfinite})"]
+        for g, group in enumerate(self.param_groups):
+            lines.append(f"  group {g}: {_group_text(group)}")
+        return "\n".join(lines)
+
+    # -- construction-time validation ------------------------------------------------------------
+    def _validate_hparams(self, group: dict) -> None:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = lr.item()
+        _check_nonnegative("lr", lr)
+        check_unit_interval("momentum", group["momentum"])
+        self.rule.validate(group)
+        _check_nonnegative("weight_decay", group["weight_decay"])
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
+        NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"],
+                 form=group.get("ns_form", "standard"))
+        group["ns_dtype"] = ns_dtype_name(group["ns_dtype"])  # torch.float32 -> "float32"
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_hparams(group)
+        g = len(self.param_groups) - 1
+        names = group.get("param_names") or [f"param_groups[{g}].params[{j}]"
+                                             for j in range(len(group["params"]))]
+        for p, name in zip(group["params"], names):
+            if p.ndim < 2:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(p.shape)}: {type(self).__name__} "
+                    f"orthogonalizes matrices (2-D, 3-D stacks, 4-D conv) only. Give 0-D/1-D "
+                    f"parameters (biases, norms) to AdamW, e.g. with dist_ortho.split_params.")
+            if p.numel() == 0:
+                raise ValueError(f"parameter {name!r} has no elements (shape {tuple(p.shape)})")
+            if not p.is_floating_point():
+                raise ValueError(f"parameter {name!r} has dtype {p.dtype}; needs floating point")
+            matrix_view_shape(p.shape)  # raises for 5-D and up
+            info = mesh_step.inspect_param(p, name)
+            self._infos[id(p)] = info
+            self._names[id(p)] = name
+            if not info.one_group:  # TP/EP placements: validated by the mesh path's plan()
+                self._layouts[id(p)] = None
+                continue
+            layout = resolve_layout(p, name, self.process_group)
+            if layout.sharded:
+                expected = chunk_sizes(p.shape[0], layout.world_size)[layout.rank]
+                if local_tensor(p).shape[0] != expected:
+                    raise ValueError(
+                        f"parameter {name!r} holds {local_tensor(p).shape[0]} rows on rank "
+                        f"{layout.rank}, but FSDP2's torch.chunk layout gives {expected}; custom "
+                        f"uneven shardings are not supported.")
+            self._layouts[id(p)] = layout
+        if self._ready:
+            self._plans.clear()
+            self.plan()
+
+    def _group_layout(self, params: Sequence[torch.Tensor]) -> Layout:
+        layouts = [self._layouts[id(p)] for p in params]
+        first = layouts[0]
+        for p, lay in zip(params, layouts):
+            if lay.group is not first.group or lay.world_size != first.world_size:
+                raise ValueError(
+                    f"parameter {self._names[id(p)]!r} lives on a different process group than "
+                    f"{self._names[id(params[0])]!r}; one optimizer schedules over one group. Use "
+                    f"one optimizer per mesh, or pass process_group= for plain parameters.")
+        return first
+
+    # -- planning --------------------------------------------------------------------------------
+    def _entries(self, require_grad: bool) -> list[tuple[dict, torch.Tensor]]:
+        return [(g, p) for g in self.param_groups for p in g["params"]
+                if not require_grad or p.grad is not None]
+
+    def _ns_config(self, group: dict) -> NSConfig:
+        return NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"],
+                        form=group.get("ns_form", "standard"))
+
+    def plan(self, entries: list[tuple[dict, torch.Tensor]] | None = None) -> Plan:
+        """The strategy's plan for these parameters (default: all), plus the optimizer's own
+        all-reduces (`plan_step`), cached by which parameters take part."""
+        entries = self._entries(require_grad=False) if entries is None else entries
+        key = tuple(id(p) for _, p in entries)
+        if key in self._plans:
+            return self._plans[key]
+        if not entries:
+            raise ValueError(f"{type(self).__name__} has no parameters to step")
+        device = local_tensor(entries[0][1]).device
+        out_dtypes = {self._ns_config(g).torch_dtype(device) for g, _ in entries}
+        if len(out_dtypes) > 1:
+            raise ValueError(f"param groups use different ns_dtype values {sorted(map(str, out_dtypes))}; "
+                             f"results travel in one buffer dtype, so use one ns_dtype per optimizer")
+        infos = [self._infos[id(p)] for _, p in entries]
+        if mesh_step.needs_mesh(infos, self.replicas):
+            plan = self._mesh_plan(entries, infos, next(iter(out_dtypes)), device)
+            self._plans[key] = plan
+            return plan
+        layout = self._group_layout([p for _, p in entries])
+        specs = []
+        for i, (g, p) in enumerate(entries):
+            lay = self._layouts[id(p)]
+            sizes = (chunk_sizes(p.shape[0], lay.world_size) if lay.sharded
+                     else (p.shape[0],) * lay.world_size)
+            specs.append(MatrixSpec(i, self._names[id(p)], tuple(p.shape), p.dtype, sizes,
+                                    lay.sharded, g["ns_steps"], next(iter(out_dtypes)),
+                                    unit=self._units.get(id(p)),
+                                    ns_form=g.get("ns_form", "standard")))
+        plan = plan_step(self.strategy, specs, layout.world_size, layout.rank, self.rule)
+        plan.layout = layout
+        self._plans[key] = plan
+        return plan
+
+    def _mesh_plan(self, entries, infos, out_dtype: torch.dtype, device) -> MeshPlan:
+        """The mesh path's plan (`mesh_step`): validate, plan, then make the groups it needs."""
+        params = [p for _, p in entries]
+        gram = [self._names[id(p)] for g, p in entries if g.get("ns_form", "standard") != "standard"]
+        if gram:  # alike on every rank: placements and hyperparameters are
+            raise ValueError(f"parameter {gram[0]!r} lives on a 2-D/3-D mesh (HSDP, TP or EP), "
+                             f"whose plans count standard Newton-Schulz only; use "
+                             f"ns_form='standard' for it")
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        plan = mesh_step.mesh_plan(params, [self._names[id(p)] for p in params], infos,
+                                   self.strategy, self.rule, [g["ns_steps"] for g, _ in entries],
+                                   out_dtype, self.replicas, rank)
+        groups = mesh_step.make_groups(plan, infos)
+        self._mesh_groups[tuple(id(p) for p in params)] = groups
+        plan.layout = Layout(groups.get(plan.world), plan.rank, plan.world_size, True, device)
+        return plan
+
+    # -- state -----------------------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor, layout: Layout | None) -> dict:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            if layout is None:  # mesh path (TP/EP), e.g. a checkpoint creating state before a step
+                entries = self._entries(require_grad=False)
+                index = [id(q) for _, q in entries].index(id(p))
+                layout = mesh_step.state_layout(self.plan(entries), index, self._infos[id(p)],
+                                                local_tensor(p).device)
+            state["momentum_buffer"] = torch.zeros_like(p)
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state.update(self.rule.init_state(p, layout))
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating state to the parameter's dtype on load, which would round the
+        # rule's float32 state (NorMuon's v) to bf16 for bf16 parameters; keep the saved float32
+        # tensors and put them back afterwards.
+        # torch maps saved ids to parameters by position across param groups; so do we.
+        keep = ("step",) + tuple(self.rule.float32_state)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        exact = {}
+        for saved_id, p in zip(saved_ids, params):
+            entry = state_dict["state"].get(saved_id, {})
+            exact[p] = {k: entry[k] for k in keep if k in entry}
+        super().load_state_dict(state_dict)
+        for p, kept in exact.items():
+            for key, value in kept.items():
+                self.state[p][key] = value.to(device=self.state[p][key].device,
+                                              dtype=torch.float32, copy=True)
+
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None, companion_grads: Sequence[torch.Tensor] = ()):
+        """One step. `companion_grads`: this rank's gradient shards of other optimizers stepped
+        together with this one (CombinedOptimizer's AdamW); they join the non-finite check, so
+        that one all-reduce decides for all of them and `last_step_skipped` tells them."""
+        loss = None
+        self.last_step_skipped = False
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with self._comm_context():
+            self._step(companion_grads)
+        return loss
+
+    def _step(self, companion_grads: Sequence[torch.Tensor]) -> None:
+        entries = self._entries(require_grad=True)
+        if len(entries) < sum(len(g["params"]) for g in self.param_groups):
+            # FSDP2 leaves grads None on all ranks together, so skipping them keeps ranks in step.
+            log.debug("%s: %d parameters have no gradient and are skipped this step",
+                      type(self).__name__,
+                      sum(len(g["params"]) for g in self.param_groups) - len(entries))
+        if not entries:
+            return
+        plan = self.plan(entries)
+        layout: Layout = plan.layout
+        grads = [local_tensor(p.grad) for _, p in entries]
+        timer = self.timer
+        overlap = self._overlap
+        # the mesh path never runs in backward (overlap_with_backward refuses it), and its plan
+        # counts the non-finite all-reduce without the overlap's usability flag
+        backward_mode = (getattr(self.strategy, "runs_in_backward", False)
+                         and not isinstance(plan, MeshPlan))
+
+        with timer.phase("nonfinite_check"):
+            checked = list(grads) + [local_tensor(g) for g in companion_grads]
+            if backward_mode:  # the same all-reduce agrees whether backward's work is usable
+                reason, flag = (overlap.verdict(entries) if overlap is not None
+                                else (None, torch.zeros(1, device=layout.device)))
+                bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
+                                                layout.device, flag=flag)
+            else:
+                bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
+                                                layout.device), 0
+            if bad:
+                if overlap is not None:
+                    overlap.discard()
+                handle_nonfinite(bad, self.nonfinite, type(self).__name__)
+                self.skipped_steps += 1
+                self.last_step_skipped = True
+                return
+        if overlap is not None and unusable:  # every rank drops it alike
+            overlap.fall_back(reason or "a gradient changed after its backward hook (clipping? "
+                                        "unscaling?) on this or another rank")
+
+        on_mesh = isinstance(plan, MeshPlan)
+        if on_mesh:
+            mesh_step.check_grads(entries)
+        from_backward = overlap is not None and overlap.started
+        assert not (on_mesh and from_backward), "overlap_with_backward refuses mesh layouts"
+        if from_backward:
+            with timer.phase("orthogonalize"):
+                new_bufs, results = overlap.finish()
+            with timer.phase("momentum"):
+                for (_, p), new in zip(entries, new_bufs):
+                    state = self._init_state(p, self._layouts[id(p)])
+                    state["step"] += 1
+                    local_tensor(state["momentum_buffer"]).copy_(new)
+            del new_bufs
+        else:
+            with timer.phase("momentum"):
+                directions = _momentum(entries, grads, [self._init_state(p, mesh_step.state_layout(
+                    plan, i, self._infos[id(p)], layout.device) if on_mesh
+                    else self._layouts[id(p)]) for i, (_, p) in enumerate(entries)])
+
+        if on_mesh:
+            updates = mesh_step.run_step(
+                plan, self.strategy, self.rule, self._mesh_groups[tuple(id(p) for _, p in entries)],
+                entries, [self.state[p] for _, p in entries], directions,
+                [self._ns_config(g) for g, _ in entries], tuple(self.rule.float32_state),
+                layout.device, self._flops, timer)
+            del directions
+        else:
+            if not from_backward:
+                orthogonalizer = Orthogonalizer([self._ns_config(g) for g, _ in entries],
+                                                layout.device, self._flops)
+                ctx = ExecContext(layout.group, layout.rank, layout.world_size, orthogonalizer,
+                                  plan.matrices[0].out_dtype, layout.device, timer)
+                with timer.phase("orthogonalize"):
+                    results = self.strategy.execute(plan, directions, ctx)
+                del directions
+            with timer.phase("normalize"):
+                updates = self.rule.updates([g for g, _ in entries],
+                                            [self.state[p] for _, p in entries],
+                                            plan.matrices, results, layout)
+        with timer.phase("apply"):
+            _apply(entries, updates)
+
+
+def _runs(entries) -> list[list[int]]:
+    """Positions of entries grouped by param group (one torch._foreach_* call each)."""
+    runs: dict[int, list[int]] = {}
+    for j, (group, _) in enumerate(entries):
+        runs.setdefault(id(group), []).append(j)
+    return list(runs.values())
+
+
+def _momentum(entries, grads, states) -> list[torch.Tensor]:
+    """buf <- lerp(buf, g, 1 - momentum); direction: lerp(g, buf, momentum) (Nesterov) or buf.
+    One _foreach_ call per param group: the same per-tensor kernels as a loop, without its
+    per-parameter Python and dispatch."""
+    directions: list[torch.Tensor | None] = [None] * len(entries)
+    for run in _runs(entries):
+        group = entries[run[0]][0]
+        bufs = [local_tensor(states[j]["momentum_buffer"]) for j in run]
+        gs = [grads[j] for j in run]
+        torch._foreach_add_([states[j]["step"] for j in run], 1)
+        torch._foreach_lerp_(bufs, gs, 1 - group["momentum"])
+        outs = torch._foreach_lerp(gs, bufs, group["momentum"]) if group["nesterov"] else bufs
+        for j, u in zip(run, outs):
+            directions[j] = u.contiguous()
+    return directions  # type: ignore[return-value]
+
+
+def _apply(entries, updates) -> None:
+    """p <- p (1 - lr wd) - lr update, in place; the decay pass is skipped when it multiplies by
+    exactly 1 (weight_decay 0), which leaves every bit as it was."""
+    for run in _runs(entries):
+        group = entries[run[0]][0]
+        locals_ = [local_tensor(entries[j][1]) for j in run]
+        ups = [updates[j].reshape(t.shape).to(t.dtype) for j, t in zip(run, locals_)]
+        decay = 1 - group["lr"] * group["weight_decay"]
+        if decay != 1:
+            torch._foreach_mul_(locals_, decay)
+        torch._foreach_add_(locals_, ups, alpha=-group["lr"])
+
+
+def _options_text(options) -> str:
+    if options is None or not dataclasses.is_dataclass(options):
+        return ""
+    return "".join(f", {f.name}={getattr(options, f.name)!r}" for f in dataclasses.fields(options))
+
+
+def _group_text(group: dict) -> str:
+    """'N params, lr=..., ...': a param group's hyperparameters without its tensors."""
+    hp = ", ".join(f"{k}={v}" for k, v in group.items() if k not in ("params", "param_names"))
+    return f"{len(group['params'])} params, {hp}"
+
+
+class Muon(OrthogonalizedOptimizer):
+    """Muon: momentum, then Newton-Schulz, scaled by max(1, m/n) ** 0.5."""
+
+    def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95,
+                 weight_decay: float = 0.0, nesterov: bool = True, ns_steps: int = 5,
+                 ns_dtype: str | torch.dtype = "auto", ns_coefficients: str = "jordan",
+                 strategy: str | Strategy = "replicated", nonfinite: str = "skip",
+                 process_group: dist.ProcessGroup | None = None,
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
+        super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
+                         ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
+                         replicas=replicas, process_group=process_group, ns_form=ns_form)
+
+
+class NorMuon(OrthogonalizedOptimizer):
+    """NorMuon (arXiv:2510.05491): Muon plus a per-row second-moment normalization of the
+    orthogonalized update, rescaled to keep Muon's update norm. See `dist_ortho.rules.normuon`
+    and the reference `dist_ortho.optim.reference`."""
+
+    def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95,
+                 beta2: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
+                 ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
+                 ns_coefficients: str = "jordan", strategy: str | Strategy = "replicated",
+                 nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None,
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
+        super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
+                         weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
+                         ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
+                         replicas=replicas, process_group=process_group, ns_form=ns_form)

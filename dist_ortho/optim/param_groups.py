@@ -1,0 +1,379 @@
+"""Split a model's parameters the usual Muon way, and step several optimizers as one.
+
+Hidden matrices (2-D and up, inside the network) go to NorMuon/Muon. Embeddings, the output head,
+norms and biases go to torch's own AdamW: orthogonalizing an embedding table or a head treats
+vocabulary rows as neurons, which the Muon and NorMuon papers both avoid.
+
+`split_model_params(model)` decides by role first: parameters of `nn.Embedding`/`nn.EmbeddingBag`
+modules are embeddings; the output head is `model.get_output_embeddings()` where the model has it
+(Hugging Face models), else the model's last `nn.Linear` projecting to a vocabulary size of one of
+its embeddings, else (no embeddings: a generic network) its last `nn.Linear`, the output layer.
+Tied weights are one parameter and are listed once. Name patterns (`SplitConfig`) are overrides:
+`matrix_patterns` force a parameter to the matrix optimizer, `adamw_patterns` to AdamW. Models
+without such modules (e.g. the shape-only benchmark models) are split by shape and name alone.
+`split_params(named_params)` is the name-only form.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from dist_ortho.core.newton_schulz import ns_dtype_name
+from dist_ortho.core.schema import ConfigError, at_least, nonnegative, positive, unit
+from dist_ortho.core.sharding import local_tensor
+from dist_ortho.optim.optimizer import (NONFINITE_POLICIES, Muon, NorMuon, OrthogonalizedOptimizer,
+                                        count_nonfinite, handle_nonfinite)
+
+__all__ = ["SplitConfig", "split_params", "split_model_params", "assign_params",
+           "CombinedOptimizer", "OptimizerConfig", "build_optimizers"]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """`adamw_patterns`: fnmatch patterns of names that go to AdamW even when 2-D+ (embeddings and
+    heads by default). `matrix_patterns`: names forced to the matrix optimizer (checked first)."""
+
+    adamw_patterns: tuple[str, ...] = ("*emb*", "*embedding*", "*lm_head*", "*head.*", "*wte*",
+                                       "*wpe*", "*output.weight")
+    matrix_patterns: tuple[str, ...] = ()
+
+
+MATRIX, ADAMW = "matrix", "adamw"
+
+
+def _roles(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> "embedding" or "output head", from module types (see the module doc)."""
+    roles: dict[int, str] = {}
+    embeddings = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    for m in embeddings:
+        for p in m.parameters(recurse=False):
+            roles.setdefault(id(p), "embedding")
+    head = None
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        head = get_output()
+    if head is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        vocab = {m.num_embeddings for m in embeddings}
+        if vocab:
+            linears = [m for m in linears if m.out_features in vocab]
+        head = linears[-1] if linears else None
+    if head is not None:
+        for p in head.parameters(recurse=False):
+            roles.setdefault(id(p), "output head")  # a tied head weight is the embedding's
+    return roles
+
+
+def assign_params(named_params: Iterable[tuple[str, nn.Parameter]],
+                  config: SplitConfig | None = None, roles: dict[int, str] | None = None
+                  ) -> list[tuple[str, nn.Parameter, str, str]]:
+    """(name, param, MATRIX or ADAMW, reason) for each trainable parameter, in order."""
+    config = config or SplitConfig()
+    roles = roles or {}
+    out = []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        forced = next((pat for pat in config.matrix_patterns if fnmatch.fnmatch(name, pat)), None)
+        if forced is not None:
+            if p.ndim < 2:
+                raise ValueError(f"parameter {name!r} matches matrix_patterns but has shape "
+                                 f"{tuple(p.shape)}; only 2-D+ parameters can be orthogonalized")
+            out.append((name, p, MATRIX, f"matrix_patterns {forced!r}"))
+            continue
+        excluded = next((pat for pat in config.adamw_patterns if fnmatch.fnmatch(name, pat)), None)
+        if p.ndim < 2:
+            out.append((name, p, ADAMW, f"{p.ndim}-D"))
+        elif id(p) in roles:  # the role first, so the reason names it even where a pattern agrees
+            out.append((name, p, ADAMW, roles[id(p)]))
+        elif excluded is not None:
+            out.append((name, p, ADAMW, f"adamw_patterns {excluded!r}"))
+        else:
+            out.append((name, p, MATRIX, "hidden matrix"))
+    return out
+
+
+def split_params(named_params: Iterable[tuple[str, nn.Parameter]],
+                 config: SplitConfig | None = None
+                 ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(matrix params, adamw params), each a list of (name, param), trainable params only, by
+    shape and name patterns alone (see `split_model_params` for the role-aware split)."""
+    rows = assign_params(named_params, config)
+    return ([(n, p) for n, p, dest, _ in rows if dest == MATRIX],
+            [(n, p) for n, p, dest, _ in rows if dest == ADAMW])
+
+
+def split_model_params(model: nn.Module, config: SplitConfig | None = None
+                       ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(matrix params, adamw params) of `model`: by role (embeddings, output head), shape and name
+    patterns (overrides); see the module docstring."""
+    rows = assign_params(model.named_parameters(), config, _roles(model))
+    return ([(n, p) for n, p, dest, _ in rows if dest == MATRIX],
+            [(n, p) for n, p, dest, _ in rows if dest == ADAMW])
+
+
+class _MergedState(Mapping):
+    """The inner optimizers' state dicts as one mapping, without touching them (their state is a
+    defaultdict, which a plain lookup would grow)."""
+
+    def __init__(self, optimizers) -> None:
+        self._states = [opt.state for opt in optimizers]
+
+    def __getitem__(self, param):
+        for state in self._states:
+            if param in state:
+                return state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator:
+        return (p for state in self._states for p in state)
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self._states)
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Steps several optimizers as one (e.g. NorMuon for matrices + AdamW for the rest), all or
+    none: a NaN/Inf gradient anywhere, on any rank, skips (or raises, `nonfinite`) the whole step,
+    so AdamW's weights and moments never see what NorMuon refused. The matrix optimizer's one
+    all-reduce decides for everybody; without one, a check of its own does (same cost).
+
+    It is a `torch.optim.Optimizer` whose `param_groups` are the inner optimizers' group dicts
+    themselves (shared by reference, recomputed on access so that an inner `load_state_dict` is
+    followed), so `torch.optim.lr_scheduler` schedulers drive every inner optimizer's lr.
+    `assignment` (set by `build_optimizers`): parameter name -> the optimizer it went to."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], nonfinite: str = "skip",
+                 process_group=None) -> None:
+        if not optimizers:
+            raise ValueError("CombinedOptimizer needs at least one optimizer")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.optimizers = list(optimizers)
+        self.nonfinite = nonfinite
+        self.process_group = process_group
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        self.assignment: dict[str, str] = {}
+        self._reasons: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        super().__init__([g for opt in self.optimizers for g in opt.param_groups], {})
+
+    # torch.optim.Optimizer's constructor assigns these; the inner optimizers own the real ones
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        if value:
+            raise AttributeError("CombinedOptimizer.param_groups are its optimizers' groups; "
+                                 "change those")
+
+    @property
+    def state(self) -> Mapping:
+        """Every inner optimizer's state, read through one read-only mapping."""
+        return _MergedState(self.optimizers)
+
+    @state.setter
+    def state(self, value) -> None:
+        if value:
+            raise AttributeError("CombinedOptimizer.state is its optimizers' state")
+
+    # torch.optim.Optimizer pickles only defaults/state/param_groups; this object is its parts
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not any(param_group is g for g in self.param_groups):  # the constructor's: inner groups
+            raise ValueError("add parameter groups to one of CombinedOptimizer.optimizers")
+
+    @property
+    def strategy(self):
+        """The matrix optimizer's strategy (None without one)."""
+        leader = self._leader()
+        return leader.strategy if leader is not None else None
+
+    def _leader(self) -> OrthogonalizedOptimizer | None:
+        return next((o for o in self.optimizers if isinstance(o, OrthogonalizedOptimizer)), None)
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        leader = self._leader()
+        others = [o for o in self.optimizers if o is not leader]
+        companion = [p.grad for o in others if not isinstance(o, OrthogonalizedOptimizer)
+                     for g in o.param_groups for p in g["params"] if p.grad is not None]
+        self.last_step_skipped = False
+        if leader is not None:
+            leader.step(companion_grads=companion)
+            skipped = leader.last_step_skipped
+        else:
+            skipped = self._check_alone(companion)
+        if skipped:
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            return loss
+        for opt in others:
+            opt.step()
+        return loss
+
+    def _check_alone(self, grads) -> bool:
+        if not grads:
+            return False
+        group = self.process_group if self.process_group is not None else (
+            dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        world = dist.get_world_size(group) if group is not None else 1
+        bad = count_nonfinite([local_tensor(g) for g in grads], group, world,
+                              local_tensor(grads[0]).device)
+        if bad:
+            handle_nonfinite(bad, self.nonfinite, type(self).__name__)
+        return bool(bad)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = state_dict["optimizers"]
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"state dict holds {len(states)} optimizers, this has "
+                             f"{len(self.optimizers)}")
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        strategy = self.strategy
+        lines = [f"CombinedOptimizer(nonfinite={self.nonfinite}"
+                 + (f", strategy={strategy.name}" if strategy is not None else "") + ")"]
+        for k, opt in enumerate(self.optimizers):
+            if isinstance(opt, OrthogonalizedOptimizer):
+                text = repr(opt).replace("\n", "\n    ")
+            else:
+                text = "\n    ".join([type(opt).__name__] + [
+                    f"  group {g}: {len(group['params'])} params, " + ", ".join(
+                        f"{key}={value}" for key, value in group.items()
+                        if key not in ("params", "param_names"))
+                    for g, group in enumerate(opt.param_groups)])
+            lines.append(f"  [{k}] {text}")
+        return "\n".join(lines)
+
+    def describe(self) -> str:
+        """Which parameter went to which optimizer and why, one line each (from
+        `build_optimizers`; empty if the optimizers were combined by hand)."""
+        if not self.assignment:
+            return "(no parameter assignment recorded)"
+        width = max(len(n) for n in self.assignment)
+        return "\n".join(f"{name:<{width}}  {str(self._shapes.get(name, '')):<16} -> {dest:<8} "
+                         f"({self._reasons.get(name, '')})"
+                         for name, dest in self.assignment.items())
+
+
+@dataclass
+class OptimizerConfig:
+    """What `build_optimizers` needs. `name`: the matrix optimizer, normuon | muon | adamw."""
+
+    name: str = "normuon"
+    lr: float = 0.02
+    momentum: float = 0.95
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_dtype: str | torch.dtype = "auto"
+    ns_coefficients: str = "jordan"
+    adamw_lr: float = 3e-3
+    adamw_betas: tuple[float, float] = (0.9, 0.95)
+    adamw_weight_decay: float = 0.0
+    split: SplitConfig = field(default_factory=SplitConfig)
+    # a NaN/Inf gradient on any rank: "skip" the step on every rank, or "raise"
+    nonfinite: str = "skip"
+    # on a mesh with replica groups (HSDP's replicate axis): "spread" orthogonalizes each matrix
+    # once in the job and sends the results across the replicas, "repeat" has every replica group
+    # do the same work (see dist_ortho.optim.optimizer)
+    replicas: str = "spread"
+
+    def check(self, key: str = "optimizer") -> None:
+        """Raise ConfigError naming the first bad field (`key` is this section's dotted path);
+        called by dist_ortho.core.schema.build when a config is loaded."""
+        try:
+            ns_dtype_name(self.ns_dtype)  # a name or a torch.dtype
+        except ValueError:
+            raise ConfigError(f"{key}.ns_dtype", f"must be one of auto, float32, bfloat16, float64 "
+                                                 f"(or the torch.dtype), got {self.ns_dtype!r}") from None
+        for name, choices in (("name", ("normuon", "muon", "adamw")),
+                              ("ns_coefficients", ("jordan", "polar_express")),
+                              ("nonfinite", ("skip", "raise")),
+                              ("replicas", ("spread", "repeat"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{key}.{name}", f"must be one of {', '.join(choices)}, got "
+                                                   f"{getattr(self, name)!r}")
+        positive(f"{key}.lr", self.lr)
+        unit(f"{key}.momentum", self.momentum)
+        unit(f"{key}.beta2", self.beta2)
+        nonnegative(f"{key}.weight_decay", self.weight_decay)
+        at_least(f"{key}.ns_steps", self.ns_steps, 1)
+        positive(f"{key}.adamw_lr", self.adamw_lr)
+        for i, beta in enumerate(self.adamw_betas):
+            unit(f"{key}.adamw_betas[{i}]", beta)
+        nonnegative(f"{key}.adamw_weight_decay", self.adamw_weight_decay)
+
+
+def build_optimizers(model: nn.Module, config: OptimizerConfig | None = None,
+                     strategy="replicated", **optimizer_kwargs) -> CombinedOptimizer:
+    """Matrix optimizer (NorMuon/Muon, or AdamW as a baseline) + AdamW for the rest, split by
+    `split_model_params`. The result's `assignment` maps each parameter name to "normuon",
+    "muon" or "adamw"; `describe()` prints it with the reasons."""
+    config = config or OptimizerConfig()
+    optimizer_kwargs.setdefault("nonfinite", config.nonfinite)
+    matrix_kwargs = dict(replicas=config.replicas) if "replicas" not in optimizer_kwargs else {}
+    if config.name not in ("normuon", "muon", "adamw"):
+        raise ValueError(f"optimizer name must be normuon, muon or adamw, got {config.name!r}")
+    rows = assign_params(model.named_parameters(), config.split, _roles(model))
+    matrices = [(n, p) for n, p, dest, _ in rows if dest == MATRIX]
+    others = [(n, p) for n, p, dest, _ in rows if dest == ADAMW]
+    if config.name == "adamw":  # the baseline: everything to AdamW, matrices first
+        others, matrices = matrices + others, []
+        rows = [(n, p, ADAMW, f"adamw baseline ({reason})") for n, p, _, reason in rows]
+    opts: list[torch.optim.Optimizer] = []
+    common = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                  nesterov=config.nesterov, ns_steps=config.ns_steps,
+                  ns_dtype=ns_dtype_name(config.ns_dtype),
+                  ns_coefficients=config.ns_coefficients, strategy=strategy, **optimizer_kwargs,
+                  **matrix_kwargs)
+    if matrices:
+        if config.name == "normuon":
+            opts.append(NorMuon(matrices, beta2=config.beta2, **common))
+        else:
+            opts.append(Muon(matrices, **common))
+        # a strategy that follows the backward pass gets the model's FSDP2 units (and, with
+        # schedule backward, its hooks); without them (plain tensors) it runs at step time
+        if (getattr(opts[0].strategy, "follows_backward", False)
+                and any(isinstance(m, FSDPModule) for m in model.modules())):
+            opts[0].overlap_with_backward(model)
+    if others:
+        opts.append(torch.optim.AdamW([p for _, p in others], lr=config.adamw_lr,
+                                      betas=config.adamw_betas,
+                                      weight_decay=config.adamw_weight_decay))
+    combined = CombinedOptimizer(opts, nonfinite=optimizer_kwargs.get("nonfinite", "skip"),
+                                 process_group=optimizer_kwargs.get("process_group"))
+    for n, p, dest, reason in rows:
+        combined.assignment[n] = config.name if dest == MATRIX else "adamw"
+        combined._reasons[n] = reason
+        combined._shapes[n] = tuple(p.shape)
+    return combined

@@ -1,0 +1,1 @@
+"""Layer 7: runs, sweeps, interleaved studies, projections and the convergence study."""

@@ -124,18 +124,19 @@ def worker(rank: int, world_size: int, preset: str, steps: int, labels: list[str
 
 
 def _merge_ranks(results: list[dict]) -> dict:
-    """One record for all ranks: losses and full parameters agree on every rank; optimizer state
-    that is local to a rank (the mesh path keeps row-group state as plain tensors) is kept per
-    rank, as `rank<r>/<key>`."""
+    """One record for all ranks: each field (losses, parameters, optimizer state) once where every
+    rank recorded the same, else per rank as `rank<r>/<key>` (the mesh path keeps row-group state
+    as plain tensors; ranks that each compute a replicated matrix may round it differently)."""
     merged = {}
     for label, first in results[0].items():
+        merged[label] = {"losses": first["losses"]}
         for r in results[1:]:
             assert r[label]["losses"] == first["losses"], f"{label}: ranks disagree on losses"
-            assert r[label]["params"] == first["params"], f"{label}: ranks disagree on weights"
-        states = [r[label]["state"] for r in results]
-        state = (first["state"] if all(s == states[0] for s in states) else
-                 {f"rank{rank}/{k}": v for rank, s in enumerate(states) for k, v in s.items()})
-        merged[label] = dict(first, state=state)
+        for field in ("params", "state"):
+            per_rank = [r[label][field] for r in results]
+            merged[label][field] = (per_rank[0] if all(x == per_rank[0] for x in per_rank) else
+                                    {f"rank{rank}/{k}": v for rank, x in enumerate(per_rank)
+                                     for k, v in x.items()})
     return merged
 
 

@@ -186,3 +186,45 @@ def refusal_worker(rank: int, world_size: int) -> dict:
     }
     messages = dist_cases.raised_messages(attempts)
     return messages
+
+
+def deviation_worker(rank: int, world_size: int) -> dict:
+    """The deviation meter around real steps on FSDP2 shards of MIXED: per strategy, the rows of
+    two measured steps; for blockwise, the distance its own reference predicts for step 0."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dist_ortho.optim.inexact_reference import inexact_update
+    from dist_ortho.optim.reference import normuon_update
+    from dist_ortho.profiling.deviation import DeviationMeter, deviation
+
+    dist_cases.set_threads()
+    mesh = init_device_mesh("cpu", (world_size,))
+    shapes = dist_cases.MIXED
+    out = {}
+    for name in ("balanced", "blockwise", "local_norms"):
+        params = [torch.nn.Parameter(distribute_tensor(dist_cases.full_tensor(s, 1000 + i), mesh,
+                                                       [Shard(0)], src_data_rank=None))
+                  for i, s in enumerate(shapes)]
+        opt = NorMuon([(f"w{i}", p) for i, p in enumerate(params)], strategy=name,
+                      ns_dtype="float32")
+        meter = DeviationMeter([opt], rank)
+        for step in range(2):
+            for i, (p, s) in enumerate(zip(params, shapes)):
+                p.grad = distribute_tensor(dist_cases.full_tensor(s, 7919 * (step + 1) + i), mesh,
+                                           [Shard(0)], src_data_rank=None)
+            meter.before_step(step)
+            opt.step()
+            meter.after_step()
+        out[name] = meter.rows
+    hp = ReferenceHParams(ns=NSConfig(dtype="float32"))
+    predicted = {}
+    for i, s in enumerate(shapes):
+        g = dist_cases.full_tensor(s, 7919 + i)
+        v_shape = tuple(s[:-1]) if len(s) < 4 else (s[0],)
+        exact = normuon_update(g, torch.zeros(s), torch.zeros(v_shape), hp)
+        block = inexact_update("blockwise", g, torch.zeros(s), torch.zeros(v_shape), hp,
+                               chunk_sizes(s[0], world_size))
+        predicted[f"w{i}"] = deviation(block, exact)
+    out["predicted_blockwise"] = predicted
+    return out

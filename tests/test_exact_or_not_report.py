@@ -81,3 +81,17 @@ def test_every_inexact_schedule_is_labelled_in_every_table_row(tmp_path):
         if line.startswith("| blockwise") or line.startswith("| local_norms"):
             assert "(inexact)" in line, line
     assert "| tie |" in _row(text, "blockwise (inexact)", 4)
+
+
+def test_launch_config_names_an_exact_reference_and_only_inexact_schedules():
+    from pathlib import Path
+
+    from dist_ortho import strategies
+    from dist_ortho.studies.convergence.exact_or_not import load
+
+    root = Path(__file__).resolve().parents[1]
+    study = load(root / "launch" / "configs" / "exact_or_not.yaml")
+    assert strategies.build(study.study.exact.name).exact
+    assert all(not strategies.build(s.name).exact for s in study.study.schedules)
+    assert study.study.world_sizes == [2, 4] and len(study.study.seeds) >= 3
+    assert study.run.model.preset == "gpt-tiny"

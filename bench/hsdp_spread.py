@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--strategies", default="all")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench", "hsdp_spread"))
     args = parser.parse_args(argv)
-    names = (strategies.available() if args.strategies == "all"
+    names = (strategies.available_exact() if args.strategies == "all"
              else args.strategies.split(","))
     res = spawn(worker, 4, args=(args.model, args.rounds, args.warmup, names),
                 timeout_s=1800, join_timeout_s=3600)[0]

@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     from dist_ortho import strategies
     from dist_ortho.testing.processes import spawn
 
-    names = args.strategies.split(",") if args.strategies else strategies.available()
+    names = args.strategies.split(",") if args.strategies else strategies.available_exact()
     out = spawn(worker, args.world_size, args=(code, args.model, args.repeats, args.warmup,
                                                 names), join_timeout_s=3000)[0]
     out.update(label=args.label, world_size=args.world_size, model=args.model)

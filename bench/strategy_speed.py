@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench",
                                                       "strategy_speed.csv"))
     args = parser.parse_args(argv)
-    names = strategies.available()
+    names = strategies.available_exact()
     rows = []
     for P in [int(p) for p in args.world_sizes.split(",")]:
         res = spawn(worker, P, args=(args.model, args.steps, args.warmup, names),

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     if args.calibration_world_size in world_sizes:
         parser.error(f"--calibration-world-size {args.calibration_world_size} is validated too; "
                      f"pick one outside --world-sizes {args.world_sizes} (out of sample)")
-    names = strategies.available()
+    names = strategies.available_exact()
     shapes = matrix_shapes(args.model)
     model_shapes = {tuple(s) for _, s in shapes}
     oos_shapes = [s for s in NS_CALIBRATION_SHAPES if tuple(s) not in model_shapes]

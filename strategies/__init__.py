@@ -16,13 +16,17 @@ from dist_ortho.strategies.allgather_scatter import (AllGatherScatter,  # noqa: 
 from dist_ortho.strategies.balanced import Balanced  # noqa: E402
 from dist_ortho.strategies.balanced import BalancedOptions
 from dist_ortho.strategies.base import ExecContext, Strategy
+from dist_ortho.strategies.blockwise import Blockwise  # noqa: E402
 from dist_ortho.strategies.bucketed_async import BucketedAsync  # noqa: E402
 from dist_ortho.strategies.bucketed_async import BucketedAsyncOptions
+from dist_ortho.strategies.local_norms import LocalNorms  # noqa: E402
 from dist_ortho.strategies.megabatch import Megabatch  # noqa: E402
 from dist_ortho.strategies.megabatch import MegabatchOptions
 from dist_ortho.strategies.overlapped import Overlapped  # noqa: E402
 from dist_ortho.strategies.overlapped import OverlappedOptions
-from dist_ortho.strategies.registry import available, build, options_class, register
+from dist_ortho.strategies.periodic import Periodic  # noqa: E402
+from dist_ortho.strategies.registry import (available, available_exact, build, options_class,
+                                            register)
 # one line per strategy: importing its file registers it
 from dist_ortho.strategies.replicated import Replicated  # noqa: E402
 from dist_ortho.strategies.replicated import ReplicatedOptions
@@ -31,7 +35,7 @@ from dist_ortho.strategies.round_robin import RoundRobinOptions
 from dist_ortho.strategies.split_ns import SplitNS  # noqa: E402
 from dist_ortho.strategies.split_ns import SplitNSOptions
 
-__all__ = ["available", "build", "register", "Strategy", "Plan", "RankCost", "CommItem",
+__all__ = ["available", "available_exact", "build", "register", "Strategy", "Plan", "RankCost", "CommItem",
            "ExecContext", "EVERY_RANK", "options_class", "ReplicatedOptions", "RoundRobinOptions",
            "AllGatherScatterOptions", "BucketedAsyncOptions", "BalancedOptions", "Replicated",
            "RoundRobin", "AllGatherScatter", "BucketedAsync", "Balanced", "Overlapped",

@@ -24,6 +24,7 @@ registry (`strategies/__init__.py`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -67,9 +68,28 @@ class Strategy:
     and `assign_owners` for their ownership policy; replicated (plain) matrices are handled here."""
 
     name: str = "base"
+    # False for the inexact schedules (strategies blockwise, local_norms, periodic): their update
+    # is not NorMuon's/Muon's; the exactness tests and default choices skip them by this flag
+    exact: bool = True
+    # False: the update rule takes its global statistics (NorMuon's Frobenius norms) from this
+    # rank's shard alone, with no all-reduce (strategy local_norms)
+    global_statistics: bool = True
+    # False: refuses 2-D/3-D mesh layouts (a step count or statistics tied to one row group)
+    on_mesh: bool = True
 
     def __init__(self, options=None) -> None:
         self.options = options
+
+    def describe(self) -> str:
+        """One line: the name, 'exact' or 'INEXACT', and the options."""
+        fields = (dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options)
+                  else {})
+        opts = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        return f"{self.name} ({'exact' if self.exact else 'INEXACT'}){': ' + opts if opts else ''}"
+
+    def update_scale(self) -> float:
+        """Factor on this step's update rows after the rule (periodic: the full steps' lr scale)."""
+        return 1.0
 
     # -- ownership -------------------------------------------------------------------------------
     def assign_owners(self, matrices: Sequence[MatrixSpec], world_size: int) -> list[int]:

@@ -7,7 +7,7 @@ import dataclasses
 
 from dist_ortho.strategies.base import Strategy
 
-__all__ = ["register", "available", "options_class", "build"]
+__all__ = ["register", "available", "available_exact", "options_class", "build"]
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -22,6 +22,12 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def available_exact() -> list[str]:
+    """The strategies whose update is exactly NorMuon's/Muon's (`Strategy.exact`): what tests of
+    exactness and default choices iterate; the inexact schedules are left out by that flag."""
+    return [n for n in available() if _REGISTRY[n].exact]
 
 
 def options_class(name: str):

@@ -179,7 +179,7 @@ def fake_main(world_size: int, rank: int) -> dict:
         mesh = init_device_mesh("cpu", (world_size,))
         if mesh.get_local_rank() != rank:
             raise RuntimeError(f"fake mesh says rank {mesh.get_local_rank()}, expected {rank}")
-        all_cases = cases(strategies.available(), fake=True)
+        all_cases = cases(strategies.available_exact(), fake=True)
         return dict(results=[run_case(c, mesh, rank, world_size, fake=True) for c in all_cases])
     finally:
         dist.destroy_process_group()

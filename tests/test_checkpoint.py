@@ -21,7 +21,7 @@ from dist_ortho.checkpointing import checkpoint
 from dist_ortho.models import build_model
 from dist_ortho.testing.processes import spawn
 
-STRATEGIES = strategies.available()
+STRATEGIES = strategies.available_exact()
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from dist_ortho.profiling import costmodel as cm
 from dist_ortho.profiling.hardware import HARDWARE_PRESETS, get_preset
 from dist_ortho.testing.processes import spawn
 
-STRATEGIES = strategies.available()
+STRATEGIES = strategies.available_exact()
 GLOO_CASES = cost_cases.cases(STRATEGIES)
 PLAIN_CASES = cost_cases.plain_cases()
 FAKE_CASES = cost_cases.cases(STRATEGIES, fake=True)

@@ -38,7 +38,7 @@ from dist_ortho.studies.config import ConfigError, load_config, resolve, run_dev
 from dist_ortho.testing import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = strategies.available()
+STRATEGIES = strategies.available_exact()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

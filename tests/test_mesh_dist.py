@@ -20,7 +20,7 @@ from dist_ortho.core.plan import all_reduce_bytes
 from dist_ortho.core.sharding import MatrixSpec
 from dist_ortho.testing.processes import spawn
 
-STRATEGIES = strategies.available()
+STRATEGIES = strategies.available_exact()
 _CKPT = tempfile.TemporaryDirectory(prefix="dist_ortho_mesh_ckpt_")  # removed at exit
 JOBS = [("hsdp", "hsdp_worker", (STRATEGIES,)), ("tp", "tp_worker", (STRATEGIES,)),
         ("ep", "ep_worker", (STRATEGIES,)), ("bad", "bad_mesh_input_worker", ()),

@@ -86,7 +86,7 @@ def test_regression_mixed_ns_settings_at_p2_raise_or_run_never_hang():
     """Bug: at P > 1 only the owner of a mixed batch raised and the other ranks hung in the next
     collective. Now mixed settings run correctly on every strategy, and the one mix that cannot
     share a step (ns_dtype: one buffer dtype) raises at construction on every rank."""
-    names = strategies.available()
+    names = strategies.available_exact()
     results = spawn(dist_cases.mixed_ns_worker, 2, args=(names,), timeout_s=60)
     for rank_result in results:
         for name in names:

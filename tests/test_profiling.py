@@ -30,7 +30,7 @@ from dist_ortho.profiling.device import DeviceOps
 from dist_ortho.profiling.summary import phase_owner
 from dist_ortho.testing.processes import spawn
 
-STRATEGIES = strategies.available()
+STRATEGIES = strategies.available_exact()
 WORLD_SIZES = [2, 3]
 _TMP = tempfile.TemporaryDirectory(prefix="test_profiling_")
 

@@ -45,7 +45,7 @@ from dist_ortho.studies.jobs import stop_tree
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
-STRATEGIES = strategies.available()
+STRATEGIES = strategies.available_exact()
 MODELS = ("gpt", "shape")
 K, STEPS = 2, 4  # save after K steps, resume to STEPS
 

@@ -19,7 +19,7 @@ import tolerances
 from dist_ortho import strategies
 from dist_ortho.testing.processes import spawn
 
-STRATEGIES = strategies.available()
+STRATEGIES = strategies.available_exact()
 CASES = dist_cases.exactness_cases(STRATEGIES)
 WORLD_SIZES = [1, 2, 3, 4]
 HSDP_CASES = [c for c in CASES if c["shapes"] is dist_cases.MIXED and c["algo"] == "normuon"

@@ -95,6 +95,10 @@ def mesh_plan(params: Sequence[torch.Tensor], names: Sequence[str], infos: Seque
               strategy: Strategy, rule: UpdateRule, ns_steps: Sequence[int],
               out_dtype: torch.dtype, replicas: str, rank: int) -> MeshPlan:
     """Validate and plan (pure: no group is made here)."""
+    if not strategy.on_mesh:  # placements are alike on every rank, so every rank raises here
+        raise ValueError(f"strategy {strategy.name!r} runs on 1-D layouts only (FSDP2 or "
+                         f"plain), and parameter {names[0]!r} lives on a 2-D/3-D mesh (HSDP, TP "
+                         f"or EP); use an exact strategy or 'blockwise' there")
     layouts = _layouts(params, names, infos)
     for p, lay in zip(params, layouts):
         want = lay.local_shape(rank)

@@ -100,15 +100,17 @@ def handle_nonfinite(count: int, policy: str, who: str) -> None:
 
 
 def optimizer_items(specs: Sequence[MatrixSpec], world_size: int,
-                    rule: UpdateRule, flags: int = 1) -> list[CommItem]:
+                    rule: UpdateRule, flags: int = 1,
+                    global_statistics: bool = True) -> list[CommItem]:
     """The collectives the optimizer adds to its strategy's on every rank, in issue order: the
     non-finite check's all-reduce of `flags` floats (2 when the strategy runs in backward: it
-    also agrees whether that work is usable), then the update rule's reductions."""
+    also agrees whether that work is usable), then the update rule's reductions (none when the
+    strategy keeps the rule's statistics local, `Strategy.global_statistics`)."""
     if world_size <= 1:
         return []
     flag = all_reduce_bytes(4 * flags, world_size)
     return [CommItem("all_reduce", flag, flag, "nonfinite_check")] + list(
-        rule.reductions(specs, world_size))
+        rule.reductions(specs, world_size if global_statistics else 1))
 
 
 def plan_step(strategy: Strategy, specs: Sequence[MatrixSpec], world_size: int, rank: int,
@@ -117,7 +119,8 @@ def plan_step(strategy: Strategy, specs: Sequence[MatrixSpec], world_size: int, 
     optimizer's `plan()` and the cost model both call this, so their bytes agree by construction."""
     plan = strategy.plan(specs, world_size, rank)
     flags = 2 if getattr(strategy, "runs_in_backward", False) else 1
-    items = optimizer_items(plan.matrices, world_size, rule_registry.get(rule), flags)
+    items = optimizer_items(plan.matrices, world_size, rule_registry.get(rule), flags,
+                            strategy.global_statistics)
     for cost in plan.ranks:
         cost.comm.extend(items)
     return plan
@@ -497,9 +500,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                     results = self.strategy.execute(plan, directions, ctx)
                 del directions
             with timer.phase("normalize"):
-                updates = self.rule.updates([g for g, _ in entries],
-                                            [self.state[p] for _, p in entries],
-                                            plan.matrices, results, layout)
+                # local statistics (strategy local_norms): the rule sees a world of one rank
+                updates = self.rule.updates(
+                    [g for g, _ in entries], [self.state[p] for _, p in entries], plan.matrices,
+                    results, layout if self.strategy.global_statistics
+                    else dataclasses.replace(layout, group=None, world_size=1))
+                if self.strategy.update_scale() != 1.0:  # periodic's lr of its full steps
+                    torch._foreach_mul_(updates, self.strategy.update_scale())
         with timer.phase("apply"):
             _apply(entries, updates)
 

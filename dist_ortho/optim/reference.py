@@ -32,6 +32,7 @@ __all__ = [
     "orthogonalize",
     "shape_scale",
     "normuon_update",
+    "normuon_normalize",
     "muon_update",
     "reference_step",
 ]
@@ -74,13 +75,18 @@ def normuon_update(grad: torch.Tensor, momentum_buf: torch.Tensor, v: torch.Tens
                    hp: ReferenceHParams) -> torch.Tensor:
     """The NorMuon update for one full parameter; updates momentum_buf and v in place."""
     U = momentum_direction(grad, momentum_buf, hp.momentum, hp.nesterov)
-    view = matrix_view_shape(grad.shape)
-    O = orthogonalize(U, hp.ns).float().reshape(view)
+    return normuon_normalize(orthogonalize(U, hp.ns), v, hp)
+
+
+def normuon_normalize(O: torch.Tensor, v: torch.Tensor, hp: ReferenceHParams) -> torch.Tensor:
+    """NorMuon's update from O = NS(U) of one full parameter (shaped like it); updates v."""
+    shape = O.shape
+    O = O.float().reshape(matrix_view_shape(shape))
     f = O.norm(dim=(-2, -1), keepdim=True)
     v.lerp_(O.square().mean(dim=-1), 1 - hp.beta2)
     O = O / (v.sqrt().unsqueeze(-1) + ROW_EPS)
     O = O * (f / (O.norm(dim=(-2, -1), keepdim=True) + NORM_EPS))
-    return (O * shape_scale(grad.shape)).reshape(grad.shape)
+    return (O * shape_scale(shape)).reshape(shape)
 
 
 def muon_update(grad: torch.Tensor, momentum_buf: torch.Tensor,

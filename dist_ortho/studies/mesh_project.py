@@ -45,7 +45,7 @@ def project_mesh(model: str, mesh: str, hardware: str = "h100",
         shapes = _shapes(model, num_layers)
     except ValueError as exc:
         raise ValueError(f"--model/--num-layers: {exc}") from None
-    names = strategy_names or strategies.available()
+    names = strategy_names or strategies.available_exact()
     itemsize = 2 if param_dtype == "bfloat16" else 4
     sizes = [math.prod(s) * itemsize for _, s in shapes]
     # as `dist-ortho project` sizes them: about four buckets, none smaller than a matrix

@@ -115,7 +115,7 @@ def project(model: str, world_sizes: list[int], hardware: str = "h100",
         print(f"dist-ortho project: note: the NS rate in {hardware} was measured in "
               f"{measured_dtype}; --ns-dtype {ns_dtype} changes the return bytes, not that rate",
               file=sys.stderr)
-    names = strategy_names or strategies.available()
+    names = strategy_names or strategies.available_exact()
     for n in names:
         strategies.options_class(n)  # ValueError naming the unknown strategy
     itemsize = dtype_size(torch_dtype(param_dtype))

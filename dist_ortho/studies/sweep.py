@@ -144,7 +144,7 @@ class Grid:
     option_sets: list[OptionSet] = field(default_factory=lambda: [OptionSet("default")])
 
     def check(self, key: str) -> None:
-        raw = strategies.available() if self.strategies == "all" else self.strategies
+        raw = strategies.available_exact() if self.strategies == "all" else self.strategies
         entries = []
         for i, item in enumerate(raw):
             entry = item if isinstance(item, StrategyEntry) else StrategyEntry(item)

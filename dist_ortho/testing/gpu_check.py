@@ -83,7 +83,7 @@ def _step(name: str) -> tuple[str, ...]:
 def plan_checks() -> tuple[Check, ...]:
     """Every check, in the order it runs: the GPU-specific ones first, so that a slow machine
     spends its time on them; the multi-rank tests on CPU tensors last."""
-    names = ", ".join(strategies.available())
+    names = ", ".join(strategies.available_exact())
     return (
         Check("environment", 15, "GPU name, driver, CUDA, torch (next to the project's pin), NCCL, "
               "memory, compute capability -> environment.json", _step("environment")),

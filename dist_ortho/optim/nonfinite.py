@@ -15,8 +15,8 @@ every rank reaches the same verdict. What happens next is the `nonfinite` policy
 
 `HOST_SYNCS_PER_STEP[policy]` is the number of device-to-host syncs of one `step()`;
 `host_syncs_per_step` adds the one read that a strategy running in backward (`overlapped`,
-schedule backward) needs in every policy: whether the work started in backward is usable decides
-on the host which code runs.
+schedule backward, with its hooks installed by `overlap_with_backward`) needs in every policy:
+whether the work started in backward is usable decides on the host which code runs.
 """
 
 from __future__ import annotations

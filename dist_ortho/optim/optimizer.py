@@ -430,7 +430,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                                           layout.device, flag)
                 ok = counts[0] == 0
                 # backward's usability decides which code runs: host_syncs_per_step's one read
-                bad, unusable = 0, (int(counts[1].item()) if flag is not None else 0)
+                # (without hooks, on every rank alike, there is nothing to decide)
+                bad, unusable = 0, (int(counts[1].item()) if overlap is not None else 0)
                 self.last_step_ok = ok
                 self.masked_steps = ((~ok).long() if self.masked_steps is None
                                      else self.masked_steps.add_(~ok))
@@ -526,7 +527,7 @@ def _momentum(entries, grads, states, ok: torch.Tensor | None = None) -> list[to
             torch._foreach_add_(steps, 1)
             torch._foreach_lerp_(bufs, gs, 1 - group["momentum"])
         else:
-            torch._foreach_add_(steps, ok.to(steps[0].dtype))
+            torch._foreach_add_(steps, [ok.to(steps[0].dtype)] * len(steps))  # no host read
             for buf, new in zip(bufs, torch._foreach_lerp(bufs, gs, 1 - group["momentum"])):
                 buf.copy_(torch.where(ok, new, buf))
         outs = torch._foreach_lerp(gs, bufs, group["momentum"]) if group["nesterov"] else bufs

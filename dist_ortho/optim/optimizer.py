@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -53,7 +52,7 @@ from dist_ortho import rules as rule_registry
 from dist_ortho import strategies as strategy_registry
 from dist_ortho.core.newton_schulz import NSConfig, matrix_view_shape, ns_dtype_name
 from dist_ortho.core.orthogonalizer import FlopCount, Orthogonalizer
-from dist_ortho.core.plan import CommItem, Plan, all_reduce_bytes
+from dist_ortho.core.plan import Plan
 from dist_ortho.core.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 from dist_ortho.optim import mesh_step
@@ -63,6 +62,7 @@ from dist_ortho.optim.nonfinite import (HOST_SYNCS_PER_STEP, NONFINITE_POLICIES,
                                         handle_nonfinite, masked_writes, nonfinite_counts,
                                         where_ok)
 from dist_ortho.optim.overlap import BackwardOverlap, null_comm_context, unit_positions
+from dist_ortho.optim.step_plan import optimizer_items, plan_step
 from dist_ortho.rules.base import UpdateRule, check_unit_interval
 from dist_ortho.strategies.base import ExecContext, Strategy
 from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, MeshPlan, check_replicas
@@ -71,30 +71,6 @@ __all__ = ["OrthogonalizedOptimizer", "NorMuon", "Muon", "NONFINITE_POLICIES", "
            "optimizer_items", "count_nonfinite", "handle_nonfinite", "HOST_SYNCS_PER_STEP"]
 
 log = logging.getLogger("dist_ortho")
-
-
-def optimizer_items(specs: Sequence[MatrixSpec], world_size: int,
-                    rule: UpdateRule, flags: int = 1) -> list[CommItem]:
-    """The collectives the optimizer adds to its strategy's on every rank, in issue order: the
-    non-finite check's all-reduce of `flags` floats (2 when the strategy runs in backward: it
-    also agrees whether that work is usable), then the update rule's reductions."""
-    if world_size <= 1:
-        return []
-    flag = all_reduce_bytes(4 * flags, world_size)
-    return [CommItem("all_reduce", flag, flag, "nonfinite_check")] + list(
-        rule.reductions(specs, world_size))
-
-
-def plan_step(strategy: Strategy, specs: Sequence[MatrixSpec], world_size: int, rank: int,
-              rule: UpdateRule | str) -> Plan:
-    """The plan of one optimizer step: the strategy's plan completed with `optimizer_items`. The
-    optimizer's `plan()` and the cost model both call this, so their bytes agree by construction."""
-    plan = strategy.plan(specs, world_size, rank)
-    flags = 2 if getattr(strategy, "runs_in_backward", False) else 1
-    items = optimizer_items(plan.matrices, world_size, rule_registry.get(rule), flags)
-    for cost in plan.ranks:
-        cost.comm.extend(items)
-    return plan
 
 
 class OrthogonalizedOptimizer(torch.optim.Optimizer):
@@ -579,11 +555,14 @@ class Muon(OrthogonalizedOptimizer):
                  ns_dtype: str | torch.dtype = "auto", ns_coefficients: str = "jordan",
                  strategy: str | Strategy = "replicated", nonfinite: str = "skip",
                  process_group: dist.ProcessGroup | None = None,
-                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard",
+                 foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, maximize: bool = False) -> None:
         super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         replicas=replicas, process_group=process_group, ns_form=ns_form)
+                         replicas=replicas, process_group=process_group, ns_form=ns_form,
+                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize)
 
 
 class NorMuon(OrthogonalizedOptimizer):
@@ -596,8 +575,11 @@ class NorMuon(OrthogonalizedOptimizer):
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
                  ns_coefficients: str = "jordan", strategy: str | Strategy = "replicated",
                  nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None,
-                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard",
+                 foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, maximize: bool = False) -> None:
         super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         replicas=replicas, process_group=process_group, ns_form=ns_form)
+                         replicas=replicas, process_group=process_group, ns_form=ns_form,
+                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize)

@@ -160,15 +160,17 @@ def test_gpu_check_dry_run_lists_every_check(capsys):
     assert gpu_check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     names = [c.name for c in gpu_check.CHECKS]
-    assert names == ["environment", "nccl_strategies", "profiled_run", "calibrate_ns",
-                     "hbm_compute", "tests_cuda", "tests_gloo_multirank"]
+    assert names == ["environment", "nccl_strategies", "stream_overlap", "cuda_graph",
+                     "profiled_run", "calibrate_ns", "hbm_compute", "tests_cuda",
+                     "tests_gloo_multirank"]
     for name in names:
         assert f"\n{name} (budget" in "\n" + out, name
     listed = {line.split(" (budget")[0] for line in out.splitlines() if " (budget" in line}
     assert listed == set(names)
     for word in [*STRATEGIES, "bfloat16", "float32", "llama-1b", "llama-8b", "llama-70b",
                  "DIST_ORTHO_TEST_DEVICE='cuda'", "CUDA_VISIBLE_DEVICES=''", "HBM",
-                 gpu_check.RUN_CONFIG, "ns_dtype auto", "trace"]:
+                 gpu_check.RUN_CONFIG, "ns_dtype auto", "trace", "reduce-scatter starts before",
+                 "autograd device thread", "CUDA graph"]:
         assert word in out, word
     # each check has its own budget, and together they fit the 8 minutes a GPU is lent for
     assert sum(c.budget_s for c in gpu_check.CHECKS) <= gpu_check.TOTAL_BUDGET_S < 8 * 60

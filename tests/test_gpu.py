@@ -323,3 +323,24 @@ def test_cuda_step_makes_exactly_the_documented_host_syncs():
             torch.cuda.set_sync_debug_mode(previous)
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
         assert len(syncs) == HOST_SYNCS_PER_STEP["skip"], (name, [str(w.message) for w in syncs])
+
+
+@needs_cuda
+def test_cuda_mask_step_makes_no_host_sync_as_torch_sees_it():
+    for name in STRATEGIES:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda())
+                  for s in gpu_cases.SHAPES]
+        opt = NorMuon(params, strategy=name, nonfinite="mask",
+                      lr=torch.tensor(0.02, device="cuda"))
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # state allocated outside the check
+        torch.cuda.synchronize()
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        assert bool(opt.last_step_ok), name

@@ -19,7 +19,9 @@ FSDP2's next reduce-scatters. So the optimizer keeps a stream of its own, and th
    caching allocator with `record_stream(user)` before the use: its memory is not reused until
    the user's work queued so far has completed. That covers the gradients and momentum buffers
    read on the optimizer's stream, and what the optimizer's stream produces for step() (the new
-   momentum rows, NS(U) rows, the gradients' fingerprints).
+   momentum rows, NS(U) rows, the gradients' fingerprints). A collective's own buffers are kept
+   by its process group (ProcessGroupNCCL records them on its stream, or holds them until the
+   `wait()`), and the pipeline holds each exchange's buffers until that `wait()`.
 4. Joining. `step()` makes its current stream wait for an event recorded on the optimizer's stream
    after the last work queued there, before it reads anything that work produced: FSDP2's own
    end-of-backward wait covers FSDP2's streams, not ours.

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_ortho import NorMuon, strategies
+from dist_ortho import strategies
+from dist_ortho.optim.optimizer import NorMuon
 from dist_ortho.core.timing import PhaseTimer
 
 __all__ = ["step_stream_overlap", "step_cuda_graph", "reduce_scatter_before_ns_end"]

@@ -24,10 +24,14 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from dist_ortho import strategies
 from dist_ortho.optim.optimizer import NorMuon
+from dist_ortho.optim.streams import StreamCall
 from dist_ortho.core.timing import PhaseTimer
 
 __all__ = ["step_stream_overlap", "step_cuda_graph", "reduce_scatter_before_ns_end"]
@@ -43,8 +47,6 @@ class _Annotations(PhaseTimer):
 
 
 def _three_unit_model(mesh) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(BIG, SMALL, bias=False), nn.Linear(SMALL, BIG, bias=False),
                           nn.Sequential(*[nn.Linear(BIG, BIG, bias=False)
@@ -116,8 +118,6 @@ def reduce_scatter_before_ns_end(trace: dict) -> dict:
 
 def _train(model, schedule: str, x: torch.Tensor, steps: int, profile_step: int | None,
            out: Path):
-    from dist_ortho.optim.streams import StreamCall
-
     opt = NorMuon([p for p in model.parameters()], strategy=strategies.build(
         "overlapped", schedule=schedule), lr=0.02)
     opt.overlap_with_backward(model)
@@ -144,9 +144,6 @@ def _train(model, schedule: str, x: torch.Tensor, steps: int, profile_step: int 
 
 
 def step_stream_overlap(out: Path) -> dict:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     started = not dist.is_initialized()
     if started:
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,

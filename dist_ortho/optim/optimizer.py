@@ -3,7 +3,8 @@
 One step, on every rank, whatever the world size:
 1. non-finite check: one tiny all-reduce agrees across ranks whether any gradient holds NaN/Inf; if
    so the step is skipped everywhere with a warning (`nonfinite="skip"`) or raises ("raise"),
-   before any state is touched.
+   before any state is touched, or runs with every write masked on the device ("mask"; see
+   `dist_ortho.optim.nonfinite`).
 2. momentum: on local rows only (momentum is sharded exactly like the parameter).
 3. orthogonalize: the strategy moves row shards so that each matrix is whole on some rank, runs
    Newton-Schulz there and brings back each rank's rows of the result (see `strategies`).
@@ -17,12 +18,16 @@ One step, on every rank, whatever the world size:
 `dist_ortho.core.timing.PhaseTimer`, e.g. the profiler) receives the phases above and, through the
 strategy, comm_wait and ns; `executed_ns_flops` counts the Newton-Schulz FLOPs run on this rank.
 
-Host syncs: `step()` makes exactly `HOST_SYNCS_PER_STEP` = 1 device-to-host sync, the non-finite
-check's `.item()` (`count_nonfinite`): whether to skip must be known on the host before any state
-is touched, on every rank alike. Everything else is queued: shapes, owners, split sizes and
-buckets are Python ints from the cached plan, never read back from a tensor, so on CUDA the
-strategies' collectives overlap with Newton-Schulz. tests/test_gpu.py counts the syncs of a step
-(P = 1 and P = 2) and asserts this number.
+Host syncs: `step()` makes `HOST_SYNCS_PER_STEP[nonfinite]` device-to-host syncs: 1 with "skip"
+and "raise", the non-finite check's `.item()` (`count_nonfinite`: whether to skip must be known on
+the host before any state is touched, on every rank alike), 0 with "mask"; a strategy running in
+backward adds its usability read (`host_syncs_per_step`). Everything else is queued: shapes,
+owners, split sizes and buckets are Python ints from the cached plan, never read back from a
+tensor, and lr and weight_decay may be 0-d tensors, never read on the host, so on CUDA the
+strategies' collectives overlap with Newton-Schulz, and a "mask" step can be captured in a CUDA
+graph. tests/test_gpu.py counts the syncs of a step (P = 1 and P = 2) and asserts these numbers.
+Streams on CUDA: `dist_ortho.optim.streams`. torch.optim's flags (foreach, fused, capturable,
+maximize): `dist_ortho.optim.conventions`.
 
 On 2-D/3-D meshes (HSDP with replicas="spread", tensor parallel, expert parallel) steps 3-4 go
 through `dist_ortho.optim.mesh_step` (`strategies.mesh`): the same strategies per row group, plus the
@@ -38,8 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -49,11 +52,17 @@ from dist_ortho import rules as rule_registry
 from dist_ortho import strategies as strategy_registry
 from dist_ortho.core.newton_schulz import NSConfig, matrix_view_shape, ns_dtype_name
 from dist_ortho.core.orthogonalizer import FlopCount, Orthogonalizer
-from dist_ortho.core.plan import CommItem, Plan, all_reduce_bytes
+from dist_ortho.core.plan import Plan
 from dist_ortho.core.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 from dist_ortho.optim import mesh_step
+from dist_ortho.optim.conventions import (TORCH_FLAGS, check_no_duplicates, check_nonnegative,
+                                         check_torch_flags)
+from dist_ortho.optim.nonfinite import (HOST_SYNCS_PER_STEP, NONFINITE_POLICIES, count_nonfinite,
+                                        handle_nonfinite, masked_writes, nonfinite_counts,
+                                        where_ok)
 from dist_ortho.optim.overlap import BackwardOverlap, null_comm_context, unit_positions
+from dist_ortho.optim.step_plan import optimizer_items, plan_step
 from dist_ortho.rules.base import UpdateRule, check_unit_interval
 from dist_ortho.strategies.base import ExecContext, Strategy
 from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, MeshPlan, check_replicas
@@ -62,74 +71,6 @@ __all__ = ["OrthogonalizedOptimizer", "NorMuon", "Muon", "NONFINITE_POLICIES", "
            "optimizer_items", "count_nonfinite", "handle_nonfinite", "HOST_SYNCS_PER_STEP"]
 
 log = logging.getLogger("dist_ortho")
-NONFINITE_POLICIES = ("skip", "raise")
-# device-to-host syncs in one `step()`: count_nonfinite's `.item()` (see the module docstring)
-HOST_SYNCS_PER_STEP = 1
-
-
-def count_nonfinite(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
-                    world_size: int, device: torch.device, flag: torch.Tensor | None = None):
-    """Number of gradient shards holding NaN/Inf, summed over the ranks of `group`: one tiny
-    all-reduce, so every rank gets the same verdict. A sum is NaN/Inf iff an element is (or the
-    sum overflows float32, which is no healthier). With `flag` (a one-element 0/1 float tensor on
-    `device`), the same all-reduce carries it as a second float and (count, number of ranks that
-    raised it) is returned, still read with one `.item()`: both are small integers, packed as
-    count * (P + 1) + flags in float64 before the read."""
-    sums = [torch.sum(g, dtype=torch.float32).to(device) for g in grads]
-    bad = ((~torch.isfinite(torch.stack(sums))).sum().to(torch.float32).reshape(1) if sums
-           else torch.zeros(1, device=device))
-    if flag is not None:
-        bad = torch.cat([bad, flag.to(device=device, dtype=torch.float32).reshape(1)])
-    if world_size > 1:
-        dist.all_reduce(bad, group=group)
-    if flag is None:
-        return int(bad.item())  # the step's one documented host sync (HOST_SYNCS_PER_STEP)
-    packed = bad[0].double() * (world_size + 1) + bad[1].double()
-    count, flags = divmod(int(packed.item()), world_size + 1)  # the same one host sync
-    return count, flags
-
-
-def handle_nonfinite(count: int, policy: str, who: str) -> None:
-    """Raise (policy "raise") or warn that the step is skipped (policy "skip")."""
-    message = f"{who}: non-finite gradient on {count} parameter shard(s) across ranks"
-    if policy == "raise":
-        raise FloatingPointError(message + "; nothing was updated (nonfinite='raise').")
-    warnings.warn(message + "; step skipped on every rank, weights and state unchanged.",
-                  RuntimeWarning, stacklevel=4)
-    log.warning("%s; step skipped on every rank", message)
-
-
-def optimizer_items(specs: Sequence[MatrixSpec], world_size: int,
-                    rule: UpdateRule, flags: int = 1,
-                    global_statistics: bool = True) -> list[CommItem]:
-    """The collectives the optimizer adds to its strategy's on every rank, in issue order: the
-    non-finite check's all-reduce of `flags` floats (2 when the strategy runs in backward: it
-    also agrees whether that work is usable), then the update rule's reductions (none when the
-    strategy keeps the rule's statistics local, `Strategy.global_statistics`)."""
-    if world_size <= 1:
-        return []
-    flag = all_reduce_bytes(4 * flags, world_size)
-    return [CommItem("all_reduce", flag, flag, "nonfinite_check")] + list(
-        rule.reductions(specs, world_size if global_statistics else 1))
-
-
-def plan_step(strategy: Strategy, specs: Sequence[MatrixSpec], world_size: int, rank: int,
-              rule: UpdateRule | str) -> Plan:
-    """The plan of one optimizer step: the strategy's plan completed with `optimizer_items`. The
-    optimizer's `plan()` and the cost model both call this, so their bytes agree by construction."""
-    plan = strategy.plan(specs, world_size, rank)
-    flags = 2 if getattr(strategy, "runs_in_backward", False) else 1
-    items = optimizer_items(plan.matrices, world_size, rule_registry.get(rule), flags,
-                            strategy.global_statistics)
-    for cost in plan.ranks:
-        cost.comm.extend(items)
-    return plan
-
-
-def _check_nonnegative(name: str, value) -> None:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class OrthogonalizedOptimizer(torch.optim.Optimizer):
@@ -149,7 +90,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                  ns_coefficients: str = "jordan", nonfinite: str = "skip",
                  replicas: str = DEFAULT_REPLICAS,
                  process_group: dist.ProcessGroup | None = None, ns_form: str = "standard",
-                 **rule_hparams) -> None:
+                 foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, maximize: bool = False, **rule_hparams) -> None:
         self.rule = rule_registry.get(rule)
         unknown = sorted(set(rule_hparams) - set(self.rule.defaults))
         if unknown:
@@ -164,14 +106,18 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         defaults = dict(lr=lr, momentum=momentum, **{**self.rule.defaults, **rule_hparams},
                         weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
-                        ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, ns_form=ns_form)
+                        ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, ns_form=ns_form,
+                        foreach=foreach, fused=fused, capturable=capturable, maximize=maximize)
         self.strategy = strategy
         self.nonfinite = nonfinite
         self.replicas = check_replicas(replicas)  # HSDP/TP replicas: "spread" the NS or "repeat"
         self.process_group = process_group
         self.timer: PhaseTimer = NULL_TIMER  # set_timer(); the null timer costs nothing
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # known on the host: "skip" steps
         self.last_step_skipped = False
+        self.last_step_ok: torch.Tensor | None = None  # "mask": the device's verdict (0-d bool)
+        self.masked_steps: torch.Tensor | None = None  # "mask": steps dropped, counted on device
+        self._warned: set[str] = set()
         self._flops = FlopCount()  # NS FLOPs actually run on this rank, counted from the shapes
         self._layouts: dict[int, Layout | None] = {}  # None: mesh path only (mesh_step)
         self._infos: dict[int, mesh_step.MeshParam] = {}
@@ -254,20 +200,23 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
 
     # -- construction-time validation ------------------------------------------------------------
     def _validate_hparams(self, group: dict) -> None:
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = lr.item()
-        _check_nonnegative("lr", lr)
+        for name in ("lr", "weight_decay"):  # may be 0-d tensors: read here, never in step()
+            check_nonnegative(name, group[name])
         check_unit_interval("momentum", group["momentum"])
         self.rule.validate(group)
-        _check_nonnegative("weight_decay", group["weight_decay"])
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
         NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"],
                  form=group.get("ns_form", "standard"))
         group["ns_dtype"] = ns_dtype_name(group["ns_dtype"])  # torch.float32 -> "float32"
+        for name, default in TORCH_FLAGS.items():
+            group.setdefault(name, default)
+        check_torch_flags(group, self.nonfinite, type(self).__name__, self._warned)
 
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group.get("params"), (torch.Tensor, set, type(None))):
+            param_group["params"] = list(param_group["params"])  # read twice: no generators
+        check_no_duplicates(param_group, self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate_hparams(group)
@@ -385,7 +334,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 layout = mesh_step.state_layout(self.plan(entries), index, self._infos[id(p)],
                                                 local_tensor(p).device)
             state["momentum_buffer"] = torch.zeros_like(p)
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            # "mask" steps count on the device (torch's capturable convention), else on the host
+            state["step"] = torch.zeros((), dtype=torch.float32, device=(
+                local_tensor(p).device if self.nonfinite == "mask" else None))
             state.update(self.rule.init_state(p, layout))
         return state
 
@@ -404,8 +355,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for p, kept in exact.items():
             for key, value in kept.items():
-                self.state[p][key] = value.to(device=self.state[p][key].device,
-                                              dtype=torch.float32, copy=True)
+                device = (local_tensor(p).device if key == "step" and self.nonfinite == "mask"
+                          else self.state[p][key].device)  # "mask" counts on the device
+                self.state[p][key] = value.to(device=device, dtype=torch.float32, copy=True)
 
 
     # -- the step --------------------------------------------------------------------------------
@@ -442,11 +394,24 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         backward_mode = (getattr(self.strategy, "runs_in_backward", False)
                          and not isinstance(plan, MeshPlan))
 
+        ok = None  # "mask": the device's verdict, a 0-d bool every write of the step obeys
         with timer.phase("nonfinite_check"):
             checked = list(grads) + [local_tensor(g) for g in companion_grads]
+            reason, flag = None, None
             if backward_mode:  # the same all-reduce agrees whether backward's work is usable
                 reason, flag = (overlap.verdict(entries) if overlap is not None
                                 else (None, torch.zeros(1, device=layout.device)))
+            if self.nonfinite == "mask":
+                counts = nonfinite_counts(checked, layout.group, layout.world_size,
+                                          layout.device, flag)
+                ok = counts[0] == 0
+                # backward's usability decides which code runs: host_syncs_per_step's one read
+                # (without hooks, on every rank alike, there is nothing to decide)
+                bad, unusable = 0, (int(counts[1].item()) if overlap is not None else 0)
+                self.last_step_ok = ok
+                self.masked_steps = ((~ok).long() if self.masked_steps is None
+                                     else self.masked_steps.add_(~ok))
+            elif flag is not None:
                 bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
                                                 layout.device, flag=flag)
             else:
@@ -474,21 +439,28 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             with timer.phase("momentum"):
                 for (_, p), new in zip(entries, new_bufs):
                     state = self._init_state(p, self._layouts[id(p)])
-                    state["step"] += 1
-                    local_tensor(state["momentum_buffer"]).copy_(new)
+                    state["step"] += 1 if ok is None else ok
+                    buf = local_tensor(state["momentum_buffer"])
+                    buf.copy_(where_ok(ok, new, buf))
             del new_bufs
         else:
             with timer.phase("momentum"):
                 directions = _momentum(entries, grads, [self._init_state(p, mesh_step.state_layout(
                     plan, i, self._infos[id(p)], layout.device) if on_mesh
-                    else self._layouts[id(p)]) for i, (_, p) in enumerate(entries)])
+                    else self._layouts[id(p)]) for i, (_, p) in enumerate(entries)], ok)
+        # the rule's own state (NorMuon's v) changes in normalize: kept unless the step is good
+        masked = masked_writes(ok, [local_tensor(t) for _, p in entries
+                                    for k, t in self.state[p].items()
+                                    if k not in ("momentum_buffer", "step")])
 
         if on_mesh:
-            updates = mesh_step.run_step(
-                plan, self.strategy, self.rule, self._mesh_groups[tuple(id(p) for _, p in entries)],
-                entries, [self.state[p] for _, p in entries], directions,
-                [self._ns_config(g) for g, _ in entries], tuple(self.rule.float32_state),
-                layout.device, self._flops, timer)
+            with masked:
+                updates = mesh_step.run_step(
+                    plan, self.strategy, self.rule,
+                    self._mesh_groups[tuple(id(p) for _, p in entries)], entries,
+                    [self.state[p] for _, p in entries], directions,
+                    [self._ns_config(g) for g, _ in entries], tuple(self.rule.float32_state),
+                    layout.device, self._flops, timer)
             del directions
         else:
             if not from_backward:
@@ -499,7 +471,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 with timer.phase("orthogonalize"):
                     results = self.strategy.execute(plan, directions, ctx)
                 del directions
-            with timer.phase("normalize"):
+            with timer.phase("normalize"), masked:
                 # local statistics (strategy local_norms): the rule sees a world of one rank
                 updates = self.rule.updates(
                     [g for g, _ in entries], [self.state[p] for _, p in entries], plan.matrices,
@@ -508,7 +480,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 if self.strategy.update_scale() != 1.0:  # periodic's lr of its full steps
                     torch._foreach_mul_(updates, self.strategy.update_scale())
         with timer.phase("apply"):
-            _apply(entries, updates)
+            _apply(entries, updates, ok)
 
 
 def _runs(entries) -> list[list[int]]:
@@ -519,34 +491,52 @@ def _runs(entries) -> list[list[int]]:
     return list(runs.values())
 
 
-def _momentum(entries, grads, states) -> list[torch.Tensor]:
-    """buf <- lerp(buf, g, 1 - momentum); direction: lerp(g, buf, momentum) (Nesterov) or buf.
-    One _foreach_ call per param group: the same per-tensor kernels as a loop, without its
-    per-parameter Python and dispatch."""
+def _momentum(entries, grads, states, ok: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """buf <- lerp(buf, g, 1 - momentum) (g: -grad with maximize); direction: lerp(g, buf,
+    momentum) (Nesterov) or buf. One _foreach_ call per param group: the same per-tensor kernels
+    as a loop, without its per-parameter Python and dispatch. `ok` (0-d bool): the buffers and
+    step counters change only where it holds (`nonfinite="mask"`)."""
     directions: list[torch.Tensor | None] = [None] * len(entries)
     for run in _runs(entries):
         group = entries[run[0]][0]
         bufs = [local_tensor(states[j]["momentum_buffer"]) for j in run]
         gs = [grads[j] for j in run]
-        torch._foreach_add_([states[j]["step"] for j in run], 1)
-        torch._foreach_lerp_(bufs, gs, 1 - group["momentum"])
+        gs = torch._foreach_neg(gs) if group.get("maximize") else gs
+        steps = [states[j]["step"] for j in run]
+        if ok is None:
+            torch._foreach_add_(steps, 1)
+            torch._foreach_lerp_(bufs, gs, 1 - group["momentum"])
+        else:
+            torch._foreach_add_(steps, [ok.to(steps[0].dtype)] * len(steps))  # no host read
+            for buf, new in zip(bufs, torch._foreach_lerp(bufs, gs, 1 - group["momentum"])):
+                buf.copy_(torch.where(ok, new, buf))
         outs = torch._foreach_lerp(gs, bufs, group["momentum"]) if group["nesterov"] else bufs
         for j, u in zip(run, outs):
             directions[j] = u.contiguous()
     return directions  # type: ignore[return-value]
 
 
-def _apply(entries, updates) -> None:
-    """p <- p (1 - lr wd) - lr update, in place; the decay pass is skipped when it multiplies by
-    exactly 1 (weight_decay 0), which leaves every bit as it was."""
+def _apply(entries, updates, ok: torch.Tensor | None = None) -> None:
+    """p <- p (1 - lr wd) - lr update, in place (only where `ok` holds, when given); the decay
+    pass is skipped when it multiplies by exactly 1 (weight_decay 0), which leaves every bit as
+    it was; lr and weight_decay given as 0-d tensors are never read on the host."""
     for run in _runs(entries):
         group = entries[run[0]][0]
         locals_ = [local_tensor(entries[j][1]) for j in run]
         ups = [updates[j].reshape(t.shape).to(t.dtype) for j, t in zip(run, locals_)]
-        decay = 1 - group["lr"] * group["weight_decay"]
-        if decay != 1:
-            torch._foreach_mul_(locals_, decay)
-        torch._foreach_add_(locals_, ups, alpha=-group["lr"])
+        lr = group["lr"]
+        decay = 1 - lr * group["weight_decay"]
+        decays = isinstance(decay, torch.Tensor) or decay != 1
+        scaled = (ups, -lr) if not isinstance(lr, torch.Tensor) else (torch._foreach_mul(ups, -lr), 1)
+        if ok is None:
+            if decays:
+                torch._foreach_mul_(locals_, decay)
+            torch._foreach_add_(locals_, scaled[0], alpha=scaled[1])
+            continue
+        new = torch._foreach_add(torch._foreach_mul(locals_, decay) if decays else locals_,
+                                 scaled[0], alpha=scaled[1])
+        for t, n in zip(locals_, new):
+            t.copy_(torch.where(ok, n, t))
 
 
 def _options_text(options) -> str:
@@ -569,11 +559,14 @@ class Muon(OrthogonalizedOptimizer):
                  ns_dtype: str | torch.dtype = "auto", ns_coefficients: str = "jordan",
                  strategy: str | Strategy = "replicated", nonfinite: str = "skip",
                  process_group: dist.ProcessGroup | None = None,
-                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard",
+                 foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, maximize: bool = False) -> None:
         super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         replicas=replicas, process_group=process_group, ns_form=ns_form)
+                         replicas=replicas, process_group=process_group, ns_form=ns_form,
+                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize)
 
 
 class NorMuon(OrthogonalizedOptimizer):
@@ -586,8 +579,11 @@ class NorMuon(OrthogonalizedOptimizer):
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
                  ns_coefficients: str = "jordan", strategy: str | Strategy = "replicated",
                  nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None,
-                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard",
+                 foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, maximize: bool = False) -> None:
         super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         replicas=replicas, process_group=process_group, ns_form=ns_form)
+                         replicas=replicas, process_group=process_group, ns_form=ns_form,
+                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize)

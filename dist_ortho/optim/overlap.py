@@ -9,10 +9,11 @@ Which hook. FSDP2 (torch >= 2.6) assigns each sharded gradient in `foreach_reduc
 its unit's reduce-scatter, and then calls the sharded parameter's post-accumulate-grad hooks
 itself (the sharded parameter is not in the autograd graph, so autograd never would). So the
 public `Tensor.register_post_accumulate_grad_hook` on the FSDP2 parameter fires once per unit
-per backward, after the reduce-scatter, with the reduced shard in `p.grad`; on CUDA it runs on
-FSDP2's post-reduce stream, so the work queued here is ordered after the reduce-scatter and before
-FSDP2's end-of-backward event, which `step()`'s stream waits on. A unit is ready when every
-optimizer parameter it manages has fired. `tests/test_overlap.py` fails loudly if torch stops
+per backward, after the reduce-scatter, with the reduced shard in `p.grad`; on CUDA it is called
+on FSDP2's post-reduce stream, from the autograd engine's device thread. The work a hook starts
+runs on the optimizer's own stream, entered from that stream with an event, and `step()` joins it
+(`dist_ortho.optim.streams` states the rules). A unit is ready when every optimizer parameter it
+manages has fired. `tests/test_overlap.py` fails loudly if torch stops
 calling the hook this way.
 
 What runs in the hook. The unit's momentum directions are computed from the final shard
@@ -61,6 +62,7 @@ from torch.distributed.tensor import DTensor
 
 from dist_ortho.core.orthogonalizer import Orthogonalizer
 from dist_ortho.core.sharding import local_tensor
+from dist_ortho.optim.streams import Streams
 from dist_ortho.strategies.base import ExecContext
 
 __all__ = ["BackwardOverlap", "fsdp_units", "unit_members", "unit_positions", "null_comm_context"]
@@ -153,6 +155,7 @@ class BackwardOverlap:
             self.group = dist.new_group(ranks, backend=dist.get_backend(layout.group),
                                         use_local_synchronization=True)
         self.layout = layout
+        self.streams = Streams(layout.device)  # its `log` records the calls, for tests
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
                          for _, p in entries]
         self._reset()
@@ -182,8 +185,9 @@ class BackwardOverlap:
     def discard(self) -> None:
         """Drop the work started in backward (waiting for its collectives first)."""
         if self._pipe is not None:
-            with self.opt._comm_context():
+            with self.opt._comm_context(), self.streams.optimizer_stream():
                 self._pipe.abandon()
+            self.streams.join()
         self._reset()
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -208,7 +212,7 @@ class BackwardOverlap:
         self._arrived[u].add(k)
         if len(self._arrived[u]) == len(self.units[u]):
             self._fired.add(u)
-            with torch.no_grad(), self.opt._comm_context():
+            with torch.no_grad(), self.opt._comm_context(), self.streams.optimizer_stream():
                 while self._next < len(self.units) and self._next in self._fired:
                     self._launch(self._next, in_backward=True)
                     self._next += 1
@@ -230,12 +234,14 @@ class BackwardOverlap:
     def _direction(self, k: int, record: bool) -> torch.Tensor:
         group, p = self.entries[k]
         g = local_tensor(p.grad)
+        state = self.opt.state.get(p, {})
+        buf = local_tensor(state["momentum_buffer"]) if "momentum_buffer" in state else None
+        self.streams.keep_alive([g, buf])  # made on the gradient's / step's stream, read here
         if record:
             self._prints[k] = (g.data_ptr(), _fingerprint(g))
-            self._hparams[k] = (group["momentum"], group["nesterov"])
-        state = self.opt.state.get(p, {})
-        buf = (local_tensor(state["momentum_buffer"]) if "momentum_buffer" in state
-               else torch.zeros_like(local_tensor(p)))
+            self._hparams[k] = (group["momentum"], group["nesterov"], group.get("maximize"))
+        buf = torch.zeros_like(local_tensor(p)) if buf is None else buf
+        g = -g if group.get("maximize") else g
         # the same lerps as the step-time path (which updates buf in place), into new tensors:
         # the state is committed in step(), after the non-finite check
         new = torch.lerp(buf, g, 1 - group["momentum"])
@@ -260,6 +266,9 @@ class BackwardOverlap:
         device, 1 if it cannot). The gradient check stays on the device, so the optimizer agrees
         on the flag across ranks in its one all-reduce and reads it with its one host sync."""
         device = self.layout.device
+        if self._pipe is not None:  # the fingerprints were taken on the optimizer's stream
+            self.streams.join()
+            self.streams.keep_alive(t for _, t in self._prints.values())
         if self._pipe is None:
             return "no backward hook fired", torch.ones(1, device=device)
         if [id(p) for _, p in entries] != [id(p) for _, p in self.entries]:
@@ -267,8 +276,8 @@ class BackwardOverlap:
         ks = sorted(self._prints)
         for k in ks:
             group, p = self.entries[k]
-            if self._hparams[k] != (group["momentum"], group["nesterov"]):
-                return ("momentum or nesterov changed after backward",
+            if self._hparams[k] != (group["momentum"], group["nesterov"], group.get("maximize")):
+                return ("momentum, nesterov or maximize changed after backward",
                         torch.ones(1, device=device))
         if not ks:
             return None, torch.zeros(1, device=device)
@@ -283,13 +292,17 @@ class BackwardOverlap:
         """Push the units whose hooks did not fire, drain, and return (new momentum rows,
         orthogonalized directions), both in entry order. Resets for the next backward."""
         try:
-            with self.opt._comm_context():
+            with self.opt._comm_context(), self.streams.optimizer_stream():
                 while self._next < len(self.units):
                     self._launch(self._next, in_backward=False)
                     self._next += 1
                 outputs = self._pipe.drain()
+            self.streams.join()
             n = len(self.entries)
-            return [self._new_bufs[k] for k in range(n)], [outputs[k] for k in range(n)]
+            new_bufs = [self._new_bufs[k] for k in range(n)]
+            results = [outputs[k] for k in range(n)]
+            self.streams.keep_alive(new_bufs + results)  # made on the optimizer's stream
+            return new_bufs, results
         finally:
             self._reset()
 

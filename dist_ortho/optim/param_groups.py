@@ -154,8 +154,10 @@ class CombinedOptimizer(torch.optim.Optimizer):
                  process_group=None) -> None:
         if not optimizers:
             raise ValueError("CombinedOptimizer needs at least one optimizer")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if nonfinite not in NONFINITE_POLICIES or nonfinite == "mask":
+            # "mask" keeps the verdict on the device, where torch's AdamW cannot obey it
+            raise ValueError(f"CombinedOptimizer's nonfinite must be 'skip' or 'raise', got "
+                             f"{nonfinite!r}; nonfinite='mask' is for a NorMuon/Muon stepped alone")
         self.optimizers = list(optimizers)
         self.nonfinite = nonfinite
         self.process_group = process_group

@@ -42,12 +42,13 @@ from dist_ortho.profiling.device import DeviceOps
 from dist_ortho.profiling.env import environment
 from dist_ortho.profiling.hardware import get_preset
 from dist_ortho.studies.jobs import REPO_ROOT, first_error, stop_tree
+from dist_ortho.testing.gpu_step import step_cuda_graph, step_stream_overlap
 
 __all__ = ["Check", "CHECKS", "plan_checks", "run_checks", "main"]
 
-# the checks' budgets add up to this: 400 s of the 8 minutes a GPU is lent, leaving time to
+# the checks' budgets add up to this: 445 s of the 8 minutes a GPU is lent, leaving time to
 # install the project and start (a timed-out check's tree gets 5 s more to stop)
-TOTAL_BUDGET_S = 400.0
+TOTAL_BUDGET_S = 445.0
 FAMILIES = ("llama-1b", "llama-8b", "llama-70b")
 NS_DTYPES = ("bfloat16", "float32")
 PRESET = "h200"  # the data-sheet figures the measurements are set beside
@@ -91,6 +92,14 @@ def plan_checks() -> tuple[Check, ...]:
               f"every strategy ({names}) against the reference, ns_dtype auto = bfloat16, the "
               f"host-sync count of a CUDA step, meta/fake-cuda dry runs",
               _pytest("tests/test_gpu.py", junit="nccl_strategies")),
+        Check("stream_overlap", 25, "a profiler trace of one backward of a 3-unit FSDP2 model "
+              "(NCCL P=1, strategy overlapped, schedule backward): a later unit's reduce-scatter "
+              "starts before an earlier unit's NS ends (NS on the optimizer's own stream, not "
+              "FSDP2's), the hooks run on the autograd device thread, and the weights equal "
+              "schedule step's -> stream_overlap.json and its trace", _step("stream_overlap")),
+        Check("cuda_graph", 20, "a nonfinite='mask', capturable NorMuon step with a 0-d tensor lr "
+              "captured in a CUDA graph and replayed on new gradients against eager steps; a NaN "
+              "replay keeps the weights -> cuda_graph.json", _step("cuda_graph")),
         Check("profiled_run", 60, f"one profiled GPT training run, `dist-ortho run --config "
               f"{RUN_CONFIG}` (gpt-125m, NCCL P=1, ns_dtype auto = bfloat16 NS), with CUDA "
               f"memory peaks, phase times and a trace -> run/ and profiled_run.json",
@@ -376,7 +385,8 @@ def _metrics_summary(path: Path) -> dict:
 
 STEPS: dict[str, Callable[[Path], dict]] = {
     "environment": step_environment, "calibrate_ns": step_calibrate_ns,
-    "hbm_compute": step_hbm_compute, "profiled_run": step_profiled_run}
+    "hbm_compute": step_hbm_compute, "profiled_run": step_profiled_run,
+    "stream_overlap": step_stream_overlap, "cuda_graph": step_cuda_graph}
 
 
 # --- summary and command line -------------------------------------------------------------------

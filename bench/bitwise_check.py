@@ -104,7 +104,9 @@ def worker(rank: int, world_size: int, preset: str, steps: int, labels: list[str
         for step in range(steps):
             g = torch.Generator().manual_seed(1000 + step)
             tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=g)
-            rows = slice(rank * 2, rank * 2 + 2)
+            # tensor-parallel peers see the same rows; data-parallel ranks each their own
+            data_rank = rank // 2 if layout == "fsdp_tp" else rank
+            rows = slice(data_rank * 2, data_rank * 2 + 2)
             _, loss = model(tokens[rows, :-1], tokens[rows, 1:])
             loss.backward()
             opt.step()

@@ -46,6 +46,9 @@ key. Metrics (names ending in `.<kind>` are split by collective or memory kind):
                             plan_send_bytes[.kind], plan_recv_bytes[.kind], plan_transient_bytes,
                             plan_ns_flops_imbalance (max over ranks / mean)
   skipped                   1 when the optimizer skipped the step (non-finite gradient)
+  overlap_redos             1 when `overlapped` dropped the work it started in backward and
+                            redid it after backward (a gradient changed after its hook: global-
+                            norm clipping, unscaling; or no hook fired)
 
 Comm and CPU memory rows exist on instrumented steps only; the rest on every step.
 
@@ -159,6 +162,7 @@ class _StepState:
     counter: CommCounter | None = None
     flops_last: int = 0
     skipped0: int = 0
+    redos0: int = 0
     mem_start: int = 0
     step_peak: int = 0
     step_kinds: dict | None = None
@@ -384,8 +388,13 @@ class Profiler:
                               or (state.meter is not None and state.meter.per_op_cost))
         state.flops_last = self._flops_now()
         state.skipped0 = sum(int(getattr(o, "skipped_steps", 0)) for o in self._ortho)
+        state.redos0 = self._redos()
         self._active = state
         state.t0 = time.perf_counter()
+
+    def _redos(self) -> int:
+        """Steps on which `overlapped` redid its backward work after backward, so far."""
+        return sum(int(getattr(getattr(o, "overlap", None), "fallbacks", 0)) for o in self._ortho)
 
     def _boundary(self, state: _StepState) -> None:
         """Close the segment since the last phase boundary: its NS FLOPs go to the innermost
@@ -511,6 +520,7 @@ class Profiler:
         if self._ortho:
             skipped = sum(int(getattr(o, "skipped_steps", 0)) for o in self._ortho)
             add(STEP_PHASE, "skipped", skipped - state.skipped0)
+            add(STEP_PHASE, "overlap_redos", self._redos() - state.redos0)
         for metric, value in self._plan:
             add(STEP_PHASE, metric, value)
         if state.counter is not None:

@@ -28,7 +28,6 @@ def test_get_and_set_optimizer_state_dict_round_trip_bitwise_for_every_strategy(
             assert res["names"], (key, res["keys"][:8])  # keyed by parameter names
 
 
-@pytest.mark.exactness
 def test_dcp_reshards_fsdp2_state_to_fsdp_x_tp_and_fsdp4_within_the_float_bound():
     with tempfile.TemporaryDirectory() as root:
         saved = spawn(torch_state_cases.save_worker, 2, args=(root,))

@@ -33,6 +33,7 @@ container's Config; set it as `config.optimizer` in a torchtitan config function
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,11 +80,13 @@ def _attach(container, model_parts) -> None:
 @functools.cache
 def container_class():
     """`DistOrthoOptimizers`, the torchtitan container (imports torchtitan)."""
-    from dataclasses import dataclass, field
-
     # torchtitan is an optional dependency: imported when its container is first asked for
-    from torchtitan.components.checkpointer.utils import canonical_fqn
-    from torchtitan.components.optimizer import OptimizersContainer
+    try:
+        from torchtitan.components.checkpointer.utils import canonical_fqn
+        from torchtitan.components.optimizer import OptimizersContainer
+    except ImportError as e:
+        raise ImportError(f"dist_ortho.integrations.torchtitan needs torchtitan ({e}); install "
+                          f"the extra: pip install 'dist-ortho[torchtitan]'") from e
 
     class DistOrthoOptimizers(OptimizersContainer):
         """torchtitan's OptimizersContainer with NorMuon/Muon (see the module docstring)."""

@@ -298,9 +298,15 @@ class CombinedOptimizer(torch.optim.Optimizer):
         if not self.assignment:
             return "(no parameter assignment recorded)"
         width = max(len(n) for n in self.assignment)
-        return "\n".join(f"{name:<{width}}  {str(self._shapes.get(name, '')):<16} -> {dest:<8} "
+        note = []
+        if getattr(self.strategy, "runs_in_backward", False):
+            note = ["note: strategy 'overlapped' starts its work in backward; global-norm "
+                    "gradient clipping changes the gradients after that, so every clipped step "
+                    "redoes the work after backward (exact, but not overlapped; the profiler "
+                    "counts it as overlap_redos)"]
+        return "\n".join(note + [f"{name:<{width}}  {str(self._shapes.get(name, '')):<16} -> {dest:<8} "
                          f"({self._reasons.get(name, '')})"
-                         for name, dest in self.assignment.items())
+                         for name, dest in self.assignment.items()])
 
 
 @dataclass

@@ -59,7 +59,8 @@ from dist_ortho.strategies.base import ExecContext, Strategy
 from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, MeshPlan, check_replicas
 
 __all__ = ["OrthogonalizedOptimizer", "NorMuon", "Muon", "NONFINITE_POLICIES", "plan_step",
-           "optimizer_items", "count_nonfinite", "handle_nonfinite", "HOST_SYNCS_PER_STEP"]
+           "optimizer_items", "count_nonfinite", "handle_nonfinite", "HOST_SYNCS_PER_STEP",
+           "STEP_COUNTED", "step_counts"]
 
 log = logging.getLogger("dist_ortho")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -580,3 +581,13 @@ class NorMuon(OrthogonalizedOptimizer):
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
                          replicas=replicas, process_group=process_group, ns_form=ns_form)
+
+
+STEP_COUNTED = ("skipped", "overlap_redos")  # the profiler's per-step metrics of step_counts
+
+
+def step_counts(optimizers: Iterable[OrthogonalizedOptimizer]) -> tuple[int, int]:
+    """(steps skipped for a NaN/Inf gradient, steps on which the work `overlapped` started in
+    backward was redone after backward, e.g. under global-norm clipping), so far, summed."""
+    return (sum(o.skipped_steps for o in optimizers),
+            sum(o.overlap.fallbacks for o in optimizers if o.overlap is not None))

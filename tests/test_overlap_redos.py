@@ -8,6 +8,8 @@ import os
 
 import pandas as pd
 
+from dist_ortho import build_optimizers, strategies
+from dist_ortho.models import build_model
 from dist_ortho.profiling.summary import summarize_runs
 from dist_ortho.reporting.report import Results, redo_lines
 
@@ -36,3 +38,11 @@ def test_redos_are_summed_per_run_and_listed_by_the_report(tmp_path):
     assert any("clipped, P=2: 2 of 3 steps" in line for line in lines), lines
     assert not any("unclipped" in line for line in lines)
     assert redo_lines(Results(tmp_path, tmp_path, summary.assign(overlap_redos=0.0))) == []
+
+
+def test_describe_says_clipping_makes_overlapped_redo_its_work():
+    model = build_model("gpt-tiny", n_layers=1, d_model=16, n_heads=2, seq_len=8)
+    assert "clipping" in build_optimizers(model, strategy="overlapped").describe()
+    step_time = strategies.build("overlapped", schedule="step")
+    for strategy in ("balanced", step_time):
+        assert "clipping" not in build_optimizers(model, strategy=strategy).describe()

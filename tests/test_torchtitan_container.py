@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 
 pytestmark = pytest.mark.torchtitan
-pytest.importorskip("torchtitan", reason="needs the torchtitan extra: pip install -e '.[torchtitan]'")
+pytest.importorskip("torchtitan", reason="needs the extra: pip install -e '.[torchtitan]'")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: E402
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # noqa: E402
+    checkpoint_wrapper)
 
 from dist_ortho.integrations.torchtitan import optimizers_config  # noqa: E402
 

@@ -38,7 +38,7 @@ import pytest
 
 # the first test starts every torchrun (about 6 minutes on 2 idle cores): room for a loaded box
 pytestmark = [pytest.mark.torchtitan, pytest.mark.timeout(1800)]
-pytest.importorskip("torchtitan", reason="needs the torchtitan extra: pip install -e '.[torchtitan]'")
+pytest.importorskip("torchtitan", reason="needs the extra: pip install -e '.[torchtitan]'")
 
 import dist_cases  # noqa: E402
 import tolerances  # noqa: E402

@@ -304,9 +304,9 @@ class CombinedOptimizer(torch.optim.Optimizer):
                     "gradient clipping changes the gradients after that, so every clipped step "
                     "redoes the work after backward (exact, but not overlapped; the profiler "
                     "counts it as overlap_redos)"]
-        return "\n".join(note + [f"{name:<{width}}  {str(self._shapes.get(name, '')):<16} -> {dest:<8} "
-                         f"({self._reasons.get(name, '')})"
-                         for name, dest in self.assignment.items()])
+        rows = [f"{name:<{width}}  {str(self._shapes.get(name, '')):<16} -> {dest:<8} "
+                f"({self._reasons.get(name, '')})" for name, dest in self.assignment.items()]
+        return "\n".join(note + rows)
 
 
 @dataclass

@@ -78,6 +78,12 @@ def test_a_nonfinite_gradient_anywhere_skips_every_optimizer(poison):
                            before["layers.0._checkpoint_wrapped_module.0.weight"])
 
 
+def test_muon_is_built_by_name():
+    _, opts = _build(name="Muon")
+    assert [type(o).__name__ for o in opts.optimizers] == ["Muon", "AdamW"]
+    assert set(opts.assignment.values()) == {"Muon", "AdamW"}
+
+
 def test_regex_groups_may_name_normuon():
     from torchtitan.components.optimizer import ParamGroupConfig
 

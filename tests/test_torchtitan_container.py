@@ -117,3 +117,25 @@ def test_torchtitan_flat_state_round_trips_bitwise():
         _backward(m)
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other_model.parameters()))
+
+
+def test_torch_state_dict_api_round_trips_the_inner_optimizers_bitwise():
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    model, opts = _build()
+    for _ in range(2):
+        _backward(model)
+        opts.step()
+        opts.zero_grad()
+    saved = get_optimizer_state_dict(model, opts.optimizers)
+    assert "layers.0.0.weight" in saved["state"]  # keyed by names, wrapper segments dropped
+    copy = {"state": {k: {n: v.clone() for n, v in st.items()} for k, st in saved["state"].items()},
+            "param_groups": saved["param_groups"]}
+    other_model, other = _build()
+    other_model.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(other_model, other.optimizers, copy)
+    for m, o in ((model, opts), (other_model, other)):
+        _backward(m)
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other_model.parameters()))

@@ -45,7 +45,7 @@ key. Metrics (names ending in `.<kind>` are split by collective or memory kind):
   plan_*                    the strategy's prediction for this rank (phase "step"): plan_ns_flops,
                             plan_send_bytes[.kind], plan_recv_bytes[.kind], plan_transient_bytes,
                             plan_ns_flops_imbalance (max over ranks / mean)
-  skipped                   1 when the optimizer skipped the step (non-finite gradient)
+  skipped, overlap_redos    1 when the step was skipped (NaN/Inf) / redone after backward
 
 Comm and CPU memory rows exist on instrumented steps only; the rest on every step.
 
@@ -78,7 +78,7 @@ import torch.distributed as dist
 
 from dist_ortho.core.io import atomic_path
 from dist_ortho.core.sharding import local_tensor
-from dist_ortho.optim.optimizer import OrthogonalizedOptimizer
+from dist_ortho.optim.optimizer import STEP_COUNTED, OrthogonalizedOptimizer, step_counts
 from dist_ortho.profiling.comm import CommCounter
 from dist_ortho.profiling.device import DeviceOps, resolve_device
 from dist_ortho.profiling.tables import as_dicts, storage_bytes, write_csv, write_parquet
@@ -158,7 +158,7 @@ class _StepState:
     t0: float = 0.0
     counter: CommCounter | None = None
     flops_last: int = 0
-    skipped0: int = 0
+    counts0: tuple = (0, 0)  # optimizer.step_counts at the step's start
     mem_start: int = 0
     step_peak: int = 0
     step_kinds: dict | None = None
@@ -383,7 +383,7 @@ class Profiler:
         state.instrumented = (state.trace is not None or state.counter is not None
                               or (state.meter is not None and state.meter.per_op_cost))
         state.flops_last = self._flops_now()
-        state.skipped0 = sum(int(getattr(o, "skipped_steps", 0)) for o in self._ortho)
+        state.counts0 = step_counts(self._ortho)
         self._active = state
         state.t0 = time.perf_counter()
 
@@ -509,8 +509,8 @@ class Profiler:
         for path, flops in state.flops.items():
             add(path, "ns_flops", flops)
         if self._ortho:
-            skipped = sum(int(getattr(o, "skipped_steps", 0)) for o in self._ortho)
-            add(STEP_PHASE, "skipped", skipped - state.skipped0)
+            for metric, now, then in zip(STEP_COUNTED, step_counts(self._ortho), state.counts0):
+                add(STEP_PHASE, metric, now - then)
         for metric, value in self._plan:
             add(STEP_PHASE, metric, value)
         if state.counter is not None:

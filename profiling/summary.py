@@ -31,6 +31,7 @@ Columns (per run; "per rank" values are means over ranks, "per step" over measur
   ns_flops_per_step  NS FLOPs summed over ranks, per step
   ns_flops_imbalance max rank / mean rank NS FLOPs (1.0 is perfect balance); plan_ns_flops_imbalance
                      the plan's
+  overlap_redos      measured steps on which `overlapped` redid its backward work after backward
   comm_wait_s, ns_s  median over steps, mean over ranks, of time in the strategies' comm_wait and
                      ns phases
   unblocked_share    1 - comm_wait / (orthogonalize - ns), per rank and step, median over steps,
@@ -178,6 +179,8 @@ def summarize_metrics(df: pd.DataFrame, run: str = "") -> dict:
         mean = per_rank.mean()
         out["ns_flops_imbalance"] = float(per_rank.max() / mean) if mean > 0 else float("nan")
     out["plan_ns_flops_imbalance"] = max_of(STEP_PHASE, "plan_ns_flops_imbalance")
+    redos = _per_step_rank(measured, (phase == STEP_PHASE) & (m == "overlap_redos"))
+    out["overlap_redos"] = float(redos.max(axis=1).sum()) if not redos.empty else 0.0
 
     times = timed[(tm == "time_s") & (tphase.map(phase_owner) == "optimizer")]
     last = times["phase"].str.rsplit("/", n=1).str[-1]

@@ -153,6 +153,8 @@ def train_case(rank: int, world_size: int, mesh, preset: str, steps: int, micro:
     return dict(equal=equal, ratios=ratios, counted=counted, planned=planned,
                 executed_flops=inner.executed_ns_flops, planned_flops=steps * plan.mine.ns_flops,
                 restarts=hooks.restarts, fallbacks=hooks.fallbacks,
+                redos=[row["value"] for row in runs["backward"][2].rows()
+                       if row["metric"] == "overlap_redos"],
                 units=[m.unit for m in plan.matrices], buckets=len(plan.buckets),
                 unit_order=[[plan.matrices[i].name for i in b] for b in plan.buckets],
                 flops_per_rank=[c.ns_flops for c in plan.ranks],

@@ -22,6 +22,7 @@ FOLDER_LAYERS = [
     "profiling",      # measuring and predicting steps
     "models",         # trainable GPTs and shape-only presets
     "checkpointing",  # verified, retained, background checkpoints
+    "integrations",   # dist_ortho inside other trainers (torchtitan)
     "reporting",      # what a study's numbers say, reports and plots
     "studies",        # runs, sweeps, interleaved studies, projections, convergence
     "testing",        # aids for tests and hardware checks; the product never imports it
@@ -38,6 +39,9 @@ FUNCTION_IMPORTS_ALLOWED = {
                                     "torch.distributed.tensor", "torch._guards",
                                     "torch.utils._pytree"},
     "dist_ortho.profiling.tables": {"pyarrow", "pandas"},
+    # torchtitan is an optional extra: its container class is built on first use
+    "dist_ortho.integrations.torchtitan": {"torchtitan.components.checkpointer.utils",
+                                           "torchtitan.components.optimizer"},
 }
 MAX_LINES = 600
 

@@ -65,6 +65,8 @@ def check(world_size: int) -> None:
             # the work really ran in backward, except where it must not have been used
             if world_size > 1:
                 assert r["overlap_phases"] == ["forward_backward/overlap"], context
+            # the profiler counts every redo after backward, one per step
+            assert r["redos"] == [1.0 if clipped else 0.0] * case["steps"], (context, r["redos"])
             if clipped:
                 assert r["fallbacks"] == case["steps"], context
             elif restarting:

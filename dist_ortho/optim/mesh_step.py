@@ -16,12 +16,12 @@ So a mistake raises on every rank alike before any collective or group creation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from dist_ortho.core.mesh_groups import describe, group_for, root_mesh
+from dist_ortho.core.mesh_groups import common_root, describe, group_for, root_mesh
 from dist_ortho.core.meshes import MatrixLayout, MeshSpec, is_strided
 from dist_ortho.core.newton_schulz import NSConfig
 from dist_ortho.core.orthogonalizer import FlopCount
@@ -71,11 +71,14 @@ def needs_mesh(infos: Sequence[MeshParam], replicas: str) -> bool:
 
 
 def _layouts(params, names, infos: Sequence[MeshParam]) -> list[MatrixLayout]:
-    meshes = {i.mesh for i in infos if i.mesh is not None}
-    if len(meshes) > 1:
+    on_mesh = [i for i in infos if i.mesh is not None]
+    common = common_root([(i.mesh, i.dims) for i in on_mesh])
+    if common is None:
         raise ValueError("parameters live on different root device meshes; one optimizer "
                          "schedules on one mesh (use one optimizer per mesh)")
-    root = next(iter(meshes))
+    root, dims = common
+    infos = [i if i.mesh is None else replace(i, mesh=root, dims=next(it))
+             for it in [iter(dims)] for i in infos]
     all_dims = tuple((d,) for d in range(len(root.sizes)))
     # the root dims the optimizer spans: any parameter's mesh covers them (a plain tensor, all)
     span = tuple(sorted({d for i in infos for dd in (all_dims if i.mesh is None else i.dims)

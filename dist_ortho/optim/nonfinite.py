@@ -24,12 +24,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["NONFINITE_POLICIES", "HOST_SYNCS_PER_STEP", "host_syncs_per_step", "nonfinite_counts",
+__all__ = ["STEP_COUNTED", "step_counts", "NONFINITE_POLICIES", "HOST_SYNCS_PER_STEP",
+           "host_syncs_per_step", "nonfinite_counts",
            "count_nonfinite", "handle_nonfinite", "masked_writes", "where_ok"]
 
 log = logging.getLogger("dist_ortho")
@@ -99,3 +100,13 @@ def masked_writes(ok: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> I
     yield
     for t, old in zip(tensors, saved):
         t.copy_(torch.where(ok, t, old))
+
+
+STEP_COUNTED = ("skipped", "overlap_redos")  # the profiler's per-step metrics of step_counts
+
+
+def step_counts(optimizers: Iterable) -> tuple[int, int]:
+    """(steps skipped for a NaN/Inf gradient, steps on which the work `overlapped` started in
+    backward was redone after backward, e.g. under global-norm clipping), so far, summed."""
+    return (sum(o.skipped_steps for o in optimizers),
+            sum(o.overlap.fallbacks for o in optimizers if o.overlap is not None))

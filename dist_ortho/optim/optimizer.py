@@ -58,9 +58,9 @@ from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 from dist_ortho.optim import mesh_step
 from dist_ortho.optim.conventions import (TORCH_FLAGS, check_no_duplicates, check_nonnegative,
                                          check_torch_flags)
-from dist_ortho.optim.nonfinite import (HOST_SYNCS_PER_STEP, NONFINITE_POLICIES, count_nonfinite,
-                                        handle_nonfinite, masked_writes, nonfinite_counts,
-                                        where_ok)
+from dist_ortho.optim.nonfinite import (HOST_SYNCS_PER_STEP, NONFINITE_POLICIES, STEP_COUNTED,
+                                        count_nonfinite, handle_nonfinite, masked_writes,
+                                        nonfinite_counts, step_counts, where_ok)
 from dist_ortho.optim.overlap import BackwardOverlap, null_comm_context, unit_positions
 from dist_ortho.optim.step_plan import optimizer_items, plan_step
 from dist_ortho.rules.base import UpdateRule, check_unit_interval
@@ -68,7 +68,8 @@ from dist_ortho.strategies.base import ExecContext, Strategy
 from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, MeshPlan, check_replicas
 
 __all__ = ["OrthogonalizedOptimizer", "NorMuon", "Muon", "NONFINITE_POLICIES", "plan_step",
-           "optimizer_items", "count_nonfinite", "handle_nonfinite", "HOST_SYNCS_PER_STEP"]
+           "optimizer_items", "count_nonfinite", "handle_nonfinite", "HOST_SYNCS_PER_STEP",
+           "STEP_COUNTED", "step_counts"]
 
 log = logging.getLogger("dist_ortho")
 
@@ -587,3 +588,4 @@ class NorMuon(OrthogonalizedOptimizer):
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
                          replicas=replicas, process_group=process_group, ns_form=ns_form,
                          foreach=foreach, fused=fused, capturable=capturable, maximize=maximize)
+

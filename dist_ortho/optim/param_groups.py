@@ -249,15 +249,34 @@ class CombinedOptimizer(torch.optim.Optimizer):
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+        """torch.optim's shape: {"state": {id: ...}, "param_groups": [...]}, the inner optimizers'
+        state dicts one after the other, ids numbered through all of them in `param_groups` order
+        (what `torch.distributed.checkpoint.state_dict.get_optimizer_state_dict` maps to
+        parameter names)."""
+        state, groups, offset = {}, [], 0
+        for opt in self.optimizers:
+            inner = opt.state_dict()
+            assert set(inner) == {"state", "param_groups"}, sorted(inner)
+            state.update({offset + i: value for i, value in inner["state"].items()})
+            groups += [{**g, "params": [offset + i for i in g["params"]]}
+                       for g in inner["param_groups"]]
+            offset += sum(len(g["params"]) for g in opt.param_groups)
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        states = state_dict["optimizers"]
-        if len(states) != len(self.optimizers):
-            raise ValueError(f"state dict holds {len(states)} optimizers, this has "
-                             f"{len(self.optimizers)}")
-        for opt, state in zip(self.optimizers, states):
-            opt.load_state_dict(state)
+        """The inverse of `state_dict`: groups are handed out in order, as many to each inner
+        optimizer as it has, with the state of their parameters (keys may be ids or names)."""
+        groups = list(state_dict["param_groups"])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state dict holds {len(groups)} parameter groups, this "
+                             f"CombinedOptimizer has {len(self.param_groups)}; load a state "
+                             f"saved by the same optimizers")
+        for opt in self.optimizers:
+            mine, groups = groups[:len(opt.param_groups)], groups[len(opt.param_groups):]
+            keys = [k for g in mine for k in g["params"]]
+            opt.load_state_dict({"state": {k: state_dict["state"][k] for k in keys
+                                           if k in state_dict["state"]},
+                                 "param_groups": mine})
 
     def __repr__(self) -> str:
         strategy = self.strategy
@@ -281,9 +300,15 @@ class CombinedOptimizer(torch.optim.Optimizer):
         if not self.assignment:
             return "(no parameter assignment recorded)"
         width = max(len(n) for n in self.assignment)
-        return "\n".join(f"{name:<{width}}  {str(self._shapes.get(name, '')):<16} -> {dest:<8} "
-                         f"({self._reasons.get(name, '')})"
-                         for name, dest in self.assignment.items())
+        note = []
+        if getattr(self.strategy, "runs_in_backward", False):
+            note = ["note: strategy 'overlapped' starts its work in backward; global-norm "
+                    "gradient clipping changes the gradients after that, so every clipped step "
+                    "redoes the work after backward (exact, but not overlapped; the profiler "
+                    "counts it as overlap_redos)"]
+        rows = [f"{name:<{width}}  {str(self._shapes.get(name, '')):<16} -> {dest:<8} "
+                f"({self._reasons.get(name, '')})" for name, dest in self.assignment.items()]
+        return "\n".join(note + rows)
 
 
 @dataclass

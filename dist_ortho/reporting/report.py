@@ -219,6 +219,23 @@ def bound_table(results: Results) -> list[str]:
                              _iv(r, "distance", ".2f")])
 
 
+def redo_lines(results: Results) -> list[str]:
+    """Runs in which `overlapped` redid its backward work after backward (global-norm clipping
+    changes the gradients after its hooks ran), with how many of their measured steps."""
+    s = results.summary
+    if "overlap_redos" not in s:
+        return []
+    redone = s[s["overlap_redos"].fillna(0) > 0]
+    if redone.empty:
+        return []
+    lines = ["Steps on which `overlapped` redid the orthogonalization it started in backward, "
+             "after backward (a gradient changed after its hook, e.g. global-norm clipping; the "
+             "update is exact, the overlap is lost): "]
+    lines += [f"- {r.label}, P={r.world_size}: {r.overlap_redos:.0f} of {r.steps:.0f} steps"
+              for r in redone.itertuples()]
+    return lines + [""]
+
+
 def ranking_lines(results: Results) -> list[str]:
     a = results.analysis
     how = ("paired ratio of interleaved steps" if a.paired else
@@ -372,6 +389,7 @@ def write_report(path: str | Path, margin: float | None = None) -> Path:
               "cores slow each other; all-to-all and all-gather at the bound's size; best of "
               "a few). distance = median optimizer time / bound, with its interval.", ""]
     lines += bound_table(results) + [""] + figure("distance_to_bound")
+    lines += redo_lines(results)
     lines += ["## Bytes, FSDP2 and memory", ""] + bytes_table(results) + [""]
     lines += ["optimizer bytes on top of FSDP2: the optimizer's bytes per rank as a share of "
               "FSDP2's own all-gathers and reduce-scatters in the same step (a shape-only model "

@@ -48,7 +48,7 @@ import torchtitan_cases  # noqa: E402
 from dist_ortho import strategies  # noqa: E402
 
 TESTS = pathlib.Path(__file__).resolve().parent
-STRATEGIES = strategies.available()
+STRATEGIES = strategies.available_exact()
 GLOBAL_BATCH = 4
 _TMP = tempfile.TemporaryDirectory(prefix="dist_ortho_torchtitan_")  # removed at exit
 

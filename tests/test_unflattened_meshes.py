@@ -18,7 +18,7 @@ from dist_ortho.core import mesh_groups
 from dist_ortho.core.meshes import MeshSpec
 from dist_ortho.testing.processes import spawn
 
-STRATEGIES = strategies.available()
+STRATEGIES = strategies.available_exact()
 JOBS = [("hsdp", "hsdp_worker", (STRATEGIES,)), ("tp", "tp_worker", (STRATEGIES,)),
         ("ep", "ep_worker", (STRATEGIES,)), ("strided", "strided_worker", (STRATEGIES,))]
 

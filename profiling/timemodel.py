@@ -75,10 +75,32 @@ class CommModel:
 
     alpha_s: dict = field(default_factory=dict)
     beta_s_per_byte: dict = field(default_factory=dict)
+    # point-to-point messages of a node-aware exchange, by link class ("intra_node",
+    # "inter_node"): seconds per message and per byte; a class not given takes the all-to-all's
+    # alpha (per peer) and beta
+    link_alpha_s: dict = field(default_factory=dict)
+    link_beta_s_per_byte: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_rates("CommModel.alpha_s", self.alpha_s)
         _check_rates("CommModel.beta_s_per_byte", self.beta_s_per_byte)
+        for name in ("link_alpha_s", "link_beta_s_per_byte"):
+            for link, v in getattr(self, name).items():
+                if link not in ("intra_node", "inter_node") or not (
+                        isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                    raise ValueError(f"CommModel.{name}[{link!r}] must be a finite number >= 0 "
+                                     f"for link 'intra_node' or 'inter_node', got {v!r}")
+
+    def link_time(self, link: str, nbytes: float, messages: int) -> float:
+        """One rank's sends (or receives) on one link class: alpha per message + beta per byte."""
+        if not messages:
+            return 0.0
+        alpha = self.link_alpha_s.get(link, self.alpha_s.get("all_to_all"))
+        beta = self.link_beta_s_per_byte.get(link, self.beta_s_per_byte.get("all_to_all"))
+        if alpha is None or beta is None:
+            raise ValueError(f"no rate for {link!r} messages in this CommModel (neither "
+                             f"link rates nor an all-to-all alpha/beta); calibrate or add them")
+        return alpha * messages + beta * nbytes
 
     def time(self, kind: str, nbytes: float, world_size: int) -> float:
         if world_size <= 1:
@@ -229,14 +251,34 @@ def aligned_calls(plan: Plan, comm: CommModel) -> list[TimedCall]:
     the optimizer issue collectives in one order on every rank); its time is set by the busiest
     rank."""
     P = plan.world_size
-    n = len(plan.ranks[0].comm)
-    if any(len(c.comm) != n for c in plan.ranks):
+    # calls over the whole group, and the stages of node-aware exchanges (CommItem.link); messages
+    # among a few members (CommItem.group) are neither, and the strategy prices them itself
+    # (Strategy.member_comm_seconds)
+    per_rank = [[c for c in cost.comm if c.group is None] for cost in plan.ranks]
+    n = len(per_rank[0])
+    if any(len(c) != n for c in per_rank):
         raise ValueError(f"plan of {plan.strategy!r} lists different numbers of collectives on "
                          f"different ranks; cannot align them into calls")
     calls = []
+    stage_recvs = set()
     for j in range(n):
-        items = [c.comm[j] for c in plan.ranks]
+        if j in stage_recvs:
+            continue
+        items = [c[j] for c in per_rank]
         kind, phase = items[0].kind, items[0].phase
+        if items[0].link is not None:
+            # one stage: every rank's sends (item j) and receives (item j + 1) on one link run
+            # at once, full duplex; the stage ends with its slowest rank
+            link = items[0].link
+            recvs = [c[j + 1] for c in per_rank]
+            assert all(a.kind == "send" and b.kind == "recv" and a.link == b.link == link
+                       for a, b in zip(items, recvs)), (plan.strategy, j)
+            stage_recvs.add(j + 1)
+            seconds = max(max(comm.link_time(link, a.send_bytes, a.messages),
+                              comm.link_time(link, b.recv_bytes, b.messages))
+                          for a, b in zip(items, recvs))
+            calls.append(TimedCall(link, phase, seconds))
+            continue
         if any(it.kind != kind for it in items):
             raise ValueError(f"collective {j} of plan {plan.strategy!r} has different kinds "
                              f"on different ranks")
@@ -259,7 +301,7 @@ def step_time(plan: Plan, strategy: Strategy, constants: CostConstants,
     by_kind: dict[str, float] = defaultdict(float)
     for c in calls:
         by_kind[c.kind] += c.seconds
-    comm_total = sum(c.seconds for c in calls)
+    comm_total = sum(c.seconds for c in calls) + strategy.member_comm_seconds(plan, comp)
 
     ew_work = [len(plan.matrices) * comp.elementwise_s_per_param
                + r.local_numel * comp.elementwise_s_per_element for r in ranks]

@@ -129,6 +129,10 @@ class ComputeModel:
     elementwise_s_per_param: float = 0.0
     shared_slots: float | None = None
     ns_seconds_by_shape: dict = field(default_factory=dict)
+    # co-located ranks also slow each other beyond sharing cores (memory bandwidth, caches):
+    # with b ranks busy each runs 1 + contention * (min(b, shared_slots) - 1) times slower than
+    # its share of the cores alone (`shared_makespan`); 0 on GPUs
+    contention: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.ns_flops_per_s) and self.ns_flops_per_s > 0):
@@ -139,13 +143,15 @@ class ComputeModel:
                 raise ValueError(f"ComputeModel.{name} must be >= 0, got {v!r}")
         if self.shared_slots is not None and not self.shared_slots > 0:
             raise ValueError(f"shared_slots must be > 0 or None, got {self.shared_slots!r}")
+        if not (math.isfinite(self.contention) and self.contention >= 0):
+            raise ValueError(f"ComputeModel.contention must be >= 0, got {self.contention!r}")
 
     def ns_seconds(self, flops: float, calls: int) -> float:
         return calls * self.ns_call_s + flops / self.ns_flops_per_s
 
     def concurrent(self, works: Sequence[float]) -> list[float]:
         """Finish time of each rank's work when all run at once (see `shared_makespan`)."""
-        return shared_makespan(works, self.shared_slots)
+        return shared_makespan(works, self.shared_slots, self.contention)
 
     def ns_matrices_seconds(self, matrices: Sequence[MatrixSpec], batched: bool) -> float:
         """NS time of `matrices` on one rank: measured per-shape times where known, the fitted
@@ -225,9 +231,11 @@ class StepTime:
     comm_by_kind_s: dict
 
 
-def shared_makespan(works: Sequence[float], slots: float | None) -> list[float]:
+def shared_makespan(works: Sequence[float], slots: float | None,
+                    contention: float = 0.0) -> list[float]:
     """Finish time of each rank's work (seconds if run alone) when the busy ranks share `slots`
-    cores equally (processor sharing); with slots None every rank runs at full speed."""
+    cores equally (processor sharing), each also slowed by 1 + contention (min(busy, slots) - 1)
+    while `busy` ranks run at once; with slots None every rank runs at full speed."""
     if slots is None:
         return list(works)
     order = sorted(range(len(works)), key=lambda r: works[r])
@@ -238,7 +246,7 @@ def shared_makespan(works: Sequence[float], slots: float | None) -> list[float]:
         w = works[r]
         if w <= 0:
             continue
-        speed = min(1.0, slots / busy)
+        speed = min(1.0, slots / busy) / (1.0 + contention * (min(busy, slots) - 1))
         t += (w - prev) / speed
         finish[r] = t
         prev = w
@@ -305,7 +313,7 @@ def step_time(plan: Plan, strategy: Strategy, constants: CostConstants,
 
     ew_work = [len(plan.matrices) * comp.elementwise_s_per_param
                + r.local_numel * comp.elementwise_s_per_element for r in ranks]
-    elementwise = max(shared_makespan(ew_work, comp.shared_slots), default=0.0)
+    elementwise = max(comp.concurrent(ew_work), default=0.0)
     optimizer_comm = sum(c.seconds for c in calls if c.phase in ("nonfinite_check", "normalize"))
     strategy_calls = [c for c in calls if c.phase in ("forward", "return")]
 
@@ -327,7 +335,7 @@ def step_time(plan: Plan, strategy: Strategy, constants: CostConstants,
         m = plan.matrices[i]
         t = comp.ns_matrices_seconds([m], False)
         if plan.owner[i] == EVERY_RANK:
-            t = max(shared_makespan([t] * P, comp.shared_slots))
+            t = max(comp.concurrent([t] * P))
             plain_s += t
         else:
             plain_s += t + (plain_calls[k].seconds if P > 1 else 0.0)

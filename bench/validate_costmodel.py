@@ -12,8 +12,10 @@
    sharded with FSDP2 and stepped by NorMuon (float32 NS) under every strategy, interleaved as the
    study does (`dist_ortho.studies.interleaved`): `repeats` x `steps` rounds, one step of each strategy per
    round, the order rotated every repeat. Every timed step is recorded (steps.csv): the step's
-   time (slowest rank) and the slowest rank's seconds in Newton-Schulz (`ns`) and in waiting for
-   collectives (`comm_wait`).
+   time (slowest rank), the slowest rank's seconds in Newton-Schulz (`ns`) and blocked in
+   collectives (`comm_wait`), and that blocked time split in two (`profiling.transfer`): the
+   transfer (per collective, completion after the last rank arrived, summed) and the wait for a
+   slower rank (per collective, the last arrival after this rank's own; the slowest rank's sum).
 3. In the parent, both calibrations predict every strategy from shapes alone, and each prediction
    is compared with the MEDIAN of the measured steps and its order-statistic 95% interval
    (`profiling.stats.median_interval`), for the whole step and separately for the compute (NS)
@@ -23,9 +25,12 @@ Writes results/costmodel_validation/: validation.md (out of sample first), valid
 per P, strategy and calibration), steps.csv (every timed step), calibration_oos_P<k>.json and
 calibration_P<P>.json. Error = predicted / median - 1; target |error| <= 25% per term.
 
-What "measured comm" is: the slowest rank's time blocked in the strategy's collectives. It also
-holds the time a rank waits for a slower rank to arrive (uneven NS, or on a 2-core machine at P = 4
-a rank descheduled while another computes), which the cost model counts as compute, not comm.
+What "measured comm" is: the transfer time, the part of the blocked time the cost model's comm term
+prices. The blocked time (`comm_wait`) also holds the time a rank waits for a slower rank to
+arrive (uneven NS, or on a 2-core machine at P = 4 a rank descheduled while another computes),
+which the cost model counts as compute; it is reported beside, as "blocked".
+The compute model includes co-located ranks' contention (`ComputeModel.contention`, measured by
+`calibrate` from NS timed alone and on every rank at once).
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ from dist_ortho.core.timing import SecondsTimer  # noqa: E402
 from dist_ortho.models import synthetic_grads  # noqa: E402
 from dist_ortho.models.shapes import matrix_shapes  # noqa: E402
 from dist_ortho.profiling.calibration import NS_CALIBRATION_SHAPES, calibrate  # noqa: E402
+from dist_ortho.profiling.comm import CommCounter  # noqa: E402
+from dist_ortho.profiling.transfer import TransferClock  # noqa: E402
 from dist_ortho.profiling.costmodel import CostConstants, predict  # noqa: E402
 from dist_ortho.profiling.env import busy_cpu_s  # noqa: E402
 from dist_ortho.profiling.stats import median_interval  # noqa: E402
@@ -88,17 +95,21 @@ def step_worker(rank: int, world_size: int, model_name: str, repeats: int, steps
         timer = SecondsTimer()
         opt.set_timer(timer)
         dist.barrier()  # every rank starts together; not part of the step
-        t0 = time.perf_counter()
-        opt.step()
-        mine = [time.perf_counter() - t0, timer.seconds.get("ns", 0.0),
-                timer.seconds.get("comm_wait", 0.0)]
+        with CommCounter(), TransferClock() as clock:
+            t0 = time.perf_counter()
+            opt.step()
+            elapsed = time.perf_counter() - t0
+        split = clock.split()  # after the step: gathering the spans is not part of it
+        mine = [elapsed, timer.seconds.get("ns", 0.0), timer.seconds.get("comm_wait", 0.0),
+                split.transfer_s, split.wait_s]
         opt.set_timer(None)
-        # the slowest rank's step, NS and comm wait (each its own maximum)
+        # the slowest rank's step, NS, comm wait, transfer (the same on all) and wait for others
         stats = torch.tensor(mine, dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         if repeat is not None:
             rows.append(dict(strategy=name, repeat=repeat, index=index, step_s=stats[0].item(),
-                             ns_s=stats[1].item(), comm_wait_s=stats[2].item()))
+                             ns_s=stats[1].item(), comm_wait_s=stats[2].item(),
+                             transfer_s=stats[3].item(), peer_wait_s=stats[4].item()))
 
     step = 0
     for _ in range(warmup):
@@ -148,19 +159,22 @@ def compare_rows(steps: pd.DataFrame, shapes, P: int, names, bucket_bytes: int,
     rows = []
     for name in names:
         mine = steps[(steps["world_size"] == P) & (steps["strategy"] == name)]
-        measured = {k: median_interval(mine[f"{k}_s"]) for k in ("step", "ns", "comm_wait")}
+        measured = {k: median_interval(mine[f"{k}_s"])
+                    for k in ("step", "ns", "comm_wait", "transfer", "peer_wait")}
         for label, constants in calibrations.items():
             pred = predict(shapes, P, name, options_for(name, bucket_bytes), constants=constants,
                            param_dtype=torch.float32, ns_dtype="float32").time
             row = dict(world_size=P, strategy=name, calibration=label)
             for term, predicted, m in (("total", pred.total_s, measured["step"]),
                                        ("ns", pred.ns_s, measured["ns"]),
-                                       ("comm", pred.comm_s, measured["comm_wait"])):
+                                       ("comm", pred.comm_s, measured["transfer"]),
+                                       ("wait", pred.comm_s, measured["comm_wait"])):
                 row.update({f"{term}_predicted_s": predicted, f"{term}_median_s": m.median,
                             f"{term}_low_s": m.low, f"{term}_high_s": m.high,
                             f"{term}_error": predicted / m.median - 1 if m.median else None,
                             f"{term}_in_interval": bool(m.low <= predicted <= m.high)})
-            row.update(elementwise_predicted_s=pred.elementwise_s, overlap_predicted_s=pred.overlap_s,
+            row.update(peer_wait_median_s=measured["peer_wait"].median,
+                       elementwise_predicted_s=pred.elementwise_s, overlap_predicted_s=pred.overlap_s,
                        timed_steps=measured["step"].n, coverage=measured["step"].coverage)
             rows.append(row)
     return rows
@@ -258,10 +272,12 @@ def markdown(table: pd.DataFrame, args, oos_shapes, machine) -> str:
              f"rank, NorMuon float32 NS)", "",
              "## Summary (error = predicted / measured median - 1; target |error| <= 25% per "
              "term)", "",
-             "| calibration | whole step | compute (NS) | comm |", "|---|---|---|---|"]
+             "| calibration | whole step | compute (NS) | comm (transfer) | comm vs blocked "
+             "time (transfer + wait for peers) |", "|---|---|---|---|---|"]
     for label in ("out-of-sample", "in-sample", "in-sample, fitted rate only"):
         lines.append(f"| {label} | {_worst(table, label, 'total')} | "
-                     f"{_worst(table, label, 'ns')} | {_worst(table, label, 'comm')} |")
+                     f"{_worst(table, label, 'ns')} | {_worst(table, label, 'comm')} | "
+                     f"{_worst(table, label, 'wait')} |")
     # other processes' CPU during the validated runs (not the out-of-sample calibration job)
     foreign = [m["foreign"] for m in machine
                if m["foreign"] is not None and m["job"].startswith("calibration and steps")]
@@ -281,9 +297,9 @@ def markdown(table: pd.DataFrame, args, oos_shapes, machine) -> str:
                          f"where ranks outnumber cores (its rate comes from NS timed alone, "
                          f"with a calibrated slot-sharing factor); not explained further yet. "
                          if foreign and max(foreign) < QUIET_CORES else "")
-                      + "The comm term is further off than the others because the measured "
-                        "wait also holds the time a rank waits for a slower or descheduled one "
-                        "(see below)."]
+                      + "Against the blocked time (last column) the comm term is further off: "
+                        "that time also holds the wait for a slower or descheduled rank, which "
+                        "the transfer column leaves out (see below)."]
     lines += ["", f"- **out-of-sample**: constants fitted at P = {args.calibration_world_size} "
                   f"(not validated), NS rate on shapes {', '.join('x'.join(map(str, s)) for s in oos_shapes)}"
                   f" (none of the model's), alpha/beta per collective kind there; predictions "
@@ -294,18 +310,22 @@ def markdown(table: pd.DataFrame, args, oos_shapes, machine) -> str:
               f"- measured: median over {args.repeats} x {args.steps} interleaved timed steps "
               f"per strategy with its order-statistic 95% interval `[low, high]` (ms); a step is "
               f"its slowest rank; NS and comm are the slowest rank's seconds in the strategy's "
-              f"`ns` and `comm_wait` phases. Every step is in steps.csv.",
-              "- measured comm also holds the time a rank waits for a slower one to arrive "
-              "(uneven NS, and at P = 4 on 2 cores a rank descheduled while others compute): "
-              "the model counts that as compute, so its comm term is expected below the "
-              "measured wait, most at P = 4.", ""]
+              f"`ns` phase; comm is the transfer time of the whole-group collectives "
+              f"(`profiling.transfer`: per collective, completion after the last rank arrived); "
+              f"blocked is the slowest rank's `comm_wait` phase, which also holds its wait for "
+              f"slower ranks (peer wait, median in validation.csv). Every step is in steps.csv.",
+              "- the blocked time holds the wait for a slower rank (uneven NS, and at P = 4 on 2 "
+              "cores a rank descheduled while others compute): the model counts that as compute "
+              "and prices the transfer only.", ""]
     head = ["P", "strategy", "calibration", "step meas. (ms)", "pred.", "error",
-            "NS meas. (ms)", "pred.", "error", "comm wait meas. (ms)", "pred.", "error"]
+            "NS meas. (ms)", "pred.", "error", "transfer meas. (ms)", "pred.", "error",
+            "blocked meas. (ms)", "error"]
     lines += ["## Every point", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join([str(int(r["world_size"])), r["strategy"],
                                          r["calibration"]] + _cell(r, "total") + _cell(r, "ns")
-                                        + _cell(r, "comm")) + " |")
+                                        + _cell(r, "comm") + [_cell(r, "wait")[0],
+                                                              _cell(r, "wait")[2]]) + " |")
     lines += ["", "## Machine", "", "| job | 1-min load at start / end | other processes "
               "(cores, mean) | calibration (s) |", "|---|---|---|---|"]
     for m in machine:

@@ -312,7 +312,8 @@ def calibrate(group=None, *, sizes_bytes: Sequence[int] = (2**12, 2**16, 2**19, 
                                elementwise_s_per_element=per_elem,
                                elementwise_s_per_param=per_param, shared_slots=slots,
                                ns_seconds_by_shape={shape_key(a.shape): a.seconds
-                                                    for a in alone})
+                                                    for a in alone},
+                               contention=contention_of(alone, loaded, P, slots))
         meta = dict(backend=backend, ns_dtype=ns_dtype, torch=torch.__version__,
                     threads=torch.get_num_threads(),
                     cpu_count=os.cpu_count(),
@@ -329,6 +330,23 @@ def calibrate(group=None, *, sizes_bytes: Sequence[int] = (2**12, 2**16, 2**19, 
     if P > 1:
         dist.broadcast_object_list(payload, group=group, group_src=0)
     return CostConstants.from_dict(payload[0])
+
+
+def contention_of(alone: Sequence[NSSample], loaded: Sequence[NSSample], busy: int,
+                  slots: float | None) -> float:
+    """How much `busy` co-located ranks slow each other beyond sharing `slots` cores: the median
+    over shapes of loaded / (alone x busy / slots), less 1, per extra rank on a core
+    (`ComputeModel.contention`); 0 where it cannot be told (one rank, one slot, no host)."""
+    if slots is None or busy < 2 or min(busy, slots) <= 1 or not loaded:
+        return 0.0
+    share = max(1.0, busy / slots)
+    ratios = sorted(b.seconds / (a.seconds * share) for a, b in zip(alone, loaded)
+                    if a.seconds > 0)
+    if not ratios:
+        return 0.0
+    median = ratios[len(ratios) // 2] if len(ratios) % 2 else (
+        ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+    return max(0.0, (median - 1.0) / (min(busy, slots) - 1))
 
 
 def _fit_errors(comm: CommModel, samples: Sequence[CommSample]) -> dict:

@@ -67,7 +67,8 @@ class CommRecord:
     numel: int
     dtype: str
     group_size: int
-    ranks: tuple[int, ...] = ()  # global ranks of the group it ran on (a plan maps them to axes)
+    # global ranks of the group it ran on (a plan maps them to axes); a send / recv: the pair
+    ranks: tuple[int, ...] = ()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -212,10 +213,11 @@ def _functional(name: str, args) -> tuple[str, float, float, int, torch.dtype, i
     return None
 
 
-def _group_ranks(namespace: str, args) -> tuple[int, ...]:
+def _group_ranks(namespace: str, name: str, args) -> tuple[int, ...]:
     """Global ranks of the process group a collective runs on: the boxed ProcessGroup argument of
     a c10d op (the other boxed arguments, e.g. a ReduceOp, refuse to unbox), or the group name a
-    functional collective takes as its last string argument."""
+    functional collective takes as its last string argument. A send / recv runs between two
+    ranks: this one and its peer (the op's group-local rank argument), sorted."""
     if namespace == "c10d":
         for a in args:
             if isinstance(a, (torch.ScriptObject, ProcessGroup)):
@@ -223,7 +225,10 @@ def _group_ranks(namespace: str, args) -> tuple[int, ...]:
                     pg = ProcessGroup.unbox(a) if not isinstance(a, ProcessGroup) else a
                 except RuntimeError:
                     continue
-                return tuple(get_process_group_ranks(_resolve_process_group(pg.group_name)))
+                ranks = tuple(get_process_group_ranks(_resolve_process_group(pg.group_name)))
+                if name in ("send", "recv_"):
+                    return tuple(sorted((ranks[pg.rank()], ranks[int(args[2])])))
+                return ranks
         return ()
     names = [a for a in args if isinstance(a, str)]
     return tuple(get_process_group_ranks(_resolve_process_group(names[-1]))) if names else ()
@@ -261,7 +266,7 @@ class CommCounter(TorchDispatchMode):
                 kind, send, recv, numel, dtype, P = parsed
                 record = CommRecord(name, kind, self.phase, float(send), float(recv), int(numel),
                                     str(dtype).replace("torch.", ""), P,
-                                    _group_ranks(namespace, args))
+                                    _group_ranks(namespace, name, args))
                 self.records.append(record)
                 if _LISTENERS:
                     issued = time.time_ns()

@@ -97,7 +97,12 @@ class HardwarePreset:
         for kind in PAIRWISE_KINDS:
             beta[kind] = max(f / inter, (1.0 - f) / intra)
             alpha[kind] = self.inter_node_peer_s if multi_node else self.intra_node_peer_s
-        comm = CommModel(alpha_s=alpha, beta_s_per_byte=beta)
+        # a node-aware exchange's messages: each on its own link, at that link's per-peer cost
+        comm = CommModel(alpha_s=alpha, beta_s_per_byte=beta,
+                         link_alpha_s={"intra_node": self.intra_node_peer_s,
+                                       "inter_node": self.inter_node_peer_s},
+                         link_beta_s_per_byte={"intra_node": 1.0 / intra,
+                                               "inter_node": 1.0 / inter})
         compute = ComputeModel(
             ns_flops_per_s=self.ns_flops_per_s(ns_dtype),
             ns_call_s=10e-6,  # assumption: a few kernel launches per NS call

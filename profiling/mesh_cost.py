@@ -134,6 +134,10 @@ def _item_seconds(item: CommItem, members: tuple[int, ...], rank: int,
     nodes = {_node_of(r, hw.gpus_per_node) for r in members}
     intra = hw.intra_node_bytes_per_s * hw.link_efficiency
     inter = hw.inter_node_bytes_per_s * hw.link_efficiency
+    if item.kind in ("send", "recv"):  # one message (split_ns's rounds), on its group's link
+        if len(nodes) == 1:
+            return hw.intra_node_peer_s + nbytes / intra, 0.0
+        return hw.inter_node_peer_s + nbytes / inter, item.send_bytes
     if len(nodes) == 1:
         return hw.intra_node_latency_s * latency_steps(item.kind, n) + nbytes / intra, 0.0
     if item.kind in PAIRWISE_KINDS:

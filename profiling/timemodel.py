@@ -75,10 +75,32 @@ class CommModel:
 
     alpha_s: dict = field(default_factory=dict)
     beta_s_per_byte: dict = field(default_factory=dict)
+    # point-to-point messages of a node-aware exchange, by link class ("intra_node",
+    # "inter_node"): seconds per message and per byte; a class not given takes the all-to-all's
+    # alpha (per peer) and beta
+    link_alpha_s: dict = field(default_factory=dict)
+    link_beta_s_per_byte: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_rates("CommModel.alpha_s", self.alpha_s)
         _check_rates("CommModel.beta_s_per_byte", self.beta_s_per_byte)
+        for name in ("link_alpha_s", "link_beta_s_per_byte"):
+            for link, v in getattr(self, name).items():
+                if link not in ("intra_node", "inter_node") or not (
+                        isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                    raise ValueError(f"CommModel.{name}[{link!r}] must be a finite number >= 0 "
+                                     f"for link 'intra_node' or 'inter_node', got {v!r}")
+
+    def link_time(self, link: str, nbytes: float, messages: int) -> float:
+        """One rank's sends (or receives) on one link class: alpha per message + beta per byte."""
+        if not messages:
+            return 0.0
+        alpha = self.link_alpha_s.get(link, self.alpha_s.get("all_to_all"))
+        beta = self.link_beta_s_per_byte.get(link, self.beta_s_per_byte.get("all_to_all"))
+        if alpha is None or beta is None:
+            raise ValueError(f"no rate for {link!r} messages in this CommModel (neither "
+                             f"link rates nor an all-to-all alpha/beta); calibrate or add them")
+        return alpha * messages + beta * nbytes
 
     def time(self, kind: str, nbytes: float, world_size: int) -> float:
         if world_size <= 1:
@@ -107,6 +129,10 @@ class ComputeModel:
     elementwise_s_per_param: float = 0.0
     shared_slots: float | None = None
     ns_seconds_by_shape: dict = field(default_factory=dict)
+    # co-located ranks also slow each other beyond sharing cores (memory bandwidth, caches):
+    # with b ranks busy each runs 1 + contention * (min(b, shared_slots) - 1) times slower than
+    # its share of the cores alone (`shared_makespan`); 0 on GPUs
+    contention: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.ns_flops_per_s) and self.ns_flops_per_s > 0):
@@ -117,13 +143,15 @@ class ComputeModel:
                 raise ValueError(f"ComputeModel.{name} must be >= 0, got {v!r}")
         if self.shared_slots is not None and not self.shared_slots > 0:
             raise ValueError(f"shared_slots must be > 0 or None, got {self.shared_slots!r}")
+        if not (math.isfinite(self.contention) and self.contention >= 0):
+            raise ValueError(f"ComputeModel.contention must be >= 0, got {self.contention!r}")
 
     def ns_seconds(self, flops: float, calls: int) -> float:
         return calls * self.ns_call_s + flops / self.ns_flops_per_s
 
     def concurrent(self, works: Sequence[float]) -> list[float]:
         """Finish time of each rank's work when all run at once (see `shared_makespan`)."""
-        return shared_makespan(works, self.shared_slots)
+        return shared_makespan(works, self.shared_slots, self.contention)
 
     def ns_matrices_seconds(self, matrices: Sequence[MatrixSpec], batched: bool) -> float:
         """NS time of `matrices` on one rank: measured per-shape times where known, the fitted
@@ -203,9 +231,11 @@ class StepTime:
     comm_by_kind_s: dict
 
 
-def shared_makespan(works: Sequence[float], slots: float | None) -> list[float]:
+def shared_makespan(works: Sequence[float], slots: float | None,
+                    contention: float = 0.0) -> list[float]:
     """Finish time of each rank's work (seconds if run alone) when the busy ranks share `slots`
-    cores equally (processor sharing); with slots None every rank runs at full speed."""
+    cores equally (processor sharing), each also slowed by 1 + contention (min(busy, slots) - 1)
+    while `busy` ranks run at once; with slots None every rank runs at full speed."""
     if slots is None:
         return list(works)
     order = sorted(range(len(works)), key=lambda r: works[r])
@@ -216,7 +246,7 @@ def shared_makespan(works: Sequence[float], slots: float | None) -> list[float]:
         w = works[r]
         if w <= 0:
             continue
-        speed = min(1.0, slots / busy)
+        speed = min(1.0, slots / busy) / (1.0 + contention * (min(busy, slots) - 1))
         t += (w - prev) / speed
         finish[r] = t
         prev = w
@@ -229,14 +259,34 @@ def aligned_calls(plan: Plan, comm: CommModel) -> list[TimedCall]:
     the optimizer issue collectives in one order on every rank); its time is set by the busiest
     rank."""
     P = plan.world_size
-    n = len(plan.ranks[0].comm)
-    if any(len(c.comm) != n for c in plan.ranks):
+    # calls over the whole group, and the stages of node-aware exchanges (CommItem.link); messages
+    # among a few members (CommItem.group) are neither, and the strategy prices them itself
+    # (Strategy.member_comm_seconds)
+    per_rank = [[c for c in cost.comm if c.group is None] for cost in plan.ranks]
+    n = len(per_rank[0])
+    if any(len(c) != n for c in per_rank):
         raise ValueError(f"plan of {plan.strategy!r} lists different numbers of collectives on "
                          f"different ranks; cannot align them into calls")
     calls = []
+    stage_recvs = set()
     for j in range(n):
-        items = [c.comm[j] for c in plan.ranks]
+        if j in stage_recvs:
+            continue
+        items = [c[j] for c in per_rank]
         kind, phase = items[0].kind, items[0].phase
+        if items[0].link is not None:
+            # one stage: every rank's sends (item j) and receives (item j + 1) on one link run
+            # at once, full duplex; the stage ends with its slowest rank
+            link = items[0].link
+            recvs = [c[j + 1] for c in per_rank]
+            assert all(a.kind == "send" and b.kind == "recv" and a.link == b.link == link
+                       for a, b in zip(items, recvs)), (plan.strategy, j)
+            stage_recvs.add(j + 1)
+            seconds = max(max(comm.link_time(link, a.send_bytes, a.messages),
+                              comm.link_time(link, b.recv_bytes, b.messages))
+                          for a, b in zip(items, recvs))
+            calls.append(TimedCall(link, phase, seconds))
+            continue
         if any(it.kind != kind for it in items):
             raise ValueError(f"collective {j} of plan {plan.strategy!r} has different kinds "
                              f"on different ranks")
@@ -259,11 +309,11 @@ def step_time(plan: Plan, strategy: Strategy, constants: CostConstants,
     by_kind: dict[str, float] = defaultdict(float)
     for c in calls:
         by_kind[c.kind] += c.seconds
-    comm_total = sum(c.seconds for c in calls)
+    comm_total = sum(c.seconds for c in calls) + strategy.member_comm_seconds(plan, comp)
 
     ew_work = [len(plan.matrices) * comp.elementwise_s_per_param
                + r.local_numel * comp.elementwise_s_per_element for r in ranks]
-    elementwise = max(shared_makespan(ew_work, comp.shared_slots), default=0.0)
+    elementwise = max(comp.concurrent(ew_work), default=0.0)
     optimizer_comm = sum(c.seconds for c in calls if c.phase in ("nonfinite_check", "normalize"))
     strategy_calls = [c for c in calls if c.phase in ("forward", "return")]
 
@@ -285,7 +335,7 @@ def step_time(plan: Plan, strategy: Strategy, constants: CostConstants,
         m = plan.matrices[i]
         t = comp.ns_matrices_seconds([m], False)
         if plan.owner[i] == EVERY_RANK:
-            t = max(shared_makespan([t] * P, comp.shared_slots))
+            t = max(comp.concurrent([t] * P))
             plain_s += t
         else:
             plain_s += t + (plain_calls[k].seconds if P > 1 else 0.0)

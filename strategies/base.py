@@ -214,3 +214,9 @@ class Strategy:
             self.batches_same_shape) for r in range(P)]
         ns_s = max(compute.concurrent(works), default=0.0)
         return sum(c.seconds for c in calls) + ns_s, ns_s
+
+    def member_comm_seconds(self, plan: Plan, compute: ComputeTimes) -> float:
+        """Seconds of the busiest rank's messages among a few members of the group (plan items
+        with a `group`), which are no call over the whole group; part of the step's comm term.
+        Default: none."""
+        return 0.0

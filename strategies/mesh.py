@@ -156,11 +156,18 @@ class MeshPlan(Plan):
 
     def axis_of(self, ranks) -> str:
         """The mesh axes a collective over the group of these global ranks travels on (the
-        label this plan gives that group), so that counted bytes can be compared per axis."""
+        label this plan gives that group), so that counted bytes can be compared per axis. A
+        message between two members (split_ns's rounds) travels on the smallest group holding
+        both."""
         ranks = tuple(sorted(ranks))
+        holding = []
         for members, label in self.groups(self.global_rank):
             if members == ranks:
                 return label
+            if set(ranks) <= set(members):
+                holding.append((len(members), label))
+        if holding:
+            return min(holding)[1]
         raise KeyError(f"no group over ranks {ranks} in this plan")
 
 

@@ -12,16 +12,20 @@ members' partial sums of squares. Members run exactly the whole matrix's FLOPs b
 Who splits what is `split_plan.assign` (by FLOPs against the rounds' bytes and latency, groups
 inside one node with `ranks_per_node`; see its docstring).
 
-Communication, all as `all_to_all_single` over the strategy's group so that it works on any
-process group (no subgroups to create; ranks outside a split exchange no bytes, though NCCL
-still posts a zero-byte message to every peer, so a round's latency is the all-to-all's, alpha
-(P - 1), which the planner weighs as `flop_per_round`):
-- forward: one exchange; every rank sends each owner its row shard of the owner's whole matrices
-  and each member the piece of its shard inside the member's block;
-- split rounds: 1 + 2 * steps exchanges (norm partials, then per step Gram partials and B rows),
-  each carrying every split matrix at once. Ranks in no split group issue theirs asynchronously
-  (empty) before their own NS, so they never wait for the split groups;
-- return: one exchange; owners and members send every rank its rows of their results.
+Communication:
+- forward: one `all_to_all_single` over the strategy's group; every rank sends each owner its
+  row shard of the owner's whole matrices and each member the piece of its shard inside the
+  member's block;
+- split rounds: 1 + 2 * steps rounds (norm partials, then per step Gram partials and B rows)
+  among the members only, as batched point-to-point messages (`batch_isend_irecv` on the
+  strategy's group: nothing to create, any group, any P): per round a member sends each fellow
+  member one message carrying every split matrix the two share, and receives one. A round's
+  latency is therefore (g - 1) messages for a g-rank split, not an all-to-all over all P ranks;
+  the planner weighs each message as `flop_per_peer`. Ranks in no split send nothing and never
+  wait for the split groups. (On NCCL a batch of point-to-point ops must not be the first call
+  on its group; the forward all-to-all always precedes the rounds.)
+- return: one `all_to_all_single`; owners and members send every rank its rows of their
+  results.
 
 Exactness: the only rounding that differs from the reference is the order of the two sums, the
 Gram matrix's l products (block partial sums, added in block order) and the norm's; both are a
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from dist_ortho.core.newton_schulz import matmul_add, normalized, step_coefficients
 from dist_ortho.core.sharding import MatrixSpec, dtype_size
@@ -44,8 +49,9 @@ from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
 from dist_ortho.strategies.collectives import exchange
 from dist_ortho.strategies.ownership import lpt_owners
 from dist_ortho.strategies.registry import register
-from dist_ortho.strategies.split_plan import (SPLIT_POLICIES, Part, assign, gram_itemsizes,
-                                              part_flops, piece_numel, piece_numels, split_dims)
+from dist_ortho.strategies.split_plan import (SPLIT_POLICIES, Part, assign, part_flops,
+                                              piece_numel, piece_numels, round_traffic,
+                                              split_dims)
 
 __all__ = ["SplitNSOptions", "SplitNS", "piece_numel"]
 
@@ -55,24 +61,24 @@ class SplitNSOptions:
     """max_group: most ranks one matrix is split over. flop_per_byte: what one byte of the split
     rounds costs in NS FLOPs when the planner compares candidates (default 100: roughly this
     CPU's NS rate over gloo's bandwidth; an H100 node over NVLink is ~1400, across
-    InfiniBand ~12000). flop_per_round: what each member of a split waits per split round (1 +
-    2 ns_steps rounds, one exchange each) in NS FLOPs: the exchange's latency times the NS rate
-    (default 0: latency ignored). ranks_per_node: GPUs per node (ranks [n G, (n + 1) G) on node
-    n); when set, every split group lies inside one node and flop_per_byte / flop_per_round
-    should be that node's link (None: groups may span nodes). flop_per_byte_exchange: what one
-    byte of the forward / return all-to-alls (over all ranks) costs in NS FLOPs; the planner
-    keeps a split only if its busiest rank plus its busiest forward and return bytes beat LPT's
-    (default 0: those bytes not weighed). The cost model prices the split
-    rounds with these same weights (`SplitNS.sharded_time`); `dist-ortho project` sets them
-    from the priced machine. split: "auto" (the planner decides) or "all" (every splittable
-    matrix evenly over min(max_group, P, ranks_per_node) ranks). batch_same_shape: as in
-    `balanced`, for whole matrices."""
+    InfiniBand ~12000). flop_per_peer: what one message of a split round costs its member in NS
+    FLOPs, the link's latency per message times the NS rate; a member of a g-rank split sends
+    g - 1 per round, 1 + 2 ns_steps rounds (default 0: latency ignored). ranks_per_node: GPUs
+    per node (ranks [n G, (n + 1) G) on node n); when set, every split group lies inside one
+    node and flop_per_byte / flop_per_peer should be that node's link (None: groups may span
+    nodes). flop_per_byte_exchange: what one byte of the forward / return all-to-alls (over all
+    ranks) costs in NS FLOPs; the planner keeps a split only if its busiest rank plus its
+    busiest forward and return bytes beat LPT's (default 0: those bytes not weighed). The cost
+    model prices the split rounds with these same weights (`SplitNS.sharded_time`); `dist-ortho
+    project` sets them from the priced machine. split: "auto" (the planner decides) or "all"
+    (every splittable matrix evenly over min(max_group, P, ranks_per_node) ranks).
+    batch_same_shape: as in `balanced`, for whole matrices."""
 
     max_group: int = 4
     flop_per_byte: float = 100.0
     split: str = "auto"
     batch_same_shape: bool = True
-    flop_per_round: float = 0.0
+    flop_per_peer: float = 0.0
     ranks_per_node: int | None = None
     flop_per_byte_exchange: float = 0.0
 
@@ -83,7 +89,7 @@ class SplitNSOptions:
                              f"got {self.max_group!r}")
         _check_weight("flop_per_byte", self.flop_per_byte, "FLOPs one byte of a split round "
                       "costs")
-        _check_weight("flop_per_round", self.flop_per_round, "a round's latency times the NS "
+        _check_weight("flop_per_peer", self.flop_per_peer, "one message's latency times the NS "
                       "FLOP rate; 0 ignores latency")
         _check_weight("flop_per_byte_exchange", self.flop_per_byte_exchange, "the forward/return "
                       "all-to-all's seconds per byte times the NS FLOP rate; 0 ignores them")
@@ -156,7 +162,7 @@ class SplitNS(Strategy):
     def _assignment(self, matrices, world_size):
         o = self.options
         return assign(tuple(matrices), world_size, o.max_group, float(o.flop_per_byte), o.split,
-                      float(o.flop_per_round), o.ranks_per_node, float(o.flop_per_byte_exchange))
+                      float(o.flop_per_peer), o.ranks_per_node, float(o.flop_per_byte_exchange))
 
     def plan(self, matrices, world_size, rank) -> Plan:
         plan = super().plan(matrices, world_size, rank)
@@ -191,12 +197,11 @@ class SplitNS(Strategy):
                 held[part.member] += _part_numel(m, part) * (b_in + b_out)
         fwd = [(int(sent[r]) * b_in, int(gathered[r]) * b_in) for r in range(P)]
         ret = [(int(gathered[r]) * b_out, int(sent[r]) * b_out) for r in range(P)]
-        rounds = _round_bytes(matrices, a, P)
+        rounds = round_traffic(matrices, a.parts)
         for r, cost in enumerate(ranks):
             if P > 1:
                 cost.comm.append(CommItem("all_to_all", fwd[r][0], fwd[r][1], "forward"))
-                cost.comm.extend(CommItem("all_to_all", s[r][0], s[r][1], "forward")
-                                 for s in rounds)
+                cost.comm.extend(_round_items(rounds, r))
                 cost.comm.append(CommItem("all_to_all", ret[r][0], ret[r][1], "return"))
             cost.transient_bytes = max(cost.transient_bytes,
                                        held[r] + sum(fwd[r]) + sum(ret[r]))
@@ -206,11 +211,13 @@ class SplitNS(Strategy):
         """Forward and return as synchronous calls; between them each rank runs its whole
         matrices and its shares of the split ones (at the fitted rate), and a member of a split
         also waits in the split rounds, priced as the planner prices them (`rank_costs`: bytes
-        times flop_per_byte plus flop_per_round per round, in NS FLOPs, so at the NS rate)."""
+        times flop_per_byte plus flop_per_peer per message, in NS FLOPs, so at the NS rate).
+        `calls` are the forward and return all-to-alls (the member-only rounds are no call over
+        the whole group)."""
         P = plan.world_size
         sharded = [m for m in plan.matrices if m.sharded]
         a = self._assignment(sharded, P)
-        works, rounds = [], []
+        works = []
         for r in range(P):
             whole = [m for k, m in enumerate(sharded) if not a.is_split(k)
                      and a.parts[k][0].member == r]
@@ -219,13 +226,23 @@ class SplitNS(Strategy):
             split_flops = a.flops[r] - sum(m.flops for m in whole)
             works.append(compute.ns_matrices_seconds(whole, self.batches_same_shape)
                          + (compute.ns_seconds(split_flops, split) if split else 0.0))
-            rounds.append(compute.ns_seconds(a.cost[r] - a.flops[r], 0))
+        rounds = self._round_seconds(a, compute)
         finish = compute.concurrent(works)
         ns_s = max(finish, default=0.0)
-        # calls: forward, the split rounds (priced above instead), return
-        ends = [calls[0], calls[-1]] if len(calls) >= 2 else list(calls)
         step = max((f + w for f, w in zip(finish, rounds)), default=0.0)
-        return sum(c.seconds for c in ends) + step, ns_s
+        return sum(c.seconds for c in calls) + step, ns_s
+
+    def member_comm_seconds(self, plan, compute) -> float:
+        """The busiest member's seconds in the split rounds, as `sharded_time` prices them."""
+        sharded = [m for m in plan.matrices if m.sharded]
+        if not sharded:
+            return 0.0
+        return max(self._round_seconds(self._assignment(sharded, plan.world_size), compute),
+                   default=0.0)
+
+    @staticmethod
+    def _round_seconds(a, compute) -> list[float]:
+        return [compute.ns_seconds(c - f, 0) for c, f in zip(a.cost, a.flops)]
 
     # -- execution -------------------------------------------------------------------------------
     def _execute_sharded(self, plan: Plan, indices, inputs, ctx: ExecContext):
@@ -243,11 +260,10 @@ class SplitNS(Strategy):
                       for s in range(P)]
         blocks = {k: _block(matrices[k], p, [per_source[s][j] for s in range(P)])
                   for j, (k, p) in enumerate(mine)}
-        rounds = _SplitRounds(matrices, a, ctx)
-        results = rounds.run({k: blocks[k] for k, _ in mine if a.is_split(k)})
+        results = _SplitRounds(matrices, a, ctx).run({k: blocks[k] for k, _ in mine
+                                                      if a.is_split(k)})
         whole = {k: blocks[k].view(matrices[k].shape) for k, _ in mine if not a.is_split(k)}
         results.update(orthogonalize_owned(matrices, whole, ctx, self.options.batch_same_shape))
-        rounds.wait()
         back = [torch.cat([_result_piece(matrices[k], p, d, _as_block(matrices[k], p,
                                                                      results[k]))
                            for k, p in mine] or [torch.empty(0, dtype=ctx.out_dtype,
@@ -294,70 +310,58 @@ def _reassemble(matrices, a, me: int, P: int, got: list[torch.Tensor]) -> list[t
     return out
 
 
-def _round_bytes(matrices, a, P: int) -> list[list[tuple[float, float]]]:
-    """(send, recv) bytes of each rank in each split round: norm partials, then per step the
-    Gram partials and the B rows, exchanged with every other member of its split matrices."""
-    split = [k for k in range(len(matrices)) if a.is_split(k)]
-    if not split:
-        return []
-    steps = max(matrices[k].ns_steps for k in split)
-    out = [[[0.0, 0.0] for _ in range(P)] for _ in range(1 + 2 * steps)]
-    for k in split:
-        m = matrices[k]
-        _, kk, _ = split_dims(m)
-        b_norm, b_gram = gram_itemsizes(m)
-        g = len(a.parts[k])
-        arows = sum(p.ahi - p.alo for p in a.parts[k])
-        for p in a.parts[k]:
-            mine = p.ahi - p.alo
-            for j, n in ((0, b_norm),) + tuple((1 + 2 * t, kk * kk * b_gram)
-                                               for t in range(m.ns_steps)):
-                out[j][p.member][0] += (g - 1) * n
-                out[j][p.member][1] += (g - 1) * n
-            for t in range(m.ns_steps):
-                out[2 + 2 * t][p.member][0] += (g - 1) * mine * kk * m.out_itemsize
-                out[2 + 2 * t][p.member][1] += (arows - mine) * kk * m.out_itemsize
-    return out
+def _round_items(rounds, rank: int) -> list[CommItem]:
+    """Rank's messages in the split rounds (`round_traffic`), in the order `_SplitRounds` posts
+    them: per round, per fellow member (ascending), the send and then the receive."""
+    items = []
+    for peers in rounds:
+        for q, (send, recv) in sorted(peers.get(rank, {}).items()):
+            pair = (min(rank, q), max(rank, q))
+            if send:
+                items.append(CommItem("send", send, 0, "forward", group=pair))
+            if recv:
+                items.append(CommItem("recv", 0, recv, "forward", group=pair))
+    return items
 
 
 class _SplitRounds:
-    """The split matrices' Newton-Schulz, in lockstep rounds of one all-to-all each."""
+    """The split matrices' Newton-Schulz, in lockstep rounds of point-to-point messages among
+    each split's members."""
 
     def __init__(self, matrices, a, ctx: ExecContext) -> None:
         self.matrices, self.a, self.ctx = matrices, a, ctx
         split = [k for k in range(len(matrices)) if a.is_split(k)]
         self.steps = max((matrices[k].ns_steps for k in split), default=0)
-        self.rounds = 1 + 2 * self.steps if split else 0
-        self.pending = []
         # one dtype per round on every rank: what split_plan.gram_itemsizes plans
         self.norm_dtype = torch.promote_types(matrices[0].dtype, torch.float32)
         self.gram_dtype = torch.promote_types(ctx.out_dtype, torch.float32)
         self.dtypes = [self.norm_dtype] + [self.gram_dtype, ctx.out_dtype] * self.steps
 
-    def _others(self, k: int) -> list[Part]:
-        return [p for p in self.a.parts[k] if p.member != self.ctx.rank]
-
-    def _exchange(self, sends: dict[int, torch.Tensor], t: int, async_op=False):
-        """Send sends[k] to every other member of split matrix k; returns per matrix the tensors
-        of all its members in block order (mine included)."""
-        ctx, P = self.ctx, self.ctx.world_size
+    def _exchange(self, sends: dict[int, torch.Tensor], t: int) -> dict[int, list[torch.Tensor]]:
+        """Send sends[k] to every other member of split matrix k, one message per fellow member
+        (its matrices in order); returns per matrix the tensors of all its members in block
+        order (mine included)."""
+        ctx = self.ctx
         rows, dtype = t > 0 and t % 2 == 0, self.dtypes[t]
-        per_dest = [[] for _ in range(P)]
-        recv = [0] * P
+        out_pieces: dict[int, list] = {}  # fellow -> [(k, numel)] it sends me, in matrix order
+        in_pieces: dict[int, list] = {}  # fellow -> my tensors for it
         for k, x in sends.items():
-            for p in self._others(k):
-                per_dest[p.member].append(x.reshape(-1))
-        for k, x in sends.items():
-            for p in self._others(k):
-                recv[p.member] += self._size(p, x, rows)
-        empty = torch.empty(0, dtype=dtype, device=ctx.device)
-        send = [torch.cat(x) if x else empty for x in per_dest]
-        ex = exchange(send, recv, ctx.rank, ctx.group, P, async_op=async_op)
-        if async_op:
-            self.pending.append(ex)
-            return None
-        got = ex.wait()
-        offsets = [0] * P
+            for p in self.a.parts[k]:
+                if p.member != ctx.rank:
+                    in_pieces.setdefault(p.member, []).append(x.reshape(-1))
+                    out_pieces.setdefault(p.member, []).append((k, self._size(p, x, rows)))
+        ops, received = [], {}
+        for q in sorted(in_pieces):
+            send = torch.cat(in_pieces[q])
+            recv = torch.empty(sum(n for _, n in out_pieces[q]), dtype=dtype, device=ctx.device)
+            if send.numel():
+                ops.append(dist.P2POp(dist.isend, send, group=ctx.group, group_peer=q))
+            if recv.numel():
+                ops.append(dist.P2POp(dist.irecv, recv, group=ctx.group, group_peer=q))
+            received[q] = torch.split(recv, [n for _, n in out_pieces[q]])
+        for work in dist.batch_isend_irecv(ops) if ops else ():
+            work.wait()
+        position = {q: 0 for q in received}
         out = {}
         for k, x in sends.items():
             tensors = []
@@ -365,9 +369,8 @@ class _SplitRounds:
                 if p.member == ctx.rank:
                     tensors.append(x)
                     continue
-                n = self._size(p, x, rows)
-                tensors.append(got[p.member][offsets[p.member]:offsets[p.member] + n])
-                offsets[p.member] += n
+                tensors.append(received[p.member][position[p.member]])
+                position[p.member] += 1
             out[k] = tensors
         return out
 
@@ -376,21 +379,11 @@ class _SplitRounds:
         """Elements member p sends in this round: as many as I do, but B rows are p's own."""
         return (p.ahi - p.alo) * mine.shape[-1] if rows else mine.numel()
 
-    def wait(self) -> None:
-        with self.ctx.phase("comm_wait"):
-            for ex in self.pending:
-                ex.wait()
-        self.pending.clear()
-
     def run(self, blocks: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """NS of my blocks of the split matrices; returns my result blocks (layout of `_block`).
-        A rank without split blocks issues every round at once, empty, and returns."""
+        A rank without split blocks takes no part in the rounds."""
         ctx = self.ctx
-        if not self.rounds or ctx.world_size == 1:
-            return {}
-        if not blocks:
-            for t in range(self.rounds):
-                self._exchange({}, t, async_op=True)
+        if not blocks or ctx.world_size == 1:
             return {}
         orth = ctx.orthogonalizer
         X, cfg, trans = {}, {}, {}
@@ -412,6 +405,8 @@ class _SplitRounds:
         gram_dtype = self.gram_dtype
         for t in range(self.steps):
             live = [k for k in X if t < cfg[k].steps]
+            if not live:
+                break
             with ctx.phase("ns"):
                 partial = {k: X[k].to(gram_dtype) @ X[k].to(gram_dtype).mT for k in live}
             with ctx.phase("comm_wait"):

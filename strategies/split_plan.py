@@ -14,8 +14,9 @@ first whole onto the rank with the least room that still fits them (best fit), a
 fits nowhere is split over the fewest ranks with the most room (at most `max_group`), each block
 as large as its rank's room allows. A rank's cost (`rank_costs`) is its NS FLOPs, plus, if it is a
 member of any split, `flop_per_byte` times the bytes it sends in the split rounds and
-`flop_per_round` for each of the 1 + 2 ns_steps rounds it waits in (the rounds' latency: every
-split matrix shares each round's exchange, so a rank in two splits pays it once). The lowest
+`flop_per_peer` for each message of those rounds: the rounds run among the members only, one
+message per round to each fellow member (`round_traffic`; all split matrices two ranks share
+travel in one), so a member of a g-rank split waits (g - 1) latencies per round, whatever P. The lowest
 feasible target wins if its busiest rank's cost, plus `flop_per_byte_exchange` times the busiest
 rank's bytes of the forward and of the return all-to-all (`exchange_bytes`: packing the small
 matrices tightly can pile bytes on a few ranks), is below the same sum for LPT (which sends nothing
@@ -40,7 +41,7 @@ import torch
 from dist_ortho.core.sharding import MatrixSpec, chunk_sizes, dtype_size
 
 __all__ = ["Part", "Assignment", "assign", "piece_numels", "split_dims", "part_flops",
-           "gram_itemsizes", "rank_costs", "SPLIT_POLICIES"]
+           "gram_itemsizes", "rank_costs", "round_traffic", "SPLIT_POLICIES"]
 
 SPLIT_POLICIES = ("auto", "all")
 # node-local groups: candidate nodes per group size, those holding the ranks with the most room
@@ -157,27 +158,50 @@ def _split(m: MatrixSpec, dims, members: list[int]) -> tuple[tuple[Part, ...], l
     return parts, [part_flops(m, dims[1], p.hi - p.lo, p.ahi - p.alo) for p in parts]
 
 
-def rank_costs(matrices, parts, world_size: int, flop_per_byte: float,
-               flop_per_round: float) -> list[float]:
-    """Per rank: its NS FLOPs plus, if it is in a split group, the priced bytes it sends in the
-    split rounds and the latency of every round (all split matrices share one exchange per
-    round, 1 + 2 * the largest ns_steps of them, which every member waits in once)."""
-    cost = [0.0] * world_size
-    split = {k for k, p in enumerate(parts) if len(p) > 1}
+def round_traffic(matrices, parts) -> list[dict[int, dict[int, list[int]]]]:
+    """Per split round (norm partials, then per NS step Gram partials and B rows): {member:
+    {fellow member: [bytes sent to it, bytes received from it]}}, every split matrix the two
+    share in one message each way. A matrix of s steps is in rounds 0 .. 2 s; a member with no
+    rows of A sends no B rows (no message where both directions are empty)."""
+    split = [k for k, p in enumerate(parts) if len(p) > 1]
     steps = max((matrices[k].ns_steps for k in split), default=0)
-    members = set()
-    for k, m in enumerate(matrices):
-        dims = split_dims(m) if k in split else None
+    out: list[dict] = [{} for _ in range(1 + 2 * steps)] if split else []
+    for k in split:
+        m = matrices[k]
+        _, kk, _ = split_dims(m)
+        b_norm, b_gram = gram_itemsizes(m)
+        sizes = [b_norm] + [kk * kk * b_gram, 0] * m.ns_steps
         for p in parts[k]:
-            if dims is None:
-                cost[p.member] += m.flops
-                continue
-            arows = p.ahi - p.alo
-            cost[p.member] += (part_flops(m, dims[1], p.hi - p.lo, arows) + flop_per_byte
-                               * gram_send_bytes(m, dims[1], len(parts[k]), arows))
-            members.add(p.member)
-    for r in members:
-        cost[r] += flop_per_round * (1 + 2 * steps)
+            for q in parts[k]:
+                if q.member == p.member:
+                    continue
+                for t, n in enumerate(sizes):
+                    if t and t % 2 == 0:  # B rows: p sends its own, receives q's
+                        send, recv = ((p.ahi - p.alo) * kk * m.out_itemsize,
+                                      (q.ahi - q.alo) * kk * m.out_itemsize)
+                    else:
+                        send = recv = n
+                    if send or recv:
+                        acc = out[t].setdefault(p.member, {}).setdefault(q.member, [0, 0])
+                        acc[0] += send
+                        acc[1] += recv
+    return out
+
+
+def rank_costs(matrices, parts, world_size: int, flop_per_byte: float,
+               flop_per_peer: float) -> list[float]:
+    """Per rank: its NS FLOPs plus, if it is in a split group, the priced bytes it sends in the
+    split rounds and the latency of each message it exchanges there (`round_traffic`)."""
+    cost = [0.0] * world_size
+    for k, m in enumerate(matrices):
+        dims = split_dims(m) if len(parts[k]) > 1 else None
+        for p in parts[k]:
+            cost[p.member] += (m.flops if dims is None else
+                               part_flops(m, dims[1], p.hi - p.lo, p.ahi - p.alo))
+    for peers in round_traffic(matrices, parts):
+        for r, fellows in peers.items():
+            cost[r] += (flop_per_byte * sum(s for s, _ in fellows.values())
+                        + flop_per_peer * len(fellows))
     return cost
 
 
@@ -208,14 +232,13 @@ class _Room:
 
 
 def _fill(matrices, world_size: int, order, target: float, max_group: int,
-          flop_per_byte: float, flop_per_round: float, ranks_per_node: int | None):
+          flop_per_byte: float, flop_per_peer: float, ranks_per_node: int | None):
     """Pack every matrix under `target` cost per rank, largest first: whole on the rank with the
     least room that still fits it (best fit), or else, if splittable, over the ranks with the
     most room (inside one node with `ranks_per_node`), each taking the largest block that fits
     (at most max_group ranks). Returns (parts, flops per rank) or None if the target cannot be
     met this way."""
     room = _Room(target, world_size)
-    members: set[int] = set()  # ranks already paying the rounds' latency
     parts: list = [None] * len(matrices)
     flops = [0] * world_size
     for k in order:
@@ -231,8 +254,8 @@ def _fill(matrices, world_size: int, order, target: float, max_group: int,
         dims = split_dims(m)
         if dims is None:
             return None
-        placed = _split_into(m, dims, room, max_group, flop_per_byte, flop_per_round,
-                             ranks_per_node, members)
+        placed = _split_into(m, dims, room, max_group, flop_per_byte, flop_per_peer,
+                             ranks_per_node)
         if placed is None:
             return None
         parts[k] = placed
@@ -262,20 +285,20 @@ def _groups(room: _Room, g: int, ranks_per_node: int | None):
 
 
 def _split_into(m: MatrixSpec, dims, room: _Room, max_group: int, flop_per_byte: float,
-                flop_per_round: float, ranks_per_node: int | None, members: set):
+                flop_per_peer: float, ranks_per_node: int | None):
     """Split m over the fewest ranks with the most room (2..max_group, inside one node with
     ranks_per_node) whose blocks cover its long side; takes their room and returns the parts,
-    or None (room unchanged) if no group fits. A rank not yet in a split also pays the rounds'
-    latency."""
+    or None (room unchanged) if no group fits. Each member also pays the rounds' latency, one
+    message per round to each of the g - 1 others (an upper bound where two splits share
+    members: `rank_costs` counts each pair's message once)."""
     _, k, l = dims
     steps = m.ns_steps
-    latency = flop_per_round * (1 + 2 * steps)
     for g in range(2, min(max_group, len(room.left)) + 1):
+        latency = flop_per_peer * (g - 1) * (1 + 2 * steps)
         for top in _groups(room, g, ranks_per_node):
             blocks, left = [], l
             for (space, r), arows in zip(top, chunk_sizes(k, g)):
-                usable = (space - flop_per_byte * gram_send_bytes(m, k, g, arows)
-                          - (0.0 if r in members else latency))
+                usable = space - flop_per_byte * gram_send_bytes(m, k, g, arows) - latency
                 block = min(left, math.floor((usable / steps - 2 * arows * k * k) / (4 * k * k)))
                 if block < 1:
                     break
@@ -288,9 +311,8 @@ def _split_into(m: MatrixSpec, dims, room: _Room, max_group: int, flop_per_byte:
                 arows = part.ahi - part.alo
                 used = (part_flops(m, k, part.hi - part.lo, arows)
                         + flop_per_byte * gram_send_bytes(m, k, g, arows)
-                        + (0.0 if part.member in members else latency))
+                        + latency)
                 room.take(part.member, used)
-                members.add(part.member)
             return parts
     return None
 
@@ -328,7 +350,7 @@ def _split_all(matrices, P: int, g_max: int, splittable, ranks_per_node: int | N
 
 @functools.lru_cache(maxsize=16)
 def assign(matrices: tuple[MatrixSpec, ...], world_size: int, max_group: int,
-           flop_per_byte: float, split: str, flop_per_round: float = 0.0,
+           flop_per_byte: float, split: str, flop_per_peer: float = 0.0,
            ranks_per_node: int | None = None, flop_per_byte_exchange: float = 0.0) -> Assignment:
     """The parts of every (sharded) matrix; see the module docstring."""
     P = world_size
@@ -338,7 +360,7 @@ def assign(matrices: tuple[MatrixSpec, ...], world_size: int, max_group: int,
                         key=lambda k: (-matrices[k].flops, matrices[k].index))
     if split == "all" and g_max >= 2:
         parts, flops = _split_all(matrices, P, g_max, splittable, ranks_per_node)
-        cost = rank_costs(matrices, parts, P, flop_per_byte, flop_per_round)
+        cost = rank_costs(matrices, parts, P, flop_per_byte, flop_per_peer)
         return Assignment(tuple(parts), tuple(flops), tuple(cost))
     order = sorted(range(len(matrices)), key=lambda k: (-matrices[k].flops, matrices[k].index))
     parts, flops = _whole_lpt(matrices, P, order)
@@ -360,11 +382,11 @@ def assign(matrices: tuple[MatrixSpec, ...], world_size: int, max_group: int,
     if g_max >= 2 and splittable:
         ideal = sum(m.flops for m in matrices) / P
         for target in _targets(ideal, float(lpt)):
-            packed = _fill(matrices, P, order, target, g_max, flop_per_byte, flop_per_round,
+            packed = _fill(matrices, P, order, target, g_max, flop_per_byte, flop_per_peer,
                            ranks_per_node)
             if packed is None:
                 continue
-            cost = rank_costs(matrices, packed[0], P, flop_per_byte, flop_per_round)
+            cost = rank_costs(matrices, packed[0], P, flop_per_byte, flop_per_peer)
             # never a split its own pricing calls slower than LPT
             if max(cost) < lpt and objective(packed[0], cost) < lpt_objective:
                 best = (packed[0], packed[1], cost)

@@ -79,17 +79,22 @@ def test_split_ns_keeps_matrices_whole_when_bytes_cost_more_than_the_imbalance()
     assert all(len(c.comm) == len(whole.ranks[0].comm) for c in dear.ranks)  # no split rounds
 
 
-def test_split_ns_round_bytes_are_the_gram_and_b_rows():
-    # one (64, 256) matrix split evenly over 4 ranks: k = 64; per step each member sends its
-    # float32 Gram partial (64 x 64) and its 16 rows of B (float32 here) to 3 others
+def test_split_ns_round_bytes_are_the_gram_and_b_rows_to_each_fellow_member():
+    # one (64, 256) matrix split evenly over 4 ranks: k = 64; per step each member sends each of
+    # its 3 fellows one message with its float32 Gram partial (64 x 64), then one with its 16
+    # rows of B (float32 here); the norm round sends one float32 partial sum
     P = 4
     specs = cm.matrix_specs([(64, 256)], P)
     plan = strategies.build("split_ns", split="all").plan(specs, P, 0)
-    rounds = [c for c in plan.ranks[0].comm if c.kind == "all_to_all"][1:-1]
-    assert len(rounds) == 1 + 2 * 5
-    assert rounds[0].send_bytes == 3 * 4
-    assert [c.send_bytes for c in rounds[1::2]] == [3 * 64 * 64 * 4] * 5
-    assert [c.send_bytes for c in rounds[2::2]] == [3 * 16 * 64 * 4] * 5
+    sends = [c for c in plan.ranks[0].comm if c.kind == "send"]
+    assert len(sends) == 3 * (1 + 2 * 5)
+    assert [c.group for c in sends[:3]] == [(0, 1), (0, 2), (0, 3)]
+    per_round = [sends[3 * t:3 * t + 3] for t in range(11)]
+    assert all(c.send_bytes == 4 for c in per_round[0])
+    assert all(c.send_bytes == 64 * 64 * 4 for r in per_round[1::2] for c in r)
+    assert all(c.send_bytes == 16 * 64 * 4 for r in per_round[2::2] for c in r)
+    recvs = [c for c in plan.ranks[0].comm if c.kind == "recv"]
+    assert sum(c.recv_bytes for c in recvs) == sum(c.send_bytes for c in sends)
     assert plan.total_ns_flops == specs[0].flops
     assert [c.ns_flops for c in plan.ranks] == [specs[0].flops // 4] * 4
 

@@ -28,15 +28,22 @@ def _split(plan) -> list[list[int]]:
     return [g for g in groups if len(g) > 1]
 
 
-def _priced(plan, flop_per_byte: float, flop_per_round: float) -> list[float]:
+def _priced(plan, flop_per_byte: float, flop_per_peer: float) -> list[float]:
     """Each rank's cost recomputed from the plan alone: NS FLOPs, plus for a member of a split its
-    split-round bytes (the all-to-alls between forward and return) and every round's latency."""
-    members = {r for g in _split(plan) for r in g}
+    split-round bytes and the latency of each (round, fellow member) it exchanges with. Its
+    messages are the plan's sends and receives, per (round, fellow) a send, a receive or a send
+    then a receive."""
     out = []
-    for r, cost in enumerate(plan.ranks):
-        rounds = [c for c in cost.comm if c.kind == "all_to_all"][1:-1]
-        out.append(cost.ns_flops + (flop_per_byte * sum(c.send_bytes for c in rounds)
-                                    + flop_per_round * len(rounds) if r in members else 0))
+    for cost in plan.ranks:
+        msgs = [c for c in cost.comm if c.kind in ("send", "recv")]
+        pairs, last = 0, None
+        for c in msgs:
+            if not (last is not None and last.kind == "send" and c.kind == "recv"
+                    and c.group == last.group):
+                pairs += 1
+            last = c
+        sent = sum(c.send_bytes for c in msgs)
+        out.append(cost.ns_flops + flop_per_byte * sent + flop_per_peer * pairs)
     return out
 
 
@@ -49,7 +56,7 @@ def test_latency_that_outweighs_the_gain_keeps_every_matrix_whole():
     assert _split(strategies.build("split_ns").plan(specs, P, 0))
     steps = specs[0].ns_steps
     gain = max(c.ns_flops for c in lpt.ranks) - lpt.total_ns_flops / P
-    dear = strategies.build("split_ns", flop_per_round=gain / (1 + 2 * steps)).plan(specs, P, 0)
+    dear = strategies.build("split_ns", flop_per_peer=gain / (1 + 2 * steps)).plan(specs, P, 0)
     assert not _split(dear)
     assert [c.computes for c in dear.ranks] == [c.computes for c in lpt.ranks]
     assert all(len(c.comm) == len(lpt.ranks[0].comm) for c in dear.ranks)  # no split rounds
@@ -85,7 +92,7 @@ def _objective(plan, options) -> float:
     ends = [(a2a[0], a2a[-1]) for a2a in ends]
     fwd = max(max(f.send_bytes, f.recv_bytes) for f, _ in ends)
     ret = max(max(r.send_bytes, r.recv_bytes) for _, r in ends)
-    return (max(_priced(plan, o.flop_per_byte, o.flop_per_round))
+    return (max(_priced(plan, o.flop_per_byte, o.flop_per_peer))
             + o.flop_per_byte_exchange * (fwd + ret))
 
 
@@ -99,7 +106,7 @@ def test_planned_busiest_rank_never_costs_more_than_lpt(model, P):
     specs = _specs(model, P)
     lpt = strategies.build("balanced").plan(specs, P, 0)
     h100 = split_ns_options(HARDWARE_PRESETS["h100"], P, "bfloat16")
-    grid = [dict(flop_per_byte=b, flop_per_round=lat, ranks_per_node=n, flop_per_byte_exchange=x)
+    grid = [dict(flop_per_byte=b, flop_per_peer=lat, ranks_per_node=n, flop_per_byte_exchange=x)
             for b in (0.0, 1400.0) for lat in (0.0, 3e9) for n in (None, 8)
             for x in (0.0, 1e5)]
     splits = 0
@@ -108,7 +115,7 @@ def test_planned_busiest_rank_never_costs_more_than_lpt(model, P):
         plan = strategy.plan(specs, P, 0)
         a = strategy._assignment([m for m in plan.matrices if m.sharded], P)
         o = strategy.options
-        assert list(a.cost) == pytest.approx(_priced(plan, o.flop_per_byte, o.flop_per_round),
+        assert list(a.cost) == pytest.approx(_priced(plan, o.flop_per_byte, o.flop_per_peer),
                                              rel=1e-12), options
         if _split(plan):
             splits += 1
@@ -124,7 +131,7 @@ def test_cost_model_prices_split_rounds_as_the_planner():
     element-wise cost, split_ns's predicted step is the planner's objective at the NS rate:
     busiest rank with its rounds' bytes and latency, plus the forward and return bytes."""
     P, rate = 64, 1e12
-    options = dict(flop_per_byte=100.0, flop_per_round=1e9, ranks_per_node=8,
+    options = dict(flop_per_byte=100.0, flop_per_peer=1e9, ranks_per_node=8,
                    flop_per_byte_exchange=1e3)
     zero = {k: 0.0 for k in cm.KINDS}
     beta = {k: options["flop_per_byte_exchange"] / rate for k in cm.KINDS}
@@ -143,19 +150,21 @@ def test_cost_model_prices_split_rounds_as_the_planner():
 
 def test_projection_weights_come_from_the_preset():
     """h100 at P = 1024: NVLink bytes (rate / (450 GB/s * 0.8)), groups of at most one node, and
-    the round's latency of one all-to-all over all ranks (2 us per peer across nodes)."""
+    a message's latency on NVLink (1 us per peer): the rounds run among the members, so P does
+    not enter."""
     hw = HARDWARE_PRESETS["h100"]
     rate = hw.ns_flops_per_s("bfloat16")
     o = split_ns_options(hw, 1024, "bfloat16")
     assert o["ranks_per_node"] == o["max_group"] == 8
     assert o["flop_per_byte"] == pytest.approx(rate / (450e9 * 0.8), rel=1e-3)
-    assert o["flop_per_round"] == pytest.approx(rate * 2e-6 * 1023, rel=1e-3)
+    assert o["flop_per_peer"] == pytest.approx(rate * 1e-6, rel=1e-3)
+    assert split_ns_options(hw, 64, "bfloat16")["flop_per_peer"] == o["flop_per_peer"]
 
 
 @pytest.mark.parametrize("options, word", [
-    (dict(flop_per_round=-1.0), "flop_per_round"), (dict(flop_per_round=float("inf")),
-                                                    "flop_per_round"),
-    (dict(flop_per_round=True), "flop_per_round"), (dict(ranks_per_node=0), "ranks_per_node"),
+    (dict(flop_per_peer=-1.0), "flop_per_peer"), (dict(flop_per_peer=float("inf")),
+                                                  "flop_per_peer"),
+    (dict(flop_per_peer=True), "flop_per_peer"), (dict(ranks_per_node=0), "ranks_per_node"),
     (dict(ranks_per_node=8.0), "ranks_per_node"), (dict(ranks_per_node=True), "ranks_per_node")])
 def test_bad_split_options_name_themselves(options, word):
     with pytest.raises(ValueError, match=word):

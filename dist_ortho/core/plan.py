@@ -23,7 +23,7 @@ from typing import Protocol
 from dist_ortho.core.sharding import Layout, MatrixSpec
 
 __all__ = ["CommItem", "RankCost", "Plan", "EVERY_RANK", "all_reduce_bytes", "bytes_by_kind",
-           "owner_bound_bytes", "TimedCall", "ComputeTimes"]
+           "owner_bound_bytes", "TimedCall", "ComputeTimes", "bytes_by_group"]
 
 EVERY_RANK = -1  # owner value of a matrix that every rank orthogonalizes (replicated strategy)
 
@@ -64,6 +64,26 @@ class CommItem:
     phase: str = "forward"  # forward: pieces travel to the computing rank; return: results back;
     # or the optimizer's own: nonfinite_check, normalize (the update rule's reductions)
     axis: str = "shard"  # the mesh axis the bytes travel on (FSDP's shard axis unless stated)
+    # ranks (in the strategy's group) the call runs among when not the whole group: a
+    # point-to-point message's two ranks, sorted; None: every rank of the group
+    group: tuple[int, ...] | None = None
+    # a node-aware exchange's sends or receives on one link class ("intra_node" or
+    # "inter_node"), standing for `messages` point-to-point messages; None: one call
+    link: str | None = None
+    messages: int = 0
+
+
+def bytes_by_group(items, whole: tuple[int, ...]) -> dict[tuple[str, tuple[int, ...]], tuple[float,
+                                                                                      float]]:
+    """{(kind, ranks): (send bytes, recv bytes)}: plan items by their `group` (None: `whole`),
+    counted records (`profiling.comm.CommRecord`) by the ranks they ran among."""
+    out: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for c in items:
+        ranks = c.group if isinstance(c, CommItem) else c.ranks
+        key = (c.kind, tuple(ranks) if ranks else tuple(whole))
+        out[key][0] += c.send_bytes
+        out[key][1] += c.recv_bytes
+    return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 @dataclass

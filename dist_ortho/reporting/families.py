@@ -10,17 +10,17 @@ Two questions, one table each, from the projection's rows (no new predictions bu
 `split_ns_options` gives split_ns the weights of the priced machine, in NS FLOPs (the NS rate times
 seconds), so the planner splits where that machine gains and the cost model prices the split rounds
 as the planner did: a preset (GPUs per node known) keeps split groups inside one node
-(`ranks_per_node`, at most that many members) and prices their bytes at the intra-node link; each
-round is one all-to-all over all P ranks (split_ns's exchange: the members' bytes, empty to
-everyone else), so its latency is the all-to-all's, alpha (P - 1) at P. Calibrated constants (no
-node size) price both at their all-to-all alpha and beta. The forward and return all-to-alls span
+(`ranks_per_node`, at most that many members) and prices their bytes and messages at the
+intra-node link: the rounds run among the members only, so each costs a member one message
+latency per fellow member (`flop_per_peer`), whatever P. Calibrated constants (no node size) price
+both at their all-to-all beta and per-peer alpha. The forward and return all-to-alls span
 every rank: their busiest rank's bytes are weighed at the all-to-all beta
 (`flop_per_byte_exchange`).
 """
 
 from __future__ import annotations
 
-from dist_ortho.profiling.costmodel import CostConstants, latency_steps, matrix_specs, torch_dtype
+from dist_ortho.profiling.costmodel import CostConstants, matrix_specs, torch_dtype
 from dist_ortho.profiling.hardware import HardwarePreset
 from dist_ortho.strategies.megabatch import padding_flops
 
@@ -31,7 +31,8 @@ def split_ns_options(constants, world_size: int, ns_dtype: str) -> dict:
     """split_ns's planner weights for the machine the projection prices ({} for constants
     without an all-to-all rate): flop_per_byte = rate / link bandwidth (NVLink inside a node for
     a preset, which also sets ranks_per_node and max_group to its GPUs per node; the all-to-all
-    beta otherwise), flop_per_round = rate * the all-to-all's latency at this world size, and
+    beta otherwise), flop_per_peer = rate * one message's latency on that link (the preset's
+    intra-node per-peer latency; the all-to-all alpha per peer otherwise), and
     flop_per_byte_exchange = rate * the all-to-all beta (forward and return span every rank)."""
     preset = constants if isinstance(constants, HardwarePreset) else None
     if preset is not None:
@@ -42,15 +43,16 @@ def split_ns_options(constants, world_size: int, ns_dtype: str) -> dict:
     beta = constants.comm.beta_s_per_byte.get("all_to_all")
     if not beta:
         return {}
-    alpha = constants.comm.alpha_s.get("all_to_all", 0.0)
+    alpha = constants.comm.alpha_s.get("all_to_all", 0.0)  # seconds per peer
     exchange_beta = beta  # forward and return: all-to-alls over every rank
     out = {}
     if preset is not None:
         beta = 1.0 / (preset.intra_node_bytes_per_s * preset.link_efficiency)
+        alpha = preset.intra_node_peer_s
         out.update(max_group=preset.gpus_per_node, ranks_per_node=preset.gpus_per_node)
     out["flop_per_byte"] = float(f"{rate * beta:.4g}")
     out["flop_per_byte_exchange"] = float(f"{rate * exchange_beta:.4g}")
-    out["flop_per_round"] = float(f"{rate * alpha * latency_steps('all_to_all', world_size):.4g}")
+    out["flop_per_peer"] = float(f"{rate * alpha:.4g}")
     return out
 
 
@@ -76,12 +78,12 @@ def families_section(rows: list[dict], shapes, param_dtype: str, ns_dtype: str) 
                        f"{ratio:.3f} ({verdict}) | {b['flops_imbalance']:.3f} | "
                        f"{s['flops_imbalance']:.3f} | {s.get('options', '') or '-'} |")
         out += ["", "Planner weights, in NS FLOPs (the NS rate times seconds): flop_per_byte, a "
-                "byte of the split rounds on the link the groups use; flop_per_round, one round's "
-                "latency (each split matrix waits 1 + 2 ns_steps rounds; a round is one "
-                "all-to-all over all P ranks, empty outside the groups); flop_per_byte_exchange, "
-                "a byte of the forward / return all-to-all; ranks_per_node, groups inside one "
-                "node. split_ns's step prices its rounds with these weights (as its planner "
-                "does); its comm column above prices them as whole-group all-to-alls.", ""]
+                "byte of the split rounds on the link the groups use; flop_per_peer, one message's "
+                "latency there (the rounds run among the members only: each split matrix waits "
+                "1 + 2 ns_steps rounds, a member of a g-rank split sends g - 1 messages per "
+                "round); flop_per_byte_exchange, a byte of the forward / return all-to-all; "
+                "ranks_per_node, groups inside one node. split_ns's step and comm column price "
+                "its rounds with these weights, as its planner does.", ""]
     if all((P, "balanced") in by and (P, "megabatch") in by for P in sizes):
         out += ["## megabatch's padding (zero matrices to a multiple of P per shape group)", "",
                 "| P | padding share of NS FLOPs | bytes/rank megabatch / balanced | "

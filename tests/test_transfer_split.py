@@ -1,0 +1,52 @@
+"""Blocked time split into transfer and waiting for a slower rank (profiling.transfer), and
+co-located ranks' contention in the compute model (calibration.contention_of,
+timemodel.shared_makespan)."""
+
+from __future__ import annotations
+
+import pytest
+import transfer_cases
+
+from dist_ortho.profiling import costmodel as cm
+from dist_ortho.profiling.calibration import NSSample, contention_of
+from dist_ortho.testing.processes import spawn
+
+
+def test_waiting_for_a_late_rank_is_not_transfer():
+    """Rank 1 reaches the all-reduce 0.3 s late: rank 0 waited ~0.3 s, rank 1 did not, and the
+    transfer (completion after the last arrival) is far below the wait; the asynchronous
+    all-to-all is aligned too (its end from the Work's future)."""
+    late = transfer_cases.LATE_S
+    out = spawn(transfer_cases.late_rank_worker, 2)
+    assert [r["collectives"] for r in out] == [2, 2]
+    assert out[0]["wait"] >= 0.8 * late and out[1]["wait"] < 0.1 * late
+    assert out[0]["transfer"] == out[1]["transfer"] < 0.5 * late
+    assert out[0]["max_wait"] == out[1]["max_wait"] == pytest.approx(out[0]["wait"])
+
+
+def _ns(shape, seconds):
+    return NSSample(shape, 1, seconds)
+
+
+def test_contention_is_the_slowdown_beyond_sharing_cores():
+    """3 ranks on 2 cores: sharing alone makes each 1.5x slower; measured 1.65x means each of
+    the 2 core-sharing ranks slows the other by 10%."""
+    alone = [_ns((8, 8), 1.0), _ns((16, 16), 2.0), _ns((32, 32), 4.0)]
+    loaded = [_ns((8, 8), 1.65), _ns((16, 16), 3.3), _ns((32, 32), 9.9)]  # median 1.65
+    assert contention_of(alone, loaded, 3, 2.0) == pytest.approx(0.1)
+    assert contention_of(alone, loaded, 1, 2.0) == 0.0 and contention_of(alone, loaded, 3,
+                                                                          None) == 0.0
+    faster = [_ns(s.shape, 0.5 * s.seconds) for s in alone]
+    assert contention_of(alone, faster, 2, 2.0) == 0.0
+
+
+def test_shared_makespan_slows_busy_ranks_by_contention():
+    # two ranks on two cores, 10% contention: both finish at 1.1; alone a rank runs at full speed
+    assert cm.shared_makespan([1.0, 1.0], 2, 0.1) == pytest.approx([1.1, 1.1])
+    assert cm.shared_makespan([1.0, 0.0], 2, 0.1) == pytest.approx([1.0, 0.0])
+    # one finishes early: the other runs its last part alone, at full speed
+    assert cm.shared_makespan([1.0, 2.0], 2, 0.1) == pytest.approx([1.1, 2.1])
+    # four ranks on two cores: half speed each, and the two cores slow each other by 10%
+    assert cm.shared_makespan([1.0] * 4, 2, 0.1) == pytest.approx([2.2] * 4)
+    with pytest.raises(ValueError, match="contention"):
+        cm.ComputeModel(1e9, contention=-0.1)

@@ -89,19 +89,28 @@ def cases(phases=tuple(PHASES), modes=MODES, async_phases=()) -> list[Case]:
             for a, ps in ((False, phases), (True, async_phases)) for p in ps for m in modes]
 
 
-def run_args(root: Path, name: str, resume: bool = False, extra: tuple = ()) -> list[str]:
-    """`python -m dist_ortho.studies.run` arguments of one case's run (or the reference's)."""
-    sets = [*SETS, f"output.dir={root / 'out'}", f"output.name={name}",
+def set_args(overrides) -> list[str]:
+    """`--set KEY=VALUE` for each override."""
+    return [arg for kv in overrides for arg in ("--set", kv)]
+
+
+def run_sets(root: Path, name: str, extra: tuple = ()) -> list[str]:
+    """The overrides of one case's run (or the reference's)."""
+    return [*SETS, f"output.dir={root / 'out'}", f"output.name={name}",
             f"checkpoint.dir={root / 'ck' / name}", *extra]
-    return ["--config", str(TINY), "--set", *sets] + (["--resume"] if resume else [])
+
+
+def run_args(root: Path, name: str, resume: bool = False, extra: tuple = ()) -> list[str]:
+    """`dist-ortho run` arguments of one case's run (or the reference's)."""
+    return [str(TINY), *set_args(run_sets(root, name, extra))] + (["--resume"] if resume else [])
 
 
 def _job(root: Path, case: Case) -> Job:
-    config = resolve(load_config(TINY, run_args(root, case.name, extra=case.sets)[3:]))
+    config = resolve(load_config(TINY, run_sets(root, case.name, extra=case.sets)))
     faults = f"fail_step={FAIL_STEP} fail_rank={case.rank} fail_phase={case.phase} " \
              f"fail_mode={case.mode}"
     return Job(name=case.name, config=config, world_size=2,
-               entry=["-m", "dist_ortho.studies.run", "--config", "{config}"],
+               entry=["-m", "dist_ortho", "run", "{config}"],
                env={"DIST_ORTHO_FAULTS": faults})
 
 
@@ -173,7 +182,7 @@ def step_folders(ckpt_dir: Path) -> list[str]:
 
 def run_many(nproc: int, jobs: list[list[str]], folder: Path, timeout_s: float = 600
              ) -> tuple[int, str]:
-    """Several `dist_ortho.studies.run` command lines in one torchrun (tests/rel_cases.py): (exit code,
+    """Several `dist-ortho run` command lines in one torchrun (tests/rel_cases.py): (exit code,
     output). On timeout the process tree is stopped and the exit code is None."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs_file = folder / f"jobs_{len(list(folder.glob('jobs_*')))}.json"

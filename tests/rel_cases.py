@@ -1,11 +1,11 @@
-"""Torchrun entry for tests/test_reliability.py: several `dist_ortho.studies.run` command lines in one
+"""Torchrun entry for tests/test_reliability.py: several `dist-ortho run` command lines in one
 torchrun job, so every strategy is covered without paying a launch for each.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/rel_cases.py jobs.json
 
-jobs.json is a list of argument lists for `python -m dist_ortho.studies.run` (for example ["--config",
-"c.yaml", "--set", "train.steps=4", "--resume"]). Each goes through `dist_ortho.studies.run.main`, exactly
-as the command line does; they share one gloo process group started here (`build_run` reuses a
+jobs.json is a list of argument lists for `dist-ortho run` (for example ["c.yaml", "--set",
+"train.steps=4", "--resume"]). Each goes through `dist_ortho.studies.run.main`, exactly as the
+command line does; they share one gloo process group started here (`build_run` reuses a
 live group). A job that returns non-zero stops the launch with that job named.
 """
 
@@ -26,11 +26,11 @@ def main(jobs_file: str) -> int:
     jobs = json.loads(Path(jobs_file).read_text())
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     for argv in jobs:
-        parser = argparse.ArgumentParser(prog="dist_ortho.studies.run")
+        parser = argparse.ArgumentParser(prog="dist-ortho run")
         run.add_arguments(parser)
         code = run.main(parser.parse_args(argv))
         if code != 0:
-            raise SystemExit(f"dist_ortho.studies.run {' '.join(argv)} returned {code}")
+            raise SystemExit(f"dist-ortho run {' '.join(argv)} returned {code}")
     dist.destroy_process_group()
     return 0
 

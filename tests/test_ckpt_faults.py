@@ -184,9 +184,9 @@ def test_none_intact_resume_is_one_error_line_and_loads_nothing(root, reference,
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     # one rank, the same global batch (12) as the 2-rank run that saved
-    args = ["--config", str(fc.TINY), "--set", *fc.SETS, "train.batch_size=12",
-            f"output.dir={root / 'out'}", "output.name=all-damaged", f"checkpoint.dir={ck}",
-            "--resume"]
+    args = [str(fc.TINY), *fc.set_args([*fc.SETS, "train.batch_size=12",
+                                         f"output.dir={root / 'out'}", "output.name=all-damaged",
+                                         f"checkpoint.dir={ck}"]), "--resume"]
     assert main(parser.parse_args(args)) == 2
     (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
     assert f"checkpoint.dir: no intact checkpoint in {str(ck)!r}" in line

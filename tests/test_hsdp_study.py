@@ -96,7 +96,7 @@ def test_2x2_hsdp_study_reports_spread_and_repeat_side_by_side(tmp_path):
     strategies = [{"name": n, "label": f"{n}-{m}", "set": {"optimizer.replicas": m}}
                   for n in ("balanced", "round_robin") for m in ("spread", "repeat")]
     path = _study(tmp_path, strategies)
-    assert cli_main(["study", "--config", str(path), "--output-dir", str(tmp_path / "o")]) == 0
+    assert cli_main(["study", str(path), "-o", str(tmp_path / "o")]) == 0
     root = tmp_path / "o" / "hsdp_study"
     md = (root / "report.md").read_text()
     section = md.split("## HSDP replicas: spread vs repeat", 1)[1].split("\n## ", 1)[0]

@@ -60,8 +60,8 @@ def test_bucket_bytes_too_small_is_one_line_before_any_rank_starts(tmp_path, cap
 
 
 def test_bucket_bytes_too_small_in_a_single_run_is_one_line(capsys, tmp_path):
-    assert cli_main(["run", "--config", str(TINY), "--set", "strategy.name=bucketed_async",
-                     "strategy.options.bucket_bytes=64", f"output.dir={tmp_path / 'out'}"]) == 2
+    assert cli_main(["run", str(TINY), "--set", "strategy.name=bucketed_async",
+                     "--set", "strategy.options.bucket_bytes=64", "-o", str(tmp_path / "out")]) == 2
     one_error_line(capsys, "run", "strategy.options")
     assert not (tmp_path / "out").exists()  # found before anything was created
 
@@ -79,9 +79,9 @@ def test_eval_batch_not_divisible_by_world_size_fails_before_launch(tmp_path, ca
 
 
 @pytest.mark.parametrize("argv,command,key", [
-    (["run", "--config", str(TINY), "--set", "output.dir=/proc/nope"], "run", "output.dir"),
-    (["run", "--config", str(TINY), "--set", "output.dir=README.md/out"], "run", "output.dir"),
-    (["run", "--config", str(TINY), "--set", "checkpoint.dir=/proc/nope"], "run",
+    (["run", str(TINY), "--set", "output.dir=/proc/nope"], "run", "output.dir"),
+    (["run", str(TINY), "-o", "README.md/out"], "run", "output.dir"),
+    (["run", str(TINY), "--set", "checkpoint.dir=/proc/nope"], "run",
      "checkpoint.dir"),
     (["project", "--out", "/proc/nope"], "project", "--out"),
 ])
@@ -95,15 +95,15 @@ def test_unwritable_output_path_is_one_line_not_a_chained_traceback(argv, comman
 def test_sweep_output_dir_under_a_file_is_one_line(tmp_path, capsys):
     study = write_study(tmp_path, ["replicated"], [1])
     (tmp_path / "README.md").write_text("a file, not a folder\n")
-    assert cli_main(["sweep", str(study), "--output-dir", str(tmp_path / "README.md" / "out")]) == 2
-    line = one_error_line(capsys, "sweep", "--output-dir")
+    assert cli_main(["sweep", str(study), "-o", str(tmp_path / "README.md" / "out")]) == 2
+    line = one_error_line(capsys, "sweep", "--out")
     assert "Not a directory" in line
 
 
 def test_study_output_dir_unwritable_is_one_line(tmp_path, capsys):
     study = write_study(tmp_path, ["replicated"], [1])
-    assert cli_main(["study", "--config", str(study), "--output-dir", "/proc/nope"]) == 2
-    one_error_line(capsys, "study", "--output-dir")
+    assert cli_main(["study", str(study), "-o", "/proc/nope"]) == 2
+    one_error_line(capsys, "study", "--out")
 
 
 def test_convergence_out_dir_unwritable_is_one_line(tmp_path, capsys):
@@ -115,9 +115,9 @@ def test_convergence_out_dir_unwritable_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,command,key", [
-    (["run", "--config", str(TINY), "--set", "train.steps=0"], "run", "train.steps"),
-    (["run", "--config", str(TINY), "--set", "optimizer.lrr=1"], "run", "optimizer.lrr"),
-    (["run", "--config", "nope.yaml"], "run", None),
+    (["run", str(TINY), "--set", "train.steps=0"], "run", "train.steps"),
+    (["run", str(TINY), "--set", "optimizer.lrr=1"], "run", "optimizer.lrr"),
+    (["run", "nope.yaml"], "run", None),
     (["report", "/nonexistent/study"], "report", None),
     (["project", "--world-sizes", "8,x"], "project", "--world-sizes must be"),
     (["project", "--model", "llama-9b"], "project", "--model/--num-layers"),
@@ -221,8 +221,8 @@ def test_run_main_prints_one_line_for_an_error_inside_the_run(capsys, tmp_path):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--config", str(TINY), "--set", f"output.dir={tmp_path}",
-                              "--fault", "fail_step=0", "fail_mode=raise"])
+    args = parser.parse_args([str(TINY), "-o", str(tmp_path),
+                              "--fault", "fail_step=0", "--fault", "fail_mode=raise"])
     with pytest.raises(RuntimeError):
         main(args)
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -88,10 +88,10 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300) -> Launch:
 
 
 def run_args(sets: list[str], resume: bool = False, faults: list[str] = ()) -> list[str]:
-    """Arguments of `python -m dist_ortho.studies.run` for tiny.yaml plus these overrides and testing
-    aids (`--fault`, dist_ortho.studies.faults)."""
-    return (["--config", str(TINY), "--set", *COMMON, *sets] + (["--resume"] if resume else [])
-            + (["--fault", *faults] if faults else []))
+    """Arguments of `dist-ortho run` for tiny.yaml plus these overrides and testing aids
+    (`--fault`, dist_ortho.studies.faults)."""
+    return ([str(TINY), *(arg for kv in [*COMMON, *sets] for arg in ("--set", kv))]
+            + (["--resume"] if resume else []) + [arg for f in faults for arg in ("--fault", f)])
 
 
 def run_many(nproc: int, jobs: list[list[str]], folder: Path) -> Launch:
@@ -104,7 +104,7 @@ def run_many(nproc: int, jobs: list[list[str]], folder: Path) -> Launch:
 
 
 def one_run(nproc: int, sets: list[str], resume: bool = False, faults: list[str] = ()) -> Launch:
-    return torchrun(nproc, ["-m", "dist_ortho.studies.run", *run_args(sets, resume, faults)])
+    return torchrun(nproc, ["-m", "dist_ortho", "run", *run_args(sets, resume, faults)])
 
 
 def fault_time(output: str) -> float:
@@ -483,5 +483,5 @@ def test_resume_flag_without_a_directory_is_refused(capsys):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert main(parser.parse_args(["--config", str(TINY), "--resume"])) == 2
+    assert main(parser.parse_args([str(TINY), "--resume"])) == 2
     assert "checkpoint.dir: is null but checkpoint.resume is true" in capsys.readouterr().err

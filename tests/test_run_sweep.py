@@ -84,9 +84,9 @@ def test_sweep_report_and_resume(tmp_path, capsys):
 def test_study_runs_fresh_every_time_unless_resumed(tmp_path, capsys):
     study_file = write_study(tmp_path / "s.yaml", "fresh", ["replicated"], [1])
     report_md = tmp_path / "results" / "fresh" / "report.md"
-    for argv, skipped in ((["study", "--config", str(study_file)], False),
-                          (["study", "--config", str(study_file)], False),
-                          (["study", "--config", str(study_file), "--resume"], True)):
+    for argv, skipped in ((["study", str(study_file)], False),
+                          (["study", str(study_file)], False),
+                          (["study", str(study_file), "--resume"], True)):
         assert cli_main(argv) == 0
         captured = capsys.readouterr()
         assert ("already complete, skipped" in captured.err) == skipped, captured.err
@@ -142,9 +142,9 @@ def test_single_process_run_without_torchrun(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "dist_ortho", "run", "--config", str(TINY),
-         "--set", "model.preset=gpt-tiny", "train.data=synthetic", f"output.dir={out}",
-         "train.grad_clip=1.0", "profiling.memory=false"],
+        [sys.executable, "-m", "dist_ortho", "run", str(TINY), "-o", str(out),
+         "--set", "model.preset=gpt-tiny", "--set", "train.data=synthetic",
+         "--set", "train.grad_clip=1.0", "--set", "profiling.memory=false"],
         env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = out / "gpt-tiny-replicated-p1"
@@ -199,5 +199,5 @@ def test_a_missing_subcommand_module_says_so(monkeypatch, capsys):
     assert cli_main(["project", "--anything"]) == 2
     assert "dist_ortho.no_such_module could not be imported" in capsys.readouterr().err
     # the other subcommands are unaffected
-    assert cli_main(["run", "--config", str(TINY), "--print-config"]) == 0
+    assert cli_main(["run", str(TINY), "--print-config"]) == 0
     assert "preset: llama-tiny" in capsys.readouterr().out

@@ -41,7 +41,7 @@ def sweep_setup(tmp_path: Path, command: str) -> tuple[list[str], Path, str]:
              "grid": {"strategies": ["replicated"], "world_sizes": [2]}}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study))
-    argv = ["sweep", str(path)] if command == "sweep" else ["study", "--config", str(path)]
+    argv = ["sweep", str(path)] if command == "sweep" else ["study", str(path)]
     point = "llama-tiny--replicated--p2"
     return argv, tmp_path / "results" / "sig", point
 

@@ -120,7 +120,7 @@ def test_a_rerun_of_a_small_study_keeps_every_claim(tmp_path):
     runs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
-        assert cli_main(["study", "--config", str(path), "--output-dir", str(out)]) == 0
+        assert cli_main(["study", str(path), "-o", str(out)]) == 0
         root = out / "rerun"
         md = (root / "report.md").read_text()
         results = report.load_results(root)

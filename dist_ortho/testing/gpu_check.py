@@ -91,7 +91,7 @@ def plan_checks() -> tuple[Check, ...]:
               f"every strategy ({names}) against the reference, ns_dtype auto = bfloat16, the "
               f"host-sync count of a CUDA step, meta/fake-cuda dry runs",
               _pytest("tests/test_gpu.py", junit="nccl_strategies")),
-        Check("profiled_run", 60, f"one profiled GPT training run, `dist-ortho run --config "
+        Check("profiled_run", 60, f"one profiled GPT training run, `dist-ortho run "
               f"{RUN_CONFIG}` (gpt-125m, NCCL P=1, ns_dtype auto = bfloat16 NS), with CUDA "
               f"memory peaks, phase times and a trace -> run/ and profiled_run.json",
               _step("profiled_run")),
@@ -315,8 +315,8 @@ def step_profiled_run(out: Path, overrides: tuple[str, ...] = (),
     on the expected (device type, backend, resolved ns_dtype), wrote a trace, a memory peak and
     DONE; raises RuntimeError naming what is wrong."""
     run_root = out / "run"
-    cmd = [sys.executable, "-m", "dist_ortho.studies.run", "--config", str(REPO_ROOT / RUN_CONFIG),
-           "--set", f"output.dir={run_root}", *overrides]
+    cmd = [sys.executable, "-m", "dist_ortho", "run", str(REPO_ROOT / RUN_CONFIG), "-o",
+           str(run_root), *(arg for o in overrides for arg in ("--set", o))]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO_ROOT)
     run_dir = run_root / "gpt125m-profiled"

@@ -345,9 +345,9 @@ def test_disk_full_in_a_save_leaves_earlier_checkpoints_intact_and_usable(tmp_pa
 
 
 def test_nothing_is_unpickled_from_checkpoint_folders():
-    """DCP's .metadata is the one pickle a load reads (README: trusted folders only); every
-    torch.load in the package passes weights_only=True, and pickle.load appears only where
-    dist_ortho.testing.processes reads back the results its own ranks wrote."""
+    """DCP's .metadata is the one pickle a load reads (docs/checkpoints.md: trusted folders
+    only); every torch.load in the package passes weights_only=True, and pickle.load appears only
+    where dist_ortho.testing.processes reads back the results its own ranks wrote."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     found = []
     for folder in ("dist_ortho", "strategies", "profiling"):
@@ -362,5 +362,5 @@ def test_nothing_is_unpickled_from_checkpoint_folders():
                             and rel != os.path.join("dist_ortho", "testing", "processes.py"):
                         found.append(f"{rel}:{i}: {line.strip()}")
     assert found == []
-    readme = open(os.path.join(root, "README.md")).read()
-    assert "Load checkpoints only from folders you trust" in readme and ".metadata" in readme
+    page = open(os.path.join(root, "docs", "checkpoints.md")).read()
+    assert "Load checkpoints only from folders you trust" in page and ".metadata" in page

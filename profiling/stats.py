@@ -11,8 +11,8 @@ at or above the level asked for (95%). It assumes nothing about the distribution
 times are skewed: load only ever adds time), only that samples are exchangeable; with fewer than
 6 samples no interval reaches 95% and [min, max] is returned with its true (lower) coverage,
 which is reported. Steps taken close together share the machine's state, so the studies
-interleave strategies step by step and rotate their order between repeats (`dist_ortho.studies.interleaved`):
-a burst of load then hits every strategy alike instead of one.
+interleave strategies step by step and rotate their order between repeats
+(`dist_ortho.studies.interleaved`): a burst of load then hits every strategy alike instead of one.
 
 Comparisons. Two strategies measured in the same interleaved rounds are compared by their
 paired ratio: per round, A's step time / B's (the two steps were taken one after the other, so

@@ -9,7 +9,8 @@ A strategy is split in two:
   momentum direction U, one per matrix, and returns this rank's dim-0 shards of NS(U), shaped and
   sharded exactly like the inputs.
 
-Plan types and the byte convention live in the core module `dist_ortho.core.plan` (re-exported here).
+Plan types and the byte convention live in the core module `dist_ortho.core.plan` (re-exported
+here).
 
 Parameters that are *not* sharded (plain tensors replicated on a group, as under DDP) take a common
 path here: every rank already holds the whole matrix, so the owner (from the strategy's own

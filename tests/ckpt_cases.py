@@ -1,4 +1,5 @@
-"""Workers for tests/test_checkpoint.py, run on real gloo ranks by dist_ortho.testing.processes.spawn.
+"""Workers for tests/test_checkpoint.py, run on real gloo ranks by
+dist_ortho.testing.processes.spawn.
 
 `train_save_worker` (P=2) trains gpt-tiny under FSDP2 with NorMuon + AdamW for every strategy:
 K steps, save, N more steps (the uninterrupted run), then loads step K into fresh objects in the

@@ -1,4 +1,5 @@
-"""Workers for tests/test_convergence.py that run on real gloo ranks (dist_ortho.testing.processes.spawn).
+"""Workers for tests/test_convergence.py that run on real gloo ranks
+(dist_ortho.testing.processes.spawn).
 
 `tiny_run_config` is also used in-process by the tests, so the single-process and multi-rank runs
 are built from the same settings.

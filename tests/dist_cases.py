@@ -1,4 +1,5 @@
-"""Workers run on real gloo process groups by the distributed tests (see dist_ortho.testing.processes.spawn).
+"""Workers run on real gloo process groups by the distributed tests (see
+dist_ortho.testing.processes.spawn).
 
 Each worker runs many cases in one process group and returns plain data; the tests assert on it.
 Inputs are built from the same seeded global tensors on every rank and sharded locally with
@@ -138,7 +139,8 @@ def run_case(case: dict, mesh, placements, steps: int = 3) -> dict:
 
 
 def set_threads() -> None:
-    """Threads per rank: 1 (dist_ortho.testing.processes's default) unless $DIST_ORTHO_TEST_THREADS says
+    """Threads per rank: 1 (dist_ortho.testing.processes's default) unless $DIST_ORTHO_TEST_THREADS
+    says
     otherwise; .ci/run repeats the exactness tests with 1 and 2."""
     threads = os.environ.get("DIST_ORTHO_TEST_THREADS")
     if threads:

@@ -8,8 +8,8 @@ exchange), NorMuon + AdamW, 6 steps, a checkpoint every 2 steps, keep_last 1, co
 TIMEOUT_S.
 
 The fault strikes at step FAIL_STEP (0-based) on FAIL_RANK, as the rank enters the phase
-(`dist_ortho.studies.faults.PHASES`); "save" strikes in the save after that step (the checkpoint of step
-4) once the rank's files are written, "retention" on rank 0 while it deletes the checkpoint of
+(`dist_ortho.studies.faults.PHASES`); "save" strikes in the save after that step (the checkpoint of
+step 4) once the rank's files are written, "retention" on rank 0 while it deletes the checkpoint of
 step 2 after committing step 4. So every case leaves the checkpoint of step 2 (or 4 for
 retention) as the newest intact one, and the resume must end where the uninterrupted run ends.
 """

@@ -1,7 +1,8 @@
 """Host-sync counting for tests/test_gpu.py, and its worker for real gloo ranks (spawned by name).
 
 `HostSyncCounter` counts what makes the host wait for a device inside its `with` block:
-- scalar reads: `.item()`, `bool(t)`, `int(t)`, `float(t)`, `if t:` (all `aten::_local_scalar_dense`);
+- scalar reads: `.item()`, `bool(t)`, `int(t)`, `float(t)`, `if t:` (all
+  `aten::_local_scalar_dense`);
 - ops whose output size depends on the data (`nonzero`, `masked_select`, `unique`, ...);
 - copies from another device to the CPU (`.cpu()`, `.to("cpu")` of a CUDA tensor);
 - `Tensor.cpu`, `Tensor.tolist`, `Tensor.numpy` calls, counted at the method, since on CPU tensors

@@ -383,10 +383,10 @@ def ep_train_worker(rank: int, world_size: int, strategy_names: list[str], steps
 
 
 def tp_checkpoint_worker(rank: int, world_size: int, root: str) -> dict:
-    """dist_ortho.checkpointing.checkpoint on a 2x2 FSDP2 x TP GPT (mesh-path NorMuon state: momentum and v in
-    the row layout): saving before any step creates every state (all ranks save the same keys);
-    after 2 steps, save, load into a fresh model and optimizer, and one more step on both gives
-    bitwise the same weights."""
+    """dist_ortho.checkpointing.checkpoint on a 2x2 FSDP2 x TP GPT (mesh-path NorMuon state:
+    momentum and v in the row layout): saving before any step creates every state (all ranks save
+    the same keys); after 2 steps, save, load into a fresh model and optimizer, and one more step on
+    both gives bitwise the same weights."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from dist_ortho import OptimizerConfig, build_optimizers

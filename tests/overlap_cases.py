@@ -1,4 +1,5 @@
-"""Workers for tests/test_overlap.py, run on real gloo process groups (dist_ortho.testing.processes.spawn).
+"""Workers for tests/test_overlap.py, run on real gloo process groups
+(dist_ortho.testing.processes.spawn).
 
 `train_case` trains the same FSDP2 GPT three ways on every rank, side by side: strategy
 `overlapped` with schedule backward (orthogonalization in FSDP2's post-reduce-scatter hooks),
@@ -204,8 +205,9 @@ def overlap_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
 def timeline_worker(rank: int, world_size: int, out_dir: str, cpu_rate: float) -> dict:
     """Two FSDP2 GPT runs of `overlapped` (schedule backward), with and without an emulated
     inter-node link, each with a Timeline teed into the loop's and the optimizer's phases as
-    `dist_ortho.studies.run` does; the emulated one writes trace.json to `out_dir`. Returns what the test
-    checks: parameters of both (emulation must not change a bit), the emulator's delays in issue
+    `dist_ortho.studies.run` does; the emulated one writes trace.json to `out_dir`. Returns what the
+    test checks: parameters of both (emulation must not change a bit), the emulator's delays in
+    issue
     order, the optimizer's counted and planned bytes, and the trace's collective spans."""
     from torch.distributed.device_mesh import init_device_mesh
 

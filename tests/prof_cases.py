@@ -1,4 +1,5 @@
-"""Workers for tests/test_profiling.py, run on real gloo process groups by dist_ortho.testing.processes.spawn.
+"""Workers for tests/test_profiling.py, run on real gloo process groups by
+dist_ortho.testing.processes.spawn.
 
 One worker per world size trains a small FSDP2 GPT under every strategy with the profiler on and
 returns plain data (this rank's profiler rows, the plan's prediction, a FlopCounterMode count, the

@@ -31,7 +31,8 @@ from dist_ortho.checkpointing import checkpoint
 from dist_ortho.studies.config import ConfigError, load_config
 from dist_ortho.studies.run_checkpoint import precheck_resume
 
-# real torchrun jobs (damage x resume, fault matrix): excluded from the README's test command, run by .ci/run
+# real torchrun jobs (damage x resume, fault matrix): excluded from the README's test command, run
+# by .ci/run
 pytestmark = pytest.mark.slow
 
 DAMAGE = ("truncate", "delete", "corrupt")

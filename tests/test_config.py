@@ -189,7 +189,8 @@ def test_optimizer_section_is_the_optimizer_config():
 
 
 def test_testing_aids_are_not_config_keys():
-    # the fault and NaN injection of dist_ortho.studies.faults live outside the run config and its hash
+    # the fault and NaN injection of dist_ortho.studies.faults live outside the run config and its
+    # hash
     with pytest.raises(ConfigError, match=r"^train\.fault_step: unknown key"):
         load_config(None, ["train.fault_step=1"])
     assert not any("fault" in key or "nan" in key for section in Config().to_dict().values()

@@ -1,4 +1,5 @@
-"""Single-process foundation: Newton-Schulz, the reference update, the optimizers and their errors."""
+"""Single-process foundation: Newton-Schulz, the reference update, the optimizers and their
+errors."""
 
 from __future__ import annotations
 

@@ -3,10 +3,11 @@
 On any machine: a step of every strategy on meta-device parameters (a tensor made on the CPU where
 the parameter's device was needed raises), Newton-Schulz on fake "cuda" tensors (FakeTensorMode
 fakes CUDA without one), the host syncs of a step counted at P = 1 against the documented number
-(`dist_ortho.optim.optimizer.HOST_SYNCS_PER_STEP`; on 2 gloo ranks in tests/test_strategies_dist.py), and bench/gpu_check.sh's no-GPU
-path and dry run. With CUDA (bench/gpu_check.sh runs this file on the GPU): an FSDP2 step of every
-strategy on an NCCL group of one rank against the reference, and the host syncs of a CUDA step,
-also as torch's CUDA sync debug mode sees them.
+(`dist_ortho.optim.optimizer.HOST_SYNCS_PER_STEP`; on 2 gloo ranks in
+tests/test_strategies_dist.py), and bench/gpu_check.sh's no-GPU path and dry run. With CUDA
+(bench/gpu_check.sh runs this file on the GPU): an FSDP2 step of every strategy on an NCCL group of
+one rank against the reference, and the host syncs of a CUDA step, also as torch's CUDA sync debug
+mode sees them.
 """
 
 from __future__ import annotations
@@ -245,7 +246,8 @@ def test_the_backend_decides_the_device_gloo_keeps_ranks_on_the_cpu(monkeypatch)
         run_module._pick_device(config)
 
 
-# --- on a GPU ---------------------------------------------------------------------------------------
+# --- on a GPU
+# ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def nccl_group():

@@ -180,7 +180,8 @@ def test_model_without_blocks_is_a_value_error_not_an_assert():
         _blocks(torch.nn.Linear(2, 2))
 
 
-# -- the first error of a failed job ----------------------------------------------------------------
+# -- the first error of a failed job
+# ----------------------------------------------------------------
 
 ROOT_CAUSE = """\
 Root Cause (first observed failure):
@@ -235,8 +236,8 @@ def test_run_main_prints_one_line_for_an_error_inside_the_run(capsys, tmp_path):
 
 
 def test_a_failed_job_says_where_each_rank_was(tmp_path):
-    """The phase markers (dist_ortho.studies.phase_marker) outlive a SIGKILL'd rank: the error line ends
-    with where each rank was, the first failing rank first, telling the optimizer's exchange
+    """The phase markers (dist_ortho.studies.phase_marker) outlive a SIGKILL'd rank: the error line
+    ends with where each rank was, the first failing rank first, telling the optimizer's exchange
     before Newton-Schulz from the one after it."""
     markers = [PhaseMarker(tmp_path, r) for r in range(3)]
     with contextlib.ExitStack() as held:  # phases never left, as in a rank that died there

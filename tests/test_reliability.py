@@ -389,7 +389,8 @@ def test_hung_rank_ends_the_job_at_the_timeout(root):
     assert checkpoint.latest_step(root / "ck" / "hang") is None
 
 
-# -- config errors ----------------------------------------------------------------------------------
+# -- config errors
+# ----------------------------------------------------------------------------------
 INVALID = [
     (["optimizer.nonfinite=ignore"], [], "optimizer.nonfinite", "skip, raise"),
     (["train.steps=3", "train.warmup_steps=1"], ["nan_step=3"], "faults.nan_step",

@@ -1,4 +1,5 @@
-"""The report from synthetic profiler output (no processes launched): table, ratios, bound, plots."""
+"""The report from synthetic profiler output (no processes launched): table, ratios, bound,
+plots."""
 
 from __future__ import annotations
 

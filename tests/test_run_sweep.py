@@ -97,7 +97,8 @@ def test_study_runs_fresh_every_time_unless_resumed(tmp_path, capsys):
 
 def test_crashing_point_is_recorded_as_its_first_ranks_error_and_the_sweep_goes_on(
         tmp_path, capsys, monkeypatch):
-    # a testing aid makes rank 1 of one point raise mid-run (dist_ortho.studies.faults, matched by name)
+    # a testing aid makes rank 1 of one point raise mid-run (dist_ortho.studies.faults, matched by
+    # name)
     monkeypatch.setenv("DIST_ORTHO_FAULTS", "fail_step=1 fail_rank=1 fail_mode=raise runs='*broken*'")
     broken = {"name": "replicated", "label": "broken"}
     study_file = write_study(tmp_path / "s.yaml", "crash", [broken, "round_robin"], [2])

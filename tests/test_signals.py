@@ -17,7 +17,8 @@ import yaml
 
 from dist_ortho.studies.jobs import descendants
 
-# a sweep/study/convergence under torchrun per signal: excluded from the README's test command, run by .ci/run
+# a sweep/study/convergence under torchrun per signal: excluded from the README's test command, run
+# by .ci/run
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]

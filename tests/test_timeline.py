@@ -1,5 +1,5 @@
-"""Per-rank timelines (profiling.timeline), the Gantt chart (dist_ortho.reporting.timeline_plots) and the
-interconnect emulation (profiling.interconnect) on a real 2-rank FSDP2 GPT with strategy
+"""Per-rank timelines (profiling.timeline), the Gantt chart (dist_ortho.reporting.timeline_plots)
+and the interconnect emulation (profiling.interconnect) on a real 2-rank FSDP2 GPT with strategy
 `overlapped` (worker: tests/overlap_cases.timeline_worker)."""
 
 from __future__ import annotations

@@ -87,9 +87,9 @@ def ns_error(shape: Sequence[int], ns_dtype: torch.dtype | str, steps: int = 5) 
 
 @functools.lru_cache(maxsize=None)  # 0.7 s a call; a pure function of steps
 def ns_scale_sensitivity(steps: int = 5) -> float:
-    """sup over sigma in (0, 1] of |d log p^s(sigma) / d log sigma| for Jordan's quintic p: a relative
-    change delta of the input's scale (e.g. NS's eps / ||G||) moves every output singular value,
-    hence the output, by at most this times delta (10.04 for 5 steps)."""
+    """sup over sigma in (0, 1] of |d log p^s(sigma) / d log sigma| for Jordan's quintic p: a
+    relative change delta of the input's scale (e.g. NS's eps / ||G||) moves every output singular
+    value, hence the output, by at most this times delta (10.04 for 5 steps)."""
     from dist_ortho.core.newton_schulz import JORDAN_COEFFICIENTS
 
     a, b, c = JORDAN_COEFFICIENTS

@@ -20,7 +20,8 @@ corrected by the next step (measured and bounded in tests/test_families.py).
 The function is pure and deterministic. It works on any batch of matrices (..., m, n), transposes
 tall matrices so the Gram matrix X X^T is the small one, normalizes by the Frobenius norm in the
 input's precision (so a tiny-norm input does not underflow when cast to bfloat16), and then runs the
-iteration in `compute_dtype`. The result is returned in `compute_dtype`; callers decide when to cast.
+iteration in `compute_dtype`. The result is returned in `compute_dtype`; callers decide when to
+cast.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def matrix_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
 
 
 def ns_flops(shape: tuple[int, ...], steps: int, form: str = "standard") -> int:
-    """Matmul FLOPs of `steps` iterations on a (batch of) matrix of `shape` (after matrix_view_shape).
+    """Matmul FLOPs of `steps` iterations on a (batch of) matrix of `shape` (after
+    matrix_view_shape).
 
     Per step with k = min(m, n), l = max(m, n): X X^T is 2 k^2 l, A A is 2 k^3, B X is 2 k^2 l.
     Gram form: X_0 X_0^T and Q X_0 (2 k^2 l each); per step A A and p(A) Q (2 k^3 each, the

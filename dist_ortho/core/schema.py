@@ -1,8 +1,8 @@
 """The one typed config loader: dataclasses from YAML data, strict, every error naming its key.
 
 Every config in the project (a run's `Config`, a sweep's study file, the convergence study file,
-the testing aids of `dist_ortho.studies.faults`) is a tree of dataclasses read by `build`, so unknown keys,
-did-you-mean hints, type errors and range errors look the same everywhere.
+the testing aids of `dist_ortho.studies.faults`) is a tree of dataclasses read by `build`, so
+unknown keys, did-you-mean hints, type errors and range errors look the same everywhere.
 
 How a section or a field is declared. A section is a dataclass; a field is an annotated attribute:
 

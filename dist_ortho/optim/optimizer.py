@@ -25,8 +25,8 @@ strategies' collectives overlap with Newton-Schulz. tests/test_gpu.py counts the
 (P = 1 and P = 2) and asserts this number.
 
 On 2-D/3-D meshes (HSDP with replicas="spread", tensor parallel, expert parallel) steps 3-4 go
-through `dist_ortho.optim.mesh_step` (`strategies.mesh`): the same strategies per row group, plus the
-TP column exchange and the replica exchange.
+through `dist_ortho.optim.mesh_step` (`strategies.mesh`): the same strategies per row group, plus
+the TP column exchange and the replica exchange.
 
 With one rank, the same code runs with every collective skipped. Parameters must be 2-D or more
 (4-D conv weights are viewed as (out, -1), 3-D stacks as batches of matrices); use

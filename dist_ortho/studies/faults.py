@@ -37,8 +37,8 @@ Everything that can be checked before launch is (`check_against`: steps, ranks a
 size, a save after a kill_in_save step, a phase the run has); the parameter name is checked once
 the model is built.
 
-How phases are seen: the injector is a `PhaseTimer` (`dist_ortho.core.timing`) that the run puts beside
-the profiler on the optimizer (`opt.set_timer`), on the loop's forward and backward, and on
+How phases are seen: the injector is a `PhaseTimer` (`dist_ortho.core.timing`) that the run puts
+beside the profiler on the optimizer (`opt.set_timer`), on the loop's forward and backward, and on
 checkpoint saves (`for_checkpoint`), so the optimizer itself knows nothing of it.
 """
 

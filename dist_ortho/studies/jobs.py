@@ -256,7 +256,8 @@ def first_error(log: Path, returncode: int | None = None, run_dir: Path | None =
     that killed it; else the first error line any rank printed; else the last exception line of
     the log; else its last line. Ranks torchrun stopped with SIGTERM after another one failed
     are consequences, whatever order torchrun's report puts them in. With `run_dir`, where each
-    rank was (its last phase, `dist_ortho.studies.phase_marker`) follows in brackets, that rank first."""
+    rank was (its last phase, `dist_ortho.studies.phase_marker`) follows in brackets, that rank
+    first."""
     rank, text = _first_error(log, returncode)
     where = where_ranks_were(run_dir, None if rank is None else int(rank)) if run_dir else ""
     return f"{text} [{where}]" if where else text

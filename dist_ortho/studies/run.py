@@ -5,8 +5,8 @@
 
 What happens, on every rank:
 0. Checks. The config is checked again, "auto" choices are resolved, and everything
-   `dist_ortho.studies.preflight.check_launch` knows (the strategy's plan for the model's matrices, the
-   testing aids against the world size: WORLD_SIZE under torchrun) is checked, all before the
+   `dist_ortho.studies.preflight.check_launch` knows (the strategy's plan for the model's matrices,
+   the testing aids against the world size: WORLD_SIZE under torchrun) is checked, all before the
    process group starts; the model, the optimizers and the loader are built before the first
    collective. So a config error is raised identically on every rank and never leaves one rank
    waiting on another; rank 0 prints it as one line (`dist-ortho run: error: ...`), exit 2.
@@ -22,9 +22,10 @@ What happens, on every rank:
    rank exits non-zero and torchrun stops the others: a rank that dies or hangs ends the job
    within about `dist.timeout_s` (a dead one usually at once).
 2. Model. Each block (GPT) or layer (shape-only) and then the root are wrapped with `fully_shard`
-   on a 1-D mesh over all ranks (with train.replicate, HSDP's 2-D mesh: `dist_ortho.studies.run_mesh`).
-   GPT weights are drawn from the seeded global RNG before sharding; shape-only models are built on the meta
-   device and filled per parameter after sharding (their values do not depend on the world size).
+   on a 1-D mesh over all ranks (with train.replicate, HSDP's 2-D mesh:
+   `dist_ortho.studies.run_mesh`). GPT weights are drawn from the seeded global RNG before sharding;
+   shape-only models are built on the meta device and filled per parameter after sharding (their
+   values do not depend on the world size).
 3. Optimizers: `build_optimizers` (NorMuon/Muon for hidden matrices, AdamW for the rest) with the
    configured strategy deciding where each matrix is orthogonalized.
 4. Resume (with `checkpoint.resume`, or `--resume`): the latest complete checkpoint in
@@ -41,12 +42,13 @@ What happens, on every rank:
    measured step. With `checkpoint.dir`, a checkpoint is saved every `checkpoint.every` steps.
 6. Output in `<output.dir>/<output.name>/`: the final checkpoint (with `checkpoint.dir`), then
    metrics.csv (profiler: the steps this process ran), trace.json and gantt.png (every rank's
-   timeline, `dist_ortho.studies.run_timeline`, which also emulates a cluster's links on request), the
-   resolved config and environment, run.json, and DONE last, each written atomically. At the
+   timeline, `dist_ortho.studies.run_timeline`, which also emulates a cluster's links on request),
+   the resolved config and environment, run.json, and DONE last, each written atomically. At the
    start rank 0 removes DONE and an earlier run's result files there.
 
-Testing aids (`dist_ortho.studies.faults`; never part of the config or its hash) reach the loop only as
-`RunState.hooks`; checkpoint glue lives in `dist_ortho.studies.run_checkpoint`. The loop is `build_run(config)
+Testing aids (`dist_ortho.studies.faults`; never part of the config or its hash) reach the loop only
+as `RunState.hooks`; checkpoint glue lives in `dist_ortho.studies.run_checkpoint`. The loop is
+`build_run(config)
 -> RunState`, `train(state, steps, callbacks)`, `finish(state)`, `close(state)`.
 """
 

@@ -4,8 +4,8 @@
     dist-ortho study                       # the default study, fresh: sweep, then the report
     dist-ortho study -o results/examples   # regenerate the committed example
 
-A study file (`StudyFile`, read by the project's typed loader, `dist_ortho.core.schema`) names a base
-run config and the grid axes:
+A study file (`StudyFile`, read by the project's typed loader, `dist_ortho.core.schema`) names a
+base run config and the grid axes:
 
     name: default_study           # results go to <output_dir>/<name>/
     base: base.yaml               # run config, relative to this file
@@ -47,9 +47,9 @@ Before anything is launched, every point's config is built and checked, and so i
 `dist_ortho.studies.preflight` can know at the point's world size (the strategy's plan for the
 model's matrices, the testing aids), and the output folder is created: a mistake is one line
 naming the key and no launch. Each point is then a `dist_ortho.studies.jobs.Job` (`python -m
-dist_ortho run <study>/configs/<point>.yaml` under torchrun at P > 1), run by `jobs.run_jobs`: output in
-<study>/runs/<point>/, stdout+stderr in <study>/logs/<point>.log, resume (`sweep` skips points
-complete with the same config; `--force` reruns them; `study` always starts fresh unless
+dist_ortho run <study>/configs/<point>.yaml` under torchrun at P > 1), run by `jobs.run_jobs`:
+output in <study>/runs/<point>/, stdout+stderr in <study>/logs/<point>.log, resume (`sweep` skips
+points complete with the same config; `--force` reruns them; `study` always starts fresh unless
 `--resume`), a timeout, failures recorded in failures.csv (one line each: the first failing rank's
 error) while the sweep goes on, SIGINT/SIGTERM stopping the running point's whole process tree.
 (Interleaved: the same per job, i.e. per world size.)

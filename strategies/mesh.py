@@ -53,9 +53,8 @@ __all__ = ["REPLICA_MODES", "DEFAULT_REPLICAS", "Unit", "Instance", "Domain", "M
 
 REPLICA_MODES = ("spread", "repeat")
 # spread: NS FLOPs per rank drop by R for (R-1)/R of a rank's result rows over the replica axis;
-# the cost model finds it faster for every strategy on the projected H100 meshes (README,
-# "Meshes"; results/examples/projection/llama-70b_replicate8xshard16xtp8_h100.md: balanced 209 vs
-# 291 ms); `dist-ortho project --mesh` says where repeat would win (slow inter-node links)
+# the cost model finds it faster for every strategy on the projected H100 meshes (docs/meshes.md);
+# `dist-ortho project --mesh` says where repeat would win (slow inter-node links)
 DEFAULT_REPLICAS = "spread"
 
 

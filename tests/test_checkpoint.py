@@ -267,7 +267,7 @@ def test_killed_save_never_looks_complete(tmp_path, monkeypatch):
     assert checkpoint.latest_step(tmp_path) == 2
 
 
-# -- integrity, retention, disk full (issue 17) ----------------------------------------------------
+# -- integrity, retention, disk full -------------------------------------------------------------
 def _folder_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

@@ -1,4 +1,4 @@
-"""Checkpoint integrity, end to end through torchrun on 2 gloo ranks (issue 17).
+"""Checkpoint integrity, end to end through torchrun on 2 gloo ranks.
 
 - Damage: the newest checkpoint truncated, deleted or with corrupted bytes, for a `.distcp`
   shard, DCP's `.metadata` and the manifest itself: `--resume` names what it skipped in one line,

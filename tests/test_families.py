@@ -1,4 +1,4 @@
-"""The field's strategy families (issue 16), planned from shapes alone: `megabatch`'s padding is in
+"""The field's strategy families, planned from shapes alone: `megabatch`'s padding is in
 its plan, `split_ns` balances NS where whole-matrix ownership cannot, and the Gram Newton-Schulz
 option's FLOPs and numerics. Exactness on real process groups is in test_strategies_dist.py (every
 registered strategy is parametrized there)."""

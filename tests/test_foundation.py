@@ -168,7 +168,7 @@ def test_reference_normuon_matches_the_paper_formula_written_out():
 def test_regression_v_is_compared_not_skipped():
     """Bug: the test above ended in `assert_close(M, M_ref) and assert_close(v, v_ref)`;
     assert_close returns None, so `and` skipped the check of v. A wrong v (here the v of a
-    missing or doubled lerp, or one rounding-scale bigger than allowed) must now fail, with M right."""
+    missing or doubled lerp, or one rounding-scale bigger than allowed) must fail, with M right."""
     G, M, v = randn(12, 8, seed=9), randn(12, 8, seed=10), torch.rand(12, generator=torch.Generator(TEST_DEVICE).manual_seed(11))
     _, M_ref, v_ref = paper_transcription(G, M, v)
     normuon_update(G, M, v, ReferenceHParams(ns=NSConfig(dtype="float32")))
@@ -438,7 +438,7 @@ def test_regression_mixed_dtype_error_identical_across_hash_seeds():
 @pytest.mark.parametrize("matrix_optimizer", ["normuon", "adamw"])
 def test_regression_nan_in_adamw_grad_skips_the_whole_combined_step(matrix_optimizer):
     """Bug: NorMuon skipped a non-finite step but AdamW (embeddings, head, norms) still stepped,
-    writing NaN into its weights and advancing its step count. All or none now."""
+    writing NaN into its weights and advancing its step count: all or none."""
     net = TinyNet()
     opt = build_optimizers(net, OptimizerConfig(name=matrix_optimizer, ns_dtype="float32"))
     before = {n: p.detach().clone() for n, p in net.named_parameters()}

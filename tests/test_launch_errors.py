@@ -49,7 +49,6 @@ def launched(tmp_path: Path) -> bool:
 
 
 def test_bucket_bytes_too_small_is_one_line_before_any_rank_starts(tmp_path, capsys):
-    # was: every point launched, each rank died with a 220-line traceback
     broken = {"name": "bucketed_async", "label": "tiny_bucket", "options": {"bucket_bytes": 64}}
     study = write_study(tmp_path, ["replicated", broken], [1, 2])
     assert cli_main(["sweep", str(study)]) == 2
@@ -67,7 +66,6 @@ def test_bucket_bytes_too_small_in_a_single_run_is_one_line(capsys, tmp_path):
 
 
 def test_eval_batch_not_divisible_by_world_size_fails_before_launch(tmp_path, capsys):
-    # was: every run launched to fail, `FAILED (exit 1)` and torchrun's "Root Cause" block
     conv = tmp_path / "c.yaml"
     conv.write_text(yaml.safe_dump({"run": {"model": {"preset": "gpt-tiny"}},
                                     "convergence": {"out_dir": str(tmp_path / "results"),

@@ -1,4 +1,4 @@
-"""The mesh cost model and `dist-ortho project --mesh` (issue #14), from shapes alone (no process
+"""The mesh cost model and `dist-ortho project --mesh`, from shapes alone (no process
 group): bytes per mesh axis, inter-node bytes, the HSDP spread/repeat trade, the MoE presets."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""2-D meshes on real gloo groups, 4 ranks (issue #14): HSDP replicas share the Newton-Schulz work
+"""2-D meshes on real gloo groups, 4 ranks: HSDP replicas share the Newton-Schulz work
 (`replicas="spread"`) or repeat it, tensor parallel (parallelize_module + fully_shard) and expert
 parallel stacks. Every strategy equals the single-process reference within the derived float32
 bound (tests/mesh_cases.py says why no new term enters it), the bytes counted at the collectives

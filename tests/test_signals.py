@@ -1,7 +1,7 @@
 """SIGINT and SIGTERM to `sweep`, `study` and `convergence` stop the running point's whole process
 tree (torchrun starts its workers in sessions of their own), leave the point incomplete, print one
-line and exit 130 / 143. Was: SIGINT printed a KeyboardInterrupt traceback and SIGTERM left
-torchrun and its ranks running as orphans that kept writing results."""
+line and exit 130 / 143: no KeyboardInterrupt traceback, and no torchrun or rank left running as
+an orphan that keeps writing results."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@
    SSE4_2, AVX2 and AVX512), so the optimizer is also run with its matmuls and reductions replaced
    by other summation orders: float64 accumulation rounded once (the most accurate kernel there
    is) and a split inner dimension / reversed reductions (another blocking). Against the
-   reference on the native path, these reproduce the size of the AVX-512 Xeon's differences of
-   issue #11 (~2e-6 of the displacement) and must stay within the bound.
+   reference on the native path, these reproduce the size of the differences an AVX-512 Xeon
+   gives (~2e-6 of the displacement) and must stay within the bound.
 2. They catch real bugs. A copy of the reference update with a bug put in (a wrong epsilon, a
    dropped rescale, a stale momentum, shard-local norms, ...) is compared with the reference by
    the very check the exactness tests use, and must fail it. A bound that cannot fail is a defect.

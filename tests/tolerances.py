@@ -1,4 +1,4 @@
-"""Tolerances of the exactness tests, derived from floating-point error growth (issue #11).
+"""Tolerances of the exactness tests, derived from floating-point error growth.
 
 What is compared. The optimizer under test (any strategy, any world size) and the single-process
 reference (`dist_ortho.optim.reference`) run the same algorithm on the same float32 inputs. They may

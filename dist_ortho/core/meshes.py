@@ -1,4 +1,4 @@
-"""Device meshes as plain data, and where each piece of a parameter lives on one (issue #14).
+"""Device meshes as plain data, and where each piece of a parameter lives on one.
 
 Core module (no communication, no process group): the optimizer builds these descriptions from
 DTensors when it is constructed (`dist_ortho.core.mesh_groups`), the cost model builds them from

@@ -140,7 +140,8 @@ class Strategy:
     # -- execution -------------------------------------------------------------------------------
     def execute(self, plan: Plan, inputs: Sequence[torch.Tensor],
                 ctx: ExecContext) -> list[torch.Tensor]:
-        """Run `plan`; inputs[i] is this rank's dim-0 shard of matrix i (the full tensor if plain)."""
+        """Run `plan`; inputs[i] is this rank's dim-0 shard of matrix i (the full tensor if
+        plain)."""
         assert len(inputs) == len(plan.matrices)
         outputs: list[torch.Tensor | None] = [None] * len(inputs)
         sharded = [m.index for m in plan.matrices if m.sharded]

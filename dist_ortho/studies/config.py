@@ -195,7 +195,7 @@ class OutputConfig:
 @dataclass
 class CheckpointConfig:
     """Where and how often to save, how many to keep, blocking or in the background, and whether
-    to resume from the newest intact checkpoint there (see `dist_ortho.checkpointing.checkpoint`)."""
+    to resume from the newest intact checkpoint there (`dist_ortho.checkpointing.checkpoint`)."""
 
     dir: str | None = None
     every: int = 0

@@ -1,7 +1,7 @@
 """One world size of a strategy study: every strategy side by side, interleaved, in one process
 group.
 
-    torchrun --nproc_per_node=P -m dist_ortho.studies.interleaved --config <study>/configs/<job>.yaml
+    torchrun --nproc_per_node=P -m dist_ortho.studies.interleaved --config <job config>.yaml
 
 `dist-ortho study` and `dist-ortho sweep` (`dist_ortho.studies.sweep`) make one such job per world
 size (and option set); its settings (the job's `job.json`) list the points, each a complete run

@@ -1,6 +1,6 @@
 """One profiled run: FSDP2 model, NorMuon with a chosen strategy, a fixed number of steps.
 
-    torchrun --nproc_per_node=4 -m dist_ortho run launch/configs/base.yaml --set strategy.name=balanced
+    torchrun --nproc_per_node=4 -m dist_ortho run launch/configs/base.yaml -o results/latest/base
     dist-ortho run launch/configs/tiny.yaml -o results/latest/tiny   # one process, no torchrun
 
 What happens, on every rank:
@@ -228,7 +228,8 @@ class RunState:
     hooks: list = field(default_factory=list)
     faults: FaultConfig | None = None  # the testing aids active in this run (recorded in run.json)
     scheduler: object | None = None  # an LR scheduler stepped after every optimizer step; saved
-    saver: object | None = None  # dist_ortho.checkpointing.async_save.AsyncSaver with checkpoint.async_save
+    # a dist_ortho.checkpointing.async_save.AsyncSaver with checkpoint.async_save
+    saver: object | None = None
     # PhaseTimers that also see the loop's and the checkpoints' phases (`for_checkpoint(step)`):
     # the rank's PhaseMarker (dist_ortho.studies.phase_marker) and the testing aids
     markers: list = field(default_factory=list)
@@ -251,7 +252,8 @@ def _matrix_optimizers(optimizer) -> list:
 
 
 def run_facts(state: RunState) -> dict:
-    """What the report needs beyond the metrics: matrix sizes and the plan's per-rank predictions."""
+    """What the report needs beyond the metrics: matrix sizes and the plan's per-rank
+    predictions."""
     facts = {"run": state.out_dir.name, "model": state.config.model.preset,
              "strategy": state.config.strategy.name, "strategy_options": state.config.strategy.options,
              "world_size": state.world_size, "config_hash": state.config_hash,
@@ -292,8 +294,8 @@ def run_facts(state: RunState) -> dict:
 def build_run(config: Config, faults: FaultConfig | None = None) -> RunState:
     """Process group, sharded model, optimizers, data and profiler for `config`; with
     `checkpoint.resume`, also the latest checkpoint (the run's first collective). `faults`: the
-    testing aids (`dist_ortho.studies.faults`), active when they apply to this run's name. Config errors
-    (ConfigError) are raised before any collective, on every rank alike."""
+    testing aids (`dist_ortho.studies.faults`), active when they apply to this run's name. Config
+    errors (ConfigError) are raised before any collective, on every rank alike."""
     # checks that need no process group: identical on every rank (same file, same overrides)
     config = config_from_dict(config.to_dict())
     check_launch(config, _launch_world_size(), faults, run_device_type(config))

@@ -1,6 +1,6 @@
 """Scaling sweeps: a grid of runs, one torchrun per point, resumable, aggregated into summary.csv.
 
-    dist-ortho sweep launch/configs/study.yaml [--set train.steps=4]... [-o DIR] [--force] [--dry-run]
+    dist-ortho sweep launch/configs/study.yaml [--set train.steps=4]... [-o DIR] [--dry-run]
     dist-ortho study                       # the default study, fresh: sweep, then the report
     dist-ortho study -o results/examples   # regenerate the committed example
 

@@ -9,8 +9,7 @@ What happens, on every rank:
    the testing aids against the world size: WORLD_SIZE under torchrun) is checked, all before the
    process group starts; the model, the optimizers and the loader are built before the first
    collective. So a config error is raised identically on every rank and never leaves one rank
-   waiting on another; rank 0 prints it as one line (`dist-ortho run: error: ...`), exit 2.
-   torchrun adds its failure report to any failing rank: `launch/run.sh` runs `--check` first.
+   waiting on another; rank 0 prints it as one line, exit 2 (`launch/run.sh` runs `--check` first).
 1. Process group. Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) from the environment; without
    it, a one-rank group on an in-memory store, so the code path is the same at every world size.
    Backend and device follow the hardware: CUDA device LOCAL_RANK with nccl, else CPU with gloo and
@@ -228,8 +227,7 @@ class RunState:
     hooks: list = field(default_factory=list)
     faults: FaultConfig | None = None  # the testing aids active in this run (recorded in run.json)
     scheduler: object | None = None  # an LR scheduler stepped after every optimizer step; saved
-    # a dist_ortho.checkpointing.async_save.AsyncSaver with checkpoint.async_save
-    saver: object | None = None
+    saver: object | None = None  # an async_save.AsyncSaver with checkpoint.async_save
     # PhaseTimers that also see the loop's and the checkpoints' phases (`for_checkpoint(step)`):
     # the rank's PhaseMarker (dist_ortho.studies.phase_marker) and the testing aids
     markers: list = field(default_factory=list)
@@ -252,8 +250,7 @@ def _matrix_optimizers(optimizer) -> list:
 
 
 def run_facts(state: RunState) -> dict:
-    """What the report needs beyond the metrics: matrix sizes and the plan's per-rank
-    predictions."""
+    """What the report needs beyond the metrics: matrix sizes, the plan's predictions per rank."""
     facts = {"run": state.out_dir.name, "model": state.config.model.preset,
              "strategy": state.config.strategy.name, "strategy_options": state.config.strategy.options,
              "world_size": state.world_size, "config_hash": state.config_hash,

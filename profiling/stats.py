@@ -34,7 +34,7 @@ margin. Otherwise the pair is "not
 distinguishable at this noise" (a tie). The margin is what makes a claim survive a rerun: a
 claim's interval ends below 1 - margin, so a rerun with a similar spread (a half-width below the
 margin) puts its whole interval below 1 as well; `claim_holds` is that check, and the report's
-rerun test (tests/test_study.py) applies it to every claim of two reruns of the same study.
+rerun test (tests/studies/test_interleaved_study_statistics.py) applies it to every claim of two reruns of the same study.
 """
 
 from __future__ import annotations

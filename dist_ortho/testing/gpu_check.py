@@ -54,9 +54,10 @@ PRESET = "h200"  # the data-sheet figures the measurements are set beside
 RUN_CONFIG = "launch/configs/gpu_check.yaml"
 # single-process test files: under DIST_ORTHO_TEST_DEVICE=cuda their tensors live on the GPU and
 # their multi-rank tests skip (they run in tests_gloo_multirank)
-CUDA_TEST_FILES = ("tests/test_foundation.py", "tests/test_optimizer_api.py",
-                   "tests/test_models.py", "tests/test_data.py")
-MULTIRANK_TESTS = ("tests/test_strategies_dist.py",)
+CUDA_TEST_FILES = ("tests/optimizer/test_newton_schulz_and_reference_update.py",
+                   "tests/optimizer/test_optimizer_api.py", "tests/studies/test_model_presets.py",
+                   "tests/studies/test_data_loaders.py")
+MULTIRANK_TESTS = ("tests/strategies/test_every_strategy_matches_the_reference.py",)
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,10 @@ def plan_checks() -> tuple[Check, ...]:
     return (
         Check("environment", 15, "GPU name, driver, CUDA, torch (next to the project's pin), NCCL, "
               "memory, compute capability -> environment.json", _step("environment")),
-        Check("nccl_strategies", 65, f"tests/test_gpu.py on the GPU: an NCCL P=1 FSDP2 step of "
+        Check("nccl_strategies", 65, f"tests/optimizer/test_gpu_readiness.py on the GPU: an NCCL P=1 FSDP2 step of "
               f"every strategy ({names}) against the reference, ns_dtype auto = bfloat16, the "
               f"host-sync count of a CUDA step, meta/fake-cuda dry runs",
-              _pytest("tests/test_gpu.py", junit="nccl_strategies")),
+              _pytest("tests/optimizer/test_gpu_readiness.py", junit="nccl_strategies")),
         Check("profiled_run", 60, f"one profiled GPT training run, `dist-ortho run "
               f"{RUN_CONFIG}` (gpt-125m, NCCL P=1, ns_dtype auto = bfloat16 NS), with CUDA "
               f"memory peaks, phase times and a trace -> run/ and profiled_run.json",

@@ -57,7 +57,7 @@ __all__ = ["Job", "JobResult", "Progress", "run_jobs", "is_complete", "read_done
            "write_failures",
            "stop_tree", "clock", "DONE_FILE", "JOB_FILE", "REPO_ROOT"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DONE_FILE = "DONE"
 JOB_FILE = "job.json"
 FAILED = ("failed", "timeout", "unrunnable")

@@ -14,7 +14,8 @@ folders importable under dist_ortho (what the editable install's package-dir map
 For every strategy (and bucketed_async with small buckets, and Muon under `balanced`), P gloo
 ranks train an FSDP2-sharded GPT preset for a few steps from the same seed and batches, and record
 every step's global loss (as float.hex) and a SHA-256 of every parameter's full tensor and of the
-optimizers' state. Two records of the same config from two versions of the code must be equal.
+optimizers' state. `--layout hsdp` trains on a 2 x 2 (replicate, shard) mesh and `--layout
+fsdp_tp` on a 2 x 2 (dp, tp) mesh with tensor-parallel MLPs (4 ranks each). Two records of the same config from two versions of the code must be equal.
 Only the public API is used (`build_model`, `build_optimizers`, `strategies.build`,
 `dist_ortho.testing.spawn`), so the script runs on older versions too.
 """
@@ -47,7 +48,14 @@ RUNS = {  # label: (optimizer name, strategy name, strategy options)
     "bucketed_async_small": ("normuon", "bucketed_async", {"bucket_bytes": 64 * 1024}),
     "balanced": ("normuon", "balanced", {}),
     "balanced_muon": ("muon", "balanced", {}),
+    "megabatch": ("normuon", "megabatch", {}),
+    "split_ns": ("normuon", "split_ns", {}),
+    "overlapped": ("normuon", "overlapped", {}),
+    "overlapped_step": ("normuon", "overlapped", {"schedule": "step"}),
 }
+# the mesh path schedules at step time: backward overlap is refused there with one line
+MESH_RUNS = [label for label in RUNS if label != "overlapped"]
+LAYOUTS = ("fsdp", "hsdp", "fsdp_tp")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -59,19 +67,36 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def worker(rank: int, world_size: int, preset: str, steps: int, labels: list[str]) -> dict:
+def _sharded_model(preset: str, layout: str, world_size: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
 
-    mesh = init_device_mesh("cpu", (world_size,))
+    torch.manual_seed(0)
+    model = build_model(preset)
+    if layout == "fsdp":
+        mesh = init_device_mesh("cpu", (world_size,))
+    elif layout == "hsdp":
+        mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    else:  # fsdp_tp: torchtitan's order, tensor parallel first, then FSDP2 on "dp"
+        tp_mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
+        for block in model.blocks:
+            parallelize_module(block.mlp, tp_mesh["tp"], {"fc_in": ColwiseParallel(),
+                                                          "fc_out": RowwiseParallel()})
+        mesh = tp_mesh["dp"]
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def worker(rank: int, world_size: int, preset: str, steps: int, labels: list[str],
+           layout: str = "fsdp") -> dict:
     out = {}
     for label in labels:
         algo, name, options = RUNS[label]
-        torch.manual_seed(0)
-        model = build_model(preset)
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = _sharded_model(preset, layout, world_size)
         config = OptimizerConfig(name=algo, ns_dtype="float32", adamw_lr=1e-3)
         opt = build_optimizers(model, config, strategy=strategies.build(name, **options))
         seq, batch = model.config.seq_len, 2 * world_size
@@ -119,12 +144,17 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="gpt-tiny")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--runs", help="comma-separated labels (default: every run the layout "
+                        "takes)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="fsdp",
+                        help="fsdp: 1-D over --world-size ranks; hsdp, fsdp_tp: 2 x 2 meshes")
     args = parser.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
-    results = spawn(worker, args.world_size,
-                    (args.preset, args.steps, args.runs.split(",")))
+    if args.layout != "fsdp" and args.world_size != 4:
+        parser.error(f"--layout {args.layout} builds a 2 x 2 mesh: pass --world-size 4")
+    runs = args.runs.split(",") if args.runs else list(RUNS if args.layout == "fsdp" else MESH_RUNS)
+    results = spawn(worker, args.world_size, (args.preset, args.steps, runs, args.layout))
     for r in results[1:]:
         assert r == results[0], "ranks disagree"
     text = json.dumps(results[0], indent=1, sort_keys=True)

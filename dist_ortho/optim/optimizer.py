@@ -216,13 +216,17 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if not getattr(self.strategy, "follows_backward", False):
             raise ValueError(f"strategy {self.strategy.name!r} does not order its work by the "
                              f"backward pass; use strategy 'overlapped'")
-        on_mesh = [self._names[id(p)] for _, p in self._entries(require_grad=False)
-                   if self._layouts[id(p)] is None]
+        # the same test plan() makes: HSDP with replicas="spread" takes the mesh path too
+        entries = self._entries(require_grad=False)
+        on_mesh = ([self._names[id(p)] for _, p in entries if self._infos[id(p)].mesh is not None]
+                   if mesh_step.needs_mesh([self._infos[id(p)] for _, p in entries], self.replicas)
+                   else [])
         if on_mesh and getattr(self.strategy, "runs_in_backward", False):
             # placements are alike on every rank, so every rank raises here
             raise ValueError(f"parameter {on_mesh[0]!r} lives on a 2-D/3-D mesh (HSDP, TP or "
                              f"EP): the mesh path has no backward overlap; use the strategy "
-                             f"option schedule='step', or another strategy")
+                             f"option schedule='step', another strategy, or (HSDP) "
+                             f"replicas='repeat'")
         if on_mesh:  # schedule step: the mesh path plans per row group, FSDP units unused
             return
         units = unit_positions(self._entries(require_grad=False), model, self._names)

@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, OptimizerConfig,
                         ReferenceHParams, SplitConfig, build_optimizers, ns_flops, reference_step,
                         split_params)
-from dist_ortho.core import newton_schulz
-from dist_ortho.core.newton_schulz import POLAR_EXPRESS_COEFFICIENTS, matrix_view_shape
+from dist_ortho.core.newton_schulz import (POLAR_EXPRESS_COEFFICIENTS, matrix_view_shape,
+                                           newton_schulz)
 from dist_ortho.optim.reference import normuon_update
 
 from tests.devices import TEST_DEVICE

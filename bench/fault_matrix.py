@@ -5,9 +5,9 @@ following `--resume` continues bitwise from the newest intact checkpoint.
     python bench/fault_matrix.py                      # all phases x kill, hang -> results/bench/
     python bench/fault_matrix.py --phases ns save --modes kill --out /tmp/fm
 
-The cases are those of tests/end_to_end/fault_cases.py (gpt-tiny, 2 gloo ranks, strategy balanced, 6 steps,
-a checkpoint every 2 steps, keep_last 1, collective timeout fault_cases.TIMEOUT_S): each case is
-one job through `dist_ortho.studies.jobs` (as a sweep runs a point); then one torchrun runs the
+The cases are those of tests/end_to_end/fault_cases.py (gpt-tiny, 2 gloo ranks, strategy balanced, 6
+steps, a checkpoint every 2 steps, keep_last 1, collective timeout fault_cases.TIMEOUT_S): each case
+is one job through `dist_ortho.studies.jobs` (as a sweep runs a point); then one torchrun runs the
 uninterrupted reference and every case's `--resume`. Writes fault_matrix.md and fault_matrix.csv.
 Time to exit: from the wall clock the failing rank logged just before it failed to the moment the
 job runner had the job's exit status (torchrun stopping the other rank included), on whatever

@@ -35,9 +35,9 @@ order or blocking (probabilistic rounding analysis: Higham & Mary, SIAM J. Sci. 
    with ||W_t||, ||U_t|| (Frobenius) taken from the reference run.
 C = 10 holds the O(1) factors the model leaves out (the lambda of the probabilistic bound, the
 quintic's coefficients |a| + |b| + |c| = 10.3 that cancel to p(sigma) ~ 0.7-1.2). Measured, with
-kernel paths emulated beyond what one CPU offers (tests/optimizer/test_tolerances_catch_bugs.py), errors stay at or
-below ~1/10 of the bound, while a bug has to move the update by about 2 C eps_update (1e-4 to
-3e-4 relative) to be seen; the mutation tests there show which real bugs are.
+kernel paths emulated beyond what one CPU offers (tests/optimizer/test_tolerances_catch_bugs.py),
+errors stay at or below ~1/10 of the bound, while a bug has to move the update by about 2 C
+eps_update (1e-4 to 3e-4 relative) to be seen; the mutation tests there show which real bugs are.
 """
 
 from __future__ import annotations

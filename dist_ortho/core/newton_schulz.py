@@ -15,7 +15,8 @@ Gram X_0 X_0^T and the last product Q X_0 touch the long side l, so it costs
 4 k^2 l + (8 s - 6) k^3 FLOPs against s (4 k^2 l + 2 k^3): fewer when l > 1.5 k (44% fewer for a
 Llama MLP matrix, l = 3.5 k, 5 steps), more for square ones. Same polynomial, so the same result
 up to rounding; but A_t is carried forward instead of recomputed from X_t, so rounding is not
-corrected by the next step (measured and bounded in tests/strategies/test_megabatch_split_ns_and_gram_plans.py).
+corrected by the next step (measured and bounded in
+tests/strategies/test_megabatch_split_ns_and_gram_plans.py).
 
 The function is pure and deterministic. It works on any batch of matrices (..., m, n), transposes
 tall matrices so the Gram matrix X X^T is the small one, normalizes by the Frobenius norm in the

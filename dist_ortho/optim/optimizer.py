@@ -21,8 +21,8 @@ Host syncs: `step()` makes exactly `HOST_SYNCS_PER_STEP` = 1 device-to-host sync
 check's `.item()` (`count_nonfinite`): whether to skip must be known on the host before any state
 is touched, on every rank alike. Everything else is queued: shapes, owners, split sizes and
 buckets are Python ints from the cached plan, never read back from a tensor, so on CUDA the
-strategies' collectives overlap with Newton-Schulz. tests/optimizer/test_gpu_readiness.py counts the syncs of a step
-(P = 1 and P = 2) and asserts this number.
+strategies' collectives overlap with Newton-Schulz. tests/optimizer/test_gpu_readiness.py counts the
+syncs of a step (P = 1 and P = 2) and asserts this number.
 
 On 2-D/3-D meshes (HSDP with replicas="spread", tensor parallel, expert parallel) steps 3-4 go
 through `dist_ortho.optim.mesh_step` (`strategies.mesh`): the same strategies per row group, plus

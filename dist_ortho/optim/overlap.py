@@ -12,7 +12,8 @@ public `Tensor.register_post_accumulate_grad_hook` on the FSDP2 parameter fires 
 per backward, after the reduce-scatter, with the reduced shard in `p.grad`; on CUDA it runs on
 FSDP2's post-reduce stream, so the work queued here is ordered after the reduce-scatter and before
 FSDP2's end-of-backward event, which `step()`'s stream waits on. A unit is ready when every
-optimizer parameter it manages has fired. `tests/strategies/test_backward_overlap_matches_the_reference.py` fails loudly if torch stops
+optimizer parameter it manages has fired.
+`tests/strategies/test_backward_overlap_matches_the_reference.py` fails loudly if torch stops
 calling the hook this way.
 
 What runs in the hook. The unit's momentum directions are computed from the final shard

@@ -1,11 +1,11 @@
 """The fault matrix: a rank killed or hung in each phase of a step or a save, through the job runner
 (`dist_ortho.studies.jobs`, as a sweep runs a point), then `--resume` of every case in one torchrun.
 
-Used by tests/end_to_end/test_checkpoint_integrity_through_torchrun.py (which asserts the behaviour) and bench/fault_matrix.py (which
-writes the table of times to exit to results/bench/fault_matrix.md). One run: gpt-tiny on 2 gloo
-ranks, synthetic data, strategy balanced (it has a forward exchange, Newton-Schulz and a return
-exchange), NorMuon + AdamW, 6 steps, a checkpoint every 2 steps, keep_last 1, collective timeout
-TIMEOUT_S.
+Used by tests/end_to_end/test_checkpoint_integrity_through_torchrun.py (which asserts the behaviour)
+and bench/fault_matrix.py (which writes the table of times to exit to
+results/bench/fault_matrix.md). One run: gpt-tiny on 2 gloo ranks, synthetic data, strategy balanced
+(it has a forward exchange, Newton-Schulz and a return exchange), NorMuon + AdamW, 6 steps, a
+checkpoint every 2 steps, keep_last 1, collective timeout TIMEOUT_S.
 
 The fault strikes at step FAIL_STEP (0-based) on FAIL_RANK, as the rank enters the phase
 (`dist_ortho.studies.faults.PHASES`); "save" strikes in the save after that step (the checkpoint of
@@ -160,7 +160,8 @@ def left_behind(ckpt_dir: Path) -> dict:
 
 
 def resume_jobs(root: Path, matrix: list[Case]) -> list[list[str]]:
-    """The reference run and every case's --resume, for tests/end_to_end/rel_cases.py (one torchrun)."""
+    """The reference run and every case's --resume, for tests/end_to_end/rel_cases.py (one
+    torchrun)."""
     return [run_args(root, "reference")] + [run_args(root, c.name, resume=True, extra=c.sets)
                                             for c in matrix]
 
@@ -182,8 +183,8 @@ def step_folders(ckpt_dir: Path) -> list[str]:
 
 def run_many(nproc: int, jobs: list[list[str]], folder: Path, timeout_s: float = 600
              ) -> tuple[int, str]:
-    """Several `dist-ortho run` command lines in one torchrun (tests/end_to_end/rel_cases.py): (exit code,
-    output). On timeout the process tree is stopped and the exit code is None."""
+    """Several `dist-ortho run` command lines in one torchrun (tests/end_to_end/rel_cases.py):
+    (exit code, output). On timeout the process tree is stopped and the exit code is None."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs_file = folder / f"jobs_{len(list(folder.glob('jobs_*')))}.json"
     jobs_file.write_text(json.dumps(jobs))

@@ -1,7 +1,8 @@
-"""Torchrun entry for tests/end_to_end/test_resume_and_faults_through_torchrun.py: several `dist-ortho run` command lines in one
-torchrun job, so every strategy is covered without paying a launch for each.
+"""Torchrun entry for tests/end_to_end/test_resume_and_faults_through_torchrun.py: several
+`dist-ortho run` command lines in one torchrun job, so every strategy is covered without paying a
+launch for each.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/end_to_end/rel_cases.py jobs.json
+    torchrun --standalone --nproc_per_node=2 tests/end_to_end/rel_cases.py jobs.json
 
 jobs.json is a list of argument lists for `dist-ortho run` (for example ["c.yaml", "--set",
 "train.steps=4", "--resume"]). Each goes through `dist_ortho.studies.run.main`, exactly as the

@@ -5,9 +5,9 @@
   continues from the previous intact checkpoint, and ends with the uninterrupted run's losses and
   model and optimizer state, bit for bit. With nothing intact it fails in one line.
 - Async saves write the same checkpoints as blocking ones, bit for bit.
-- The fault matrix (tests/end_to_end/fault_cases.py): a rank killed or hung in a phase of a step or a save
-  ends the job within the collective timeout, with the failing rank and phase in the job's one
-  error line; its `--resume` continues bitwise. By default two cases run side by side (the
+- The fault matrix (tests/end_to_end/fault_cases.py): a rank killed or hung in a phase of a step or
+  a save ends the job within the collective timeout, with the failing rank and phase in the job's
+  one error line; its `--resume` continues bitwise. By default two cases run side by side (the
   matrix costs ~35 s of two CPU cores per case); DIST_ORTHO_FAULT_MATRIX=full runs every phase
   killed and hung. Times to exit are printed; with DIST_ORTHO_FAULT_TIMES=<file> they are also
   appended there (bench/fault_matrix.py writes the committed table).
@@ -46,9 +46,9 @@ SAYS = {("truncate", "manifest.json"): "manifest.json is damaged",
         **{("truncate", f): f"{f} has " for f in FILES[:2]},
         **{("delete", f): f"{f} is missing" for f in FILES[:2]},
         **{("corrupt", f): f"{f} is corrupted" for f in FILES[:2]}}
-# the fault cases run by default (tests/end_to_end/test_resume_and_faults_through_torchrun.py kills and hangs a rank mid-step
-# too): a hang in the optimizer, ended by the timeout, and a kill in the middle of retention's
-# deletion
+# the fault cases run by default (tests/end_to_end/test_resume_and_faults_through_torchrun.py kills
+# and hangs a rank mid-step too): a hang in the optimizer, ended by the timeout, and a kill in the
+# middle of retention's deletion
 DEFAULT_CASES = (("normalize", "hang"), ("retention", "kill"))
 
 

@@ -13,8 +13,8 @@
 
 Launches, kept few for a 2-core machine: one P=2 torchrun runs every strategy's uninterrupted and
 first-half runs plus the NaN runs, one P=2 torchrun runs the second halves, one P=3 torchrun the
-resharded resumes (tests/end_to_end/rel_cases.py puts several runs in one launch); then one torchrun per
-fault.
+resharded resumes (tests/end_to_end/rel_cases.py puts several runs in one launch); then one torchrun
+per fault.
 """
 
 from __future__ import annotations

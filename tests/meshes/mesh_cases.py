@@ -1,5 +1,5 @@
-"""Workers for the mesh tests (tests/meshes/test_meshes_match_the_reference.py): HSDP spread/repeat, tensor parallel and
-expert parallel on real gloo groups, 4 ranks, one spawn for all of them.
+"""Workers for the mesh tests (tests/meshes/test_meshes_match_the_reference.py): HSDP spread/repeat,
+tensor parallel and expert parallel on real gloo groups, 4 ranks, one spawn for all of them.
 
 Parameters are built from the same seeded global tensors on every rank and placed with torch's
 own `distribute_tensor(src_data_rank=None)` on the placements under test (for TP: the placements

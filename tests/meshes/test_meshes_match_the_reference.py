@@ -1,8 +1,9 @@
 """2-D meshes on real gloo groups, 4 ranks: HSDP replicas share the Newton-Schulz work
 (`replicas="spread"`) or repeat it, tensor parallel (parallelize_module + fully_shard) and expert
 parallel stacks. Every strategy equals the single-process reference within the derived float32
-bound (tests/meshes/mesh_cases.py says why no new term enters it), the bytes counted at the collectives
-equal the plan's per (kind, mesh axis), the FLOPs run equal the plan's. One spawn runs it all.
+bound (tests/meshes/mesh_cases.py says why no new term enters it), the bytes counted at the
+collectives equal the plan's per (kind, mesh axis), the FLOPs run equal the plan's. One spawn runs
+it all.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Host-sync counting for tests/optimizer/test_gpu_readiness.py, and its worker for real gloo ranks (spawned by name).
+"""Host-sync counting for tests/optimizer/test_gpu_readiness.py, and its worker for real gloo ranks
+(spawned by name).
 
 `HostSyncCounter` counts what makes the host wait for a device inside its `with` block:
 - scalar reads: `.item()`, `bool(t)`, `int(t)`, `float(t)`, `if t:` (all

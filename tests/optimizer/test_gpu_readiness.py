@@ -4,10 +4,10 @@ On any machine: a step of every strategy on meta-device parameters (a tensor mad
 the parameter's device was needed raises), Newton-Schulz on fake "cuda" tensors (FakeTensorMode
 fakes CUDA without one), the host syncs of a step counted at P = 1 against the documented number
 (`dist_ortho.optim.optimizer.HOST_SYNCS_PER_STEP`; on 2 gloo ranks in
-tests/strategies/test_every_strategy_matches_the_reference.py), and bench/gpu_check.sh's no-GPU path and dry run. With CUDA
-(bench/gpu_check.sh runs this file on the GPU): an FSDP2 step of every strategy on an NCCL group of
-one rank against the reference, and the host syncs of a CUDA step, also as torch's CUDA sync debug
-mode sees them.
+tests/strategies/test_every_strategy_matches_the_reference.py), and bench/gpu_check.sh's no-GPU path
+and dry run. With CUDA (bench/gpu_check.sh runs this file on the GPU): an FSDP2 step of every
+strategy on an NCCL group of one rank against the reference, and the host syncs of a CUDA step, also
+as torch's CUDA sync debug mode sees them.
 """
 
 from __future__ import annotations

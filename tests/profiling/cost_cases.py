@@ -2,11 +2,11 @@
 
 Two ways to run the real strategy code at a world size:
 - `gloo_worker` runs on real gloo ranks (dist_ortho.testing.processes.spawn), P = 1..4;
-- `python -m tests.profiling.cost_cases fake P RANK` runs one rank of P (64, 1024, ...) in this one process on
-  torch's fake process group, whose collectives return at once without moving data. The bytes the
-  counter sees are still the real call's arguments, and FLOPs are counted from shapes, so both can
-  be compared with the model; the numbers computed are garbage and are not looked at. One rank per
-  process: the fake group keeps mesh coordinates from the first rank it saw.
+- `python -m tests.profiling.cost_cases fake P RANK` runs one rank of P (64, 1024, ...) in this one
+  process on torch's fake process group, whose collectives return at once without moving data. The
+  bytes the counter sees are still the real call's arguments, and FLOPs are counted from shapes, so
+  both can be compared with the model; the numbers computed are garbage and are not looked at. One
+  rank per process: the fake group keeps mesh coordinates from the first rank it saw.
 
 Every worker returns plain data (counted bytes per kind, executed NS FLOPs, state bytes) that the
 tests compare with `profiling.costmodel.predict` for the same shapes and rank.

@@ -1,5 +1,5 @@
-"""Workers for tests/strategies/test_backward_overlap_matches_the_reference.py, run on real gloo process groups
-(dist_ortho.testing.processes.spawn).
+"""Workers for tests/strategies/test_backward_overlap_matches_the_reference.py, run on real gloo
+process groups (dist_ortho.testing.processes.spawn).
 
 `train_case` trains the same FSDP2 GPT three ways on every rank, side by side: strategy
 `overlapped` with schedule backward (orthogonalization in FSDP2's post-reduce-scatter hooks),

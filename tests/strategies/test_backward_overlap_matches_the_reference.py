@@ -4,8 +4,6 @@ bound of tests/tolerances.py) and is bitwise equal to the same plan run after ba
 presets at P = 1..4, with and without gradient accumulation; bytes counted at the collectives and
 FLOPs counted at the orthogonalizer equal the plan's. Workers: tests/strategies/overlap_cases.py.
 
-from tests.strategies import overlap_cases
-from tests.strategies.test_every_strategy_matches_the_reference import assert_bytes_equal, assert_ratios
 P = 2 runs in the default suite; P = 1, 3 and 4 (same cases) are `slow` (CI runs them).
 """
 
@@ -19,6 +17,10 @@ import torch
 from dist_ortho import NorMuon, strategies
 from dist_ortho.optim.overlap import fsdp_units
 from dist_ortho.testing.processes import spawn
+
+from tests.strategies import overlap_cases
+from tests.strategies.test_every_strategy_matches_the_reference import (assert_bytes_equal,
+                                                                        assert_ratios)
 
 STEPS = 3
 # (preset, micro-batches, reduce on every micro-batch)

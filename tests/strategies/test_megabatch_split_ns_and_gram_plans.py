@@ -1,7 +1,8 @@
 """The field's strategy families, planned from shapes alone: `megabatch`'s padding is in
 its plan, `split_ns` balances NS where whole-matrix ownership cannot, and the Gram Newton-Schulz
-option's FLOPs and numerics. Exactness on real process groups is in tests/strategies/test_every_strategy_matches_the_reference.py (every
-registered strategy is parametrized there)."""
+option's FLOPs and numerics. Exactness on real process groups is in
+tests/strategies/test_every_strategy_matches_the_reference.py (every registered strategy is
+parametrized there)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Sharded checkpoints resume exactly: every strategy under FSDP2 on gloo, at the same world size
 (in the same processes and in fresh ones), at a different world size, and in one process.
 
-Three spawns in all (P=2 train+save+resume, P=2 fresh resume, P=3 resume); see tests/studies/ckpt_cases.py.
+Three spawns in all (P=2 train+save+resume, P=2 fresh resume, P=3 resume); see
+tests/studies/ckpt_cases.py.
 """
 
 from __future__ import annotations

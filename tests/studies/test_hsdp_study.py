@@ -45,7 +45,7 @@ def test_replicate_must_divide_the_world_before_launch():
 
 def test_new_fields_keep_old_hashes_at_their_defaults_and_count_otherwise():
     base = config_hash(Config())
-    assert base == "512e37a67e80"  # the pin of tests/studies/test_run_config.py: old results stay valid
+    assert base == "512e37a67e80"  # the pin of tests/studies/test_run_config.py
     for overrides in ({"train.replicate": 2}, {"optimizer.replicas": "repeat"}):
         assert config_hash(config_from_dict(apply_overrides({}, overrides))) != base
     explicit = {"train.replicate": 1, "optimizer.replicas": "spread"}

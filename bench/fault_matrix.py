@@ -5,9 +5,9 @@ following `--resume` continues bitwise from the newest intact checkpoint.
     python bench/fault_matrix.py                      # all phases x kill, hang -> results/bench/
     python bench/fault_matrix.py --phases ns save --modes kill --out /tmp/fm
 
-The cases are those of tests/fault_cases.py (gpt-tiny, 2 gloo ranks, strategy balanced, 6 steps,
-a checkpoint every 2 steps, keep_last 1, collective timeout fault_cases.TIMEOUT_S): each case is
-one job through `dist_ortho.studies.jobs` (as a sweep runs a point); then one torchrun runs the
+The cases are those of tests/end_to_end/fault_cases.py (gpt-tiny, 2 gloo ranks, strategy balanced, 6
+steps, a checkpoint every 2 steps, keep_last 1, collective timeout fault_cases.TIMEOUT_S): each case
+is one job through `dist_ortho.studies.jobs` (as a sweep runs a point); then one torchrun runs the
 uninterrupted reference and every case's `--resume`. Writes fault_matrix.md and fault_matrix.csv.
 Time to exit: from the wall clock the failing rank logged just before it failed to the moment the
 job runner had the job's exit status (torchrun stopping the other rank included), on whatever
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
+sys.path[:0] = [str(HERE.parent)]  # the repository root, for the tests package
 
-import fault_cases as fc  # noqa: E402 - tests/ on the path first
+from tests.end_to_end import fault_cases as fc  # noqa: E402 - the root on the path first
 
 from dist_ortho.core.io import atomic_write_text  # noqa: E402
 from dist_ortho.studies.faults import PHASES  # noqa: E402

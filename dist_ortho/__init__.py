@@ -2,8 +2,8 @@
 strategies (see the `strategies` package) and a profiler (`profiling`).
 
 The names below are loaded on first use (module `__getattr__`), so that importing a low layer
-such as `dist_ortho.strategies` or `dist_ortho.core.newton_schulz` does not pull in the optimizer; see
-ARCHITECTURE.md for the layers.
+such as `dist_ortho.strategies` or `dist_ortho.core.newton_schulz` does not pull in the optimizer;
+see ARCHITECTURE.md for the layers.
 """
 
 from __future__ import annotations

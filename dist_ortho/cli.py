@@ -1,22 +1,28 @@
-"""The `dist-ortho` command (also `python -m dist_ortho`): one program, several subcommands.
+"""The `dist-ortho` command (also `python -m dist_ortho`): one program, several subcommands, one
+grammar, `dist-ortho CMD [CONFIG] [--set KEY=VALUE]... [-o OUT]`:
 
-    dist-ortho run     --config launch/configs/tiny.yaml [--set optimizer.lr=0.01 ...]
-    dist-ortho sweep   launch/configs/study.yaml        grid of torchrun runs -> summary.csv
-    dist-ortho report  results/<study>                  plots + report.md from a finished sweep
-    dist-ortho study   [--config launch/configs/default_study.yaml]   sweep, then report
-    dist-ortho project ...                              cost model (dist_ortho.studies.project)
-    dist-ortho convergence ...                          convergence study (dist_ortho.studies.convergence)
+    dist-ortho run     [launch/configs/tiny.yaml] [--set optimizer.lr=0.01]... [-o OUT]
+    dist-ortho sweep   launch/configs/study.yaml [--set train.steps=3]... [-o OUT]
+    dist-ortho study   [launch/configs/default_study.yaml] [--set ...]... [-o OUT]  sweep + report
+    dist-ortho report  results/latest/<study> [-o OUT]      plots + report.md of a finished sweep
+    dist-ortho project [--model llama-8b ...] [-o OUT]      cost model projected to large scale
+    dist-ortho convergence launch/configs/convergence.yaml [--set ...]... [-o OUT]
+
+`--set` takes one KEY=VALUE and repeats, so it never swallows CONFIG; `report` reads a results
+folder instead of a config and `project` takes its inputs as flags, so neither has `--set`. Under
+torchrun a run is `torchrun --nproc_per_node=N -m dist_ortho run CONFIG ...`.
 
 Every subcommand lives in a module exposing `add_arguments(parser)` and `main(args) -> int`. Only
 the module of the subcommand being run is imported, so a missing or broken module (say, the cost
 model in an installation without it) affects its own subcommand only; a missing one says so.
 
-Errors, the same for every command (`run_command`): a user mistake (ConfigError or another
-ValueError, an OSError such as an output path that cannot be written) is ONE line on stderr,
-`dist-ortho <command>: error: <key>: <what is wrong and the fix>`, exit status 2, no traceback.
-SIGINT and SIGTERM end a command with one line and exit status 130 / 143; the job runner
-(`dist_ortho.studies.jobs`) first stops the running point's whole process tree and leaves it incomplete.
-Set DIST_ORTHO_TRACEBACK=1 to get the full traceback of an error instead of its one line.
+Errors, the same for every command (`dist_ortho.core.commands.run_command`): a user mistake
+(`UserError`: a config key, a flag, an output path that cannot be written) is ONE line on stderr,
+`dist-ortho <command>: error: <key>: <what is wrong and the fix>`, exit status 2, no traceback;
+anything else is a bug, reported in one line and then its traceback, exit status 1. SIGINT and
+SIGTERM end a command with one line and exit status 130 / 143; the job runner
+(`dist_ortho.studies.jobs`) first stops the running point's whole process tree and leaves it
+incomplete. A run is a rank of a job, so SIGTERM keeps its default there.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "project": ("dist_ortho.studies.project", "cost model: project step time and bytes to large scale"),
     "convergence": ("dist_ortho.studies.convergence", "loss-vs-steps study of NorMuon, Muon and AdamW"),
 }
+
+# commands that run as the ranks of a job: torchrun and the job runner stop them with SIGTERM
+RANK_COMMANDS = {"run"}
 
 
 def _load(target: str):
@@ -95,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "_takes_anything", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return run_command(args.command, args._main, args)
+    return run_command(args.command, args._main, args, sigterm=args.command not in RANK_COMMANDS)
 
 
 if __name__ == "__main__":

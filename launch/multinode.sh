@@ -12,11 +12,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # the repo's .venv when there is one, else python3 on PATH; override with PYTHON=...
 PYTHON=${PYTHON:-$([ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3)}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-CONFIG=${1:?usage: launch/multinode.sh CONFIG.yaml [--set key=value ...]}
+CONFIG=${1:?usage: launch/multinode.sh CONFIG.yaml [--set key=value]... [-o OUT]}
 shift
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port}"
 NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
+# every node checks the config the same way before torchrun starts (a bad key: one line, exit 2)
+WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" -m dist_ortho run "$CONFIG" "$@" --check
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-dist_ortho}" \
-  -m dist_ortho.studies.run --config "$CONFIG" "$@"
+  -m dist_ortho run "$CONFIG" "$@"

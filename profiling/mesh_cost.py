@@ -1,4 +1,4 @@
-"""Cost model for 2-D/3-D meshes (issue #14): bytes per mesh axis, inter-node bytes, step time.
+"""Cost model for 2-D/3-D meshes: bytes per mesh axis, inter-node bytes, step time.
 
 A mesh is given by axis names and sizes, outermost first (`init_device_mesh` order: ranks are
 row-major, so the last axis is the innermost, contiguous one), e.g. `dp=128,tp=8` or

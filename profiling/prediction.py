@@ -10,7 +10,7 @@ Who does what is not re-derived here: `optimizer.plan_step` (the strategy's own 
 with the optimizer's all-reduces and the update rule's reductions) is the one source of truth for
 owners, buckets, bytes and FLOPs, for the optimizer at run time and for this module alike. The
 model is validated byte-for-byte against the dispatcher-level counter (`profiling.comm`) on real
-gloo ranks and, for P up to 1024, on torch's fake process group (tests/test_costmodel.py).
+gloo ranks and, for P up to 1024, on torch's fake process group (tests/profiling/test_cost_model.py).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ at or above the level asked for (95%). It assumes nothing about the distribution
 times are skewed: load only ever adds time), only that samples are exchangeable; with fewer than
 6 samples no interval reaches 95% and [min, max] is returned with its true (lower) coverage,
 which is reported. Steps taken close together share the machine's state, so the studies
-interleave strategies step by step and rotate their order between repeats (`dist_ortho.studies.interleaved`):
-a burst of load then hits every strategy alike instead of one.
+interleave strategies step by step and rotate their order between repeats
+(`dist_ortho.studies.interleaved`): a burst of load then hits every strategy alike instead of one.
 
 Comparisons. Two strategies measured in the same interleaved rounds are compared by their
 paired ratio: per round, A's step time / B's (the two steps were taken one after the other, so
@@ -34,7 +34,7 @@ margin. Otherwise the pair is "not
 distinguishable at this noise" (a tie). The margin is what makes a claim survive a rerun: a
 claim's interval ends below 1 - margin, so a rerun with a similar spread (a half-width below the
 margin) puts its whole interval below 1 as well; `claim_holds` is that check, and the report's
-rerun test (tests/test_study.py) applies it to every claim of two reruns of the same study.
+rerun test (tests/studies/test_interleaved_study_statistics.py) applies it to every claim of two reruns of the same study.
 """
 
 from __future__ import annotations

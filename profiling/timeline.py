@@ -10,14 +10,14 @@ their clock sync). On CUDA these are host times, when the CPU issued the work, n
 
 Collectives: `profiling.comm.CommCounter` tells its listeners about each collective it records
 (the profiler installs a counter on instrumented steps), and so does the interconnect emulator
-for the ones no counter sees (every step of an emulated run), with the op's Work; the timeline records
-the issue time and takes the end from the Work's future (`add_done_callback`, run by the backend
-when the collective completes, so an asynchronous collective's span covers its flight, not the
-time someone waited for it; gloo's reduce-scatter has no future and is waited for at issue, see
+for the ones no counter sees (every step of an emulated run), with the op's Work; the timeline
+records the issue time and takes the end from the Work's future (`add_done_callback`, run by the
+backend when the collective completes, so an asynchronous collective's span covers its flight, not
+the time someone waited for it; gloo's reduce-scatter has no future and is waited for at issue, see
 `interconnect.future_of`). A collective is put in the FSDP2 lane unless it was issued inside
 the optimizer (its step or its backward hooks); one issued outside this timeline's phases is not
-its run's (an interleaved study holds several runs in one process) and is left out. Functional collectives (DTensor) have no Work;
-their span is the issue instant.
+its run's (an interleaved study holds several runs in one process) and is left out. Functional
+collectives (DTensor) have no Work; their span is the issue instant.
 
 `write(out_dir)` (collective: every rank calls it) gathers every rank's spans on rank 0 and writes
 `trace.json` in the Chrome trace event format (one process per rank, one thread per lane; load it

@@ -6,11 +6,11 @@ Time is an alpha-beta model, one (alpha, beta) per collective kind:
 
 steps: P-1 for ring all-gather / reduce-scatter and for pairwise all-to-all, gather and scatter;
 ceil(log2 P) for a tree broadcast and 2 ceil(log2 P) for a tree all-reduce (NCCL and gloo both pick
-latency-optimal trees for the small all-reduces the optimizer issues). bytes is what the busiest rank
-moves in that call (the larger of its send and receive bytes under the byte convention, which already
-is the ring / all-to-all formula: (P-1)s for an all-gather of s bytes per rank, 2(P-1)/P n for an
-all-reduce); a broadcast is a pipeline, so its receivers' n bytes. A collective ends for everyone
-when it ends for the busiest rank, so one duration per call is the right unit.
+latency-optimal trees for the small all-reduces the optimizer issues). bytes is what the busiest
+rank moves in that call (the larger of its send and receive bytes under the byte convention, which
+already is the ring / all-to-all formula: (P-1)s for an all-gather of s bytes per rank, 2(P-1)/P n
+for an all-reduce); a broadcast is a pipeline, so its receivers' n bytes. A collective ends for
+everyone when it ends for the busiest rank, so one duration per call is the right unit.
 
 Compute is NS FLOPs / sustained rate plus a fixed cost per NS call, and the optimizer's element-wise
 work (momentum, normalization, update) per local element and per parameter. On a CPU host whose

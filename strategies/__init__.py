@@ -4,8 +4,8 @@
     strategies.build("bucketed_async", bucket_bytes=2**24)
 
 Each strategy lives in its own file with a typed options dataclass and registers itself
-(`@register`); see `strategies.base` for the plan/execute contract and `dist_ortho.core.plan` for the
-byte convention. Adding a strategy: a new file, and one import line below.
+(`@register`); see `strategies.base` for the plan/execute contract and `dist_ortho.core.plan` for
+the byte convention. Adding a strategy: a new file, and one import line below.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ A strategy is split in two:
   momentum direction U, one per matrix, and returns this rank's dim-0 shards of NS(U), shaped and
   sharded exactly like the inputs.
 
-Plan types and the byte convention live in the core module `dist_ortho.core.plan` (re-exported here).
+Plan types and the byte convention live in the core module `dist_ortho.core.plan` (re-exported
+here).
 
 Parameters that are *not* sharded (plain tensors replicated on a group, as under DDP) take a common
 path here: every rank already holds the whole matrix, so the owner (from the strategy's own
@@ -159,7 +160,8 @@ class Strategy:
     # -- execution -------------------------------------------------------------------------------
     def execute(self, plan: Plan, inputs: Sequence[torch.Tensor],
                 ctx: ExecContext) -> list[torch.Tensor]:
-        """Run `plan`; inputs[i] is this rank's dim-0 shard of matrix i (the full tensor if plain)."""
+        """Run `plan`; inputs[i] is this rank's dim-0 shard of matrix i (the full tensor if
+        plain)."""
         assert len(inputs) == len(plan.matrices)
         outputs: list[torch.Tensor | None] = [None] * len(inputs)
         sharded = [m.index for m in plan.matrices if m.sharded]

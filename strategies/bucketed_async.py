@@ -62,7 +62,8 @@ class BucketedAsyncOptions:
 
 
 def make_buckets(matrices, bucket_bytes: int, group_by_shape: bool) -> list[list[int]]:
-    """Positions in `matrices` per bucket; a bucket closes when the next matrix would overflow it."""
+    """Positions in `matrices` per bucket; a bucket closes when the next matrix would overflow
+    it."""
     itemsize = dtype_size(matrices[0].dtype)
     too_big = [m for m in matrices if m.numel * itemsize > bucket_bytes]
     if too_big:

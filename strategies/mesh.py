@@ -26,10 +26,10 @@ other dims). Per optimizer step, in this order on every rank:
 5. from rows (`from_rows`): the updates of column-split weights go back to column blocks (the
    inverse all-to-all, in the parameter dtype, to which they are cast before applying anyway).
 
-`plan_mesh` is pure: from `MatrixLayout`s alone it predicts, for every rank of the optimizer's world,
-each collective (kind, bytes, phase and the mesh axes it travels on: `CommItem.axis` is the label
-of the group, e.g. "shard", "replicate", "tp", "shard+tp"), the NS FLOPs and the transient bytes.
-Execution (`dist_ortho.strategies.mesh_exec`) issues exactly those collectives.
+`plan_mesh` is pure: from `MatrixLayout`s alone it predicts, for every rank of the optimizer's
+world, each collective (kind, bytes, phase and the mesh axes it travels on: `CommItem.axis` is the
+label of the group, e.g. "shard", "replicate", "tp", "shard+tp"), the NS FLOPs and the transient
+bytes. Execution (`dist_ortho.strategies.mesh_exec`) issues exactly those collectives.
 """
 
 from __future__ import annotations
@@ -53,9 +53,8 @@ __all__ = ["REPLICA_MODES", "DEFAULT_REPLICAS", "Unit", "Instance", "Domain", "M
 
 REPLICA_MODES = ("spread", "repeat")
 # spread: NS FLOPs per rank drop by R for (R-1)/R of a rank's result rows over the replica axis;
-# the cost model finds it faster for every strategy on the projected H100 meshes (README,
-# "Meshes"; results/examples/projection/llama-70b_replicate8xshard16xtp8_h100.md: balanced 209 vs
-# 291 ms); `dist-ortho project --mesh` says where repeat would win (slow inter-node links)
+# the cost model finds it faster for every strategy on the projected H100 meshes (docs/meshes.md);
+# `dist-ortho project --mesh` says where repeat would win (slow inter-node links)
 DEFAULT_REPLICAS = "spread"
 
 

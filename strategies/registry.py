@@ -13,7 +13,8 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
-    """Add a Strategy subclass (with `name` and `Options`) to the registry; usable as a decorator."""
+    """Add a Strategy subclass (with `name` and `Options`) to the registry; usable as a
+    decorator."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"a strategy named {cls.name!r} is already registered")
     _REGISTRY[cls.name] = cls

@@ -1,9 +1,9 @@
 """`replicated`: every rank gathers every matrix and orthogonalizes all of them. The baseline.
 
 Communication: each rank packs its row shards of all matrices into one flat buffer, every shard
-zero-padded to ceil(rows / P) rows so the buffers are equal in size, and one `all_gather_into_tensor`
-hands every rank every shard. Each rank then rebuilds each full matrix, runs Newton-Schulz on it and
-keeps only its own rows. Nothing travels back.
+zero-padded to ceil(rows / P) rows so the buffers are equal in size, and one
+`all_gather_into_tensor` hands every rank every shard. Each rank then rebuilds each full matrix,
+runs Newton-Schulz on it and keeps only its own rows. Nothing travels back.
 
 Cost: every rank receives (P-1)/P of all matrix bytes (plus padding) and runs P times the FLOPs of
 an owner-based scheme; its peak holds the whole gathered model. Simple, and the reference point

@@ -1,5 +1,5 @@
-"""`round_robin`: matrix i is owned by rank i mod P, which gathers it, orthogonalizes it and scatters
-the row shards back.
+"""`round_robin`: matrix i is owned by rank i mod P, which gathers it, orthogonalizes it and
+scatters the row shards back.
 
 Order: the optimizer's parameter order (param groups in order, parameters in order within a group).
 

@@ -1,14 +1,12 @@
 import os
 import sys
 
-# Spawned workers unpickle functions from tests/dist_cases.py by module name: keep tests/ and the
-# repository root importable in every child process.
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for path in (HERE, ROOT):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-os.environ.setdefault("PYTHONPATH", os.pathsep.join([HERE, ROOT]))
+# Spawned workers unpickle their functions by module name (tests.strategies.dist_cases.<worker>),
+# and torchrun children import tests.* too: keep the repository root importable in every child.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("PYTHONPATH", ROOT)
 
 # Test-device switch: DIST_ORTHO_TEST_DEVICE=cuda runs the single-process tests with every tensor
 # and module created on the GPU (torch.set_default_device, so the tests need no device argument);
@@ -17,9 +15,9 @@ os.environ.setdefault("PYTHONPATH", os.pathsep.join([HERE, ROOT]))
 # the multi-rank tests again on the CPU). Default: cpu, the tests as CI runs them.
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from devices import TEST_DEVICE  # noqa: E402
 
 import dist_ortho.testing.processes  # noqa: E402
+from tests.devices import TEST_DEVICE  # noqa: E402
 
 if TEST_DEVICE not in ("cpu", "cuda"):
     raise pytest.UsageError(f"DIST_ORTHO_TEST_DEVICE must be cpu or cuda, got {TEST_DEVICE!r}")

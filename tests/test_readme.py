@@ -1,6 +1,6 @@
-"""README's code blocks run as written (issue #11: its Python snippet could not run): the Python
-script under torchrun on 2 gloo ranks, every `dist-ortho` command line of a bash block parses, and
-the sample error message is what the sweep prints for the grid it describes."""
+"""The README's and docs' code blocks run as written: the README's Python script under torchrun on
+2 gloo ranks, every `dist-ortho` command line of a bash block (README and docs/) parses, and the
+sample error message of docs/cli.md is what the sweep prints for the grid it describes."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from dist_ortho.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```$", README, re.S | re.M)
+def blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, re.S | re.M)
 
 
 def test_readme_python_script_trains_under_torchrun(tmp_path):
@@ -44,7 +45,8 @@ def test_readme_python_script_trains_under_torchrun(tmp_path):
 
 def command_lines() -> list[list[str]]:
     lines = []
-    for block in blocks("bash"):
+    for block in [b for text in [README, *(d.read_text() for d in DOCS)]
+                  for b in blocks("bash", text)]:
         for line in block.splitlines():
             for part in line.split("&&"):
                 argv = shlex.split(part, comments=True)
@@ -60,7 +62,7 @@ def test_readme_commands_parse(argv):
 
 def test_readme_sample_error_is_what_the_sweep_prints(tmp_path, capsys):
     sample = re.search(r"^\$ dist-ortho sweep study.yaml.*?\n(dist-ortho sweep: error: .*?)\n```",
-                       README, re.S | re.M).group(1)
+                       (ROOT / "docs" / "cli.md").read_text(), re.S | re.M).group(1)
     study = {"name": "s", "base": str(ROOT / "launch" / "configs" / "tiny.yaml"),
              "output_dir": str(tmp_path / "results"),
              "grid": {"strategies": [{"name": "bucketed_async", "label": "b64",
@@ -69,3 +71,16 @@ def test_readme_sample_error_is_what_the_sweep_prints(tmp_path, capsys):
     path.write_text(yaml.safe_dump(study))
     assert cli_main(["sweep", str(path)]) == 2
     assert capsys.readouterr().err.strip() == " ".join(sample.split())
+
+
+def test_readme_links_every_docs_page_and_every_link_resolves():
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", README))
+    assert {d.name for d in DOCS} - {"index.md"} <= linked, "a docs page the README does not link"
+    for page in [ROOT / "README.md", *DOCS]:
+        for target in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def test_readme_is_a_product_page_of_at_most_200_lines():
+    assert len(README.splitlines()) <= 200

@@ -93,8 +93,8 @@ def test_no_import_cycles_between_modules():
 
 
 def test_installed_wheel_adds_one_top_level_package_and_the_console_script(tmp_path):
-    """Issue #13: `pip install .` put packages named `strategies` and `profiling` into
-    site-packages; the folders stay at the top of the repository but install as dist_ortho.*."""
+    """`pip install .` puts one package, dist_ortho, into site-packages: the strategies/ and
+    profiling/ folders stay at the top of the repository but install as dist_ortho.*."""
     source = tmp_path / "source"  # a copy: building in place would leave build/ in the checkout
     for folder in ("dist_ortho", "strategies", "profiling"):
         shutil.copytree(ROOT / folder, source / folder,

@@ -1,4 +1,4 @@
-"""Tolerances of the exactness tests, derived from floating-point error growth (issue #11).
+"""Tolerances of the exactness tests, derived from floating-point error growth.
 
 What is compared. The optimizer under test (any strategy, any world size) and the single-process
 reference (`dist_ortho.optim.reference`) run the same algorithm on the same float32 inputs. They may
@@ -35,9 +35,9 @@ order or blocking (probabilistic rounding analysis: Higham & Mary, SIAM J. Sci. 
    with ||W_t||, ||U_t|| (Frobenius) taken from the reference run.
 C = 10 holds the O(1) factors the model leaves out (the lambda of the probabilistic bound, the
 quintic's coefficients |a| + |b| + |c| = 10.3 that cancel to p(sigma) ~ 0.7-1.2). Measured, with
-kernel paths emulated beyond what one CPU offers (tests/test_tolerances.py), errors stay at or
-below ~1/10 of the bound, while a bug has to move the update by about 2 C eps_update (1e-4 to
-3e-4 relative) to be seen; the mutation tests there show which real bugs are.
+kernel paths emulated beyond what one CPU offers (tests/optimizer/test_tolerances_catch_bugs.py),
+errors stay at or below ~1/10 of the bound, while a bug has to move the update by about 2 C
+eps_update (1e-4 to 3e-4 relative) to be seen; the mutation tests there show which real bugs are.
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def ns_error(shape: Sequence[int], ns_dtype: torch.dtype | str, steps: int = 5) 
 
 @functools.lru_cache(maxsize=None)  # 0.7 s a call; a pure function of steps
 def ns_scale_sensitivity(steps: int = 5) -> float:
-    """sup over sigma in (0, 1] of |d log p^s(sigma) / d log sigma| for Jordan's quintic p: a relative
-    change delta of the input's scale (e.g. NS's eps / ||G||) moves every output singular value,
-    hence the output, by at most this times delta (10.04 for 5 steps)."""
+    """sup over sigma in (0, 1] of |d log p^s(sigma) / d log sigma| for Jordan's quintic p: a
+    relative change delta of the input's scale (e.g. NS's eps / ||G||) moves every output singular
+    value, hence the output, by at most this times delta (10.04 for 5 steps)."""
     from dist_ortho.core.newton_schulz import JORDAN_COEFFICIENTS
 
     a, b, c = JORDAN_COEFFICIENTS

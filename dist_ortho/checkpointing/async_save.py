@@ -10,10 +10,11 @@ What blocks training: `save` first waits for the previous save (one in flight at
 copies this rank's shards of the model and optimizer state into a CPU staging buffer (pinned
 memory with CUDA; allocated at the first save and reused, so it costs one copy of the rank's state
 for the whole run: `staging_bytes`), and returns. Everything else runs on one background thread:
-DCP's write with the checksums (`dist_ortho.checkpointing.manifest`), the commit, the verification and the
-retention of `dist_ortho.checkpointing.checkpoint.write_snapshot`, so the integrity and atomicity guarantees
-are those of a blocking save: a folder named `step_*` appears only once every rank has written
-and checksummed its files, and a process killed mid-save leaves only a `.partial` folder.
+DCP's write with the checksums (`dist_ortho.checkpointing.manifest`), the commit, the verification
+and the retention of `dist_ortho.checkpointing.checkpoint.write_snapshot`, so the integrity and
+atomicity guarantees are those of a blocking save: a folder named `step_*` appears only once every
+rank has written and checksummed its files, and a process killed mid-save leaves only a `.partial`
+folder.
 
 The background thread's collectives (DCP's planning, the checksum gather, the commit agreement,
 the verification) run on a gloo process group of their own, created at the first save (every rank

@@ -11,8 +11,8 @@ What one checkpoint holds, in `<checkpoint_dir>/step_<k:08d>/`:
   parameter, so it reshards like the parameter does.
 - `rank_<r:05d>.pt`: rank r's RNG states (torch CPU, and the current CUDA device's when CUDA is in
   use), its data-loader position and the LR scheduler's state (when one is given).
-- `manifest.json` (`dist_ortho.checkpointing.manifest`): the step, the world size, the optimizers' classes
-  and the caller's `extra`, and every file's size and SHA-256, computed while the files were
+- `manifest.json` (`dist_ortho.checkpointing.manifest`): the step, the world size, the optimizers'
+  classes and the caller's `extra`, and every file's size and SHA-256, computed while the files were
   written; written last.
 
 Integrity: `load` verifies a checkpoint before reading any of it (`verify`: every rank checks
@@ -40,20 +40,20 @@ rank 0 writes the manifest, fsyncs, renames the folder to `step_<k:08d>/` and re
 pointer file through a temporary file and `os.replace`. A folder named `step_*` is therefore
 always complete when made; partial folders are removed by the next save or retention pass.
 `checkpoint_dir` must be one folder that every rank sees (a shared file system), as DCP's file
-writer requires anyway. Retention (`keep_last`, `keep_every`; `dist_ortho.checkpointing.retention`) deletes
-older checkpoints only after the new one is complete and verified, crash-safely.
+writer requires anyway. Retention (`keep_last`, `keep_every`; `dist_ortho.checkpointing.retention`)
+deletes older checkpoints only after the new one is complete and verified, crash-safely.
 
 Saving in two halves: `snapshot` takes what a save needs (the state dict, each rank's RNG, loader
 and scheduler state) and `write_snapshot` writes and commits it. `save` is both, blocking;
-`dist_ortho.checkpointing.async_save.AsyncSaver` copies the snapshot's tensors and writes it on a background
-thread over a process group of its own. Both accept a `PhaseTimer`; the phases are "checkpoint",
-"write", "commit", "retention" and (rank 0, per deleted folder) "delete".
+`dist_ortho.checkpointing.async_save.AsyncSaver` copies the snapshot's tensors and writes it on a
+background thread over a process group of its own. Both accept a `PhaseTimer`; the phases are
+"checkpoint", "write", "commit", "retention" and (rank 0, per deleted folder) "delete".
 
 Changing the world size: the model and the optimizer reshard; the loader position and the
-scheduler state are taken from rank 0's file (dist_ortho.studies.data's loaders keep a global position
-that is the same on every rank, and they check that the global batch size and the seed match).
-The RNG streams of a different number of ranks cannot be continued, so each rank then seeds its
-RNGs from (step, rank) and rank 0 logs a warning. At the same world size, every rank gets back
+scheduler state are taken from rank 0's file (dist_ortho.studies.data's loaders keep a global
+position that is the same on every rank, and they check that the global batch size and the seed
+match). The RNG streams of a different number of ranks cannot be continued, so each rank then seeds
+its RNGs from (step, rank) and rank 0 logs a warning. At the same world size, every rank gets back
 exactly its own RNG states.
 """
 
@@ -102,8 +102,8 @@ _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 
 class Loader(Protocol):
-    """What `loader` needs (dist_ortho.studies.data's loaders have it): its position as a small dict of
-    plain values, and a way to go back there. An LR scheduler passed as `scheduler` needs the
+    """What `loader` needs (dist_ortho.studies.data's loaders have it): its position as a small dict
+    of plain values, and a way to go back there. An LR scheduler passed as `scheduler` needs the
     same two methods."""
 
     def state_dict(self) -> dict: ...

@@ -22,9 +22,10 @@ records the bytes that were handed to the file system when the checkpoint was ma
 change to a file (truncation, a lost file, a flipped bit, a half-copied folder) no longer matches:
 `verify_folder` compares every file's size (a stat) and its SHA-256 (a read) with the manifest.
 
-Verification is split for speed and agreed for safety (see `dist_ortho.checkpointing.checkpoint.verify`): every
-rank checks the manifest and every file's size, each rank re-hashes every P-th file, and the ranks'
-findings are gathered, so all ranks reach the same verdict and load the same checkpoint.
+Verification is split for speed and agreed for safety (see
+`dist_ortho.checkpointing.checkpoint.verify`): every rank checks the manifest and every file's size,
+each rank re-hashes every P-th file, and the ranks' findings are gathered, so all ranks reach the
+same verdict and load the same checkpoint.
 
 Trust: the manifest detects damage, not tampering (whoever can write the folder can rewrite the
 manifest). DCP's `.metadata` is a pickle; load checkpoints only from folders you trust.

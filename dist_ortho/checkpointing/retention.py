@@ -2,10 +2,10 @@
 a milestone), delete the rest, and never leave a folder that looks like a checkpoint but is not.
 
 What is deleted (`plan_deletions`): after the checkpoint of step s is complete (committed and
-verified, see `dist_ortho.checkpointing.checkpoint`), among the complete folders of steps <= s all but the newest
-`keep_last` (s included) and the milestones (step % keep_every == 0). Folders of steps > s (left by
-an earlier run that went further, then fell back to an older checkpoint) are neither counted nor
-deleted here; the run overwrites them when it gets there.
+verified, see `dist_ortho.checkpointing.checkpoint`), among the complete folders of steps <= s all
+but the newest `keep_last` (s included) and the milestones (step % keep_every == 0). Folders of
+steps > s (left by an earlier run that went further, then fell back to an older checkpoint) are
+neither counted nor deleted here; the run overwrites them when it gets there.
 
 Why a kill at any moment is safe (`remove_checkpoint`):
 1. A folder named `step_<k>` is complete by construction: it only ever comes from renaming a

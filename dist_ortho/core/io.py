@@ -1,4 +1,5 @@
-"""Atomic file writes: readers never see half a file. Core module (standard library only).
+"""Atomic file writes: readers never see half a file; output folders checked before work starts.
+Core module (standard library only).
 
 Each helper writes a temporary file in the destination's folder, flushes and fsyncs it, then
 `os.replace`s it over the destination (atomic on POSIX and Windows within one file system).
@@ -8,9 +9,28 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_writer", "atomic_path"]
+from dist_ortho.core.errors import ConfigError
+
+__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_writer", "atomic_path",
+           "writable_dir"]
+
+
+def writable_dir(path: str | os.PathLike, key: str) -> Path:
+    """Create `path` (with parents) and check a file can be written there; a ConfigError naming
+    `key` (the config key or flag the user gave it with) otherwise. Returns the path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(key, f"cannot write to {str(path)!r} ({reason}); choose a folder that "
+                               f"can be created and written to") from None
+    return path
 
 
 class atomic_writer:

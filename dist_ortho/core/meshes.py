@@ -1,9 +1,9 @@
-"""Device meshes as plain data, and where each piece of a parameter lives on one (issue #14).
+"""Device meshes as plain data, and where each piece of a parameter lives on one.
 
 Core module (no communication, no process group): the optimizer builds these descriptions from
-DTensors when it is constructed (`dist_ortho.core.mesh_groups`), the cost model builds them from shapes
-and a mesh shape, and the mesh scheduler (`dist_ortho.strategies.mesh`) plans from them alone, so a
-plan for 1024 ranks can be made on a laptop and is the same on every rank.
+DTensors when it is constructed (`dist_ortho.core.mesh_groups`), the cost model builds them from
+shapes and a mesh shape, and the mesh scheduler (`dist_ortho.strategies.mesh`) plans from them
+alone, so a plan for 1024 ranks can be made on a laptop and is the same on every rank.
 
 A parameter is a DTensor on a mesh with one placement per mesh dim; we describe that mesh by the
 *root* mesh it was sliced or flattened from (`MeshSpec`: dim names, sizes, global ranks) plus, per

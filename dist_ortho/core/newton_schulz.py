@@ -15,12 +15,14 @@ Gram X_0 X_0^T and the last product Q X_0 touch the long side l, so it costs
 4 k^2 l + (8 s - 6) k^3 FLOPs against s (4 k^2 l + 2 k^3): fewer when l > 1.5 k (44% fewer for a
 Llama MLP matrix, l = 3.5 k, 5 steps), more for square ones. Same polynomial, so the same result
 up to rounding; but A_t is carried forward instead of recomputed from X_t, so rounding is not
-corrected by the next step (measured and bounded in tests/test_families.py).
+corrected by the next step (measured and bounded in
+tests/strategies/test_megabatch_split_ns_and_gram_plans.py).
 
 The function is pure and deterministic. It works on any batch of matrices (..., m, n), transposes
 tall matrices so the Gram matrix X X^T is the small one, normalizes by the Frobenius norm in the
 input's precision (so a tiny-norm input does not underflow when cast to bfloat16), and then runs the
-iteration in `compute_dtype`. The result is returned in `compute_dtype`; callers decide when to cast.
+iteration in `compute_dtype`. The result is returned in `compute_dtype`; callers decide when to
+cast.
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def matrix_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
 
 
 def ns_flops(shape: tuple[int, ...], steps: int, form: str = "standard") -> int:
-    """Matmul FLOPs of `steps` iterations on a (batch of) matrix of `shape` (after matrix_view_shape).
+    """Matmul FLOPs of `steps` iterations on a (batch of) matrix of `shape` (after
+    matrix_view_shape).
 
     Per step with k = min(m, n), l = max(m, n): X X^T is 2 k^2 l, A A is 2 k^3, B X is 2 k^2 l.
     Gram form: X_0 X_0^T and Q X_0 (2 k^2 l each); per step A A and p(A) Q (2 k^3 each, the

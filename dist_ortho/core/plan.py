@@ -7,10 +7,10 @@ all-reduces (`optimizer.plan_step`), the profiler records them beside the measur
 model turns them into times.
 
 Byte convention (shared with the counter in `profiling.comm`): bytes are the payload this rank
-sends to / receives from *other* ranks; its own slice is not traffic. all-gather of s bytes per rank:
-(P-1)s each way; gather/scatter: the root receives/sends the other ranks' pieces; all-to-all: the
-off-diagonal splits; broadcast: the root sends (P-1)n, the others receive n; all-reduce of n bytes:
-2(P-1)/P n each way (reduce-scatter then all-gather).
+sends to / receives from *other* ranks; its own slice is not traffic. all-gather of s bytes per
+rank: (P-1)s each way; gather/scatter: the root receives/sends the other ranks' pieces; all-to-all:
+the off-diagonal splits; broadcast: the root sends (P-1)n, the others receive n; all-reduce of n
+bytes: 2(P-1)/P n each way (reduce-scatter then all-gather).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The one typed config loader: dataclasses from YAML data, strict, every error naming its key.
 
 Every config in the project (a run's `Config`, a sweep's study file, the convergence study file,
-the testing aids of `dist_ortho.studies.faults`) is a tree of dataclasses read by `build`, so unknown keys,
-did-you-mean hints, type errors and range errors look the same everywhere.
+the testing aids of `dist_ortho.studies.faults`) is a tree of dataclasses read by `build`, so
+unknown keys, did-you-mean hints, type errors and range errors look the same everywhere.
 
 How a section or a field is declared. A section is a dataclass; a field is an annotated attribute:
 
@@ -47,18 +47,11 @@ from typing import Any, Literal
 
 import yaml
 
+from dist_ortho.core.errors import ConfigError
+
 __all__ = ["ConfigError", "build", "to_dict", "yaml_load", "read_yaml", "parse_overrides",
            "apply_overrides", "join", "positive", "nonnegative", "unit", "at_least", "fraction",
            "plain_name", "literal_values"]
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config; `key` is the full dotted key it is about ("" for the file)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        self.message = message
-        super().__init__(f"{key}: {message}" if key else message)
 
 
 def join(prefix: str, name: object) -> str:

@@ -117,9 +117,9 @@ class Layout:
     device: torch.device
     mesh: object | None = None  # the DTensor's DeviceMesh, kept to rebuild state DTensors
     placements: tuple | None = None
-    # mesh path (dist_ortho.optim.mesh_step): the local shape and placements of a per-row state (NorMuon's
-    # v) in the row layout the update rule sees, when they differ from the parameter's own (a
-    # column-split TP weight, a stack split by rows); None: derived from the parameter
+    # mesh path (dist_ortho.optim.mesh_step): the local shape and placements of a per-row state
+    # (NorMuon's v) in the row layout the update rule sees, when they differ from the parameter's
+    # own (a column-split TP weight, a stack split by rows); None: derived from the parameter
     state_shape: tuple[int, ...] | None = None
     state_placements: tuple | None = None
 

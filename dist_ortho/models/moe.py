@@ -1,4 +1,4 @@
-"""Mixture-of-experts models with fused expert stacks, as MoE checkpoints store them (issue #14).
+"""Mixture-of-experts models with fused expert stacks, as MoE checkpoints store them.
 
 Each MoE layer keeps its experts in two 3-D parameters: `gate_up_proj` (E, 2I, H) (the gate and
 up projections of every expert, fused) and `down_proj` (E, H, I). An orthogonalizing optimizer

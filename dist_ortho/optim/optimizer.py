@@ -25,13 +25,14 @@ backward adds its usability read (`host_syncs_per_step`). Everything else is que
 owners, split sizes and buckets are Python ints from the cached plan, never read back from a
 tensor, and lr and weight_decay may be 0-d tensors, never read on the host, so on CUDA the
 strategies' collectives overlap with Newton-Schulz, and a "mask" step can be captured in a CUDA
-graph. tests/test_gpu.py counts the syncs of a step (P = 1 and P = 2) and asserts these numbers.
+graph. tests/optimizer/test_gpu_readiness.py counts the syncs of a step (P = 1 and P = 2) and
+asserts these numbers.
 Streams on CUDA: `dist_ortho.optim.streams`. torch.optim's flags (foreach, fused, capturable,
 maximize): `dist_ortho.optim.conventions`.
 
 On 2-D/3-D meshes (HSDP with replicas="spread", tensor parallel, expert parallel) steps 3-4 go
-through `dist_ortho.optim.mesh_step` (`strategies.mesh`): the same strategies per row group, plus the
-TP column exchange and the replica exchange.
+through `dist_ortho.optim.mesh_step` (`strategies.mesh`): the same strategies per row group, plus
+the TP column exchange and the replica exchange.
 
 With one rank, the same code runs with every collective skipped. Parameters must be 2-D or more
 (4-D conv weights are viewed as (out, -1), 3-D stacks as batches of matrices); use

@@ -13,8 +13,8 @@ per backward, after the reduce-scatter, with the reduced shard in `p.grad`; on C
 on FSDP2's post-reduce stream, from the autograd engine's device thread. The work a hook starts
 runs on the optimizer's own stream, entered from that stream with an event, and `step()` joins it
 (`dist_ortho.optim.streams` states the rules). A unit is ready when every optimizer parameter it
-manages has fired. `tests/test_overlap.py` fails loudly if torch stops
-calling the hook this way.
+manages has fired. `tests/strategies/test_backward_overlap_matches_the_reference.py` fails loudly
+if torch stops calling the hook this way.
 
 What runs in the hook. The unit's momentum directions are computed from the final shard
 (`lerp(M, G, 1-mu)`, Nesterov `lerp(G, M', mu)`) into new tensors, without touching the

@@ -12,8 +12,8 @@ Per matrix W (m x n, m = output rows = neurons), gradient G, momentum M, row sec
     W <- W * (1 - lr * wd) - lr * O
 
 Muon is the same without the v, f lines. One documented departure from the official code: for 4-D
-conv weights the official code takes m/n from the 4-D gradient's last two dims (kh/kw); here m, n are
-the dims of the (out, in*kh*kw) matrix that Newton-Schulz actually sees.
+conv weights the official code takes m/n from the 4-D gradient's last two dims (kh/kw); here m, n
+are the dims of the (out, in*kh*kw) matrix that Newton-Schulz actually sees.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def muon_update(grad: torch.Tensor, momentum_buf: torch.Tensor,
 
 def reference_step(params: list[torch.Tensor], grads: list[torch.Tensor], state: dict,
                    hp: ReferenceHParams, algorithm: str = "normuon") -> None:
-    """One optimizer step over full tensors. `state` maps index -> dict of buffers (created here)."""
+    """One optimizer step over full tensors. `state` maps index -> dict of buffers (created
+    here)."""
     with torch.no_grad():
         for i, (p, g) in enumerate(zip(params, grads)):
             s = state.setdefault(i, {})

@@ -6,9 +6,10 @@
     analysis.groups          # per (facet, world size): the comparisons, claims and the ordering
 
 Input: a study directory. An interleaved study (`schedule.mode: interleaved`, see
-`dist_ortho.studies.interleaved`) has timings.csv (every step of every point, with its repeat and round) and,
-per job, groups/<job>/machine.json (the machine's load and calibration); a separate one only its
-runs' metrics.csv, from which the timed steps are read the same way (`profiling.summary.step_table`).
+`dist_ortho.studies.interleaved`) has timings.csv (every step of every point, with its repeat and
+round) and, per job, groups/<job>/machine.json (the machine's load and calibration); a separate one
+only its runs' metrics.csv, from which the timed steps are read the same way
+(`profiling.summary.step_table`).
 
 Statistics (`dist_ortho.profiling.stats`): each point's median step time and optimizer time with
 the order-statistic 95% interval over its timed steps (every repeat's); strategies of one job are

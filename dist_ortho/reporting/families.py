@@ -1,4 +1,4 @@
-"""What `dist-ortho project` says about the field's strategy families (issue 16).
+"""What `dist-ortho project` says about the field's strategy families.
 
 Two questions, one table each, from the projection's rows (no new predictions but the padding):
 - where does `split_ns` (whole matrices by LPT, the largest split over ranks that would idle)

@@ -7,7 +7,7 @@ median step times with their 95% intervals, the paired ratio spread/repeat (the 
 per-round ratios, its interval Bonferroni-corrected over the table's rows, as the Ranking section
 does) and its verdict at the study's claim margin, the busiest rank's planned NS FLOPs, and the
 bytes the busiest rank sends on the replicate axis (run.json's `planned_bytes_by_axis`; the
-counted bytes equal the plan per axis, tests/test_mesh_dist.py).
+counted bytes equal the plan per axis, tests/meshes/test_meshes_match_the_reference.py).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def hsdp_lines(results) -> list[str]:
                   f"\"faster\" only when the interval ends below {1 - analysis.margin:.2f}. "
                   f"Replicate-axis bytes: what the busiest rank sends on a group that spans the "
                   f"replicate axis per optimizer step, from the plan (equal to the counted bytes "
-                  f"per axis, tests/test_mesh_dist.py); FSDP2's own gradient all-reduce across "
+                  f"per axis, tests/meshes/test_meshes_match_the_reference.py); FSDP2's own gradient all-reduce across "
                   f"replicas is not included."]
     return lines
 

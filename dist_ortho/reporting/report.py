@@ -35,7 +35,8 @@ from pathlib import Path
 import pandas as pd
 
 from dist_ortho.core.commands import run_command
-from dist_ortho.core.io import atomic_write_text
+from dist_ortho.core.errors import UserError
+from dist_ortho.core.io import atomic_write_text, writable_dir
 from dist_ortho.core.plan import owner_bound_bytes
 from dist_ortho.profiling import read_metrics, summarize_runs
 from dist_ortho.profiling.stats import LEVEL, MARGIN, Interval
@@ -95,8 +96,8 @@ def load_results(path: str | Path, margin: float | None = None) -> Results:
     with `margin`, default: the study's own, else 5%)."""
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"{str(root)!r} is not a directory; pass a study's results directory, "
-                         f"e.g. results/latest/default_study")
+        raise UserError(f"{str(root)!r} is not a directory; pass a study's results directory, "
+                        f"e.g. results/latest/default_study")
     margin = study_margin(root) if margin is None else margin
     runs_dir = root / "runs" if (root / "runs").is_dir() else root
     if (root / "summary.csv").is_file():
@@ -104,8 +105,8 @@ def load_results(path: str | Path, margin: float | None = None) -> Results:
     else:
         summary = summarize_runs(runs_dir)
     if summary.empty:
-        raise ValueError(f"no complete runs under {str(runs_dir)!r} (no summary.csv, and no run "
-                         f"directory with a usable metrics.csv)")
+        raise UserError(f"no complete runs under {str(runs_dir)!r} (no summary.csv, and no run "
+                        f"directory with a usable metrics.csv)")
     summary = summary.copy()
     summary["label"] = summary["strategy_label"] if "strategy_label" in summary else \
         summary["strategy"]
@@ -352,10 +353,13 @@ def _design(results: Results) -> list[str]:
             f"N the total number of orthogonalized matrix elements.", ""]
 
 
-def write_report(path: str | Path, margin: float | None = None) -> Path:
-    """Plots and report.md for the study directory `path`; returns report.md's path."""
+def write_report(path: str | Path, margin: float | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Plots and report.md for the study directory `path`, written to `out` (default: `path`);
+    returns report.md's path."""
     results = load_results(path, margin)
-    plots_dir = results.root / "plots"
+    out_dir = results.root if out is None else writable_dir(out, "--out")
+    plots_dir = out_dir / "plots"
     makers = {"step_time": report_plots.plot_step_time,
               "distance_to_bound": report_plots.plot_distance,
               "bytes_per_rank": report_plots.plot_bytes,
@@ -415,7 +419,7 @@ def write_report(path: str | Path, margin: float | None = None) -> Path:
     lines += ["", f"Points: {', '.join(f'`{r}`' for r in s['run'])}.",
               f"Each point's resolved config is in `runs/<point>/config.yaml` "
               f"({len(config_hashes)} distinct config hash(es)).", ""]
-    return atomic_write_text(results.root / "report.md", "\n".join(lines))
+    return atomic_write_text(out_dir / "report.md", "\n".join(lines))
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -428,8 +432,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"claim margin: 'A faster than B' needs the ratio's 95%% interval "
                              f"below 1 - margin (default: the study's schedule.claim_margin, "
                              f"else {MARGIN})")
+    parser.add_argument("-o", "--out", type=Path, default=None,
+                        help="folder for report.md and plots/ (default: the results directory)")
 
 
 def main(args: argparse.Namespace) -> int:
     """The command, with the CLI's one-line errors and exit codes (also when called directly)."""
-    return run_command("report", lambda a: print(write_report(a.results, a.margin)) or 0, args)
+    return run_command("report", lambda a: print(write_report(a.results, a.margin, a.out)) or 0,
+                       args)

@@ -18,11 +18,12 @@ A config file has up to eight sections; every key is optional and falls back to 
     checkpoint: dir (null = off), every (steps, 0 = off), resume, keep_last (0 = keep all),
                 keep_every (milestones, 0 = none), async_save
 
-Loading goes through `dist_ortho.core.schema` (the project's one typed loader): an unknown key, a wrong
-type or a value out of range raises `ConfigError` (a ValueError) that names the full key
+Loading goes through `dist_ortho.core.schema` (the project's one typed loader): an unknown key, a
+wrong type or a value out of range raises `ConfigError` (a ValueError) that names the full key
 (`optimizer.lrr: unknown key; did you mean 'lr'?`). Any key can be overridden with
 `--set optimizer.lr=0.01`; the value is parsed as YAML, so `[0.9, 0.99]`, `null`, `true` and `3e-4`
-work. Testing aids (fault and NaN injection) are not part of a config: see `dist_ortho.studies.faults`.
+work. Testing aids (fault and NaN injection) are not part of a config: see
+`dist_ortho.studies.faults`.
 
 `resolve(config, device_type)` replaces the "auto" choices with what a run on that device uses
 (ns_dtype: float32 on CPU, where bfloat16 matmul is ~90x slower, bfloat16 on accelerators; backend:
@@ -194,7 +195,7 @@ class OutputConfig:
 @dataclass
 class CheckpointConfig:
     """Where and how often to save, how many to keep, blocking or in the background, and whether
-    to resume from the newest intact checkpoint there (see `dist_ortho.checkpointing.checkpoint`)."""
+    to resume from the newest intact checkpoint there (`dist_ortho.checkpointing.checkpoint`)."""
 
     dir: str | None = None
     every: int = 0
@@ -203,8 +204,8 @@ class CheckpointConfig:
     # by keep_every (0 = no milestones); older ones are deleted once a newer one is verified
     keep_last: int = 3
     keep_every: int = 0
-    # write in a background thread from a staged copy (dist_ortho.checkpointing.async_save); training waits
-    # only for the copy
+    # write in a background thread from a staged copy (dist_ortho.checkpointing.async_save);
+    # training waits only for the copy
     async_save: bool = False
 
     def check(self, key: str) -> None:

@@ -9,7 +9,7 @@ see a generic hook (`RunState.hooks`).
 
 How to turn them on (off by default):
 
-    dist-ortho run --config c.yaml --fault fail_step=3 fail_rank=1 fail_mode=kill
+    dist-ortho run c.yaml --fault fail_step=3 --fault fail_rank=1 --fault fail_mode=kill
     DIST_ORTHO_FAULTS="nan_step=1 nan_rank=1" dist-ortho sweep study.yaml    # every point whose
                                                                             # name matches `runs`
 
@@ -37,8 +37,8 @@ Everything that can be checked before launch is (`check_against`: steps, ranks a
 size, a save after a kill_in_save step, a phase the run has); the parameter name is checked once
 the model is built.
 
-How phases are seen: the injector is a `PhaseTimer` (`dist_ortho.core.timing`) that the run puts beside
-the profiler on the optimizer (`opt.set_timer`), on the loop's forward and backward, and on
+How phases are seen: the injector is a `PhaseTimer` (`dist_ortho.core.timing`) that the run puts
+beside the profiler on the optimizer (`opt.set_timer`), on the loop's forward and backward, and on
 checkpoint saves (`for_checkpoint`), so the optimizer itself knows nothing of it.
 """
 
@@ -160,7 +160,8 @@ def from_sources(flags: Sequence[str] = (), environ: Mapping[str, str] | None = 
                  ) -> FaultConfig:
     """The FaultConfig of DIST_ORTHO_FAULTS, then the `--fault` KEY=VALUE flags on top."""
     environ = os.environ if environ is None else environ
-    data = {**parse_overrides(environ.get(ENV_VAR, "").split()), **parse_overrides(list(flags))}
+    flags = [pair for flag in flags for pair in flag.split()]  # "--fault 'a=1 b=2'" works too
+    data = {**parse_overrides(environ.get(ENV_VAR, "").split()), **parse_overrides(flags)}
     try:
         return build(FaultConfig, data, KEY)
     except ConfigError as exc:

@@ -1,10 +1,11 @@
-"""One world size of a strategy study: every strategy side by side, interleaved, in one process group.
+"""One world size of a strategy study: every strategy side by side, interleaved, in one process
+group.
 
-    torchrun --nproc_per_node=P -m dist_ortho.studies.interleaved --config <study>/configs/<job>.yaml
+    torchrun --nproc_per_node=P -m dist_ortho.studies.interleaved --config <job config>.yaml
 
-`dist-ortho study` and `dist-ortho sweep` (`dist_ortho.studies.sweep`) make one such job per world size
-(and option set); its settings (the job's `job.json`) list the points, each a complete run config
-(model, strategy, output folder `<study>/runs/<point>/`), and the schedule. On every rank:
+`dist-ortho study` and `dist-ortho sweep` (`dist_ortho.studies.sweep`) make one such job per world
+size (and option set); its settings (the job's `job.json`) list the points, each a complete run
+config (model, strategy, output folder `<study>/runs/<point>/`), and the schedule. On every rank:
 
 1. Calibration (`measure_machine`), so that each point's distance to its bound is measured on the
    machine as it is during this job: for each model, Newton-Schulz on each distinct matrix shape,

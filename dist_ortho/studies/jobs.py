@@ -4,7 +4,7 @@ Sweeps, the default study and the convergence study all describe their work as `
 them to `run_jobs`:
 
     job = Job(name="llama-tiny--balanced--p2", config=resolved_config, world_size=2,
-              entry=["-m", "dist_ortho.studies.run", "--config", "{config}"])
+              entry=["-m", "dist_ortho", "run", "{config}"])
     results = run_jobs([job, ...], workdir=study_dir, timeout_s=300, force=False,
                        slots=1, progress=Progress("study", n))
 
@@ -49,6 +49,7 @@ from pathlib import Path
 from dist_ortho.core.io import atomic_write_text
 from dist_ortho.studies.config import Config, ConfigError, config_hash, dump_config
 from dist_ortho.core.commands import Interrupted, error_line
+from dist_ortho.core.errors import UserError
 from dist_ortho.studies.phase_marker import MARKER_DIR, where_ranks_were
 
 __all__ = ["Job", "JobResult", "Progress", "run_jobs", "is_complete", "read_done",
@@ -79,9 +80,9 @@ def write_done(run_dir: str | Path, info: Mapping) -> Path:
 
 def run_as_rank(command: str, fn: Callable[[], int]) -> int:
     """Run a job entry's work on one rank with the errors a job runner can read: a ConfigError
-    (raised alike on every rank, before any collective) is one line from rank 0 and exit 2; a
-    ValueError or OSError one line from this rank and exit 2; anything else one line, then the
-    traceback (torchrun records it) and a non-zero exit."""
+    (raised alike on every rank, before any collective) is one line from rank 0 and exit 2; another
+    UserError one line from this rank and exit 2; anything else is a bug: one line naming the rank
+    and the exception, then the traceback (torchrun records it) and a non-zero exit."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -90,7 +91,7 @@ def run_as_rank(command: str, fn: Callable[[], int]) -> int:
         if rank == 0:
             print(error_line(command, exc), file=sys.stderr, flush=True)
         return 2
-    except (ValueError, OSError) as exc:
+    except UserError as exc:
         print(error_line(command, exc, rank if world > 1 else None), file=sys.stderr, flush=True)
         return 2
     except Exception as exc:
@@ -255,7 +256,8 @@ def first_error(log: Path, returncode: int | None = None, run_dir: Path | None =
     that killed it; else the first error line any rank printed; else the last exception line of
     the log; else its last line. Ranks torchrun stopped with SIGTERM after another one failed
     are consequences, whatever order torchrun's report puts them in. With `run_dir`, where each
-    rank was (its last phase, `dist_ortho.studies.phase_marker`) follows in brackets, that rank first."""
+    rank was (its last phase, `dist_ortho.studies.phase_marker`) follows in brackets, that rank
+    first."""
     rank, text = _first_error(log, returncode)
     where = where_ranks_were(run_dir, None if rank is None else int(rank)) if run_dir else ""
     return f"{text} [{where}]" if where else text

@@ -18,6 +18,7 @@ import os
 import pandas as pd
 
 from dist_ortho import strategies
+from dist_ortho.core.errors import user_input
 from dist_ortho.core.io import atomic_write_text
 from dist_ortho.models.moe import MOE_SHAPE_PRESETS, moe_matrix_shapes
 from dist_ortho.models.shapes import matrix_shapes
@@ -39,13 +40,16 @@ def project_mesh(model: str, mesh: str, hardware: str = "h100",
                  ns_dtype: str = "bfloat16", algorithm: str = "normuon",
                  num_layers: int | None = None) -> list[dict]:
     """One row per (strategy, replicas mode)."""
-    spec = parse_mesh(mesh)
-    hw = get_preset(hardware)  # ValueError naming the presets (calibrated files are 1-D only)
-    try:
+    with user_input():  # parse_mesh names --mesh itself
+        spec = parse_mesh(mesh)
+    with user_input("--hardware"):  # names the presets (calibrated files are 1-D only)
+        hw = get_preset(hardware)
+    with user_input("--model/--num-layers"):
         shapes = _shapes(model, num_layers)
-    except ValueError as exc:
-        raise ValueError(f"--model/--num-layers: {exc}") from None
     names = strategy_names or strategies.available_exact()
+    with user_input("--strategies"):
+        for name in names:
+            strategies.options_class(name)
     itemsize = 2 if param_dtype == "bfloat16" else 4
     sizes = [math.prod(s) * itemsize for _, s in shapes]
     # as `dist-ortho project` sizes them: about four buckets, none smaller than a matrix

@@ -8,8 +8,8 @@ system call, so it costs about a microsecond per phase. The kernel keeps what wa
 when the process is killed by SIGKILL, so the runner reads it afterwards (`where_ranks_were`).
 
 Two slots per rank: the main thread's phase and the checkpoint thread's (an asynchronous save runs
-on a background thread; see `dist_ortho.checkpointing.async_save`). `Tee` sends one phase to several timers (the
-profiler, the marker, a testing aid).
+on a background thread; see `dist_ortho.checkpointing.async_save`). `Tee` sends one phase to several
+timers (the profiler, the marker, a testing aid).
 """
 
 from __future__ import annotations

@@ -8,20 +8,19 @@ A sweep, study or convergence study calls these for every job before launching a
   built on the meta device (no memory, no initialization), split as the optimizer splits them,
   so e.g. a `bucket_bytes` smaller than a matrix fails here with the strategy's own message.
   An HSDP `train.replicate` that does not divide the world size fails here too.
-- `writable_dir(path, key)`: an output folder that can be created and written to, else a
-  ConfigError naming the parameter (`output.dir`, `--output-dir`, `--out`).
+- `writable_dir(path, key)` (from `dist_ortho.core.io`): an output folder that can be created
+  and written to, else a ConfigError naming the parameter (`output.dir`, `--out`).
 - `oversubscription_warning(world_size)`: a line to print when ranks would outnumber the cores.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 
 from dist_ortho import models, strategies
+from dist_ortho.core.io import writable_dir
 from dist_ortho.core.schema import ConfigError
 from dist_ortho.optim.param_groups import split_params
 from dist_ortho.profiling.costmodel import matrix_specs
@@ -68,21 +67,6 @@ def check_launch(config: Config, world_size: int, faults: FaultConfig | None = N
     except ValueError as exc:
         raise ConfigError("strategy.options", f"{exc} (model {config.model.preset} at "
                                               f"{world_size} rank(s))") from None
-
-
-def writable_dir(path: str | os.PathLike, key: str) -> Path:
-    """Create `path` (with parents) and check a file can be written there; a ConfigError naming
-    `key` otherwise. Returns the path."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(key, f"cannot write to {str(path)!r} ({reason}); choose a folder that "
-                               f"can be created and written to") from None
-    return path
 
 
 def cpu_cores() -> int:

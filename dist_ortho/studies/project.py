@@ -35,6 +35,7 @@ import pandas as pd  # noqa: E402
 
 from dist_ortho import strategies
 from dist_ortho.core.commands import run_command  # noqa: E402
+from dist_ortho.core.errors import UserError, user_input  # noqa: E402
 from dist_ortho.core.io import atomic_write_bytes  # noqa: E402
 from dist_ortho.core.io import atomic_write_text
 from dist_ortho.core.sharding import dtype_size  # noqa: E402
@@ -66,13 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated strategy names, default all registered")
     parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="parameter (and momentum) dtype: the forward path's bytes")
-    parser.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="Newton-Schulz dtype: the return path's bytes and the FLOP rate")
+    parser.add_argument("--ns-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="Newton-Schulz dtype: the return path's bytes and the FLOP rate; "
+                             "auto (default) is bfloat16 on a hardware preset (a GPU) and the "
+                             "dtype a calibrated constants file was measured in")
     parser.add_argument("--algorithm", default="normuon", choices=["normuon", "muon"])
     parser.add_argument("--bucket-bytes", type=int, default=None,
                         help="bucketed_async bucket size; default max(64 MiB, largest matrix, "
                              "a quarter of all matrix bytes)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("-o", "--out", default=DEFAULT_OUT,
+                        help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
     parser.add_argument("--mesh", default=None,
                         help="a 2-D/3-D mesh, axis=size outermost first (e.g. dp=128,tp=8 or "
@@ -85,9 +89,9 @@ def _world_sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--world-sizes must be comma-separated integers, got {text!r}") from None
+        raise UserError(f"--world-sizes must be comma-separated integers, got {text!r}") from None
     if not sizes or any(p < 1 for p in sizes):
-        raise ValueError(f"--world-sizes must be positive integers, got {text!r}")
+        raise UserError(f"--world-sizes must be positive integers, got {text!r}")
     return sorted(set(sizes))
 
 
@@ -96,8 +100,18 @@ def _constants_source(hardware: str):
         return HARDWARE_PRESETS[hardware], hardware
     if os.path.exists(hardware):
         return load_constants(hardware), os.path.splitext(os.path.basename(hardware))[0]
-    raise ValueError(f"--hardware must be one of {sorted(HARDWARE_PRESETS)} or an existing "
+    raise UserError(f"--hardware must be one of {sorted(HARDWARE_PRESETS)} or an existing "
                      f"constants file, got {hardware!r}")
+
+
+def _ns_dtype(ns_dtype: str, hardware: str) -> str:
+    """`auto`: bfloat16 on a hardware preset (accelerators run NS in bfloat16), else the dtype
+    the constants file's NS rate was measured in (float32 when it does not say)."""
+    if ns_dtype != "auto":
+        return ns_dtype
+    if hardware in HARDWARE_PRESETS or not os.path.exists(hardware):
+        return "bfloat16"  # an unknown name fails later with the presets listed
+    return getattr(load_constants(hardware), "meta", {}).get("ns_dtype") or "float32"
 
 
 def project(model: str, world_sizes: list[int], hardware: str = "h100",
@@ -105,10 +119,8 @@ def project(model: str, world_sizes: list[int], hardware: str = "h100",
             ns_dtype: str = "bfloat16", algorithm: str = "normuon",
             bucket_bytes: int | None = None, num_layers: int | None = None) -> list[dict]:
     """One row per (world size, strategy): the prediction's summary plus its inputs."""
-    try:
+    with user_input("--model/--num-layers"):
         shapes = matrix_shapes(model, num_layers)
-    except ValueError as exc:
-        raise ValueError(f"--model/--num-layers: {exc}") from None
     constants, hw_name = _constants_source(hardware)
     measured_dtype = getattr(constants, "meta", {}).get("ns_dtype")
     if measured_dtype and measured_dtype != ns_dtype:
@@ -116,8 +128,9 @@ def project(model: str, world_sizes: list[int], hardware: str = "h100",
               f"{measured_dtype}; --ns-dtype {ns_dtype} changes the return bytes, not that rate",
               file=sys.stderr)
     names = strategy_names or strategies.available_exact()
-    for n in names:
-        strategies.options_class(n)  # ValueError naming the unknown strategy
+    with user_input("--strategies"):
+        for n in names:
+            strategies.options_class(n)  # ValueError naming the unknown strategy
     itemsize = dtype_size(torch_dtype(param_dtype))
     largest = max(math.prod(s) for _, s in shapes) * itemsize
     total = sum(math.prod(s) for _, s in shapes) * itemsize
@@ -233,6 +246,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     writable_dir(args.out, "--out")  # before any work: a bad folder is one line, not a traceback
+    args.ns_dtype = _ns_dtype(args.ns_dtype, args.hardware)
     if getattr(args, "mesh", None):
         return mesh_project.main_mesh(args)
     sizes = _world_sizes(args.world_sizes)

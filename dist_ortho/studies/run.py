@@ -1,17 +1,15 @@
 """One profiled run: FSDP2 model, NorMuon with a chosen strategy, a fixed number of steps.
 
-    torchrun --nproc_per_node=4 -m dist_ortho.studies.run --config launch/configs/base.yaml \\
-        --set strategy.name=balanced optimizer.lr=0.01
-    python -m dist_ortho.studies.run --config launch/configs/tiny.yaml      # one process, no torchrun
-    torchrun ... -m dist_ortho.studies.run --config c.yaml --set checkpoint.dir=ckpt --resume
+    torchrun --nproc_per_node=4 -m dist_ortho run launch/configs/base.yaml -o results/latest/base
+    dist-ortho run launch/configs/tiny.yaml -o results/latest/tiny   # one process, no torchrun
 
 What happens, on every rank:
 0. Checks. The config is checked again, "auto" choices are resolved, and everything
-   `dist_ortho.studies.preflight.check_launch` knows (the strategy's plan for the model's matrices, the
-   testing aids against the world size: WORLD_SIZE under torchrun) is checked, all before the
+   `dist_ortho.studies.preflight.check_launch` knows (the strategy's plan for the model's matrices,
+   the testing aids against the world size: WORLD_SIZE under torchrun) is checked, all before the
    process group starts; the model, the optimizers and the loader are built before the first
    collective. So a config error is raised identically on every rank and never leaves one rank
-   waiting on another. `dist-ortho run` prints it as one line (`dist-ortho run: error: ...`).
+   waiting on another; rank 0 prints it as one line, exit 2 (`launch/run.sh` runs `--check` first).
 1. Process group. Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) from the environment; without
    it, a one-rank group on an in-memory store, so the code path is the same at every world size.
    Backend and device follow the hardware: CUDA device LOCAL_RANK with nccl, else CPU with gloo and
@@ -23,9 +21,10 @@ What happens, on every rank:
    rank exits non-zero and torchrun stops the others: a rank that dies or hangs ends the job
    within about `dist.timeout_s` (a dead one usually at once).
 2. Model. Each block (GPT) or layer (shape-only) and then the root are wrapped with `fully_shard`
-   on a 1-D mesh over all ranks (with train.replicate, HSDP's 2-D mesh: `dist_ortho.studies.run_mesh`).
-   GPT weights are drawn from the seeded global RNG before sharding; shape-only models are built on the meta
-   device and filled per parameter after sharding (their values do not depend on the world size).
+   on a 1-D mesh over all ranks (with train.replicate, HSDP's 2-D mesh:
+   `dist_ortho.studies.run_mesh`). GPT weights are drawn from the seeded global RNG before sharding;
+   shape-only models are built on the meta device and filled per parameter after sharding (their
+   values do not depend on the world size).
 3. Optimizers: `build_optimizers` (NorMuon/Muon for hidden matrices, AdamW for the rest) with the
    configured strategy deciding where each matrix is orthogonalized.
 4. Resume (with `checkpoint.resume`, or `--resume`): the latest complete checkpoint in
@@ -42,12 +41,13 @@ What happens, on every rank:
    measured step. With `checkpoint.dir`, a checkpoint is saved every `checkpoint.every` steps.
 6. Output in `<output.dir>/<output.name>/`: the final checkpoint (with `checkpoint.dir`), then
    metrics.csv (profiler: the steps this process ran), trace.json and gantt.png (every rank's
-   timeline, `dist_ortho.studies.run_timeline`, which also emulates a cluster's links on request), the
-   resolved config and environment, run.json, and DONE last, each written atomically. At the
+   timeline, `dist_ortho.studies.run_timeline`, which also emulates a cluster's links on request),
+   the resolved config and environment, run.json, and DONE last, each written atomically. At the
    start rank 0 removes DONE and an earlier run's result files there.
 
-Testing aids (`dist_ortho.studies.faults`; never part of the config or its hash) reach the loop only as
-`RunState.hooks`; checkpoint glue lives in `dist_ortho.studies.run_checkpoint`. The loop is `build_run(config)
+Testing aids (`dist_ortho.studies.faults`; never part of the config or its hash) reach the loop only
+as `RunState.hooks`; checkpoint glue lives in `dist_ortho.studies.run_checkpoint`. The loop is
+`build_run(config)
 -> RunState`, `train(state, steps, callbacks)`, `finish(state)`, `close(state)`.
 """
 
@@ -72,6 +72,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import fully_shard
 
 from dist_ortho import models, strategies
+from dist_ortho.core.commands import add_grammar, run_command
 from dist_ortho.core.io import atomic_write_text
 from dist_ortho.core.schema import to_dict
 from dist_ortho.optim.optimizer import Muon, NorMuon
@@ -127,7 +128,7 @@ def init_distributed(config: Config) -> tuple[torch.device, bool]:
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, timeout=timeout, **kwargs)
-    else:  # a plain `python -m dist_ortho.studies.run`: one rank, nothing to rendezvous with
+    else:  # a plain `dist-ortho run`: one rank, nothing to rendezvous with
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout, **kwargs)
     return device, True
@@ -226,7 +227,7 @@ class RunState:
     hooks: list = field(default_factory=list)
     faults: FaultConfig | None = None  # the testing aids active in this run (recorded in run.json)
     scheduler: object | None = None  # an LR scheduler stepped after every optimizer step; saved
-    saver: object | None = None  # dist_ortho.checkpointing.async_save.AsyncSaver with checkpoint.async_save
+    saver: object | None = None  # an async_save.AsyncSaver with checkpoint.async_save
     # PhaseTimers that also see the loop's and the checkpoints' phases (`for_checkpoint(step)`):
     # the rank's PhaseMarker (dist_ortho.studies.phase_marker) and the testing aids
     markers: list = field(default_factory=list)
@@ -249,7 +250,7 @@ def _matrix_optimizers(optimizer) -> list:
 
 
 def run_facts(state: RunState) -> dict:
-    """What the report needs beyond the metrics: matrix sizes and the plan's per-rank predictions."""
+    """What the report needs beyond the metrics: matrix sizes, the plan's predictions per rank."""
     facts = {"run": state.out_dir.name, "model": state.config.model.preset,
              "strategy": state.config.strategy.name, "strategy_options": state.config.strategy.options,
              "world_size": state.world_size, "config_hash": state.config_hash,
@@ -290,8 +291,8 @@ def run_facts(state: RunState) -> dict:
 def build_run(config: Config, faults: FaultConfig | None = None) -> RunState:
     """Process group, sharded model, optimizers, data and profiler for `config`; with
     `checkpoint.resume`, also the latest checkpoint (the run's first collective). `faults`: the
-    testing aids (`dist_ortho.studies.faults`), active when they apply to this run's name. Config errors
-    (ConfigError) are raised before any collective, on every rank alike."""
+    testing aids (`dist_ortho.studies.faults`), active when they apply to this run's name. Config
+    errors (ConfigError) are raised before any collective, on every rank alike."""
     # checks that need no process group: identical on every rank (same file, same overrides)
     config = config_from_dict(config.to_dict())
     check_launch(config, _launch_world_size(), faults, run_device_type(config))
@@ -541,20 +542,21 @@ def _where(state: RunState) -> str:
 # --- command line -------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML config (default: built-in defaults, model gpt-tiny)")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+",
-                        action="extend", default=[],
-                        help="override config keys, value parsed as YAML: "
-                             "--set optimizer.lr=0.01 strategy.name=balanced")
+    add_grammar(parser, config="YAML config (default: built-in defaults, model gpt-tiny)",
+                overrides="override a config key, e.g. --set optimizer.lr=0.01",
+                out="output folder (sets output.dir)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in checkpoint.dir (sets "
                              "checkpoint.resume=true; with none there, start from step 0)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config for this machine and exit")
-    parser.add_argument("--fault", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                        help="testing aid (see dist_ortho.studies.faults), e.g. --fault fail_step=3 "
-                             "fail_rank=1 fail_mode=kill, or nan_step=1 nan_rank=0")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config and the launch at the world size torchrun will "
+                             "start (WORLD_SIZE, default 1), then exit: what launch/run.sh does "
+                             "before it starts torchrun")
+    parser.add_argument("--fault", metavar="KEY=VALUE", action="append", default=[],
+                        help="testing aid (see dist_ortho.studies.faults), repeatable, e.g. "
+                             "--fault fail_step=3 --fault fail_rank=1 --fault fail_mode=kill")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -563,9 +565,13 @@ def main(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
     overrides = list(args.overrides)
+    if getattr(args, "out", None) is not None:
+        overrides.append(f"output.dir={args.out}")
     if getattr(args, "resume", False):
         overrides.append("checkpoint.resume=true")
-    return run_as_rank("run", lambda: _main(args, overrides))
+    # under torchrun, `record` writes a failing rank's traceback where torchrun's report finds it
+    entry = record(run_as_rank) if "TORCHELASTIC_ERROR_FILE" in os.environ else run_as_rank
+    return entry("run", lambda: _main(args, overrides))
 
 
 def _main(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -581,20 +587,14 @@ def _main(args: argparse.Namespace, overrides: list[str]) -> int:
     if config.checkpoint.dir is not None:
         writable_dir(config.checkpoint.dir, "checkpoint.dir")
         ckpt_run.precheck_resume(config, _launch_world_size())
+    if getattr(args, "check", False):
+        return 0
     run(config, faults)
     return 0
 
 
-def _standalone() -> int:
-    return record(_parse_and_run)()
-
-
-def _parse_and_run() -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_ortho.studies.run", description=__doc__.split(
-        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return main(parser.parse_args())
-
-
-if __name__ == "__main__":
-    sys.exit(_standalone())
+if __name__ == "__main__":  # `python -m dist_ortho.studies.run`: the same as `dist-ortho run`
+    _parser = argparse.ArgumentParser(prog="python -m dist_ortho.studies.run",
+                                      description=__doc__.split("\n")[0])
+    add_arguments(_parser)
+    sys.exit(run_command("run", main, _parser.parse_args(), sigterm=False))

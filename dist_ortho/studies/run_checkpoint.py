@@ -1,4 +1,5 @@
-"""A run's checkpoints: the glue between the run loop (`dist_ortho.studies.run`) and `dist_ortho.checkpointing.checkpoint`.
+"""A run's checkpoints: the glue between the run loop (`dist_ortho.studies.run`) and
+`dist_ortho.checkpointing.checkpoint`.
 
 - `precheck_resume(config, world_size)`: before any process group exists, on every rank alike,
   the newest checkpoint whose manifest reads is compared with the run (model, optimizer, seed,
@@ -12,8 +13,8 @@
   and the run's identity for the checks above), blocking or through the run's `AsyncSaver`, with
   the configured retention.
 
-`state` is a `dist_ortho.studies.run.RunState`; only its attributes are used, so this module does not
-import the run loop.
+`state` is a `dist_ortho.studies.run.RunState`; only its attributes are used, so this module does
+not import the run loop.
 """
 
 from __future__ import annotations

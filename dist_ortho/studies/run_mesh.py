@@ -10,7 +10,8 @@ nothing crosses that axis). R = 1 is the plain 1-D FSDP2 mesh the runs always ha
 
 `axis_facts(state)` is what run.json records about it: the mesh and the optimizer plan's bytes per
 (collective kind, mesh axis) on every rank; the counted bytes equal these exactly (asserted per
-axis in tests/test_mesh_dist.py), so the replicate axis's share is known without a counter.
+axis in tests/meshes/test_meshes_match_the_reference.py), so the replicate axis's share is known
+without a counter.
 """
 
 from __future__ import annotations

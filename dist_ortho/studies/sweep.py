@@ -1,11 +1,11 @@
 """Scaling sweeps: a grid of runs, one torchrun per point, resumable, aggregated into summary.csv.
 
-    dist-ortho sweep launch/configs/study.yaml [--set train.steps=4] [--force] [--dry-run]
+    dist-ortho sweep launch/configs/study.yaml [--set train.steps=4]... [-o DIR] [--dry-run]
     dist-ortho study                       # the default study, fresh: sweep, then the report
-    dist-ortho study --output-dir results/examples     # regenerate the committed example
+    dist-ortho study -o results/examples   # regenerate the committed example
 
-A study file (`StudyFile`, read by the project's typed loader, `dist_ortho.core.schema`) names a base
-run config and the grid axes:
+A study file (`StudyFile`, read by the project's typed loader, `dist_ortho.core.schema`) names a
+base run config and the grid axes:
 
     name: default_study           # results go to <output_dir>/<name>/
     base: base.yaml               # run config, relative to this file
@@ -36,7 +36,7 @@ Models are names or {preset, label, set} entries (`set`: overrides for that mode
 its depth or batch size).
 
 Two schedules. `interleaved` (the shipped studies): each world size is one job (`python -m
-dist_ortho.studies.interleaved` under torchrun, see `dist_ortho.studies.interleaved`) that builds every strategy on the same
+dist_ortho.studies.interleaved` under torchrun) that builds every strategy on the same
 model and data and interleaves their steps, so the timings that are compared are taken side by
 side; it records every timed step (<study>/timings.csv) and the machine's load and calibration
 (<study>/groups/<job>/machine.json). `separate`: one torchrun per point, one after another (what
@@ -44,12 +44,12 @@ checkpoints, per-point timeouts and per-point testing aids need); its timings ar
 the report only compares them by non-overlapping intervals and says so.
 
 Before anything is launched, every point's config is built and checked, and so is everything
-`dist_ortho.studies.preflight` can know at the point's world size (the strategy's plan for the model's
-matrices, the testing aids), and the output folder is created: a mistake is one line naming the
-key and no launch. Each point is then a `dist_ortho.studies.jobs.Job` (`python -m dist_ortho.studies.run --config
-<study>/configs/<point>.yaml` under torchrun at P > 1), run by `jobs.run_jobs`: output in
-<study>/runs/<point>/, stdout+stderr in <study>/logs/<point>.log, resume (`sweep` skips points
-complete with the same config; `--force` reruns them; `study` always starts fresh unless
+`dist_ortho.studies.preflight` can know at the point's world size (the strategy's plan for the
+model's matrices, the testing aids), and the output folder is created: a mistake is one line
+naming the key and no launch. Each point is then a `dist_ortho.studies.jobs.Job` (`python -m
+dist_ortho run <study>/configs/<point>.yaml` under torchrun at P > 1), run by `jobs.run_jobs`:
+output in <study>/runs/<point>/, stdout+stderr in <study>/logs/<point>.log, resume (`sweep` skips
+points complete with the same config; `--force` reruns them; `study` always starts fresh unless
 `--resume`), a timeout, failures recorded in failures.csv (one line each: the first failing rank's
 error) while the sweep goes on, SIGINT/SIGTERM stopping the running point's whole process tree.
 (Interleaved: the same per job, i.e. per world size.)
@@ -73,7 +73,7 @@ from typing import Literal
 import torch
 
 from dist_ortho import strategies
-from dist_ortho.core.commands import run_command
+from dist_ortho.core.commands import add_grammar, run_command
 from dist_ortho.core.io import atomic_write_text
 from dist_ortho.core.schema import (at_least, build, join, plain_name, positive, read_yaml, to_dict,
                                     unit)
@@ -270,7 +270,7 @@ def load_study(path: str | Path, overrides: Sequence[str] | Mapping = (),
             raise ConfigError(exc.key, f"{exc.message} (in grid.models[{i}].set)") from None
     study = Study(file, path, base, Path(output_dir if output_dir is not None
                                          else file.output_dir), dict(common),
-                  "--output-dir" if output_dir is not None else "output_dir")
+                  "--out" if output_dir is not None else "output_dir")
     if file.grid.models is None:  # the base's model (after overrides) is the only one
         file.grid.models = [ModelEntry(_base_config(study).model.preset)]
         file.grid.models[0].check("grid.models[0]")
@@ -338,7 +338,7 @@ def expand(study: Study, device_type: str | None = None, faults=None) -> list[Jo
                     ordered.append((name, config, labels))
     if schedule.mode == "separate":
         return [Job(name, config, labels["world_size"],
-                    ["-m", "dist_ortho.studies.run", "--config", "{config}"], outputs=("metrics.csv",),
+                    ["-m", "dist_ortho", "run", "{config}"], outputs=("metrics.csv",),
                     labels=labels) for name, config, labels in ordered]
     jobs = []
     for opt in grid.option_sets:
@@ -483,20 +483,18 @@ def run_sweep(study: Study, force: bool = False, dry_run: bool = False,
 
 # --- command line -------------------------------------------------------------------------------
 
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+",
-                        action="extend", default=[],
-                        help="override run-config keys for every point, e.g. train.steps=4")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="results root (default: the study's output_dir, else "
-                             "results/latest)")
+def _common_arguments(parser: argparse.ArgumentParser, config_default: Path | None) -> None:
+    add_grammar(parser, config="study YAML (see launch/configs/*study*.yaml)" + (
+        f"; default {config_default.relative_to(REPO_ROOT)}" if config_default else ""),
+        overrides="override a run-config key for every point, e.g. --set train.steps=4",
+        out="results root (default: the study's output_dir, else results/latest)",
+        config_default=config_default, config_required=config_default is None)
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="per-point timeout (default: the study's point_timeout_s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", type=Path, help="study YAML (see launch/configs/*study*.yaml)")
-    _common_arguments(parser)
+    _common_arguments(parser, None)
     parser.add_argument("--force", action="store_true",
                         help="rerun every point, even those already complete")
     parser.add_argument("--dry-run", action="store_true",
@@ -509,7 +507,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _sweep_main(args: argparse.Namespace) -> int:
-    study = load_study(args.study, args.overrides, args.output_dir)
+    study = load_study(args.config, args.overrides, args.out)
     result = run_sweep(study, force=args.force, dry_run=args.dry_run, timeout_s=args.timeout)
     if args.dry_run:
         return 0
@@ -517,9 +515,7 @@ def _sweep_main(args: argparse.Namespace) -> int:
 
 
 def study_add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=DEFAULT_STUDY,
-                        help=f"study YAML (default: {DEFAULT_STUDY.relative_to(REPO_ROOT)})")
-    _common_arguments(parser)
+    _common_arguments(parser, DEFAULT_STUDY)
     parser.add_argument("--resume", action="store_true",
                         help="keep the points an earlier invocation completed with the same "
                              "config (default: start fresh, removing the study's old results)")
@@ -532,7 +528,7 @@ def study_main(args: argparse.Namespace) -> int:
 
 def _study_main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    study = load_study(args.config, args.overrides, args.output_dir)
+    study = load_study(args.config, args.overrides, args.out)
     result = run_sweep(study, timeout_s=args.timeout, fresh=not args.resume)
     if result.summary is None:
         print(f"dist-ortho study: error: no point of {study.name} completed; see "

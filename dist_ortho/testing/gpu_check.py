@@ -55,9 +55,10 @@ PRESET = "h200"  # the data-sheet figures the measurements are set beside
 RUN_CONFIG = "launch/configs/gpu_check.yaml"
 # single-process test files: under DIST_ORTHO_TEST_DEVICE=cuda their tensors live on the GPU and
 # their multi-rank tests skip (they run in tests_gloo_multirank)
-CUDA_TEST_FILES = ("tests/test_foundation.py", "tests/test_optimizer_api.py",
-                   "tests/test_models.py", "tests/test_data.py")
-MULTIRANK_TESTS = ("tests/test_strategies_dist.py",)
+CUDA_TEST_FILES = ("tests/optimizer/test_newton_schulz_and_reference_update.py",
+                   "tests/optimizer/test_optimizer_api.py", "tests/studies/test_model_presets.py",
+                   "tests/studies/test_data_loaders.py")
+MULTIRANK_TESTS = ("tests/strategies/test_every_strategy_matches_the_reference.py",)
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,10 @@ def plan_checks() -> tuple[Check, ...]:
     return (
         Check("environment", 15, "GPU name, driver, CUDA, torch (next to the project's pin), NCCL, "
               "memory, compute capability -> environment.json", _step("environment")),
-        Check("nccl_strategies", 65, f"tests/test_gpu.py on the GPU: an NCCL P=1 FSDP2 step of "
+        Check("nccl_strategies", 65, f"tests/optimizer/test_gpu_readiness.py on the GPU: an NCCL P=1 FSDP2 step of "
               f"every strategy ({names}) against the reference, ns_dtype auto = bfloat16, the "
               f"host-sync count of a CUDA step, meta/fake-cuda dry runs",
-              _pytest("tests/test_gpu.py", junit="nccl_strategies")),
+              _pytest("tests/optimizer/test_gpu_readiness.py", junit="nccl_strategies")),
         Check("stream_overlap", 25, "a profiler trace of one backward of a 3-unit FSDP2 model "
               "(NCCL P=1, strategy overlapped, schedule backward): a later unit's reduce-scatter "
               "starts before an earlier unit's NS ends (NS on the optimizer's own stream, not "
@@ -100,7 +101,7 @@ def plan_checks() -> tuple[Check, ...]:
         Check("cuda_graph", 20, "a nonfinite='mask', capturable NorMuon step with a 0-d tensor lr "
               "captured in a CUDA graph and replayed on new gradients against eager steps; a NaN "
               "replay keeps the weights -> cuda_graph.json", _step("cuda_graph")),
-        Check("profiled_run", 60, f"one profiled GPT training run, `dist-ortho run --config "
+        Check("profiled_run", 60, f"one profiled GPT training run, `dist-ortho run "
               f"{RUN_CONFIG}` (gpt-125m, NCCL P=1, ns_dtype auto = bfloat16 NS), with CUDA "
               f"memory peaks, phase times and a trace -> run/ and profiled_run.json",
               _step("profiled_run")),
@@ -324,8 +325,8 @@ def step_profiled_run(out: Path, overrides: tuple[str, ...] = (),
     on the expected (device type, backend, resolved ns_dtype), wrote a trace, a memory peak and
     DONE; raises RuntimeError naming what is wrong."""
     run_root = out / "run"
-    cmd = [sys.executable, "-m", "dist_ortho.studies.run", "--config", str(REPO_ROOT / RUN_CONFIG),
-           "--set", f"output.dir={run_root}", *overrides]
+    cmd = [sys.executable, "-m", "dist_ortho", "run", str(REPO_ROOT / RUN_CONFIG), "-o",
+           str(run_root), *(arg for o in overrides for arg in ("--set", o))]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO_ROOT)
     run_dir = run_root / "gpt125m-profiled"

@@ -1,4 +1,5 @@
-"""`python -m dist_ortho.studies.convergence`: the convergence command, and each run's worker process."""
+"""`python -m dist_ortho.studies.convergence`: the convergence command, and each run's worker
+process."""
 
 import sys
 

@@ -3,7 +3,7 @@
     dist-ortho convergence launch/configs/convergence.yaml             # the study (3 x 3 runs)
     dist-ortho convergence launch/configs/convergence.yaml --sweep     # the learning-rate sweep
     dist-ortho convergence launch/configs/convergence.yaml --analyze   # redo tables and plot only
-    python -m dist_ortho.studies.convergence launch/configs/convergence.yaml --set train.steps=200
+    dist-ortho convergence launch/configs/convergence.yaml --set train.steps=200 -o /tmp/conv
 
 Runs go to `<out_dir>/runs/<optimizer>-s<seed>/` as `dist_ortho.studies.jobs` jobs (config in
 `<out_dir>/configs/`, log in `<out_dir>/logs/`), several at a time (`processes`; 0 = one per CPU
@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dist_ortho.core.commands import run_command
+from dist_ortho.core.commands import add_grammar, run_command
 from dist_ortho.core.io import atomic_write_text
 from dist_ortho.studies.config import Config, ConfigError, default_device_type, resolve
 from dist_ortho.studies.convergence.analysis import analyze
@@ -182,13 +182,10 @@ def sweep(study: ConvergenceStudy, force: bool = False) -> tuple[list[dict], lis
 # --- command line ---------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, nargs="?", default=None,
-                        help="study config (e.g. launch/configs/convergence.yaml)")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+",
-                        action="extend", default=[],
-                        help="override keys, value parsed as YAML: run keys as in `dist-ortho "
-                             "run` (train.steps=100), study keys as convergence.<key> "
-                             "(convergence.seeds=[0])")
+    add_grammar(parser, config="study config (e.g. launch/configs/convergence.yaml)",
+                overrides="override a key: run keys as in `dist-ortho run` (train.steps=100), "
+                          "study keys as convergence.<key> (convergence.seeds=[0])",
+                out="output folder (sets convergence.out_dir)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true",
                       help="run the LR sweep of convergence.sweep and write lr_sweep.csv")
@@ -214,7 +211,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError("config", "a study config is required, e.g. "
                                     "launch/configs/convergence.yaml")
-    study = load_study(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.out is not None:
+        overrides.append(f"convergence.out_dir={args.out}")
+    study = load_study(args.config, overrides)
     if args.sweep:
         rows, failed = sweep(study, args.force)
         if failed:

@@ -1,8 +1,9 @@
-"""One convergence run: the `dist_ortho.studies.run` loop plus a schedule, a loss curve and validation.
+"""One convergence run: the `dist_ortho.studies.run` loop plus a schedule, a loss curve and
+validation.
 
-The training itself is `dist_ortho.studies.run` (`build_run`, `train`, `finish`): a GPT preset wrapped
-with FSDP2's `fully_shard`, hidden matrices stepped by the named optimizer (NorMuon, Muon, or
-AdamW), embeddings, head and norms always by AdamW, any orthogonalization strategy, any world
+The training itself is `dist_ortho.studies.run` (`build_run`, `train`, `finish`): a GPT preset
+wrapped with FSDP2's `fully_shard`, hidden matrices stepped by the named optimizer (NorMuon, Muon,
+or AdamW), embeddings, head and norms always by AdamW, any orthogonalization strategy, any world
 size. This module adds three callbacks to that loop:
 - a learning-rate schedule: every param group's configured lr times a factor that rises linearly
   over the first `lr_warmup_frac` of the steps, stays at 1, and falls linearly to 0 over the last
@@ -17,8 +18,8 @@ Each run writes `curve.csv` (step, train_loss, val_loss, lr_scale, elapsed_s) an
 next to what `dist_ortho.studies.run` writes (metrics, config, DONE).
 
 `worker(config_path)` is one run's process (every rank under torchrun): the job runner launches
-`python -m dist_ortho.studies.convergence --worker <config.yaml>`, and the convergence settings come from
-the run directory's job.json (`dist_ortho.studies.jobs`).
+`python -m dist_ortho.studies.convergence --worker <config.yaml>`, and the convergence settings come
+from the run directory's job.json (`dist_ortho.studies.jobs`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Tests of the end to end area."""

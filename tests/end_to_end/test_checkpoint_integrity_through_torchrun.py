@@ -29,7 +29,6 @@ import torch
 from dist_ortho.checkpointing import checkpoint
 from dist_ortho.studies.config import ConfigError, load_config
 from dist_ortho.studies.run_checkpoint import precheck_resume
-
 from tests.end_to_end import fault_cases as fc
 
 # real torchrun jobs (damage x resume, fault matrix): excluded from the README's test command, run

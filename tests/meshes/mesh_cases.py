@@ -20,7 +20,6 @@ import torch.distributed as dist
 from dist_ortho import Muon, NorMuon, NSConfig, ReferenceHParams, reference_step, strategies
 from dist_ortho.profiling.comm import CommCounter
 from dist_ortho.strategies.mesh import MeshPlan, bytes_by_axis, counted_by_axis
-
 from tests import tolerances
 from tests.strategies import dist_cases
 

@@ -18,7 +18,6 @@ from dist_ortho import strategies
 from dist_ortho.core.plan import all_reduce_bytes
 from dist_ortho.core.sharding import MatrixSpec
 from dist_ortho.testing.processes import spawn
-
 from tests import tolerances
 from tests.meshes import mesh_cases
 

@@ -36,7 +36,6 @@ from dist_ortho.optim.reference import ReferenceHParams, reference_step
 from dist_ortho.studies import run as run_module
 from dist_ortho.studies.config import ConfigError, load_config, resolve, run_device_type
 from dist_ortho.testing import gpu_check
-
 from tests.optimizer import gpu_cases
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,10 +15,9 @@ from dist_ortho import (CombinedOptimizer, Muon, NorMuon, NSConfig, OptimizerCon
 from dist_ortho.core.newton_schulz import (POLAR_EXPRESS_COEFFICIENTS, matrix_view_shape,
                                            newton_schulz)
 from dist_ortho.optim.reference import normuon_update
-
 from tests.devices import TEST_DEVICE
 from tests.tolerances import (C, Trajectory, assert_within, ns_error, ns_scale_sensitivity, report,
-                        unit_roundoff, update_error)
+                              unit_roundoff, update_error)
 
 U32 = unit_roundoff(torch.float32)
 

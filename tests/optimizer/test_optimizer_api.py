@@ -22,7 +22,6 @@ from dist_ortho.rules.base import UpdateRule, shape_scale
 from dist_ortho.strategies.balanced import orthogonalize_owned
 from dist_ortho.strategies.base import ExecContext
 from dist_ortho.testing.processes import spawn
-
 from tests.devices import TEST_DEVICE
 from tests.strategies import dist_cases
 from tests.tolerances import C, Trajectory, assert_within, ns_error, unit_roundoff, update_error

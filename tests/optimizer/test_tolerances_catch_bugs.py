@@ -23,10 +23,8 @@ from torch.overrides import TorchFunctionMode
 
 import dist_ortho.optim.reference as reference
 from dist_ortho.core.newton_schulz import matrix_view_shape, newton_schulz
-
-from tests.optimizer.test_newton_schulz_and_reference_update import (EXACT_SHAPES,
-                                                                    exactness_bounds,
-                                                                    run_optimizer, run_reference)
+from tests.optimizer.test_newton_schulz_and_reference_update import (EXACT_SHAPES, exactness_bounds,
+                                                                     run_optimizer, run_reference)
 from tests.tolerances import distance_ratios, report
 
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,

@@ -21,7 +21,6 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-
 MIXED = [(16, 16), (24, 8), (8, 24), (1, 16), (5, 12), (10, 8), (3, 6, 4), (6, 2, 3, 3)]
 FEW = [(7, 5), (9, 9), (3, 8)]
 # llama-tiny layer matrices (GQA, non-square MLP), one layer: what real models look like

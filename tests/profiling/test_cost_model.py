@@ -29,7 +29,6 @@ from dist_ortho.models.shapes import matrix_shapes
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.profiling.hardware import HARDWARE_PRESETS, get_preset
 from dist_ortho.testing.processes import spawn
-
 from tests.profiling import cost_cases
 
 STRATEGIES = strategies.available_exact()

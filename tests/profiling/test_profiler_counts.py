@@ -28,7 +28,6 @@ from dist_ortho.profiling import (Profiler, ProfilerConfig, environment, summari
 from dist_ortho.profiling.device import DeviceOps
 from dist_ortho.profiling.summary import phase_owner
 from dist_ortho.testing.processes import spawn
-
 from tests.profiling import prof_cases
 
 STRATEGIES = strategies.available_exact()

@@ -16,7 +16,6 @@ from dist_ortho.reporting.timeline_plots import plot_gantt
 from dist_ortho.studies.config import ConfigError, load_config
 from dist_ortho.studies.run_timeline import _Release
 from dist_ortho.testing.processes import spawn
-
 from tests.strategies import overlap_cases
 from tests.strategies.test_every_strategy_matches_the_reference import assert_bytes_equal
 

@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from dist_ortho import Muon, NorMuon, NSConfig, ReferenceHParams, reference_step
 from dist_ortho.profiling.comm import CommCounter
-
 from tests import tolerances
 
 MIXED = [(16, 16), (24, 8), (8, 24), (1, 16), (5, 12), (10, 8), (3, 6, 4), (6, 2, 3, 3)]

@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 from dist_ortho import OptimizerConfig, build_optimizers, strategies
 from dist_ortho.profiling import Profiler, ProfilerConfig
-
 from tests import tolerances
 from tests.strategies import dist_cases
 

@@ -17,7 +17,6 @@ import torch
 from dist_ortho import NorMuon, strategies
 from dist_ortho.optim.overlap import fsdp_units
 from dist_ortho.testing.processes import spawn
-
 from tests.strategies import overlap_cases
 from tests.strategies.test_every_strategy_matches_the_reference import (assert_bytes_equal,
                                                                         assert_ratios)

@@ -16,7 +16,6 @@ import pytest
 
 from dist_ortho import strategies
 from dist_ortho.testing.processes import spawn
-
 from tests import tolerances
 from tests.optimizer import gpu_cases
 from tests.strategies import dist_cases

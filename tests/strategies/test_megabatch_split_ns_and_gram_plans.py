@@ -15,7 +15,6 @@ from dist_ortho.core.newton_schulz import matrix_view_shape, newton_schulz, ns_f
 from dist_ortho.models import matrix_shapes
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.strategies.megabatch import padding_flops
-
 from tests import tolerances
 
 

@@ -19,7 +19,6 @@ from dist_ortho import NorMuon, OptimizerConfig, build_optimizers, split_params,
 from dist_ortho.checkpointing import checkpoint
 from dist_ortho.models import build_model
 from dist_ortho.testing.processes import spawn
-
 from tests.studies import ckpt_cases
 from tests.studies.ckpt_cases import K, N
 

@@ -21,7 +21,6 @@ from dist_ortho.studies.convergence import (ConvergenceConfig, add_arguments, ev
 from dist_ortho.studies.convergence.analysis import compare_curves
 from dist_ortho.studies.data import ByteCorpus, CorpusConfig
 from dist_ortho.testing.processes import spawn
-
 from tests.studies import conv_cases
 
 # --- validation batches -------------------------------------------------------------------------

@@ -10,19 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_ortho.models import (
-    GPT,
-    GPT_PRESETS,
-    SHAPE_PRESETS,
-    ShapeOnlyModel,
-    available,
-    build_model,
-    count_parameters,
-    is_shape_only,
-    matrix_shapes,
-    synthetic_grads,
-)
-
+from dist_ortho.models import (GPT, GPT_PRESETS, SHAPE_PRESETS, ShapeOnlyModel, available,
+                               build_model, count_parameters, is_shape_only, matrix_shapes,
+                               synthetic_grads)
 from tests.devices import cpu_ranks_only
 
 # --------------------------------------------------------------------- GPT

@@ -1,5 +1,5 @@
 """Steps on which `overlapped` redid its backward work after backward (global-norm clipping):
-counted per step by the profiler (`overlap_redos`, checked in tests/test_overlap.py), summed per
+counted per step by the profiler (`overlap_redos`, checked in tests/strategies/test_backward_overlap_matches_the_reference.py), summed per
 run by the summary, listed by the report."""
 
 from __future__ import annotations

@@ -2,17 +2,16 @@
 / `set_optimizer_state_dict` round-trip bitwise (nested and flattened, every strategy, FSDP2 on 2
 gloo ranks), and its state reshards through DCP: saved under FSDP on 2 ranks, loaded under
 FSDP x TP 2 x 2, a step, saved, loaded under FSDP on 4 ranks, a step; the weights stay within
-the float bound of the uninterrupted run (tests/torch_state_cases.py)."""
+the float bound of the uninterrupted run (tests/optimizer/torch_state_cases.py)."""
 
 from __future__ import annotations
 
 import tempfile
 
-import tolerances
-import torch_state_cases
-
 from dist_ortho import strategies
 from dist_ortho.testing.processes import spawn
+from tests import tolerances
+from tests.optimizer import torch_state_cases
 
 
 def test_get_and_set_optimizer_state_dict_round_trip_bitwise_for_every_strategy():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 
-import inexact_cases
 import pytest
 import torch
 
@@ -14,6 +13,7 @@ from dist_ortho.core.schema import ConfigError
 from dist_ortho.profiling.deviation import DeviationMeter, deviation, summarize_deviation
 from dist_ortho.studies.convergence.exact_or_not import ExactOrNotConfig, Schedule
 from dist_ortho.testing.processes import spawn
+from tests.strategies import inexact_cases
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 import warnings
 
-import gpu_cases
-import gpu_step_cases
 import pytest
 import torch
 
 from dist_ortho import CombinedOptimizer, Muon, NorMuon, strategies
 from dist_ortho.optim.nonfinite import HOST_SYNCS_PER_STEP, host_syncs_per_step
 from dist_ortho.testing.processes import spawn
+from tests.optimizer import gpu_cases, gpu_step_cases
 
 STRATEGIES = strategies.available()
 

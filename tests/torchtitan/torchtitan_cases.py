@@ -1,9 +1,9 @@
-"""torchtitan config module and data for the torchtitan tests (tests/test_torchtitan_trainer.py).
+"""torchtitan config module and data for the torchtitan tests (tests/torchtitan/test_torchtitan_trainer.py).
 
 `cpu_llama3` is launch/torchtitan/llama3_normuon.py's `llama3_debugmodel_normuon` (the documented
 example) made small enough for 2 CPU cores: 2 of the debug model's 6 layers, sequences of 64
 tokens, float32 parameters (no bf16 mixed precision, so 1-rank and N-rank runs compare under a
-float32 bound), SDPA attention (tests/torchtitan_shim.py says why), torchtitan's `partial_dtensor`
+float32 bound), SDPA attention (tests/torchtitan/torchtitan_shim.py says why), torchtitan's `partial_dtensor`
 backend. The run's knobs come from environment variables set by the test (one config function
 serves every case); the parallelism degrees and checkpoint settings come from torchtitan's own
 command line.
@@ -11,7 +11,7 @@ command line.
 `make_assets(root)`: torchtitan's tests/assets are not in its wheel, so a tokenizer (one token per
 word of a 36-word vocabulary) and a dataset of 400 generated lines of 63 words are written under
 `root`, deterministic. With bos and eos a line is 65 tokens, exactly one sample of 64: samples
-are lines, so the harness (tests/torchtitan_run.py) can hand each rank its rows of every global
+are lines, so the harness (tests/torchtitan/torchtitan_run.py) can hand each rank its rows of every global
 batch.
 """
 
@@ -23,9 +23,9 @@ import pathlib
 import random
 import sys
 
-import torchtitan_shim
+from tests.torchtitan import torchtitan_shim
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENV_ASSETS, ENV_STRATEGY, ENV_BATCH, ENV_NAME = ("DIST_ORTHO_TT_ASSETS", "DIST_ORTHO_TT_STRATEGY",
                                                  "DIST_ORTHO_TT_GLOBAL_BATCH",
                                                  "DIST_ORTHO_TT_OPTIMIZER")
@@ -75,11 +75,11 @@ def make_assets(root: str | os.PathLike) -> pathlib.Path:
 
 def cpu_llama3():
     sys.path.insert(0, str(ROOT))  # the example lives in launch/, outside the package
-    from launch.torchtitan.llama3_normuon import llama3_debugmodel_normuon
     from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
     from torchtitan.models.llama3 import model_registry
 
     from dist_ortho.integrations.torchtitan import optimizers_config
+    from launch.torchtitan.llama3_normuon import llama3_debugmodel_normuon
 
     config = llama3_debugmodel_normuon()
     spec = model_registry("debugmodel")

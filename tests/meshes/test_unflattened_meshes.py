@@ -2,7 +2,7 @@
 ranks: HSDP, FSDP x TP, expert parallel on a sparse mesh beside dense weights on other meshes of
 the same world, FSDP on a strided 1-D mesh. Every strategy equals the single-process reference
 within the derived float32 bound, and the bytes counted equal the plan's per (kind, mesh axis)
-(tests/unflattened_mesh_cases.py; the checks are test_mesh_dist's)."""
+(tests/meshes/unflattened_mesh_cases.py; the checks are test_mesh_dist's)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ import functools
 
 import pytest
 import torch
-import unflattened_mesh_cases
-from test_mesh_dist import check_run
 
 from dist_ortho import NorMuon, strategies
 from dist_ortho.core import mesh_groups
 from dist_ortho.core.meshes import MeshSpec
 from dist_ortho.testing.processes import spawn
+from tests.meshes import unflattened_mesh_cases
+from tests.meshes.test_meshes_match_the_reference import check_run
 
 STRATEGIES = strategies.available_exact()
-JOBS = [("hsdp", "hsdp_worker", (STRATEGIES,)), ("tp", "tp_worker", (STRATEGIES,)),
-        ("ep", "ep_worker", (STRATEGIES,)), ("strided", "strided_worker", (STRATEGIES,))]
+JOBS = [("hsdp", unflattened_mesh_cases.hsdp_worker, (STRATEGIES,)),
+        ("tp", unflattened_mesh_cases.tp_worker, (STRATEGIES,)),
+        ("ep", unflattened_mesh_cases.ep_worker, (STRATEGIES,)),
+        ("strided", unflattened_mesh_cases.strided_worker, (STRATEGIES,))]
 
 
 @functools.lru_cache(maxsize=None)

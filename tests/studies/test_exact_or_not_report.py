@@ -89,7 +89,7 @@ def test_launch_config_names_an_exact_reference_and_only_inexact_schedules():
     from dist_ortho import strategies
     from dist_ortho.studies.convergence.exact_or_not import load
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     study = load(root / "launch" / "configs" / "exact_or_not.yaml")
     assert strategies.build(study.study.exact.name).exact
     assert all(not strategies.build(s.name).exact for s in study.study.schedules)

@@ -5,7 +5,7 @@ strategy, each with its own checkpoint folder `<checkpoint.folder>_<strategy>`).
 Each rank appends to $DIST_ORTHO_TT_OUT/rank<r>.jsonl what the test checks: every logged step's
 global loss and gradient norm (from torchtitan's MetricsProcessor.log); with
 $DIST_ORTHO_TT_TRAJECTORY set, per step the norms of every parameter and its gradient (what the
-float bound needs, tests/test_torchtitan_trainer.py); at the end, the optimizer container's facts
+float bound needs, tests/torchtitan/test_torchtitan_trainer.py); at the end, the optimizer container's facts
 (inner optimizers, strategy, skipped steps, overlap redos, placements, a hash of every
 parameter). Data: each rank reads its rows of every global batch (`split_dataset_by_node`).
 """
@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 
-import torchtitan_shim
+from tests.torchtitan import torchtitan_shim
 
 torchtitan_shim.apply()
 

@@ -10,8 +10,6 @@ import functools
 
 import numpy as np
 import pytest
-import tolerances
-import two_level_cases
 
 from dist_ortho import strategies
 from dist_ortho.models import matrix_shapes
@@ -19,6 +17,8 @@ from dist_ortho.profiling import costmodel as cm
 from dist_ortho.strategies import two_level
 from dist_ortho.strategies.balanced import owner_pairs
 from dist_ortho.testing.processes import spawn
+from tests import tolerances
+from tests.strategies import two_level_cases
 
 CASES = two_level_cases.cases()
 

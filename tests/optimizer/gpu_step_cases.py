@@ -1,10 +1,10 @@
-"""Workers on real gloo ranks for tests/test_nonfinite_mask.py and tests/test_optimizer_streams.py
+"""Workers on real gloo ranks for tests/optimizer/test_nonfinite_mask.py and tests/optimizer/test_optimizer_streams.py
 (spawned by name with dist_ortho.testing.processes.spawn).
 
 `mask_worker`: FSDP2-style Shard(0) parameters, one optimizer with nonfinite="skip" and one with
 "mask" per strategy, stepped on the same gradients; step 1 holds a NaN on the last rank only.
 `stream_worker`: an FSDP2 GPT with strategy `overlapped` (schedule backward), stepped under the CPU
-stream race checker (tests/stream_checker.py), and once more with backward called from another
+stream race checker (tests/optimizer/stream_checker.py), and once more with backward called from another
 thread than step().
 """
 
@@ -13,16 +13,15 @@ from __future__ import annotations
 import threading
 import warnings
 
-import dist_cases
-import gpu_cases
-import overlap_cases
 import torch
-from stream_checker import StreamRaceChecker
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from dist_ortho import NorMuon, OptimizerConfig, build_optimizers, strategies
 from dist_ortho.core.sharding import local_tensor
+from tests.optimizer import gpu_cases
+from tests.optimizer.stream_checker import StreamRaceChecker
+from tests.strategies import dist_cases, overlap_cases
 
 NAN_STEP = 1
 STEPS = 3

@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
-from tolerances import update_error
 
 from dist_ortho import Muon, NorMuon
+from tests.tolerances import update_error
 
 
 def _params(seed: int = 0, shapes=((8, 6), (6, 10))):

@@ -1,6 +1,6 @@
 """The optimizer's stream rules (dist_ortho.optim.streams), checked on the CPU.
 
-`Streams` does nothing on the CPU but records each call; tests/stream_checker.py replays those
+`Streams` does nothing on the CPU but records each call; tests/optimizer/stream_checker.py replays those
 calls against every ATen op of a real FSDP2 training step (2 gloo ranks, strategy `overlapped`
 with its work started from backward hooks) the way a GPU would order them, and reports a read
 before the reading stream waited for the writer, or a cross-stream read without a keep-alive.
@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import threading
 
-import gpu_step_cases
 import torch
-from stream_checker import StreamRaceChecker
 
 from dist_ortho.optim.streams import OPTIMIZER_STREAM, StreamCall, Streams
 from dist_ortho.testing.processes import spawn
+from tests.optimizer import gpu_step_cases
+from tests.optimizer.stream_checker import StreamRaceChecker
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""Workers for tests/test_transfer_split.py: a collective that one rank reaches late."""
+"""Workers for tests/profiling/test_transfer_split.py: a collective that one rank reaches late."""
 
 from __future__ import annotations
 

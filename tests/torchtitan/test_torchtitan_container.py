@@ -12,8 +12,8 @@ pytest.importorskip("torchtitan", reason="needs the extra: pip install -e '.[tor
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # noqa: E402
-    checkpoint_wrapper)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import \
+    checkpoint_wrapper  # noqa: E402
 
 from dist_ortho.integrations.torchtitan import optimizers_config  # noqa: E402
 

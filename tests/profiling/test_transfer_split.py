@@ -5,11 +5,11 @@ timemodel.shared_makespan)."""
 from __future__ import annotations
 
 import pytest
-import transfer_cases
 
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.profiling.calibration import NSSample, contention_of
 from dist_ortho.testing.processes import spawn
+from tests.profiling import transfer_cases
 
 
 def test_waiting_for_a_late_rank_is_not_transfer():

@@ -1,6 +1,6 @@
 """torchtitan's own trainer (0.3.0, its llama3 debug model cut to 2 layers, gloo on CPU) trains
 with `dist_ortho.integrations.torchtitan`'s container, as set by the documented example config
-(launch/torchtitan/llama3_normuon.py, made small in tests/torchtitan_cases.py):
+(launch/torchtitan/llama3_normuon.py, made small in tests/torchtitan/torchtitan_cases.py):
 
 - 2 ranks FSDP, every strategy; 4 ranks FSDP x TP 2 x 2 and HSDP 2 x 2 (meshes torchtitan
   unflattens from its world mesh) with `balanced`: every step's loss equals the 1-rank run's
@@ -40,12 +40,12 @@ import pytest
 pytestmark = [pytest.mark.torchtitan, pytest.mark.timeout(1800)]
 pytest.importorskip("torchtitan", reason="needs the extra: pip install -e '.[torchtitan]'")
 
-import dist_cases  # noqa: E402
-import tolerances  # noqa: E402
 import torch  # noqa: E402
-import torchtitan_cases  # noqa: E402
 
 from dist_ortho import strategies  # noqa: E402
+from tests import tolerances  # noqa: E402
+from tests.strategies import dist_cases  # noqa: E402
+from tests.torchtitan import torchtitan_cases  # noqa: E402
 
 TESTS = pathlib.Path(__file__).resolve().parent
 STRATEGIES = strategies.available_exact()
@@ -61,7 +61,7 @@ def _port() -> int:
 
 def _torchrun(label: str, ranks: int, strategies_: list[str], *args: str,
               trajectory: bool = False) -> dict:
-    """One torchrun of tests/torchtitan_run.py; {strategy: {"losses", "final", "trajectory"}}
+    """One torchrun of tests/torchtitan/torchtitan_run.py; {strategy: {"losses", "final", "trajectory"}}
     of rank 0."""
     root = pathlib.Path(_TMP.name)
     out = root / "out" / label
@@ -72,7 +72,7 @@ def _torchrun(label: str, ranks: int, strategies_: list[str], *args: str,
     if trajectory:
         env["DIST_ORTHO_TT_TRAJECTORY"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-           f"--master_port={_port()}", "torchtitan_run.py", "--module", "torchtitan_cases",
+           f"--master_port={_port()}", "torchtitan_run.py", "--module", "tests.torchtitan.torchtitan_cases",
            "--config", "cpu_llama3", "--checkpoint.enable", *args]
     proc = subprocess.run(cmd, cwd=TESTS, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (label, proc.stdout[-3000:], proc.stderr[-6000:])

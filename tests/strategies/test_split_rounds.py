@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 
 import pytest
-import split_cases
-import tolerances
 
 from dist_ortho.testing.processes import spawn
+from tests import tolerances
+from tests.strategies import split_cases
 
 CASES = split_cases.cases()
 

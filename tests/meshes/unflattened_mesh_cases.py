@@ -1,4 +1,4 @@
-"""Workers for tests/test_unflattened_meshes.py: parameters on meshes built as torchtitan's
+"""Workers for tests/meshes/test_unflattened_meshes.py: parameters on meshes built as torchtitan's
 `ParallelDims` builds them, by `_unflatten` (and `_flatten`) of one 1-D world mesh, 4 gloo ranks.
 
 Such a mesh is neither a slice nor a flattening of its root (the 1-D world): the optimizer reads
@@ -13,8 +13,8 @@ it from its rank tensor (`dist_ortho.core.mesh_groups`). The cases mirror mesh_c
 
 from __future__ import annotations
 
-import dist_cases
-import mesh_cases
+from tests.meshes import mesh_cases
+from tests.strategies import dist_cases
 
 
 def _world():
@@ -77,6 +77,6 @@ def strided_worker(rank: int, world_size: int, strategy_names: list[str]) -> dic
         for name in strategy_names}
 
 
-def suite_worker(rank: int, world_size: int, jobs: list[tuple[str, str, tuple]]) -> dict:
-    dist_cases.set_threads()
-    return {key: globals()[name](rank, world_size, *args) for key, name, args in jobs}
+def suite_worker(rank: int, world_size: int, jobs: list) -> dict:
+    """All jobs in one process group (see dist_cases.suite_worker)."""
+    return dist_cases.suite_worker(rank, world_size, jobs)

@@ -1,5 +1,5 @@
 """Workers for `balanced`'s node-aware exchange on real gloo groups
-(tests/test_two_level_exchange.py): the distributed suite's shapes (uneven and empty shards, 3-D
+(tests/strategies/test_two_level_exchange.py): the distributed suite's shapes (uneven and empty shards, 3-D
 and 4-D parameters) with `exchange="two_level"` over nodes of 2 ranks (P = 3: a last node of one
 rank) and of 3 (P = 4: nodes of 3 and 1). Each case returns the distance to the single-process
 reference over its derived bound (dist_cases.run_case) and, for one step, the bytes and
@@ -8,11 +8,11 @@ messages counted per (kind, link class) beside the plan's.
 
 from __future__ import annotations
 
-import dist_cases
 import torch
 
 from dist_ortho import NorMuon, strategies
 from dist_ortho.profiling.comm import CommCounter
+from tests.strategies import dist_cases
 
 
 def cases() -> list[dict]:

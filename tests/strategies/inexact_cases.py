@@ -1,4 +1,4 @@
-"""Workers for tests/test_inexact_schedules.py: the inexact schedules (strategies blockwise,
+"""Workers for tests/strategies/test_inexact_schedules.py: the inexact schedules (strategies blockwise,
 local_norms, periodic) on real gloo process groups, each beside the single-process reference of its
 own definition (`dist_ortho.optim.inexact_reference`), at P = 1..4, on 1-D FSDP2 shards (uneven and
 empty ones: dist_cases.MIXED), plain replicated tensors and, for blockwise, a 2x2 (dp, tp) mesh.
@@ -13,8 +13,6 @@ distance / bound per parameter ("ratios", <= 1 to pass), bytes counted beside th
 
 from __future__ import annotations
 
-import dist_cases
-import tolerances
 import torch
 import torch.distributed as dist
 
@@ -23,6 +21,8 @@ from dist_ortho.core.sharding import chunk_sizes
 from dist_ortho.optim.inexact_reference import inexact_reference_step
 from dist_ortho.profiling.comm import CommCounter
 from dist_ortho.strategies.mesh import MeshPlan, bytes_by_axis, counted_by_axis
+from tests import tolerances
+from tests.strategies import dist_cases
 
 STEPS = 4  # periodic with k = 2: block, full, block, full
 
@@ -150,8 +150,9 @@ def plain_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
 def tp_worker(rank: int, world_size: int) -> dict:
     """blockwise on a 2x2 (dp, tp) mesh: ColwiseParallel / RowwiseParallel weights fully_shard-ed
     on dp (tests/mesh_cases._tp_layouts), replicas spread and repeat, NorMuon and Muon."""
-    import mesh_cases
     from torch.distributed.device_mesh import init_device_mesh
+
+    from tests.meshes import mesh_cases
 
     dist_cases.set_threads()
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))

@@ -9,11 +9,11 @@ one for the step that creates the state, one for every later step, whatever lr b
 from __future__ import annotations
 
 import pytest
-import tolerances
 import torch
 from torch._dynamo.utils import counters
 
 from dist_ortho import NorMuon
+from tests import tolerances
 
 SHAPES = ((8, 6), (6, 10), (8, 6))  # one shape repeats
 LR = 0.02

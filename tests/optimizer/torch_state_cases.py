@@ -1,4 +1,4 @@
-"""Workers for tests/test_torch_optimizer_state.py: `build_optimizers`' CombinedOptimizer through
+"""Workers for tests/optimizer/test_torch_optimizer_state.py: `build_optimizers`' CombinedOptimizer through
 torch's own state-dict API (`torch.distributed.checkpoint.state_dict`) and DCP.
 
 - roundtrip_worker (2 ranks, FSDP2): after 2 steps, `get_optimizer_state_dict(model, opt)` (nested
@@ -10,16 +10,17 @@ torch's own state-dict API (`torch.distributed.checkpoint.state_dict`) and DCP.
   torchtitan builds it), take step 3 and save; FSDP on 4 ranks loads that and takes step 4. The
   uninterrupted run (FSDP on 2 ranks, 4 steps) is the comparison after steps 3 and 4: both runs
   stay within the bound tp_train_worker derives for a whole run against the single-process
-  model (tests/mesh_cases.py), so their distance is within twice it (triangle inequality).
+  model (tests/meshes/mesh_cases.py), so their distance is within twice it (triangle inequality).
 """
 
 from __future__ import annotations
 
-import dist_cases
-import mesh_cases
-import tolerances
 import torch
 import torch.distributed as dist
+
+from tests import tolerances
+from tests.meshes import mesh_cases
+from tests.strategies import dist_cases
 
 GLOBAL_BATCH, SEQ = 4, 16
 
@@ -69,8 +70,7 @@ def _same(a, b) -> bool:
 
 
 def roundtrip_worker(rank: int, world_size: int, strategies: list[str]) -> dict:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_optimizer_state_dict,
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.utils._pytree import tree_map_only
@@ -110,8 +110,7 @@ def roundtrip_worker(rank: int, world_size: int, strategies: list[str]) -> dict:
 
 
 def _dcp_state(model, opt) -> dict:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_model_state_dict,
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
     return {"model": get_model_state_dict(model),

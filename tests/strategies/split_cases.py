@@ -1,4 +1,4 @@
-"""Workers for split_ns's member-only rounds on real gloo groups (tests/test_split_rounds.py).
+"""Workers for split_ns's member-only rounds on real gloo groups (tests/strategies/test_split_rounds.py).
 
 Every case splits every splittable matrix (`split: "all"`), so the rounds carry the whole
 matrix family: wide and tall matrices, row blocks that cut across shard boundaries, shards that
@@ -10,12 +10,12 @@ bytes counted at each collective and message per (kind, ranks it ran among) besi
 
 from __future__ import annotations
 
-import dist_cases
 import torch
 
 from dist_ortho import NorMuon, strategies
 from dist_ortho.core.plan import bytes_by_group
 from dist_ortho.profiling.comm import CommCounter
+from tests.strategies import dist_cases
 
 # (rows, cols): 3 x 40 leaves an empty shard at P = 4; 40 x 3 and 18 x 7 are tall (row blocks
 # across shard boundaries, uneven shards at P = 3, 4); 2 x 9 has fewer A rows than members

@@ -3,20 +3,21 @@ their own definition (dist_ortho.optim.inexact_reference) on real gloo groups at
 FSDP2 shards with uneven and empty ones, on plain tensors and (blockwise) on a 2x2 FSDP x TP mesh;
 they are far from the exact update where they differ from it, move exactly the bytes their plan
 says, are labelled inexact, never chosen by default, and refused with one line where they cannot
-apply. Bounds: tests/inexact_cases.py (the module docstring) and tests/tolerances.py."""
+apply. Bounds: tests/strategies/inexact_cases.py (the module docstring) and tests/tolerances.py."""
 
 from __future__ import annotations
 
 import functools
 
-import inexact_cases
 import pytest
-from test_strategies_dist import assert_bytes_equal, assert_ratios
 
 from dist_ortho import strategies
 from dist_ortho.studies.config import StrategyConfig
 from dist_ortho.studies.sweep import Grid
 from dist_ortho.testing.processes import spawn
+from tests.strategies import inexact_cases
+from tests.strategies.test_every_strategy_matches_the_reference import (assert_bytes_equal,
+                                                                        assert_ratios)
 
 CASES = inexact_cases.schedule_cases()
 PLAIN = [c for c in CASES if c["algo"] == "normuon" and c["ns_dtype"] == "float32"]

@@ -1,0 +1,1 @@
+"""torchtitan's own trainer with dist_ortho's optimizers container (`pytest -m torchtitan`)."""

@@ -44,6 +44,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "study": ("dist_ortho.studies.sweep:study", "the default scaling study: sweep, then report"),
     "project": ("dist_ortho.studies.project", "cost model: project step time and bytes to large scale"),
     "convergence": ("dist_ortho.studies.convergence", "loss-vs-steps study of NorMuon, Muon and AdamW"),
+    "exact-or-not": ("dist_ortho.studies.convergence.exact_or_not",
+                     "the inexact schedules beside the exact one: deviation, time, loss gap"),
+    "exchange": ("dist_ortho.studies.exchange_project",
+                 "cost model: flat vs two-level (node-aware) exchange per world size"),
 }
 
 # commands that run as the ranks of a job: torchrun and the job runner stop them with SIGTERM

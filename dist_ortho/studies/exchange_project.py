@@ -1,7 +1,7 @@
 """`balanced`'s owner exchange, flat against two-level, projected to large world sizes.
 
-    python -m dist_ortho.studies.exchange_project --model llama-8b --world-sizes 64,256,1024,4096
-    python -m dist_ortho.studies.exchange_project --model llama-70b --out results/examples/exchange
+    dist-ortho exchange --model llama-8b --world-sizes 64,256,1024,4096
+    dist-ortho exchange --model llama-70b -o results/examples/exchange
 
 For each world size, the cost model prices one optimizer step of `balanced` with its flat
 exchange (one all-to-all each way over all P ranks) and with its node-aware one
@@ -22,15 +22,15 @@ import os
 import numpy as np
 import pandas as pd
 
-from dist_ortho.core.commands import run_command
-from dist_ortho.core.io import atomic_write_text
+from dist_ortho.core.commands import add_grammar, run_command
+from dist_ortho.core.errors import UserError
+from dist_ortho.core.io import atomic_write_text, writable_dir
 from dist_ortho.core.sharding import dtype_size
 from dist_ortho.models.shapes import matrix_shapes
 from dist_ortho.profiling.costmodel import matrix_specs, predict, torch_dtype
 from dist_ortho.profiling.hardware import get_preset
 from dist_ortho.strategies import two_level
 from dist_ortho.strategies.balanced import owner_pairs
-from dist_ortho.studies.preflight import writable_dir
 
 __all__ = ["exchange_rows", "markdown", "main"]
 
@@ -101,27 +101,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hardware", default="h100", help="a preset: h100 or h200")
     parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--out", default=DEFAULT_OUT)
+    add_grammar(parser, config=None, overrides=None,
+                out=f"folder for the tables (default: {DEFAULT_OUT}, which git ignores)")
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_command("exchange_project", _main, args)
+    return run_command("exchange", _main, args)
 
 
 def _main(args: argparse.Namespace) -> int:
-    writable_dir(args.out, "--out")
+    out = str(args.out or DEFAULT_OUT)
+    writable_dir(out, "-o/--out")
     try:
         sizes = sorted({int(x) for x in args.world_sizes.split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"--world-sizes must be comma-separated integers, got "
+        raise UserError(f"--world-sizes must be comma-separated integers, got "
                          f"{args.world_sizes!r}") from None
     if not sizes or min(sizes) < 1:
-        raise ValueError(f"--world-sizes must be positive integers, got {args.world_sizes!r}")
+        raise UserError(f"--world-sizes must be positive integers, got {args.world_sizes!r}")
     rows = exchange_rows(args.model, sizes, args.hardware, args.param_dtype, args.ns_dtype)
-    command = (f"python -m dist_ortho.studies.exchange_project --model {args.model} "
-               f"--world-sizes {','.join(map(str, sizes))} --hardware {args.hardware} "
-               f"--out {args.out}")
-    prefix = os.path.join(args.out, f"{args.model}_{args.hardware}_exchange")
+    command = (f"dist-ortho exchange --model {args.model} "
+               f"--world-sizes {','.join(map(str, sizes))} --hardware {args.hardware} -o {out}")
+    prefix = os.path.join(out, f"{args.model}_{args.hardware}_exchange")
     atomic_write_text(prefix + ".csv", pd.DataFrame(rows).to_csv(index=False))
     text = markdown(rows, command)
     atomic_write_text(prefix + ".md", text)
@@ -131,7 +132,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m dist_ortho.studies.exchange_project",
+    _parser = argparse.ArgumentParser(prog="dist-ortho exchange",
                                       description=__doc__.split("\n")[0])
     add_arguments(_parser)
     raise SystemExit(main(_parser.parse_args()))

@@ -1,7 +1,7 @@
 """Exact or not: the inexact schedules (blockwise, local_norms, periodic) beside an exact strategy,
 at several world sizes, on the same global batch and seeds; what they save and what they cost.
 
-    python -m dist_ortho.studies.convergence.exact_or_not launch/configs/exact_or_not.yaml
+    dist-ortho exact-or-not launch/configs/exact_or_not.yaml
 
 One process group per world size P (gloo on CPU, P processes started here), and in it, in turn:
 1. training: for every seed, the exact strategy and each schedule train the run config's GPT from
@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_ortho import strategies
+from dist_ortho.core.commands import add_grammar, run_command
 from dist_ortho.core.schema import ConfigError
 from dist_ortho.core.schema import apply_overrides as apply_schema_overrides
 from dist_ortho.core.schema import at_least, build, parse_overrides, read_yaml, to_dict
@@ -274,25 +275,28 @@ def run_study(study: ExactOrNotStudy, command: str) -> dict:
     return facts
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_ortho.studies.convergence.exact_or_not",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="study YAML (launch/configs/exact_or_not.yaml)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides: study.<key>=... for the study, anything else for run")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_grammar(parser, config="study YAML (launch/configs/exact_or_not.yaml)", config_required=True,
+                overrides="study.<key>=... for the study, anything else for the run config",
+                out="output folder (default: the study's study.out_dir)")
     parser.add_argument("--report-only", action="store_true",
-                        help="rewrite summary.md and the plots from the CSVs in out_dir")
-    args = parser.parse_args(argv)
-    try:
-        study = load(args.config, args.set)
-    except ConfigError as exc:
-        print(f"exact_or_not: {exc}", file=sys.stderr)
-        return 2
+                        help="rewrite summary.md and the plots from the CSVs in the output folder")
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_command("exact-or-not", _main, args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"study.out_dir={args.out}"] if args.out else [])
+    study = load(args.config, overrides)  # ConfigError: one line, exit 2
     if not args.report_only:
-        run_study(study, "python -m dist_ortho.studies.convergence.exact_or_not "
-                  + " ".join(sys.argv[1:] if argv is None else argv))
+        run_study(study, "dist-ortho exact-or-not " + " ".join(sys.argv[2:]))
     report.write(Path(study.study.out_dir), study.study.exact.label)
     return 0
 
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _parser = argparse.ArgumentParser(prog="dist-ortho exact-or-not", description=__doc__.split("\n")[0])
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

@@ -54,6 +54,7 @@ from dist_ortho.core.sharding import Layout, MatrixSpec, chunk_sizes, local_tens
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 from dist_ortho.optim import mesh_step
 from dist_ortho.optim.overlap import BackwardOverlap, null_comm_context, unit_positions
+from dist_ortho.optim.step_ops import apply_updates, momentum_directions, nonfinite_count
 from dist_ortho.rules.base import UpdateRule, check_unit_interval
 from dist_ortho.strategies.base import ExecContext, Strategy
 from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, MeshPlan, check_replicas
@@ -70,14 +71,12 @@ HOST_SYNCS_PER_STEP = 1
 def count_nonfinite(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
                     world_size: int, device: torch.device, flag: torch.Tensor | None = None):
     """Number of gradient shards holding NaN/Inf, summed over the ranks of `group`: one tiny
-    all-reduce, so every rank gets the same verdict. A sum is NaN/Inf iff an element is (or the
-    sum overflows float32, which is no healthier). With `flag` (a one-element 0/1 float tensor on
+    all-reduce, so every rank gets the same verdict. With `flag` (a one-element 0/1 float tensor on
     `device`), the same all-reduce carries it as a second float and (count, number of ranks that
     raised it) is returned, still read with one `.item()`: both are small integers, packed as
-    count * (P + 1) + flags in float64 before the read."""
-    sums = [torch.sum(g, dtype=torch.float32).to(device) for g in grads]
-    bad = ((~torch.isfinite(torch.stack(sums))).sum().to(torch.float32).reshape(1) if sums
-           else torch.zeros(1, device=device))
+    count * (P + 1) + flags in float64 before the read. The local count is `nonfinite_count`
+    (one reduction for all the shards)."""
+    bad = nonfinite_count(grads, device)
     if flag is not None:
         bad = torch.cat([bad, flag.to(device=device, dtype=torch.float32).reshape(1)])
     if world_size > 1:
@@ -509,33 +508,26 @@ def _runs(entries) -> list[list[int]]:
 
 
 def _momentum(entries, grads, states) -> list[torch.Tensor]:
-    """buf <- lerp(buf, g, 1 - momentum); direction: lerp(g, buf, momentum) (Nesterov) or buf.
-    One _foreach_ call per param group: the same per-tensor kernels as a loop, without its
-    per-parameter Python and dispatch."""
+    """Each param group's momentum (`step_ops.momentum_directions`: a few _foreach_ ops per
+    group); directions come back in the parameters' dtype, the wire dtype of every plan."""
     directions: list[torch.Tensor | None] = [None] * len(entries)
     for run in _runs(entries):
         group = entries[run[0]][0]
-        bufs = [local_tensor(states[j]["momentum_buffer"]) for j in run]
-        gs = [grads[j] for j in run]
-        torch._foreach_add_([states[j]["step"] for j in run], 1)
-        torch._foreach_lerp_(bufs, gs, 1 - group["momentum"])
-        outs = torch._foreach_lerp(gs, bufs, group["momentum"]) if group["nesterov"] else bufs
+        outs = momentum_directions([local_tensor(states[j]["momentum_buffer"]) for j in run],
+                                   [grads[j] for j in run], [states[j]["step"] for j in run],
+                                   group["momentum"], group["nesterov"],
+                                   out_dtype=grads[run[0]].dtype)
         for j, u in zip(run, outs):
-            directions[j] = u.contiguous()
+            directions[j] = u
     return directions  # type: ignore[return-value]
 
 
 def _apply(entries, updates) -> None:
-    """p <- p (1 - lr wd) - lr update, in place; the decay pass is skipped when it multiplies by
-    exactly 1 (weight_decay 0), which leaves every bit as it was."""
+    """p <- p (1 - lr wd) - lr update, in place (`step_ops.apply_updates`, per param group)."""
     for run in _runs(entries):
         group = entries[run[0]][0]
-        locals_ = [local_tensor(entries[j][1]) for j in run]
-        ups = [updates[j].reshape(t.shape).to(t.dtype) for j, t in zip(run, locals_)]
-        decay = 1 - group["lr"] * group["weight_decay"]
-        if decay != 1:
-            torch._foreach_mul_(locals_, decay)
-        torch._foreach_add_(locals_, ups, alpha=-group["lr"])
+        apply_updates([local_tensor(entries[j][1]) for j in run], [updates[j] for j in run],
+                      group["lr"], group["weight_decay"])
 
 
 def _options_text(options) -> str:

@@ -53,6 +53,8 @@ from dist_ortho.core.plan import CommItem, Plan, all_reduce_bytes
 from dist_ortho.core.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 from dist_ortho.optim import mesh_step
+from dist_ortho.optim.precision import (check_momentum_dtype, momentum_dtype_for,
+                                        warn_if_updates_round_away)
 from dist_ortho.optim.overlap import BackwardOverlap, null_comm_context, unit_positions
 from dist_ortho.optim.step_ops import apply_updates, momentum_directions, nonfinite_count
 from dist_ortho.rules.base import UpdateRule, check_unit_interval
@@ -136,6 +138,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     replicas: on a 2-D/3-D mesh, ranks holding the same values of a matrix (HSDP's replicate
     axis, a TP axis a weight is not split on) "spread" the matrices between them, each
     orthogonalized once in the job, or "repeat" all of them (`dist_ortho.optim.mesh_step`).
+    momentum_dtype: dtype of the momentum buffers; None (default): float32 for 16-bit parameters,
+    the parameter's dtype otherwise (see `dist_ortho.optim.precision`).
     Extra keyword arguments are the rule's own hyperparameters (NorMuon: beta2)."""
 
     def __init__(self, params: Iterable, rule: str | UpdateRule = "normuon",
@@ -145,7 +149,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                  ns_coefficients: str = "jordan", nonfinite: str = "skip",
                  replicas: str = DEFAULT_REPLICAS,
                  process_group: dist.ProcessGroup | None = None, ns_form: str = "standard",
-                 **rule_hparams) -> None:
+                 momentum_dtype: str | torch.dtype | None = None, **rule_hparams) -> None:
         self.rule = rule_registry.get(rule)
         unknown = sorted(set(rule_hparams) - set(self.rule.defaults))
         if unknown:
@@ -164,6 +168,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self.strategy = strategy
         self.nonfinite = nonfinite
         self.replicas = check_replicas(replicas)  # HSDP/TP replicas: "spread" the NS or "repeat"
+        self.momentum_dtype = check_momentum_dtype(momentum_dtype)
         self.process_group = process_group
         self.timer: PhaseTimer = NULL_TIMER  # set_timer(); the null timer costs nothing
         self.skipped_steps = 0
@@ -181,6 +186,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._ready = True
         self.plan()  # surfaces every planning error now, on every rank, before any collective
+        warn_if_updates_round_away(self._entries(require_grad=False), self._names, self.rule)
 
     @property
     def algorithm(self) -> str:
@@ -376,17 +382,21 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 index = [id(q) for _, q in entries].index(id(p))
                 layout = mesh_step.state_layout(self.plan(entries), index, self._infos[id(p)],
                                                 local_tensor(p).device)
-            state["momentum_buffer"] = torch.zeros_like(p)
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=self.buffer_dtype(p))
             state["step"] = torch.zeros((), dtype=torch.float32)
             state.update(self.rule.init_state(p, layout))
         return state
 
+    def buffer_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The momentum buffer's dtype for parameter `p` (`momentum_dtype`)."""
+        return momentum_dtype_for(p.dtype, self.momentum_dtype)
+
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating state to the parameter's dtype on load, which would round the
-        # rule's float32 state (NorMuon's v) to bf16 for bf16 parameters; keep the saved float32
-        # tensors and put them back afterwards.
+        # rule's float32 state (NorMuon's v) and float32 momentum to bf16 for bf16 parameters;
+        # keep the saved tensors and put them back afterwards in their saved dtype.
         # torch maps saved ids to parameters by position across param groups; so do we.
-        keep = ("step",) + tuple(self.rule.float32_state)
+        keep = ("step", "momentum_buffer") + tuple(self.rule.float32_state)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         exact = {}
@@ -397,7 +407,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         for p, kept in exact.items():
             for key, value in kept.items():
                 self.state[p][key] = value.to(device=self.state[p][key].device,
-                                              dtype=torch.float32, copy=True)
+                                              dtype=value.dtype, copy=True)
 
 
     # -- the step --------------------------------------------------------------------------------
@@ -550,11 +560,13 @@ class Muon(OrthogonalizedOptimizer):
                  ns_dtype: str | torch.dtype = "auto", ns_coefficients: str = "jordan",
                  strategy: str | Strategy = "replicated", nonfinite: str = "skip",
                  process_group: dist.ProcessGroup | None = None,
-                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard",
+                 momentum_dtype: str | torch.dtype | None = None) -> None:
         super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         replicas=replicas, process_group=process_group, ns_form=ns_form)
+                         replicas=replicas, process_group=process_group, ns_form=ns_form,
+                         momentum_dtype=momentum_dtype)
 
 
 class NorMuon(OrthogonalizedOptimizer):
@@ -567,8 +579,10 @@ class NorMuon(OrthogonalizedOptimizer):
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
                  ns_coefficients: str = "jordan", strategy: str | Strategy = "replicated",
                  nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None,
-                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard") -> None:
+                 replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard",
+                 momentum_dtype: str | torch.dtype | None = None) -> None:
         super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
-                         replicas=replicas, process_group=process_group, ns_form=ns_form)
+                         replicas=replicas, process_group=process_group, ns_form=ns_form,
+                         momentum_dtype=momentum_dtype)

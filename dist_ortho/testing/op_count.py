@@ -21,7 +21,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_ortho import OrthogonalizedOptimizer, strategies
+from dist_ortho.optim.optimizer import OrthogonalizedOptimizer
+from dist_ortho.strategies import registry
 from dist_ortho.models.shapes import ShapeConfig, ShapeOnlyModel, synthetic_grads
 
 __all__ = ["OpCounter", "LLAMA_STACK", "llama_stack", "count_step", "ops_per_matrix"]
@@ -103,7 +104,7 @@ def ops_per_matrix(rank: int, world_size: int, names: list[str],
         for name in names:
             model = llama_stack(world_size)
             opt = OrthogonalizedOptimizer(list(model.named_parameters()), rule,
-                                          strategies.build(name), ns_dtype="float32")
+                                          registry.build(name), ns_dtype="float32")
             counter = count_step(model, opt)
             n = len(list(model.parameters()))
             out[(rule, name)] = (counter.total / n, dict(counter.by_phase))

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from dist_ortho.core.sharding import dtype_size
 from dist_ortho.strategies import owner_exchange as ox
 from dist_ortho.strategies.balanced import orthogonalize_owned
-from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
-from dist_ortho.strategies.collectives import (all_gather_flat, full_batches, ns_batches,
-                                               pack_batches)
+from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy, ns_batches
+from dist_ortho.strategies.collectives import all_gather_flat, full_batches, pack_batches
 from dist_ortho.strategies.ownership import OWNERSHIP_POLICIES, assign
 from dist_ortho.strategies.registry import register
 from dist_ortho.strategies.replicated import padded_numels

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from dist_ortho.core.sharding import MatrixSpec, dtype_size
-from dist_ortho.strategies.base import EVERY_RANK, CommItem, ExecContext, Plan, RankCost, Strategy
-from dist_ortho.strategies.collectives import (all_gather_flat, full_batches, ns_batches,
-                                               pack_batches)
+from dist_ortho.strategies.base import (EVERY_RANK, CommItem, ExecContext, Plan, RankCost, Strategy,
+                                        ns_batches)
+from dist_ortho.strategies.collectives import all_gather_flat, full_batches, pack_batches
 from dist_ortho.strategies.registry import register
 
 __all__ = ["ReplicatedOptions", "Replicated"]

@@ -23,8 +23,7 @@ import torch.distributed as dist
 
 from dist_ortho.core.sharding import dtype_size
 from dist_ortho.core.batching import stacked
-from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
-from dist_ortho.strategies.collectives import ns_batches
+from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy, ns_batches
 from dist_ortho.strategies.ownership import round_robin_owners
 from dist_ortho.strategies.registry import register
 

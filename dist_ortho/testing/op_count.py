@@ -69,10 +69,12 @@ def _config() -> ShapeConfig:
 LLAMA_STACK = "16 layers x (q, k, v, o: 64x64; gate, up: 128x64; down: 64x128)"
 
 
-def llama_stack(world_size: int, config=None, dtype: torch.dtype | None = None):
+def llama_stack(world_size: int | None, config=None, dtype: torch.dtype | None = None):
     """The shape-only Llama stack (default: `LLAMA_STACK`), each layer and the root
-    `fully_shard`-ed over the default group's `world_size` ranks."""
+    `fully_shard`-ed over the default group's `world_size` ranks (None: plain tensors)."""
     model = ShapeOnlyModel(config or _config(), dtype=dtype)
+    if world_size is None:
+        return model
     mesh = init_device_mesh("cpu", (world_size,))
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
@@ -96,13 +98,14 @@ def count_step(model, opt, step: int = 1, seed: int = 0) -> OpCounter:
 
 
 def ops_per_matrix(rank: int, world_size: int, names: list[str],
-                   rules: tuple[str, ...] = ("normuon", "muon")) -> dict:
-    """Worker for `dist_ortho.testing.spawn`: {(rule, strategy): (ATen ops per matrix of one
-    step on `llama_stack`, that step's ops by phase)} on this rank."""
+                   rules: tuple[str, ...] = ("normuon", "muon"), sharded: bool = True) -> dict:
+    """Worker for `dist_ortho.testing.spawn` (or a call in one process with `sharded` False):
+    {(rule, strategy): (ATen ops per matrix of one step on `llama_stack`, that step's ops by
+    phase)} on this rank."""
     out = {}
     for rule in rules:
         for name in names:
-            model = llama_stack(world_size)
+            model = llama_stack(world_size if sharded else None)
             opt = OrthogonalizedOptimizer(list(model.named_parameters()), rule,
                                           registry.build(name), ns_dtype="float32")
             counter = count_step(model, opt)

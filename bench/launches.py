@@ -98,7 +98,8 @@ def table(data: dict) -> str:
 
     lines = [f"P = {data['world_size']} gloo ranks, {data['rounds']} rounds x {data['steps']} "
              f"steps per version; load average {data['load_before']} before, "
-             f"{data['load_after']} after; before = {data['before']}", "",
+             f"{data['load_after']} after; before = {data['before']}, after = "
+             f"{data.get('after', ROOT)}", "",
              "| model | strategy | ATen ops / matrix before | after | step ms before | after "
              "| after / before | verdict |", "|---|---|---|---|---|---|---|---|"]
     for model, per_version in data["runs"].items():
@@ -120,6 +121,7 @@ def table(data: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", help="an exported older checkout (see the module docstring)")
+    parser.add_argument("--after", default=ROOT, help="the newer one (default: this checkout)")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
@@ -138,9 +140,10 @@ def main(argv=None) -> int:
         return 0
     if not args.before:
         parser.error("--before DIR is required (an exported older checkout)")
-    versions = {"before": os.path.abspath(args.before), "after": ROOT}
+    versions = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
     data = {"world_size": args.world_size, "rounds": args.rounds, "steps": args.steps,
-            "before": versions["before"], "load_before": os.getloadavg()[0], "runs": {}}
+            "before": versions["before"], "after": versions["after"],
+            "load_before": os.getloadavg()[0], "runs": {}}
     for model in args.models.split(","):
         runs = {"before": [], "after": []}
         for r in range(args.rounds):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from dist_ortho.core.sharding import MatrixSpec, dtype_size
 from dist_ortho.strategies.base import (EVERY_RANK, CommItem, ExecContext, Plan, RankCost, Strategy,
                                         ns_batches)

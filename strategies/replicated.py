@@ -72,8 +72,10 @@ class Replicated(Strategy):
                 result = ctx.orthogonalizer.run([matrices[k].index for k in ks], full)
             m = matrices[ks[0]]
             start = m.shard_offset(ctx.rank)
-            # clone so the batch's full results can be freed before the next batch
-            mine = result[:, start:start + m.dim0_sizes[ctx.rank]].clone()
+            # a copy, so the batch's full results can be freed before the next batch; row-major,
+            # so the update rule reads rows that lie together (a tall matrix's NS result is the
+            # transpose of its working copy)
+            mine = result[:, start:start + m.dim0_sizes[ctx.rank]].contiguous()
             for k, out in zip(ks, mine.unbind(0)):
                 outputs[k] = out
         return outputs

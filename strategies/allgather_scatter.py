@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from dist_ortho.core.sharding import dtype_size
 from dist_ortho.strategies import owner_exchange as ox
 from dist_ortho.strategies.balanced import orthogonalize_owned
-from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
-from dist_ortho.strategies.collectives import all_gather_flat, pack_padded
+from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy, ns_batches
+from dist_ortho.strategies.collectives import all_gather_flat, full_batches, pack_batches
 from dist_ortho.strategies.ownership import OWNERSHIP_POLICIES, assign
 from dist_ortho.strategies.registry import register
-from dist_ortho.strategies.replicated import padded_numels, rebuild_full
+from dist_ortho.strategies.replicated import padded_numels
 
 __all__ = ["AllGatherScatterOptions", "AllGatherScatter"]
 
@@ -74,15 +74,17 @@ class AllGatherScatter(Strategy):
         matrices = [plan.matrices[i] for i in indices]
         owners = [plan.owner[i] for i in indices]
         P, me = ctx.world_size, ctx.rank
-        slots = padded_numels(matrices)
+        groups = ns_batches(matrices)  # the buffer is laid out batch by batch: one copy each
         with ctx.phase("comm_wait"):
-            gathered = all_gather_flat(pack_padded(inputs, slots, inputs[0].dtype, ctx.device),
+            gathered = all_gather_flat(pack_batches(matrices, groups, inputs, me, ctx.device),
                                        ctx.group, P)
-        full, offset = {}, 0
-        for k, (m, slot) in enumerate(zip(matrices, slots)):
-            if owners[k] == me:
-                full[k] = rebuild_full(m, gathered, offset)
-            offset += slot
+        wanted = [any(owners[k] == me for k in ks) for ks in groups]
+        full = {}
+        for ks, batch in zip(groups, full_batches(matrices, groups, gathered, wanted)):
+            if batch is not None:
+                for k, x in zip(ks, batch.unbind(0)):
+                    if owners[k] == me:
+                        full[k] = x
         del gathered
         results = orthogonalize_owned(matrices, full, ctx, self.options.batch_same_shape)
         with ctx.phase("comm_wait"):

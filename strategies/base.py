@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dist_ortho.core.batching import batches, stacked
 from dist_ortho.core.orthogonalizer import Orthogonalizer
 from dist_ortho.core.plan import (EVERY_RANK, CommItem, ComputeTimes, Plan, RankCost, TimedCall,
                                   all_reduce_bytes)
@@ -39,7 +40,13 @@ from dist_ortho.core.sharding import MatrixSpec
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 
 __all__ = ["CommItem", "RankCost", "Plan", "ExecContext", "Strategy", "EVERY_RANK",
-           "all_reduce_bytes"]
+           "all_reduce_bytes", "ns_batches"]
+
+
+def ns_batches(matrices: Sequence[MatrixSpec]) -> list[list[int]]:
+    """Positions of `matrices` that one batched Newton-Schulz call can take: equal shape, steps
+    and form (the orthogonalizer splits a batch further if other settings differ)."""
+    return batches((m.shape, m.ns_steps, m.ns_form) for m in matrices)
 
 
 @dataclass
@@ -183,15 +190,20 @@ class Strategy:
 
     def _execute_plain(self, plan: Plan, indices: list[int], inputs: Sequence[torch.Tensor],
                        ctx: ExecContext) -> list[torch.Tensor]:
+        mine = [i for i in indices if plan.owner[i] in (EVERY_RANK, ctx.rank)]
+        computed: dict[int, torch.Tensor] = {}
+        # one NS call per batch of one shape; contiguous: a collective sends the storage as it
+        # lies, and NS hands a tall matrix back as the transpose of its wide working copy
+        for batch in ns_batches([plan.matrices[i] for i in mine]):
+            ks = [mine[j] for j in batch]
+            with ctx.phase("ns"):
+                out = ctx.orthogonalizer.run(ks, stacked([inputs[i] for i in ks])).contiguous()
+            computed.update(zip(ks, out.unbind(0)))
         results = []
         for i in indices:
             o = plan.owner[i]
-            if o == EVERY_RANK or o == ctx.rank:
-                with ctx.phase("ns"):
-                    # contiguous: a collective sends the storage as it lies, and NS hands a
-                    # tall matrix back as the transpose of its wide working copy
-                    out = ctx.orthogonalizer.run([i], inputs[i].unsqueeze(0))[0].contiguous()
-            else:
+            out = computed.get(i)
+            if out is None:
                 out = torch.empty(inputs[i].shape, dtype=ctx.out_dtype, device=inputs[i].device)
             if o != EVERY_RANK and ctx.world_size > 1:
                 with ctx.phase("comm_wait"):

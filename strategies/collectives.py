@@ -13,23 +13,52 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["pack_padded", "all_gather_flat", "all_gather_single", "Exchange", "exchange"]
+from dist_ortho.core.batching import stacked
+from dist_ortho.core.sharding import MatrixSpec
+
+__all__ = ["pack_batches", "full_batches", "all_gather_flat", "all_gather_single",
+           "Exchange", "exchange"]
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); we support
 # torch >= 2.6, which has only the old one. Same c10d op underneath either way.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def pack_padded(pieces: Sequence[torch.Tensor], padded_numels: Sequence[int], dtype: torch.dtype,
-                device: torch.device) -> torch.Tensor:
-    """Flatten pieces into one buffer, each zero-padded to its slot size (equal on all ranks)."""
-    flat = torch.zeros(sum(padded_numels), dtype=dtype, device=device)
+def pack_batches(matrices: Sequence[MatrixSpec], groups: Sequence[Sequence[int]],
+                 inputs: Sequence[torch.Tensor], rank: int, device: torch.device) -> torch.Tensor:
+    """This rank's shards in one flat buffer of equal size on every rank: batch g's n shards fill
+    n consecutive slots of ceil(rows / P) rows (zero-padded), written with one stacked copy per
+    batch, not per matrix."""
+    sizes = [len(ks) * matrices[ks[0]].padded_rows * matrices[ks[0]].row_numel for ks in groups]
+    flat = torch.zeros(sum(sizes), dtype=inputs[0].dtype, device=device)
     offset = 0
-    for piece, slot in zip(pieces, padded_numels):
-        assert piece.numel() <= slot
-        flat[offset:offset + piece.numel()].copy_(piece.reshape(-1))
-        offset += slot
+    for ks, size in zip(groups, sizes):
+        m = matrices[ks[0]]
+        rows = m.dim0_sizes[rank]
+        if rows:
+            region = flat[offset:offset + size].view(len(ks), m.padded_rows, m.row_numel)
+            region[:, :rows].copy_(stacked([inputs[k] for k in ks]).reshape(len(ks), rows, -1))
+        offset += size
     return flat
+
+
+def full_batches(matrices: Sequence[MatrixSpec], groups: Sequence[Sequence[int]],
+                 gathered: torch.Tensor, wanted: Sequence[bool] | None = None):
+    """(n, *shape) full tensors of each batch from the (P, L) all-gather of `pack_batches`
+    buffers (None for a batch not `wanted`): one slice per rank and one cat per batch."""
+    out, offset = [], 0
+    for g, ks in enumerate(groups):
+        m = matrices[ks[0]]
+        size = len(ks) * m.padded_rows * m.row_numel
+        if wanted is None or wanted[g]:
+            region = gathered[:, offset:offset + size].view(gathered.shape[0], len(ks),
+                                                            m.padded_rows, m.row_numel)
+            parts = [region[r, :, :rows] for r, rows in enumerate(m.dim0_sizes) if rows]
+            out.append(torch.cat(parts, dim=1).view((len(ks),) + tuple(m.shape)))
+        else:
+            out.append(None)
+        offset += size
+    return out
 
 
 def all_gather_flat(flat: torch.Tensor, group: dist.ProcessGroup | None,

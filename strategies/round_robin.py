@@ -7,7 +7,7 @@ Communication, per matrix: one `gather` of the row shards to the owner, then one
 result's row shards from it. Shards are zero-padded to ceil(rows / P) rows because gather/scatter
 need equal pieces. All gathers are issued asynchronously at once and every rank waits for all of
 them to complete before it orthogonalizes anything; ranks then orthogonalize their own matrices in
-parallel, and the scatters go out together at the end.
+parallel (one batched NS call per owned shape), and the scatters go out together at the end.
 
 Cost: meets the owner-based lower bound up to padding, but with two collectives per matrix
 (latency-bound on many small matrices) and ownership blind to cost (a few large matrices can land on
@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from dist_ortho.core.sharding import dtype_size
-from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy
+from dist_ortho.core.batching import stacked
+from dist_ortho.strategies.base import CommItem, ExecContext, Plan, Strategy, ns_batches
 from dist_ortho.strategies.ownership import round_robin_owners
 from dist_ortho.strategies.registry import register
 
@@ -72,6 +73,8 @@ class RoundRobin(Strategy):
         matrices = [plan.matrices[i] for i in indices]
 
         def padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+            if t.shape[0] == rows:  # an even shard travels as it is
+                return t
             out = torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
             out[:t.shape[0]].copy_(t)
             return out
@@ -92,17 +95,27 @@ class RoundRobin(Strategy):
                                             async_op=True), send))
             for h, _ in handles:
                 h.wait()
+        owned = [k for k, m in enumerate(matrices) if plan.owner[m.index] == me]
         results: dict[int, list[torch.Tensor]] = {}
-        for m in matrices:
-            if plan.owner[m.index] != me:
-                continue
-            full = torch.cat([gathered[m.index][r][:m.dim0_sizes[r]] for r in range(P)])
+        # one NS call per batch of the owned matrices of one shape
+        for batch in ns_batches([matrices[k] for k in owned]):
+            ks = [owned[j] for j in batch]
+            m = matrices[ks[0]]
+            fulls = []
+            for k in ks:
+                pieces = [piece if piece.shape[0] == rows else piece[:rows]
+                          for piece, rows in zip(gathered[matrices[k].index], m.dim0_sizes)]
+                fulls.append(pieces[0] if P == 1 else torch.cat(pieces))
             with ctx.phase("ns"):
-                out = ctx.orthogonalizer.run([m.index], full.unsqueeze(0))[0]
-            results[m.index] = [padded(piece, m.padded_rows)
-                                for piece in torch.split(out, list(m.dim0_sizes))]
+                out = ctx.orthogonalizer.run([matrices[k].index for k in ks], stacked(fulls))
+            # contiguous rows: every piece is then a plain view that a collective can send
+            per_rank = [part.unbind(0) for part in
+                        out.contiguous().split(list(m.dim0_sizes), dim=1)]
+            for j, k in enumerate(ks):
+                results[matrices[k].index] = [padded(per_rank[r][j], m.padded_rows)
+                                              for r in range(P)]
         if P == 1:
-            return [results[m.index][0][:m.dim0_sizes[0]] for m in matrices]
+            return [results[m.index][0] for m in matrices]
         outputs, handles = [], []
         with ctx.phase("comm_wait"):
             for m in matrices:
@@ -114,4 +127,5 @@ class RoundRobin(Strategy):
                 outputs.append(recv)
             for h in handles:
                 h.wait()
-        return [out[:m.dim0_sizes[me]] for m, out in zip(matrices, outputs)]
+        return [out if out.shape[0] == m.dim0_sizes[me] else out[:m.dim0_sizes[me]]
+                for m, out in zip(matrices, outputs)]

@@ -113,11 +113,13 @@ def _overlap(a0: int, a1: int, b0: int, b1: int) -> tuple[int, int]:
 
 def _cut(m: MatrixSpec, part: Part, rank: int, shard: torch.Tensor) -> torch.Tensor:
     """The piece of rank's shard (local_shape(rank)) in `part`, flat."""
-    rows = shard.reshape(m.dim0_sizes[rank], m.row_numel)
+    start, count = m.shard_offset(rank), m.dim0_sizes[rank]
+    if part.axis == 0 and part.lo <= start and start + count <= part.hi:
+        return shard.reshape(-1)  # the whole shard: one view, no slicing
+    rows = shard.reshape(count, m.row_numel)
     if part.axis == 1:
         return rows[:, part.lo:part.hi].reshape(-1)
-    start = m.shard_offset(rank)
-    lo, hi = _overlap(start, start + m.dim0_sizes[rank], part.lo, part.hi)
+    lo, hi = _overlap(start, start + count, part.lo, part.hi)
     return rows[lo - start:hi - start].reshape(-1)
 
 
@@ -137,6 +139,8 @@ def _result_piece(m: MatrixSpec, part: Part, rank: int, block: torch.Tensor) -> 
         return block[start:start + m.dim0_sizes[rank]].reshape(-1)
     start = m.shard_offset(rank)
     lo, hi = _overlap(start, start + m.dim0_sizes[rank], part.lo, part.hi)
+    if (lo - part.lo, hi - part.lo) == (0, block.shape[0]):
+        return block.reshape(-1)  # all of the block: one view, no slicing
     return block[lo - part.lo:hi - part.lo].reshape(-1)
 
 
@@ -302,11 +306,13 @@ def _reassemble(matrices, a, me: int, P: int, got: list[torch.Tensor]) -> list[t
     for k, m in enumerate(matrices):
         rows = m.dim0_sizes[me]
         parts = a.parts[k]
-        if parts[0].axis == 1:
+        if len(parts) == 1:  # one owner sent all my rows: a view, no copy
+            piece = chunks[(k, parts[0].lo)]
+        elif parts[0].axis == 1:
             piece = torch.cat([chunks[(k, p.lo)].view(rows, p.hi - p.lo) for p in parts], dim=1)
         else:
             piece = torch.cat([chunks[(k, p.lo)].view(-1, m.row_numel) for p in parts])
-        out.append(piece.reshape(m.local_shape(me)))
+        out.append(piece.view(m.local_shape(me)))
     return out
 
 

@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from dist_ortho.optim.step_ops import nonfinite_count
+
 __all__ = ["STEP_COUNTED", "step_counts", "NONFINITE_POLICIES", "HOST_SYNCS_PER_STEP",
            "host_syncs_per_step", "nonfinite_counts",
            "count_nonfinite", "handle_nonfinite", "masked_writes", "where_ok"]
@@ -50,10 +52,9 @@ def nonfinite_counts(grads: Sequence[torch.Tensor], group: dist.ProcessGroup | N
                      flag: torch.Tensor | None = None) -> torch.Tensor:
     """On the device, summed over the ranks of `group` in one all-reduce: [number of gradient
     shards holding NaN/Inf] or, with `flag` (a one-element 0/1 float tensor), [that number,
-    number of ranks that raised the flag]. Nothing is read on the host."""
-    sums = [torch.sum(g, dtype=torch.float32).to(device) for g in grads]
-    bad = ((~torch.isfinite(torch.stack(sums))).sum().to(torch.float32).reshape(1) if sums
-           else torch.zeros(1, device=device))
+    number of ranks that raised the flag]. Nothing is read on the host; the local count is one
+    reduction over all the shards (`step_ops.nonfinite_count`)."""
+    bad = nonfinite_count(grads, device)
     if flag is not None:
         bad = torch.cat([bad, flag.to(device=device, dtype=torch.float32).reshape(1)])
     if world_size > 1:

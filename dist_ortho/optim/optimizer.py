@@ -63,6 +63,9 @@ from dist_ortho.optim.nonfinite import (HOST_SYNCS_PER_STEP, NONFINITE_POLICIES,
                                         count_nonfinite, handle_nonfinite, masked_writes,
                                         nonfinite_counts, step_counts, where_ok)
 from dist_ortho.optim.overlap import BackwardOverlap, null_comm_context, unit_positions
+from dist_ortho.optim.precision import (check_momentum_dtype, momentum_dtype_for,
+                                        warn_if_updates_round_away)
+from dist_ortho.optim.step_ops import apply_updates, momentum_directions
 from dist_ortho.optim.step_plan import optimizer_items, plan_step
 from dist_ortho.rules.base import UpdateRule, check_unit_interval
 from dist_ortho.strategies.base import ExecContext, Strategy
@@ -83,6 +86,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     replicas: on a 2-D/3-D mesh, ranks holding the same values of a matrix (HSDP's replicate
     axis, a TP axis a weight is not split on) "spread" the matrices between them, each
     orthogonalized once in the job, or "repeat" all of them (`dist_ortho.optim.mesh_step`).
+    momentum_dtype: dtype of the momentum buffers; None (default): float32 for 16-bit parameters,
+    the parameter's dtype otherwise (see `dist_ortho.optim.precision`).
     Extra keyword arguments are the rule's own hyperparameters (NorMuon: beta2)."""
 
     def __init__(self, params: Iterable, rule: str | UpdateRule = "normuon",
@@ -93,7 +98,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                  replicas: str = DEFAULT_REPLICAS,
                  process_group: dist.ProcessGroup | None = None, ns_form: str = "standard",
                  foreach: bool | None = None, fused: bool | None = None,
-                 capturable: bool = False, maximize: bool = False, **rule_hparams) -> None:
+                 capturable: bool = False, maximize: bool = False,
+                 momentum_dtype: str | torch.dtype | None = None, **rule_hparams) -> None:
         self.rule = rule_registry.get(rule)
         unknown = sorted(set(rule_hparams) - set(self.rule.defaults))
         if unknown:
@@ -113,6 +119,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self.strategy = strategy
         self.nonfinite = nonfinite
         self.replicas = check_replicas(replicas)  # HSDP/TP replicas: "spread" the NS or "repeat"
+        self.momentum_dtype = check_momentum_dtype(momentum_dtype)
         self.process_group = process_group
         self.timer: PhaseTimer = NULL_TIMER  # set_timer(); the null timer costs nothing
         self.skipped_steps = 0  # known on the host: "skip" steps
@@ -133,6 +140,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._ready = True
         self.plan()  # surfaces every planning error now, on every rank, before any collective
+        warn_if_updates_round_away(self._entries(require_grad=False), self._names, self.rule)
 
     @property
     def algorithm(self) -> str:
@@ -335,19 +343,23 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 index = [id(q) for _, q in entries].index(id(p))
                 layout = mesh_step.state_layout(self.plan(entries), index, self._infos[id(p)],
                                                 local_tensor(p).device)
-            state["momentum_buffer"] = torch.zeros_like(p)
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=self.buffer_dtype(p))
             # "mask" steps count on the device (torch's capturable convention), else on the host
             state["step"] = torch.zeros((), dtype=torch.float32, device=(
                 local_tensor(p).device if self.nonfinite == "mask" else None))
             state.update(self.rule.init_state(p, layout))
         return state
 
+    def buffer_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The momentum buffer's dtype for parameter `p` (`momentum_dtype`)."""
+        return momentum_dtype_for(p.dtype, self.momentum_dtype)
+
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating state to the parameter's dtype on load, which would round the
-        # rule's float32 state (NorMuon's v) to bf16 for bf16 parameters; keep the saved float32
-        # tensors and put them back afterwards.
+        # rule's float32 state (NorMuon's v) and float32 momentum to bf16 for bf16 parameters;
+        # keep the saved tensors and put them back afterwards in their saved dtype.
         # torch maps saved ids to parameters by position across param groups; so do we.
-        keep = ("step",) + tuple(self.rule.float32_state)
+        keep = ("step", "momentum_buffer") + tuple(self.rule.float32_state)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         exact = {}
@@ -359,7 +371,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             for key, value in kept.items():
                 device = (local_tensor(p).device if key == "step" and self.nonfinite == "mask"
                           else self.state[p][key].device)  # "mask" counts on the device
-                self.state[p][key] = value.to(device=device, dtype=torch.float32, copy=True)
+                self.state[p][key] = value.to(device=device, dtype=value.dtype, copy=True)
 
 
     # -- the step --------------------------------------------------------------------------------
@@ -494,51 +506,31 @@ def _runs(entries) -> list[list[int]]:
 
 
 def _momentum(entries, grads, states, ok: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """buf <- lerp(buf, g, 1 - momentum) (g: -grad with maximize); direction: lerp(g, buf,
-    momentum) (Nesterov) or buf. One _foreach_ call per param group: the same per-tensor kernels
-    as a loop, without its per-parameter Python and dispatch. `ok` (0-d bool): the buffers and
-    step counters change only where it holds (`nonfinite="mask"`)."""
+    """Each param group's momentum (`step_ops.momentum_directions`: a few _foreach_ ops per
+    group; g is -grad with maximize); directions come back in the parameters' dtype, the wire
+    dtype of every plan. `ok` (0-d bool): buffers and step counters change only where it holds
+    (`nonfinite="mask"`)."""
     directions: list[torch.Tensor | None] = [None] * len(entries)
     for run in _runs(entries):
         group = entries[run[0]][0]
-        bufs = [local_tensor(states[j]["momentum_buffer"]) for j in run]
         gs = [grads[j] for j in run]
         gs = torch._foreach_neg(gs) if group.get("maximize") else gs
-        steps = [states[j]["step"] for j in run]
-        if ok is None:
-            torch._foreach_add_(steps, 1)
-            torch._foreach_lerp_(bufs, gs, 1 - group["momentum"])
-        else:
-            torch._foreach_add_(steps, [ok.to(steps[0].dtype)] * len(steps))  # no host read
-            for buf, new in zip(bufs, torch._foreach_lerp(bufs, gs, 1 - group["momentum"])):
-                buf.copy_(torch.where(ok, new, buf))
-        outs = torch._foreach_lerp(gs, bufs, group["momentum"]) if group["nesterov"] else bufs
+        outs = momentum_directions([local_tensor(states[j]["momentum_buffer"]) for j in run],
+                                   gs, [states[j]["step"] for j in run],
+                                   group["momentum"], group["nesterov"], ok=ok,
+                                   out_dtype=grads[run[0]].dtype)
         for j, u in zip(run, outs):
-            directions[j] = u.contiguous()
+            directions[j] = u
     return directions  # type: ignore[return-value]
 
 
 def _apply(entries, updates, ok: torch.Tensor | None = None) -> None:
-    """p <- p (1 - lr wd) - lr update, in place (only where `ok` holds, when given); the decay
-    pass is skipped when it multiplies by exactly 1 (weight_decay 0), which leaves every bit as
-    it was; lr and weight_decay given as 0-d tensors are never read on the host."""
+    """p <- p (1 - lr wd) - lr update, in place (`step_ops.apply_updates`, per param group; only
+    where `ok` holds, when given); lr and weight_decay as 0-d tensors are never read on the host."""
     for run in _runs(entries):
         group = entries[run[0]][0]
-        locals_ = [local_tensor(entries[j][1]) for j in run]
-        ups = [updates[j].reshape(t.shape).to(t.dtype) for j, t in zip(run, locals_)]
-        lr = group["lr"]
-        decay = 1 - lr * group["weight_decay"]
-        decays = isinstance(decay, torch.Tensor) or decay != 1
-        scaled = (ups, -lr) if not isinstance(lr, torch.Tensor) else (torch._foreach_mul(ups, -lr), 1)
-        if ok is None:
-            if decays:
-                torch._foreach_mul_(locals_, decay)
-            torch._foreach_add_(locals_, scaled[0], alpha=scaled[1])
-            continue
-        new = torch._foreach_add(torch._foreach_mul(locals_, decay) if decays else locals_,
-                                 scaled[0], alpha=scaled[1])
-        for t, n in zip(locals_, new):
-            t.copy_(torch.where(ok, n, t))
+        apply_updates([local_tensor(entries[j][1]) for j in run], [updates[j] for j in run],
+                      group["lr"], group["weight_decay"], ok=ok)
 
 
 def _options_text(options) -> str:
@@ -563,12 +555,14 @@ class Muon(OrthogonalizedOptimizer):
                  process_group: dist.ProcessGroup | None = None,
                  replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard",
                  foreach: bool | None = None, fused: bool | None = None,
-                 capturable: bool = False, maximize: bool = False) -> None:
+                 capturable: bool = False, maximize: bool = False,
+                 momentum_dtype: str | torch.dtype | None = None) -> None:
         super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
                          replicas=replicas, process_group=process_group, ns_form=ns_form,
-                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize)
+                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize,
+                         momentum_dtype=momentum_dtype)
 
 
 class NorMuon(OrthogonalizedOptimizer):
@@ -583,10 +577,11 @@ class NorMuon(OrthogonalizedOptimizer):
                  nonfinite: str = "skip", process_group: dist.ProcessGroup | None = None,
                  replicas: str = DEFAULT_REPLICAS, ns_form: str = "standard",
                  foreach: bool | None = None, fused: bool | None = None,
-                 capturable: bool = False, maximize: bool = False) -> None:
+                 capturable: bool = False, maximize: bool = False,
+                 momentum_dtype: str | torch.dtype | None = None) -> None:
         super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
                          replicas=replicas, process_group=process_group, ns_form=ns_form,
-                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize)
-
+                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize,
+                         momentum_dtype=momentum_dtype)

@@ -240,14 +240,16 @@ class BackwardOverlap:
         if record:
             self._prints[k] = (g.data_ptr(), _fingerprint(g))
             self._hparams[k] = (group["momentum"], group["nesterov"], group.get("maximize"))
-        buf = torch.zeros_like(local_tensor(p)) if buf is None else buf
+        buf = (torch.zeros_like(local_tensor(p), dtype=self.opt.buffer_dtype(p)) if buf is None
+               else buf)
         g = -g if group.get("maximize") else g
+        g = g.to(buf.dtype)  # float32 momentum of 16-bit parameters (optim.precision)
         # the same lerps as the step-time path (which updates buf in place), into new tensors:
         # the state is committed in step(), after the non-finite check
         new = torch.lerp(buf, g, 1 - group["momentum"])
         self._new_bufs[k] = new
         u = torch.lerp(g, new, group["momentum"]) if group["nesterov"] else new
-        return u.contiguous()
+        return u.to(p.dtype).contiguous()
 
     def _launch(self, u: int, in_backward: bool) -> None:
         timer = self.opt.timer

@@ -10,8 +10,12 @@ non-finite check, momentum, asking its strategy for NS(U) of this rank's rows, a
   float32 through a checkpoint; `state_bytes_per_row(spec)` sizes it for the cost model;
 - `reductions(specs, world_size)`: the global reductions it issues per step, as plan items (the
   optimizer appends them to the strategy's plan; the cost model asks the same function);
-- `updates(groups, states, specs, results, layout)`: this rank's update rows, issuing exactly the
-  reductions it declared.
+- `updates(groups, states, specs, results, layout, ok=None)`: this rank's update rows, issuing
+  exactly the reductions it declared. Its ops run once per batch of equal (param group, shape,
+  local rows, dtype) on stacked tensors (`dist_ortho.core.batching`), not once per matrix.
+  Hyperparameters may be Python floats or 0-d tensors and are never read on the host; with `ok`
+  (a 0-d bool tensor on the device) a False step leaves the state exactly as it was and returns
+  zero updates, decided by `torch.where` on the device.
 
 Rules are stateless objects; their numeric constants live in their own file. A new rule is one file
 with an `UpdateRule` subclass decorated with `@register` (rules.registry) and one import line
@@ -67,10 +71,11 @@ class UpdateRule:
 
     def updates(self, groups: Sequence[dict], states: Sequence[dict],
                 specs: Sequence[MatrixSpec], results: Sequence[torch.Tensor],
-                layout: Layout) -> list[torch.Tensor]:
+                layout: Layout, ok: torch.Tensor | None = None) -> list[torch.Tensor]:
         """This rank's update rows for each matrix: results[i] is this rank's rows of NS(U_i) (in
         the NS dtype), shaped like its shard; groups[i] / states[i] are its param group and state.
-        Returns float32 tensors the optimizer reshapes to the shard and applies with -lr."""
+        Returns float32 tensors the optimizer reshapes to the shard and applies with -lr. `ok`:
+        see the module docstring (None: the step is taken)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

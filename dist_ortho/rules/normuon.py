@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from dist_ortho.core.batching import batches, stacked
 from dist_ortho.core.newton_schulz import matrix_view_shape
 from dist_ortho.core.plan import CommItem, all_reduce_bytes
 from dist_ortho.core.sharding import Layout, MatrixSpec, local_tensor
@@ -76,44 +77,63 @@ class NorMuonRule(UpdateRule):
         red = all_reduce_bytes(nbytes, world_size)
         return [CommItem("all_reduce", red, red, "normalize")]
 
-    def updates(self, groups, states, specs, results, layout):
-        offsets, total = norm_slots(specs)
+    def updates(self, groups, states, specs, results, layout, ok=None):
         device = layout.device
+        # one batch per (param group, matrix shape, local rows, dtype): every op below runs once
+        # per batch on a stacked (n, rows, ...) tensor; each batch's norm slots are consecutive
+        groups_of = batches((id(g), s.shape, s.sharded, tuple(o.shape), o.dtype)
+                            for g, s, o in zip(groups, specs, results))
+        starts, total = [], 0
+        for batch in groups_of:
+            starts.append(total)
+            if specs[batch[0]].sharded:
+                total += len(batch) * _slots_per_matrix(specs[batch[0]])
         shard_sums = torch.zeros(2, total, dtype=torch.float32, device=device)
-        normalized, local_norms = [], []
-        for group, state, spec, o, offset in zip(groups, states, specs, results, offsets):
-            v = local_tensor(state["v"])
-            view = (o.shape[0],) + spec.view_shape[1:]
-            O = o.float().reshape(view)
+        work = []
+        for batch, start in zip(groups_of, starts):
+            spec, group = specs[batch[0]], groups[batch[0]]
+            O = stacked([results[i] for i in batch]).float()
+            O = O.reshape((len(batch), O.shape[1]) + spec.view_shape[1:])
+            vs = [local_tensor(states[i]["v"]) for i in batch]
             # one read of O for both reductions, no O*O temporary (the step's passes over every
             # element are what this phase costs)
             row_sq = torch.linalg.vector_norm(O, dim=-1).square()
             f2 = row_sq.sum(dim=-1)
-            v.lerp_(row_sq / O.shape[-1], 1 - group["beta2"])
-            O = O / (v.sqrt().unsqueeze(-1) + ROW_EPS)
+            V = stacked(vs)
+            new_v = torch.lerp(V, row_sq / O.shape[-1], 1 - group["beta2"])
+            if ok is not None:  # a skipped step leaves v as it was
+                new_v = torch.where(ok, new_v, V)
+            torch._foreach_copy_(vs, new_v.unbind(0))
+            O = O / (new_v.sqrt().unsqueeze(-1) + ROW_EPS)
             g2 = torch.linalg.vector_norm(O, dim=(-2, -1)).square()
             if spec.sharded:
-                # local rows of a 2-D/4-D matrix add to one slot; a 3-D stack's local matrices
+                # a 2-D/4-D matrix's local rows add to its one slot; a 3-D stack's local matrices
                 # each own the slot of their global index
-                start = offset + (spec.shard_offset(layout.rank) if f2.ndim else 0)
-                span = f2.numel() if f2.ndim else 1
-                shard_sums[0, start:start + span] += f2.reshape(-1)
-                shard_sums[1, start:start + span] += g2.reshape(-1)
-                local_norms.append(None)
+                slots = shard_sums[:, start:start + len(batch) * _slots_per_matrix(spec)]
+                slots = slots.view(2, len(batch), -1)
+                if len(spec.view_shape) == 3:
+                    first = spec.shard_offset(layout.rank)
+                    slots = slots[:, :, first:first + O.shape[1]]
+                slots[0].copy_(f2.reshape(len(batch), -1))
+                slots[1].copy_(g2.reshape(len(batch), -1))
+                work.append((batch, spec, O, slots))
             else:
-                local_norms.append((f2, g2))
-            normalized.append(O)
+                work.append((batch, spec, O, torch.stack([f2, g2])))
         if layout.world_size > 1 and total:
             dist.all_reduce(shard_sums, group=layout.group)
-        updates = []
-        for spec, O, offset, norms in zip(specs, normalized, offsets, local_norms):
-            if norms is None:
-                start = offset + (spec.shard_offset(layout.rank) if O.ndim == 3 else 0)
-                span = O.shape[0] if O.ndim == 3 else 1
-                f2, g2 = shard_sums[0, start:start + span], shard_sums[1, start:start + span]
-            else:
-                f2, g2 = norms
+        updates: list[torch.Tensor | None] = [None] * len(results)
+        for batch, spec, O, norms in work:
+            f2, g2 = norms[0], norms[1]
             scale = f2.sqrt() / (g2.sqrt() + NORM_EPS)
-            scale = scale.reshape(-1, 1, 1) if O.ndim == 3 else scale.reshape(())
-            updates.append(O.mul_(scale * shape_scale(spec.shape)))  # O is this step's own
-        return updates
+            scale = scale.reshape(O.shape[:-2] + (1, 1))  # per matrix (of a 3-D stack)
+            O = O.mul_(scale * shape_scale(spec.shape))  # O is this step's own
+            if ok is not None:  # a skipped step updates nothing (NaN * 0 would not be 0)
+                O = torch.where(ok, O, 0.0)
+            for i, u in zip(batch, O.unbind(0)):
+                updates[i] = u
+        return updates  # type: ignore[return-value]
+
+
+def _slots_per_matrix(spec: MatrixSpec) -> int:
+    """Frobenius-norm slots of one sharded matrix: one, or one per matrix of a 3-D stack."""
+    return spec.view_shape[0] if len(spec.view_shape) == 3 else 1

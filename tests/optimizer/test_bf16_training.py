@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import warnings
 
-import precision_cases as cases
 import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from dist_ortho import NorMuon
 from dist_ortho.testing import spawn
+from tests.optimizer import precision_cases as cases
 
 
 def _bf16_weight() -> torch.nn.Parameter:

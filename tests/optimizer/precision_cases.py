@@ -1,4 +1,4 @@
-"""Worker for tests/test_bf16_training.py on spawned gloo ranks."""
+"""Worker for tests/optimizer/test_bf16_training.py on spawned gloo ranks."""
 
 from __future__ import annotations
 

@@ -35,24 +35,22 @@ def is_full_step(step: int, k: int) -> bool:
 
 
 @dataclass(frozen=True)
-class PeriodicOptions:
+class PeriodicOptions(BalancedOptions):
     """k: the exact whole-matrix NS every k-th step (blockwise in between); full_lr_scale: factor
-    on the update of those full steps (MuonBP's second learning rate); batch_same_shape: as in
-    `balanced`, for the full steps."""
+    on the update of those full steps (MuonBP's second learning rate); batch_same_shape, exchange
+    and ranks_per_node: as in `balanced`, for the full steps."""
 
     k: int = 4
     full_lr_scale: float = 1.0
-    batch_same_shape: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"periodic option k must be an int >= 1 (the exact NS every k "
                              f"steps), got {self.k!r}")
         s = self.full_lr_scale
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
             raise ValueError(f"periodic option full_lr_scale must be a finite number > 0, got {s!r}")
-        if not isinstance(self.batch_same_shape, bool):
-            raise ValueError(f"batch_same_shape must be a bool, got {self.batch_same_shape!r}")
 
 
 @register

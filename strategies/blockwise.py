@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_ortho.core.batching import batches, stacked
 from dist_ortho.core.newton_schulz import ns_flops
 from dist_ortho.core.plan import ComputeTimes, Plan, TimedCall
 from dist_ortho.core.sharding import MatrixSpec
@@ -43,15 +44,21 @@ def block_flops(m: MatrixSpec, rank: int) -> int:
 
 
 def orthogonalize_blocks(indices, inputs, ctx: ExecContext) -> list[torch.Tensor]:
-    """NS of each local block on its own; an empty block stays empty."""
-    outputs = []
-    for i, x in zip(indices, inputs):
+    """NS of each local block on its own, one batched call per block shape (the orthogonalizer
+    splits a batch further where NS settings differ); an empty block stays empty."""
+    outputs: list[torch.Tensor | None] = [None] * len(inputs)
+    for pos, x in enumerate(inputs):
         if x.shape[0] == 0:
-            outputs.append(torch.empty(x.shape, dtype=ctx.out_dtype, device=x.device))
-            continue
+            outputs[pos] = torch.empty(x.shape, dtype=ctx.out_dtype, device=x.device)
+    full = [pos for pos, out in enumerate(outputs) if out is None]
+    for batch in batches(tuple(inputs[pos].shape) for pos in full):
+        positions = [full[j] for j in batch]
         with ctx.phase("ns"):
-            outputs.append(ctx.orthogonalizer.run([i], x.unsqueeze(0))[0].contiguous())
-    return outputs
+            out = ctx.orthogonalizer.run([indices[pos] for pos in positions],
+                                         stacked([inputs[pos] for pos in positions]))
+        for pos, o in zip(positions, out.unbind(0)):
+            outputs[pos] = o.contiguous()
+    return outputs  # type: ignore[return-value]
 
 
 @register

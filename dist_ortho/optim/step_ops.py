@@ -69,11 +69,13 @@ def apply_updates(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor
     p + (-lr) u computed in float32 and rounded once. With Python-float hyperparameters the decay
     pass is skipped when it multiplies by exactly 1 (weight_decay 0), and the add is one
     `p + (-lr) u`; with a tensor `lr` it is `p + u * (-lr)` (the product rounded first: bits may
-    differ from the float path in the last place). With `ok`, `updates` must already be zero for a
-    skipped step (the rules' `updates(..., ok)` are) and the decay becomes 1."""
+    differ from the float path in the last place). With `ok`, a skipped step's updates (NaN where
+    the gradients were) are replaced by zeros and the decay becomes 1, so nothing changes."""
     ps = list(params)
     n = len(ps)
     ups = [u if u.shape == p.shape else u.reshape(p.shape) for u, p in zip(updates, ps)]
+    if ok is not None:  # whatever path made the updates (rule, mesh step, strategy scaling)
+        ups = [torch.where(ok, u, 0.0) for u in ups]
     tensor_hp = isinstance(lr, torch.Tensor) or isinstance(weight_decay, torch.Tensor)
     decay = 1 - lr * weight_decay
     if tensor_hp or ok is not None:

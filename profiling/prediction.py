@@ -27,6 +27,7 @@ from dist_ortho.core.newton_schulz import NS_FORMS, matrix_view_shape
 from dist_ortho.core.plan import Plan, owner_bound_bytes
 from dist_ortho.core.sharding import MatrixSpec, chunk_sizes, dtype_size
 from dist_ortho.optim.optimizer import plan_step
+from dist_ortho.optim.precision import momentum_dtype_for
 from dist_ortho.profiling.hardware import HardwarePreset
 from dist_ortho.profiling.timemodel import CostConstants, StepTime, step_time
 from dist_ortho.strategies.base import Strategy
@@ -106,7 +107,8 @@ def _rule(algorithm: str):
 
 
 def persistent_bytes(specs: Sequence[MatrixSpec], rank: int, algorithm: str = "normuon") -> int:
-    """Optimizer state held by `rank`: momentum (param dtype) on its shard, the update rule's state
+    """Optimizer state held by `rank`: momentum (the optimizer's default momentum dtype: float32
+    for 16-bit parameters, else theirs) on its shard, the update rule's state
     (NorMuon's float32 v, one entry per local matrix row) and a float32 step counter per
     parameter."""
     return _persistent_all(specs, algorithm)[rank]
@@ -118,7 +120,8 @@ def _persistent_all(specs: Sequence[MatrixSpec], algorithm: str) -> list[int]:
     total = [0] * P
     for m in specs:
         # bytes per dim-0 row: momentum row, plus the rule's state for that row
-        per_row = m.row_numel * dtype_size(m.dtype) + rule.state_bytes_per_row(m)
+        per_row = (m.row_numel * dtype_size(momentum_dtype_for(m.dtype, None))
+                   + rule.state_bytes_per_row(m))
         for r, rows in enumerate(m.dim0_sizes):
             total[r] += rows * per_row + 4  # + the step counter
     return total

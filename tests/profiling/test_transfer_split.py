@@ -13,13 +13,13 @@ from tests.profiling import transfer_cases
 
 
 def test_waiting_for_a_late_rank_is_not_transfer():
-    """Rank 1 reaches the all-reduce 0.3 s late: rank 0 waited ~0.3 s, rank 1 did not, and the
+    """Rank 1 reaches the all-reduce 1 s late: rank 0 waited most of it, rank 1 did not, and the
     transfer (completion after the last arrival) is far below the wait; the asynchronous
     all-to-all is aligned too (its end from the Work's future)."""
     late = transfer_cases.LATE_S
     out = spawn(transfer_cases.late_rank_worker, 2)
     assert [r["collectives"] for r in out] == [2, 2]
-    assert out[0]["wait"] >= 0.8 * late and out[1]["wait"] < 0.1 * late
+    assert out[0]["wait"] >= 0.5 * late and out[1]["wait"] < 0.1 * late
     assert out[0]["transfer"] == out[1]["transfer"] < 0.5 * late
     assert out[0]["max_wait"] == out[1]["max_wait"] == pytest.approx(out[0]["wait"])
 

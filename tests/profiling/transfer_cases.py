@@ -10,7 +10,7 @@ import torch.distributed as dist
 from dist_ortho.profiling.comm import CommCounter
 from dist_ortho.profiling.transfer import TransferClock
 
-LATE_S = 0.3
+LATE_S = 1.0  # long beside the ranks' start-up skew after the barrier (tenths of a second)
 
 
 def late_rank_worker(rank: int, world_size: int) -> dict:

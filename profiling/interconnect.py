@@ -151,11 +151,13 @@ class LinkEmulator(TorchDispatchMode):
         if parsed is None:
             return out
         kind, send, recv, numel, dtype, P = parsed
+        boxed = out[-1] if isinstance(out, tuple) else out
+        real = future_of(Work.unbox(boxed), wait=kind not in ("send", "recv"))
+        if real is None:  # a point-to-point message without a future: not delayed
+            return out
         nbytes = max(send, recv)
         seconds = self.link.seconds(kind, nbytes, P)
         self.delays.append((kind, float(nbytes), seconds))
-        boxed = out[-1] if isinstance(out, tuple) else out
-        real = future_of(Work.unbox(boxed))
         delayed = torch.futures.Future()
 
         def on_real(fut, delayed=delayed, seconds=seconds):
@@ -180,13 +182,17 @@ class LinkEmulator(TorchDispatchMode):
         return out
 
 
-def future_of(work) -> torch.futures.Future:
-    """The Work's future. gloo's reduce-scatter (a fallback in torch 2.13) has none: it is waited
-    for here, at issue (FSDP2 issues it synchronously on CPU anyway), and a completed future
-    stands in."""
+def future_of(work, wait: bool = True) -> torch.futures.Future | None:
+    """The Work's future. gloo's reduce-scatter (a fallback in torch 2.13) has none: with `wait` it
+    is waited for here, at issue (FSDP2 issues it synchronously on CPU anyway), and a completed
+    future stands in. gloo's send and recv have none either, and waiting for one at issue would
+    deadlock `batch_isend_irecv` (the peer's matching message is posted after it): pass
+    `wait=False` for them, and get None."""
     try:
         return work.get_future()
     except RuntimeError:
+        if not wait:
+            return None
         work.wait()
         done = torch.futures.Future()
         done.set_result(None)

@@ -140,12 +140,14 @@ class Timeline:
                     dict(op=record.op, send_bytes=record.send_bytes,
                          recv_bytes=record.recv_bytes, issued_in=inside))
         work = _work_of(out)
-        if work is None:
+        future = (None if work is None
+                  else future_of(work, wait=record.kind not in ("send", "recv")))
+        if future is None:  # synchronous, or a point-to-point message with no future: its issue
             span.end_ns = issued_ns
         else:
             def done(_fut, span=span):
                 span.end_ns = time.time_ns()
-            future_of(work).add_done_callback(done)
+            future.add_done_callback(done)
         with self._lock:
             self.spans.append(span)
 

@@ -128,3 +128,38 @@ def test_every_run_marker_times_a_checkpoint_save():
         assert [s.name for s in timeline.spans] == ["checkpoint_save"]
     finally:
         timeline.close()
+
+
+def p2p_under_timeline_worker(rank: int, world_size: int) -> dict:
+    """A batch of large point-to-point messages (gloo blocks a send until its receive is
+    posted) under a timeline and the comm counter, as split_ns's member rounds run in a study."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_ortho.profiling.comm import CommCounter
+
+    timeline = Timeline(rank)
+    try:
+        timeline.step = 0
+        peer = 1 - rank
+        send, recv = torch.full((1 << 20,), float(rank)), torch.empty(1 << 20)
+        with CommCounter(), timeline.phase("ns"):
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer),
+                                            dist.P2POp(dist.irecv, recv, peer)])
+            for work in works:
+                work.wait()
+        return {"received": float(recv[0]),
+                "kinds": sorted(s.name for s in timeline.spans if s.cat == "collective")}
+    finally:
+        timeline.close()
+
+
+def test_regression_point_to_point_messages_under_a_timeline_do_not_deadlock():
+    """Regression: the timeline waited at issue for every Work without a future, so a send inside
+    `batch_isend_irecv` waited for a receive not yet posted, and split_ns's member rounds timed
+    out at P = 4 in the default study."""
+    from dist_ortho.testing import spawn
+
+    out = spawn(p2p_under_timeline_worker, 2)
+    assert [r["received"] for r in out] == [1.0, 0.0]
+    assert all(len(r["kinds"]) == 2 for r in out), out

@@ -52,9 +52,16 @@ RUNS = {  # label: (optimizer name, strategy name, strategy options)
     "split_ns": ("normuon", "split_ns", {}),
     "overlapped": ("normuon", "overlapped", {}),
     "overlapped_step": ("normuon", "overlapped", {"schedule": "step"}),
+    "split_ns_all": ("normuon", "split_ns", {"split": "all"}),
+    "balanced_two_level": ("normuon", "balanced", {"exchange": "two_level", "ranks_per_node": 1}),
+    # the inexact schedules, each against its own earlier self
+    "blockwise": ("normuon", "blockwise", {}),
+    "local_norms": ("normuon", "local_norms", {}),
+    "periodic": ("normuon", "periodic", {"k": 2}),
 }
-# the mesh path schedules at step time: backward overlap is refused there with one line
-MESH_RUNS = [label for label in RUNS if label != "overlapped"]
+# the mesh path schedules at step time: backward overlap is refused there with one line, and
+# local_norms / periodic refuse meshes (their statistics or step count belong to one row group)
+MESH_RUNS = [label for label in RUNS if label not in ("overlapped", "local_norms", "periodic")]
 LAYOUTS = ("fsdp", "hsdp", "fsdp_tp")
 
 

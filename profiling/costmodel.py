@@ -3,7 +3,7 @@
 One import point for its three parts:
 - `profiling.prediction`: plans, bytes, FLOPs, memory and lower bounds from shapes (`predict`);
 - `profiling.timemodel`: the alpha-beta communication model, the compute model and the step time
-  (each strategy brings its own schedule through `Strategy.sharded_time`);
+  (`profiling.simulator` walks the schedule every strategy declares);
 - `profiling.calibration`: measure and fit the constants on a process group (`calibrate`).
 `profiling.hardware` has data-sheet constants for GPU projections.
 """

@@ -15,7 +15,7 @@ collective is timed on the bandwidth of the links its group crosses, from the ha
 two figures: a group whose ranks sit on one node moves at NVLink speed; one that spans nodes
 sends a pairwise collective's off-node share (peers uniform) and a ring collective's whole share
 through the NIC. Collectives run one after another, NS of the busiest rank between them (the
-synchronous default of `Strategy.sharded_time`; overlap is not modelled here).
+one row group at a time; overlap is not modelled here).
 """
 
 from __future__ import annotations

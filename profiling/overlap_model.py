@@ -5,10 +5,10 @@ the collectives and compute that are common to both schedules (the non-finite an
 rule's all-reduces, the local element-wise work: the same in both, so they cancel in the
 difference and are left out) plus the bucket pipeline's part that runs after backward:
 
-- schedule step: the whole pipeline, every bucket pushed at once after backward, as
-  `strategies.overlapped.simulate_pipeline` simulates it (forward all-to-alls one at a time on the
-  link in issue order, each bucket's NS on the slowest owner when its forward has arrived, returns
-  behind them, at most `max_in_flight` outstanding);
+- schedule step: the whole pipeline, every bucket fed at once after backward, as the schedule
+  simulator (`profiling.simulator`) walks it (forward all-to-alls one at a time on the link in
+  issue order, each bucket's NS on the slowest owner when its forward has arrived, returns behind
+  them, at most `max_in_flight` outstanding);
 - schedule backward: only the last `lag` buckets. Every earlier bucket was pushed, waited for,
   orthogonalized and its return issued from the hooks of later units, during backward. What can
   start when: bucket b's forward is issued when its unit's reduce-scatter is done (its hook); its
@@ -33,9 +33,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_ortho.core.plan import Plan
+from dist_ortho.core.schedule import Issue
 from dist_ortho.profiling.interconnect import EmulatedLink
-from dist_ortho.profiling.timemodel import KINDS, CommModel, ComputeModel, aligned_calls
-from dist_ortho.strategies.overlapped import OverlappedOptions, simulate_pipeline
+from dist_ortho.profiling.simulator import simulate
+from dist_ortho.profiling.timemodel import (KINDS, CommModel, ComputeModel, exchange_seconds,
+                                             exchange_times)
+from dist_ortho.strategies.exchanges import transport
+from dist_ortho.strategies.overlapped import OverlappedOptions
 
 __all__ = ["ExposedPrediction", "predict_exposed", "interconnect_comm_model"]
 
@@ -66,18 +70,19 @@ def interconnect_comm_model(link: EmulatedLink) -> CommModel:
 def predict_exposed(plan: Plan, options: OverlappedOptions, comm: CommModel,
                     compute: ComputeModel) -> ExposedPrediction:
     """See the module docstring. `plan`: an `overlapped` plan (buckets in backward order)."""
-    if plan.buckets is None:
-        raise ValueError("predict_exposed needs a bucketed plan (strategy overlapped)")
-    calls = [c for c in aligned_calls(plan, comm) if c.phase in ("forward", "return")]
-    fwd = [c.seconds for c in calls if c.phase == "forward"]
-    ret = [c.seconds for c in calls if c.phase == "return"]
-    step = simulate_pipeline(plan, options, fwd, ret, compute)
+    if plan.strategy != "overlapped":
+        raise ValueError(f"predict_exposed needs a bucketed plan that follows the backward pass "
+                         f"(strategy overlapped), got {plan.strategy!r}")
     P = plan.world_size
+    step = simulate(plan, lambda items: exchange_times(items, comm, P), compute)
+    returns = {a.exchange.matrices: exchange_seconds(
+        transport(a.exchange.transport).items(plan, a.exchange), comm, P)
+        for a in plan.schedule.actions if isinstance(a, Issue) and a.exchange.phase == "return"}
     t = link = 0.0
     for b in range(max(0, len(plan.buckets) - options.lag), len(plan.buckets)):
         works = [compute.ns_matrices_seconds(
             [plan.matrices[i] for i in plan.buckets[b] if plan.owner[i] == r],
             options.batch_same_shape) for r in range(P)]
         t += max(compute.concurrent(works), default=0.0)
-        link = max(link, t) + (ret[b] if P > 1 else 0.0)
+        link = max(link, t) + (returns.get(tuple(plan.buckets[b]), 0.0) if P > 1 else 0.0)
     return ExposedPrediction(max(step.end), max(t, link))

@@ -279,21 +279,6 @@ class Prediction:
         return row
 
 
-def _ns_calls(plan: Plan, strategy: Strategy, rank: int) -> int:
-    """NS calls a rank makes: strategies with `batch_same_shape` stack an owner's same-shape
-    matrices (per bucket) into one call; the others call once per matrix."""
-    batched = strategy.batches_same_shape
-    keys = set()
-    calls = 0
-    for i in plan.ranks[rank].computes:
-        m = plan.matrices[i]
-        if batched and m.sharded:
-            keys.add((plan.bucket[i], m.shape, m.ns_steps))
-        else:
-            calls += 1
-    return calls + len(keys)
-
-
 def predict(shapes, world_size: int, strategy="balanced", options: Mapping | None = None, *,
             constants=None, param_dtype=torch.float32, ns_dtype="float32", ns_steps: int = 5,
             algorithm: str = "normuon", sharded: bool = True,
@@ -324,9 +309,9 @@ def predict(shapes, world_size: int, strategy="balanced", options: Mapping | Non
         ranks.append(RankPrediction(
             rank=r, bytes_by_kind=cost.bytes_by_kind(), send_bytes=cost.send_bytes,
             recv_bytes=cost.recv_bytes, ns_flops=cost.ns_flops,
-            ns_calls=_ns_calls(plan, strat, r), transient_bytes=cost.transient_bytes,
+            ns_calls=cost.ns_calls, transient_bytes=cost.transient_bytes,
             persistent_bytes=persistent[r], local_numel=local[r]))
-    step = step_time(plan, strat, constants, ranks) if constants is not None else None
+    step = step_time(plan, constants, ranks) if constants is not None else None
     return Prediction(strategy=strat.name, options=asdict(strat.options) if strat.options else {},
                       world_size=world_size, algorithm=algorithm,
                       param_dtype=str(specs[0].dtype).replace("torch.", ""), ns_dtype=ns_name,

@@ -17,10 +17,9 @@ work (momentum, normalization, update) per local element and per parameter. On a
 ranks share `shared_slots` cores, concurrently busy ranks share them (processor sharing); on GPUs
 every rank has its own device.
 
-The schedule: the optimizer's own all-reduces and element-wise work, then the strategy's part,
-which the strategy models itself (`Strategy.sharded_time`: synchronous collectives by default,
-forward + the slowest rank's NS + return; `bucketed_async` simulates its pipeline), then the plain
-(replicated, DDP-style) matrices one at a time.
+The step: the optimizer's own all-reduces and element-wise work, then the strategy's schedule,
+walked by the one simulator (`profiling.simulator`) with `exchange_seconds` pricing each exchange:
+every strategy is priced from the actions it declared, with no time model of its own.
 """
 
 from __future__ import annotations
@@ -35,12 +34,13 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from dist_ortho.core.io import atomic_write_text
-from dist_ortho.core.plan import EVERY_RANK, Plan, TimedCall
+from dist_ortho.core.plan import CommItem, Plan, TimedCall
 from dist_ortho.core.sharding import MatrixSpec
-from dist_ortho.strategies.base import Strategy
+from dist_ortho.profiling.simulator import simulate
 
 __all__ = ["KINDS", "latency_steps", "CommModel", "ComputeModel", "CostConstants", "StepTime",
-           "load_constants", "shared_makespan", "shape_key", "step_time", "aligned_calls"]
+           "load_constants", "shared_makespan", "shape_key", "step_time", "aligned_calls",
+           "exchange_seconds", "exchange_times"]
 
 KINDS = ("all_gather", "reduce_scatter", "all_to_all", "gather", "scatter", "broadcast",
          "all_reduce")
@@ -254,95 +254,88 @@ def shared_makespan(works: Sequence[float], slots: float | None,
     return finish
 
 
-def aligned_calls(plan: Plan, comm: CommModel) -> list[TimedCall]:
-    """One entry per collective call: every rank's j-th CommItem is the same call (strategies and
-    the optimizer issue collectives in one order on every rank); its time is set by the busiest
-    rank."""
+def exchange_times(items: list[list[CommItem]], comm: CommModel,
+                   world_size: int) -> dict[str, float]:
+    """Seconds of one exchange from every rank's items (its call(s) as each rank sees them), by
+    collective kind (by link class for the stages of a node-aware exchange): a collective lasts
+    as long as its busiest rank; the stages of a node-aware exchange (items with a `link` and no
+    `group`) run one after another, each rank's sends and receives at once (full duplex); point-
+    to-point messages among a few members (items with a `group`) are priced per message on their
+    link (`CommModel.link_time`; the all-to-all's rates where the link is not known). Given one
+    rank's items alone, that rank's own time."""
+    out: dict[str, float] = {}
+    flat = [c for its in items for c in its]
+    if flat and flat[0].group is not None:  # messages: sends and receives at once
+        sends = [c for c in flat if c.kind == "send"]
+        recvs = [c for c in flat if c.kind == "recv"]
+        link = flat[0].link
+        out["send"] = max(comm.link_time(link, sum(c.send_bytes for c in sends), len(sends)),
+                          comm.link_time(link, sum(c.recv_bytes for c in recvs), len(recvs)))
+        return out
+    n = max((len(its) for its in items), default=0)
+    j = 0
+    while j < n:
+        column = [its[j] for its in items if j < len(its)]
+        first = column[0]
+        if first.link is not None:  # one stage: item j sends, item j + 1 receives
+            recvs = [its[j + 1] for its in items if j + 1 < len(its)]
+            assert all(a.kind == "send" and b.kind == "recv" for a, b in zip(column, recvs))
+            seconds = max(max(comm.link_time(a.link, a.send_bytes, a.messages),
+                              comm.link_time(b.link, b.recv_bytes, b.messages))
+                          for a, b in zip(column, recvs))
+            out[first.link] = out.get(first.link, 0.0) + seconds
+            j += 2
+            continue
+        assert all(c.kind == first.kind for c in column), [c.kind for c in column]
+        if first.kind == "broadcast":  # a pipelined broadcast: the root streams n bytes
+            nbytes = max(c.recv_bytes for c in column)
+        else:
+            nbytes = max(max(c.send_bytes, c.recv_bytes) for c in column)
+        out[first.kind] = out.get(first.kind, 0.0) + comm.time(first.kind, nbytes, world_size)
+        j += 1
+    return out
+
+
+def exchange_seconds(items: list[list[CommItem]], comm: CommModel, world_size: int) -> float:
+    """The total of `exchange_times`."""
+    return sum(exchange_times(items, comm, world_size).values())
+
+
+def aligned_calls(plan: Plan, comm: CommModel, phases=("nonfinite_check", "normalize")
+                  ) -> list[TimedCall]:
+    """The optimizer's own collectives (the items `optim.step_plan` adds after the schedule's):
+    every rank's j-th such item is the same call, timed by the busiest rank."""
     P = plan.world_size
-    # calls over the whole group, and the stages of node-aware exchanges (CommItem.link); messages
-    # among a few members (CommItem.group) are neither, and the strategy prices them itself
-    # (Strategy.member_comm_seconds)
-    per_rank = [[c for c in cost.comm if c.group is None] for cost in plan.ranks]
+    per_rank = [[c for c in cost.comm if c.phase in phases] for cost in plan.ranks]
     n = len(per_rank[0])
     if any(len(c) != n for c in per_rank):
-        raise ValueError(f"plan of {plan.strategy!r} lists different numbers of collectives on "
-                         f"different ranks; cannot align them into calls")
-    calls = []
-    stage_recvs = set()
-    for j in range(n):
-        if j in stage_recvs:
-            continue
-        items = [c[j] for c in per_rank]
-        kind, phase = items[0].kind, items[0].phase
-        if items[0].link is not None:
-            # one stage: every rank's sends (item j) and receives (item j + 1) on one link run
-            # at once, full duplex; the stage ends with its slowest rank
-            link = items[0].link
-            recvs = [c[j + 1] for c in per_rank]
-            assert all(a.kind == "send" and b.kind == "recv" and a.link == b.link == link
-                       for a, b in zip(items, recvs)), (plan.strategy, j)
-            stage_recvs.add(j + 1)
-            seconds = max(max(comm.link_time(link, a.send_bytes, a.messages),
-                              comm.link_time(link, b.recv_bytes, b.messages))
-                          for a, b in zip(items, recvs))
-            calls.append(TimedCall(link, phase, seconds))
-            continue
-        if any(it.kind != kind for it in items):
-            raise ValueError(f"collective {j} of plan {plan.strategy!r} has different kinds "
-                             f"on different ranks")
-        if kind == "broadcast":  # a pipelined broadcast: the root streams n bytes
-            nbytes = max(it.recv_bytes for it in items)
-        else:
-            nbytes = max(max(it.send_bytes, it.recv_bytes) for it in items)
-        calls.append(TimedCall(kind, phase, comm.time(kind, nbytes, P)))
-    return calls
+        raise ValueError(f"plan of {plan.strategy!r} lists different numbers of optimizer "
+                         f"collectives on different ranks")
+    return [TimedCall(per_rank[0][j].kind, per_rank[0][j].phase,
+                      exchange_seconds([[c[j]] for c in per_rank], comm, P)) for j in range(n)]
 
 
-def step_time(plan: Plan, strategy: Strategy, constants: CostConstants,
-              ranks: Sequence) -> StepTime:
-    """The optimizer step's time under `constants`, following `NorMuon.step` and the strategy's
-    execute: non-finite all-reduce, momentum, orthogonalize, normalize (+ all-reduce), apply.
+def step_time(plan: Plan, constants: CostConstants, ranks: Sequence) -> StepTime:
+    """The optimizer step's time under `constants`, following the optimizer's step: non-finite
+    all-reduce, momentum, the strategy's schedule (simulated), normalize (+ all-reduce), apply.
     `ranks`: per rank, an object with `local_numel` (the prediction's RankPrediction)."""
     P = plan.world_size
     comp = constants.compute
     calls = aligned_calls(plan, constants.comm)
+    sim = simulate(plan, lambda items: exchange_times(items, constants.comm, P), comp)
     by_kind: dict[str, float] = defaultdict(float)
     for c in calls:
         by_kind[c.kind] += c.seconds
-    comm_total = sum(c.seconds for c in calls) + strategy.member_comm_seconds(plan, comp)
+    for kind, seconds in sim.comm_by_kind.items():
+        by_kind[kind] += seconds
+    optimizer_comm = sum(c.seconds for c in calls)
+    comm_total = optimizer_comm + sim.comm_s
 
     ew_work = [len(plan.matrices) * comp.elementwise_s_per_param
                + r.local_numel * comp.elementwise_s_per_element for r in ranks]
     elementwise = max(comp.concurrent(ew_work), default=0.0)
-    optimizer_comm = sum(c.seconds for c in calls if c.phase in ("nonfinite_check", "normalize"))
-    strategy_calls = [c for c in calls if c.phase in ("forward", "return")]
-
-    sharded = [m.index for m in plan.matrices if m.sharded]
-    plain = [m.index for m in plan.matrices if not m.sharded]
-    n_plain_calls = sum(1 for i in plain if plan.owner[i] != EVERY_RANK) if P > 1 else 0
-    plain_calls = strategy_calls[len(strategy_calls) - n_plain_calls:]
-    sharded_calls = strategy_calls[:len(strategy_calls) - n_plain_calls]
-
-    # the strategy's own timing model (synchronous by default; bucketed_async overlaps)
-    sharded_s, ns_s = (strategy.sharded_time(plan, sharded_calls, comp) if sharded
-                       else (0.0, 0.0))
-
-    # plain (replicated, DDP-style) matrices run one at a time: the owner computes, then broadcasts
-    plain_s = 0.0
-    plain_ns = 0.0
-    k = 0
-    for i in plain:
-        m = plan.matrices[i]
-        t = comp.ns_matrices_seconds([m], False)
-        if plan.owner[i] == EVERY_RANK:
-            t = max(comp.concurrent([t] * P))
-            plain_s += t
-        else:
-            plain_s += t + (plain_calls[k].seconds if P > 1 else 0.0)
-            k += P > 1
-        plain_ns += t
-    total = elementwise + optimizer_comm + sharded_s + plain_s
-    ns_total = ns_s + plain_ns
+    ns_total = max(sim.ns_busy, default=0.0)
+    total = elementwise + optimizer_comm + max(sim.end, default=0.0)
     return StepTime(total_s=total, comm_s=comm_total, ns_s=ns_total, elementwise_s=elementwise,
                     overlap_s=max(0.0, comm_total + ns_total + elementwise - total),
                     comm_by_kind_s=dict(by_kind))

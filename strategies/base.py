@@ -1,26 +1,24 @@
 """The strategy interface: who orthogonalizes which matrix, and how its pieces travel.
 
-A strategy is split in two:
-- `plan(matrices, world_size, rank)` is pure: from shapes alone it decides every matrix's owner and
-  bucket and predicts, for every rank, the bytes it will send and receive in each collective, the
-  Newton-Schulz FLOPs it will run and the transient bytes it will hold. No communication, so it can
-  be run for P = 1024 on a laptop, and the same plan is computed identically on every rank.
-- `execute(plan, inputs, ctx)` performs the plan: it receives this rank's dim-0 shards of the
-  momentum direction U, one per matrix, and returns this rank's dim-0 shards of NS(U), shaped and
-  sharded exactly like the inputs.
-
-Plan types and the byte convention live in the core module `dist_ortho.core.plan` (re-exported
-here).
+A strategy declares a schedule (`dist_ortho.core.schedule`) and nothing else runs, counts or
+prices it:
+- `plan(matrices, world_size, rank)` is pure: from shapes alone it decides every matrix's owner
+  (`assign`) and the actions every rank performs (`schedule`), and the counter
+  (`strategies.executor.count`) derives from those actions each rank's bytes per collective, its
+  Newton-Schulz FLOPs and its transient bytes. No communication, so it runs for P = 1024 on a
+  laptop, and the same plan is computed identically on every rank.
+- `execute(plan, inputs, ctx)` hands the schedule to the one executor (`strategies.executor.Run`):
+  it receives this rank's dim-0 shards of the momentum direction U, one per matrix, and returns
+  this rank's dim-0 shards of NS(U), shaped and sharded exactly like the inputs. `start(plan,
+  ctx)` gives the run itself, fed bucket by bucket from backward hooks.
+- the cost model prices the same actions (`profiling.simulator`).
 
 Parameters that are *not* sharded (plain tensors replicated on a group, as under DDP) take a common
 path here: every rank already holds the whole matrix, so the owner (from the strategy's own
-ownership policy) orthogonalizes it and broadcasts the result; nothing travels forward.
+`assign_owners`) orthogonalizes it and broadcasts the result; nothing travels forward.
 
-A strategy also has a timing model for the cost model (`sharded_time`): by default its collectives
-are synchronous (forward, then the slowest rank's NS, then return); a strategy that overlaps them
-overrides it (see `bucketed_async`). Adding a strategy: one file with a `Strategy` subclass (name,
-Options dataclass, `assign_owners`, `_plan_sharded`, `_execute_sharded`) and one line in the
-registry (`strategies/__init__.py`).
+Adding a strategy: one file with a `Strategy` subclass (name, Options dataclass, `assign`,
+`schedule`) registered with `@register` and imported once in `strategies/__init__.py`.
 """
 
 from __future__ import annotations
@@ -32,21 +30,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from dist_ortho.core.batching import batches, stacked
 from dist_ortho.core.orthogonalizer import Orthogonalizer
-from dist_ortho.core.plan import (EVERY_RANK, CommItem, ComputeTimes, Plan, RankCost, TimedCall,
-                                  all_reduce_bytes)
+from dist_ortho.core.plan import EVERY_RANK, CommItem, Plan, RankCost, all_reduce_bytes
+from dist_ortho.core.schedule import Compute, Exchange, Feed, Issue, Schedule, Wait
 from dist_ortho.core.sharding import MatrixSpec
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
+from dist_ortho.strategies import executor
+from dist_ortho.strategies.collectives import ns_batches
 
 __all__ = ["CommItem", "RankCost", "Plan", "ExecContext", "Strategy", "EVERY_RANK",
            "all_reduce_bytes", "ns_batches"]
-
-
-def ns_batches(matrices: Sequence[MatrixSpec]) -> list[list[int]]:
-    """Positions of `matrices` that one batched Newton-Schulz call can take: equal shape, steps
-    and form (the orthogonalizer splits a batch further if other settings differ)."""
-    return batches((m.shape, m.ns_steps, m.ns_form) for m in matrices)
 
 
 @dataclass
@@ -72,8 +65,9 @@ class ExecContext:
 
 
 class Strategy:
-    """Base class: subclasses implement `_plan_sharded` and `_execute_sharded` for sharded matrices
-    and `assign_owners` for their ownership policy; replicated (plain) matrices are handled here."""
+    """Base class: subclasses declare `schedule` (owners of the sharded matrices and the actions)
+    and `assign_owners` (their ownership policy, which plain matrices use too); plain (replicated)
+    matrices' actions are appended here."""
 
     name: str = "base"
     # False for the inexact schedules (strategies blockwise, local_norms, periodic): their update
@@ -84,9 +78,17 @@ class Strategy:
     global_statistics: bool = True
     # False: refuses 2-D/3-D mesh layouts (a step count or statistics tied to one row group)
     on_mesh: bool = True
+    # True: buckets follow the backward pass (MatrixSpec.unit), and the optimizer may feed them
+    # from FSDP2's hooks (`runs_in_backward`)
+    follows_backward: bool = False
 
     def __init__(self, options=None) -> None:
         self.options = options
+
+    @property
+    def runs_in_backward(self) -> bool:
+        """Whether the optimizer should feed this strategy's buckets from backward hooks."""
+        return False
 
     def describe(self) -> str:
         """One line: the name, 'exact' or 'INEXACT', and the options."""
@@ -99,8 +101,15 @@ class Strategy:
         """Factor on this step's update rows after the rule (periodic: the full steps' lr scale)."""
         return 1.0
 
-    # -- ownership -------------------------------------------------------------------------------
+    # -- what a strategy declares ----------------------------------------------------------------
     def assign_owners(self, matrices: Sequence[MatrixSpec], world_size: int) -> list[int]:
+        """Owner of each matrix (EVERY_RANK: all ranks compute it): the ownership policy."""
+        raise NotImplementedError
+
+    def schedule(self, matrices: Sequence[MatrixSpec],
+                 world_size: int) -> tuple[list[int], Schedule]:
+        """(owner of each of the sharded `matrices`, the actions that orthogonalize them);
+        actions name matrices by plan index (`MatrixSpec.index`)."""
         raise NotImplementedError
 
     # -- planning --------------------------------------------------------------------------------
@@ -126,111 +135,64 @@ class Strategy:
                 f"shared communication buffers of one dtype. Cast the parameters to one dtype or "
                 f"give each dtype its own optimizer.")
         owner = [EVERY_RANK] * len(matrices)
-        bucket = [0] * len(matrices)
-        ranks = [RankCost() for _ in range(world_size)]
-        buckets = None
         sharded = [m for m in matrices if m.sharded]
         plain = [m for m in matrices if not m.sharded]
+        actions: list = []
+        buckets: list[tuple[int, ...]] = []
+        splits: tuple = ()
         if sharded:
-            buckets = self._plan_sharded(sharded, world_size, owner, bucket, ranks)
+            owners, sched = self.schedule(sharded, world_size)
+            for m, o in zip(sharded, owners):
+                owner[m.index] = o
+            actions += sched.actions
+            buckets += sched.buckets
+            splits = sched.splits
         if plain:
-            self._plan_plain(plain, world_size, owner, ranks)
-        for r, cost in enumerate(ranks):
-            cost.ns_flops = sum(matrices[i].flops for i in cost.computes)
-        return Plan(self.name, world_size, rank, matrices, tuple(owner), tuple(bucket), ranks,
-                    buckets=buckets)
+            for m, o in zip(plain, self.assign_owners(plain, world_size)):
+                owner[m.index] = o
+            actions += self.plain_actions(plain, owner, world_size, len(buckets),
+                                          1 + max((a.tag for a in actions
+                                                   if isinstance(a, Issue)), default=-1))
+            buckets.append(tuple(m.index for m in plain))
+        bucket = [0] * len(matrices)
+        for b, members in enumerate(buckets):
+            for i in members:
+                bucket[i] = b
+        plan = Plan(self.name, world_size, rank, matrices, tuple(owner), tuple(bucket), [],
+                    buckets=tuple(buckets), schedule=Schedule(tuple(actions), tuple(buckets), splits))
+        plan.ranks = executor.count(plan)
+        return plan
 
-    def _plan_sharded(self, matrices: Sequence[MatrixSpec], world_size: int, owner: list[int],
-                      bucket: list[int], ranks: list[RankCost]
-                      ) -> tuple[tuple[int, ...], ...] | None:
-        """Fill owner, bucket and ranks for the sharded matrices; return the buckets (matrix
-        indices per bucket, in execution order) if the strategy buckets, else None."""
-        raise NotImplementedError
-
-    def _plan_plain(self, matrices: Sequence[MatrixSpec], world_size: int, owner: list[int],
-                    ranks: list[RankCost]) -> None:
-        owners = self.assign_owners(matrices, world_size)
-        for m, o in zip(matrices, owners):
-            owner[m.index] = o
-            if o == EVERY_RANK:
-                for cost in ranks:
-                    cost.computes.append(m.index)
-                continue
-            ranks[o].computes.append(m.index)
-            if world_size > 1:
-                nbytes = m.numel * m.out_itemsize
-                for r, cost in enumerate(ranks):
-                    sent = (world_size - 1) * nbytes if r == o else 0
-                    cost.comm.append(CommItem("broadcast", sent, 0 if r == o else nbytes, "return"))
-                ranks[o].transient_bytes = max(ranks[o].transient_bytes, nbytes)
+    def plain_actions(self, plain: Sequence[MatrixSpec], owner: Sequence[int], world_size: int,
+                      bucket: int, first_tag: int) -> list:
+        """Plain matrices: the owners compute (every rank where all compute), then one broadcast
+        per matrix with one owner."""
+        indices = tuple(m.index for m in plain)
+        actions: list = [Feed(bucket), Compute("ns_plain", indices)]
+        tag = first_tag
+        for i in indices:
+            if owner[i] != EVERY_RANK:
+                actions += [Issue(tag, Exchange("broadcast", "return", (i,))), Wait(tag)]
+                tag += 1
+        return actions
 
     # -- execution -------------------------------------------------------------------------------
     def execute(self, plan: Plan, inputs: Sequence[torch.Tensor],
                 ctx: ExecContext) -> list[torch.Tensor]:
-        """Run `plan`; inputs[i] is this rank's dim-0 shard of matrix i (the full tensor if
-        plain)."""
+        """Run the plan's schedule; inputs[i] is this rank's dim-0 shard of matrix i (the full
+        tensor if plain)."""
         assert len(inputs) == len(plan.matrices)
-        outputs: list[torch.Tensor | None] = [None] * len(inputs)
-        sharded = [m.index for m in plan.matrices if m.sharded]
-        plain = [m.index for m in plan.matrices if not m.sharded]
-        if sharded:
-            results = self._execute_sharded(plan, sharded, [inputs[i] for i in sharded], ctx)
-            for i, out in zip(sharded, results):
-                outputs[i] = out
-        if plain:
-            for i, out in zip(plain, self._execute_plain(plan, plain, inputs, ctx)):
-                outputs[i] = out
-        for i, out in enumerate(outputs):
-            assert out is not None and out.shape == inputs[i].shape, (i, out, inputs[i].shape)
-        return outputs  # type: ignore[return-value]
+        return executor.execute(plan, inputs, ctx, self.step_schedule(plan))
 
-    def _execute_sharded(self, plan: Plan, indices: list[int], inputs: list[torch.Tensor],
-                         ctx: ExecContext) -> list[torch.Tensor]:
-        raise NotImplementedError
+    def start(self, plan: Plan, ctx: ExecContext) -> executor.Run:
+        """A run of the plan's schedule to feed bucket by bucket (`Run.push`, `Run.drain`)."""
+        return executor.Run(plan, ctx, self.step_schedule(plan))
 
-    def _execute_plain(self, plan: Plan, indices: list[int], inputs: Sequence[torch.Tensor],
-                       ctx: ExecContext) -> list[torch.Tensor]:
-        mine = [i for i in indices if plan.owner[i] in (EVERY_RANK, ctx.rank)]
-        computed: dict[int, torch.Tensor] = {}
-        # one NS call per batch of one shape; contiguous: a collective sends the storage as it
-        # lies, and NS hands a tall matrix back as the transpose of its wide working copy
-        for batch in ns_batches([plan.matrices[i] for i in mine]):
-            ks = [mine[j] for j in batch]
-            with ctx.phase("ns"):
-                out = ctx.orthogonalizer.run(ks, stacked([inputs[i] for i in ks])).contiguous()
-            computed.update(zip(ks, out.unbind(0)))
-        results = []
-        for i in indices:
-            o = plan.owner[i]
-            out = computed.get(i)
-            if out is None:
-                out = torch.empty(inputs[i].shape, dtype=ctx.out_dtype, device=inputs[i].device)
-            if o != EVERY_RANK and ctx.world_size > 1:
-                with ctx.phase("comm_wait"):
-                    dist.broadcast(out, group=ctx.group, group_src=o)
-            results.append(out)
-        return results
+    def step_schedule(self, plan: Plan) -> Schedule:
+        """The schedule this step runs: the plan's (periodic alternates)."""
+        return plan.schedule
 
-    # -- timing model (used by the cost model) ---------------------------------------------------
     @property
     def batches_same_shape(self) -> bool:
         """Whether an owner's same-shape matrices run as one batched NS call."""
-        return bool(getattr(self.options, "batch_same_shape", False))
-
-    def sharded_time(self, plan: Plan, calls: Sequence[TimedCall],
-                     compute: ComputeTimes) -> tuple[float, float]:
-        """(seconds of the orthogonalize phase for the sharded matrices, NS seconds of the slowest
-        rank), given the durations of this plan's forward/return collectives in issue order.
-        Default: synchronous collectives, so forward + the slowest rank's NS + return."""
-        P = plan.world_size
-        works = [compute.ns_matrices_seconds(
-            [plan.matrices[i] for i in plan.ranks[r].computes if plan.matrices[i].sharded],
-            self.batches_same_shape) for r in range(P)]
-        ns_s = max(compute.concurrent(works), default=0.0)
-        return sum(c.seconds for c in calls) + ns_s, ns_s
-
-    def member_comm_seconds(self, plan: Plan, compute: ComputeTimes) -> float:
-        """Seconds of the busiest rank's messages among a few members of the group (plan items
-        with a `group`), which are no call over the whole group; part of the step's comm term.
-        Default: none."""
-        return 0.0
+        return bool(getattr(self.options, "batch_same_shape", True))

@@ -15,50 +15,18 @@ each rank orthogonalizes them itself (exact, no broadcast). An empty shard has n
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-import torch
-
-from dist_ortho.core.batching import batches, stacked
-from dist_ortho.core.newton_schulz import ns_flops
-from dist_ortho.core.plan import ComputeTimes, Plan, TimedCall
-from dist_ortho.core.sharding import MatrixSpec
-from dist_ortho.strategies.base import EVERY_RANK, ExecContext, Strategy
+from dist_ortho.core.schedule import synchronous
+from dist_ortho.strategies.base import EVERY_RANK, Strategy
 from dist_ortho.strategies.registry import register
 
-__all__ = ["BlockwiseOptions", "Blockwise", "block_flops", "orthogonalize_blocks"]
+__all__ = ["BlockwiseOptions", "Blockwise"]
 
 
 @dataclass(frozen=True)
 class BlockwiseOptions:
     """No options: the block is whatever this rank holds."""
-
-
-def block_flops(m: MatrixSpec, rank: int) -> int:
-    """NS FLOPs of rank `rank`'s block of `m` (the whole matrix if it is not sharded)."""
-    if not m.sharded:
-        return m.flops
-    rows = m.dim0_sizes[rank]
-    return ns_flops(m.local_shape(rank), m.ns_steps, m.ns_form) if rows else 0
-
-
-def orthogonalize_blocks(indices, inputs, ctx: ExecContext) -> list[torch.Tensor]:
-    """NS of each local block on its own, one batched call per block shape (the orthogonalizer
-    splits a batch further where NS settings differ); an empty block stays empty."""
-    outputs: list[torch.Tensor | None] = [None] * len(inputs)
-    for pos, x in enumerate(inputs):
-        if x.shape[0] == 0:
-            outputs[pos] = torch.empty(x.shape, dtype=ctx.out_dtype, device=x.device)
-    full = [pos for pos, out in enumerate(outputs) if out is None]
-    for batch in batches(tuple(inputs[pos].shape) for pos in full):
-        positions = [full[j] for j in batch]
-        with ctx.phase("ns"):
-            out = ctx.orthogonalizer.run([indices[pos] for pos in positions],
-                                         stacked([inputs[pos] for pos in positions]))
-        for pos, o in zip(positions, out.unbind(0)):
-            outputs[pos] = o.contiguous()
-    return outputs  # type: ignore[return-value]
 
 
 @register
@@ -73,31 +41,6 @@ class Blockwise(Strategy):
     def assign_owners(self, matrices, world_size):
         return [EVERY_RANK] * len(matrices)
 
-    def plan(self, matrices, world_size, rank) -> Plan:
-        plan = super().plan(matrices, world_size, rank)
-        for r, cost in enumerate(plan.ranks):  # each rank runs NS on its block, not the matrix
-            cost.ns_flops = sum(block_flops(plan.matrices[i], r) for i in cost.computes)
-        return plan
-
-    def _plan_sharded(self, matrices, world_size, owner, bucket, ranks):
-        for m in matrices:
-            owner[m.index] = EVERY_RANK
-            for cost in ranks:
-                cost.computes.append(m.index)
-
-    def _execute_sharded(self, plan: Plan, indices, inputs, ctx: ExecContext):
-        return orthogonalize_blocks(indices, inputs, ctx)
-
-    def _execute_plain(self, plan: Plan, indices, inputs, ctx: ExecContext):
-        return orthogonalize_blocks(indices, [inputs[i] for i in indices], ctx)
-
-    def sharded_time(self, plan: Plan, calls: list[TimedCall],
-                     compute: ComputeTimes) -> tuple[float, float]:
-        """No collectives; the slowest rank's NS of its own blocks."""
-        works = [compute.ns_matrices_seconds(
-            [dataclasses.replace(plan.matrices[i], shape=plan.matrices[i].local_shape(r))
-             for i in plan.ranks[r].computes
-             if plan.matrices[i].sharded and plan.matrices[i].dim0_sizes[r]], False)
-            for r in range(plan.world_size)]
-        ns_s = max(compute.concurrent(works), default=0.0)
-        return ns_s, ns_s
+    def schedule(self, matrices, world_size):
+        return (self.assign_owners(matrices, world_size),
+                synchronous([m.index for m in matrices], None, "blocks", None))

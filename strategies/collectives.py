@@ -13,15 +13,21 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from dist_ortho.core.batching import stacked
+from dist_ortho.core.batching import batches, stacked
 from dist_ortho.core.sharding import MatrixSpec
 
-__all__ = ["pack_batches", "full_batches", "all_gather_flat", "all_gather_single",
+__all__ = ["ns_batches", "pack_batches", "full_batches", "all_gather_flat", "all_gather_single",
            "Exchange", "exchange"]
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); we support
 # torch >= 2.6, which has only the old one. Same c10d op underneath either way.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def ns_batches(matrices: Sequence[MatrixSpec]) -> list[list[int]]:
+    """Positions of `matrices` that one batched Newton-Schulz call can take: equal shape, steps
+    and form (the orthogonalizer splits a batch further if other settings differ)."""
+    return batches((m.shape, m.ns_steps, m.ns_form) for m in matrices)
 
 
 def pack_batches(matrices: Sequence[MatrixSpec], groups: Sequence[Sequence[int]],

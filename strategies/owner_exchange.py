@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from dist_ortho.core.sharding import MatrixSpec
 from dist_ortho.strategies.collectives import Exchange, exchange
 
 __all__ = ["forward_send", "forward_recv_numels", "assemble", "return_send",
-           "return_recv_numels", "split_returns", "exchange_bytes", "send_forward", "send_back"]
+           "return_recv_numels", "split_returns", "exchange_bytes", "send_forward", "send_back", "owner_pairs"]
 
 
 def _owned(matrices: Sequence[MatrixSpec], owners: Sequence[int], rank: int) -> list[int]:
@@ -122,3 +123,21 @@ def send_back(matrices, owners, results: dict[int, torch.Tensor], ctx,
     P, me = ctx.world_size, ctx.rank
     return exchange(return_send(matrices, owners, me, P, results, ctx.out_dtype, ctx.device),
                     return_recv_numels(matrices, owners, me, P), me, ctx.group, P, async_op)
+
+
+def owner_pairs(matrices, owners, world_size: int):
+    """The forward pieces as arrays (source, owner, elements), source != owner, one entry per
+    matrix and source (the return sends the same pieces the other way)."""
+    P = world_size
+    src, dst, n = [], [], []
+    ranks = np.arange(P)
+    for m, o in zip(matrices, owners):
+        sizes = np.asarray(m.dim0_sizes, dtype=np.int64) * m.row_numel
+        keep = (sizes > 0) & (ranks != o)
+        src.append(ranks[keep])
+        dst.append(np.full(int(keep.sum()), o))
+        n.append(sizes[keep])
+    if not src:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return np.concatenate(src), np.concatenate(dst), np.concatenate(n).astype(float)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dist_ortho.core.schedule import Compute, Feed, Schedule
 from dist_ortho.strategies.balanced import Balanced, BalancedOptions
 from dist_ortho.strategies.base import ExecContext, Plan
-from dist_ortho.strategies.blockwise import orthogonalize_blocks
 from dist_ortho.strategies.registry import register
 
 __all__ = ["PeriodicOptions", "Periodic", "is_full_step"]
@@ -70,15 +70,14 @@ class Periodic(Balanced):
         self.last_full = is_full_step(self.steps_run, self.options.k)
         return super().execute(plan, inputs, ctx)
 
-    def _execute_sharded(self, plan: Plan, indices, inputs, ctx: ExecContext):
+    def step_schedule(self, plan: Plan) -> Schedule:
+        """The full step's schedule (the plan's), or each bucket's blocks with no exchange."""
         if self.last_full:
-            return super()._execute_sharded(plan, indices, inputs, ctx)
-        return orthogonalize_blocks(indices, inputs, ctx)
-
-    def _execute_plain(self, plan: Plan, indices, inputs, ctx: ExecContext):
-        if self.last_full:
-            return super()._execute_plain(plan, indices, inputs, ctx)
-        return orthogonalize_blocks(indices, [inputs[i] for i in indices], ctx)
+            return plan.schedule
+        buckets = plan.schedule.buckets
+        actions = [a for b, members in enumerate(buckets)
+                   for a in (Feed(b), Compute("blocks", members))]
+        return Schedule(tuple(actions), buckets)
 
     def update_scale(self) -> float:
         return float(self.options.full_lr_scale) if self.last_full else 1.0

@@ -207,19 +207,21 @@ def test_the_architecture_walk_through_strategy_plugs_in_everywhere():
     from dist_ortho.strategies import registry
 
     text = (ROOT / "ARCHITECTURE.md").read_text()
-    code = re.search(r"```python\n# strategies/gather_all.py\n(.*?)```", text, re.S).group(1)
+    code = re.search(r"```python\n# strategies/mirrored.py\n(.*?)```", text, re.S).group(1)
     try:
-        exec(compile(code, "strategies/gather_all.py", "exec"), {"__name__": "gather_all"})
-        assert "gather_all" in strategies.available()
+        exec(compile(code, "strategies/mirrored.py", "exec"), {"__name__": "mirrored"})
+        assert "mirrored" in strategies.available()
         w = torch.nn.Parameter(torch.randn(8, 6))
-        opt = NorMuon([w], strategy="gather_all", ns_dtype="float32")
+        opt = NorMuon([w], strategy="mirrored", ns_dtype="float32")
         w.grad = torch.randn(8, 6)
         opt.step()
-        pred = costmodel.predict([(64, 32), (32, 64)], 4, "gather_all",
-                                 constants=next(iter(HARDWARE_PRESETS.values())))
-        ref = costmodel.predict([(64, 32), (32, 64)], 4, "replicated",
-                                constants=next(iter(HARDWARE_PRESETS.values())))
+        shapes = [(64, 32), (32, 64), (48, 48), (16, 80)]
+        preset = next(iter(HARDWARE_PRESETS.values()))
+        pred = costmodel.predict(shapes, 4, "mirrored", constants=preset)
+        ref = costmodel.predict(shapes, 4, "balanced", constants=preset)
+        # LPT's owners mirrored: the same bytes and work on other ranks; two buckets, priced
         assert pred.max_bytes_per_rank == ref.max_bytes_per_rank
-        assert pred.time.total_s == ref.time.total_s
+        assert sorted(r.ns_flops for r in pred.ranks) == sorted(r.ns_flops for r in ref.ranks)
+        assert pred.time.total_s > 0 and len(pred.plan.buckets) == 2
     finally:
-        registry._REGISTRY.pop("gather_all", None)
+        registry._REGISTRY.pop("mirrored", None)

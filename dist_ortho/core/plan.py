@@ -16,14 +16,14 @@ bytes: 2(P-1)/P n each way (reduce-scatter then all-gather).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from dist_ortho.core.schedule import Schedule
 from dist_ortho.core.sharding import Layout, MatrixSpec
 
 __all__ = ["CommItem", "RankCost", "Plan", "EVERY_RANK", "all_reduce_bytes", "bytes_by_kind",
-           "owner_bound_bytes", "TimedCall", "ComputeTimes", "bytes_by_group"]
+           "owner_bound_bytes", "TimedCall", "bytes_by_group"]
 
 EVERY_RANK = -1  # owner value of a matrix that every rank orthogonalizes (replicated strategy)
 
@@ -92,6 +92,7 @@ class RankCost:
 
     comm: list[CommItem] = field(default_factory=list)
     ns_flops: int = 0
+    ns_calls: int = 0  # Newton-Schulz calls (a batch of one shape is one call)
     transient_bytes: int = 0
     computes: list[int] = field(default_factory=list)  # indices of matrices this rank orthogonalizes
 
@@ -111,8 +112,7 @@ class RankCost:
 class Plan:
     """Who does what, and what every rank will pay for it. Identical on every rank but `rank`.
 
-    `buckets`: matrix indices per bucket, in execution order, for strategies that bucket (None for
-    the others). `layout`: where the optimizer's parameters live (set by the optimizer; None for a
+    `buckets`: matrix indices per bucket, in the order the schedule is fed. `layout`: where the optimizer's parameters live (set by the optimizer; None for a
     plan made from shapes alone, as the cost model makes them)."""
 
     strategy: str
@@ -124,6 +124,7 @@ class Plan:
     ranks: list[RankCost]  # indexed by rank
     buckets: tuple[tuple[int, ...], ...] | None = None
     layout: Layout | None = None
+    schedule: Schedule | None = None  # the actions the strategy declared (None: made by hand)
 
     @property
     def mine(self) -> RankCost:
@@ -141,7 +142,7 @@ class Plan:
         return max(flops) / mean if mean > 0 else 1.0
 
 
-# -- what a strategy's timing model sees (see Strategy.sharded_time) -------------------------------
+# -- what the time model reports per call ---------------------------------------------------------
 
 @dataclass(frozen=True)
 class TimedCall:
@@ -150,13 +151,3 @@ class TimedCall:
     kind: str
     phase: str
     seconds: float
-
-
-class ComputeTimes(Protocol):
-    """Compute-time oracle a strategy's timing model may ask (the cost model's ComputeModel)."""
-
-    def ns_matrices_seconds(self, matrices: Sequence[MatrixSpec], batched: bool) -> float:
-        """Seconds one rank spends on NS of these matrices."""
-
-    def concurrent(self, works: Sequence[float]) -> list[float]:
-        """Finish time of each rank's work (seconds if run alone) when all run at once."""

@@ -18,7 +18,7 @@ if torch stops calling the hook this way.
 
 What runs in the hook. The unit's momentum directions are computed from the final shard
 (`lerp(M, G, 1-mu)`, Nesterov `lerp(G, M', mu)`) into new tensors, without touching the
-optimizer's state, and the unit's buckets are pushed into the strategy's `BucketPipeline`
+optimizer's state, and the unit's buckets are pushed into the strategy's run (`Strategy.start`, the executor's `Run`)
 (forward all-to-all issued async; the bucket pushed `lag` buckets earlier is waited for,
 orthogonalized and its return issued). Units are launched in plan order (backward order, known
 from the model): a unit that fires early waits for the ones before it, so every rank issues the
@@ -225,7 +225,7 @@ class BackwardOverlap:
                           Orthogonalizer([opt._ns_config(g) for g, _ in self.entries],
                                          layout.device, opt._flops),
                           plan.matrices[0].out_dtype, layout.device, opt.timer)
-        self._pipe = opt.strategy.pipeline(plan, ctx)
+        self._pipe = opt.strategy.start(plan, ctx)
         # buckets of each unit, in plan order (the plan orders buckets by unit)
         self._unit_buckets = [[] for _ in self.units]
         for b, members in enumerate(plan.buckets):

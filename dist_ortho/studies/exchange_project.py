@@ -30,7 +30,7 @@ from dist_ortho.models.shapes import matrix_shapes
 from dist_ortho.profiling.costmodel import matrix_specs, predict, torch_dtype
 from dist_ortho.profiling.hardware import get_preset
 from dist_ortho.strategies import two_level
-from dist_ortho.strategies.balanced import owner_pairs
+from dist_ortho.strategies.owner_exchange import owner_pairs
 
 __all__ = ["exchange_rows", "markdown", "main"]
 

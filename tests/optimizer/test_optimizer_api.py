@@ -19,7 +19,6 @@ from dist_ortho.models import build_model
 from dist_ortho.optim.optimizer import plan_step
 from dist_ortho.profiling import costmodel
 from dist_ortho.rules.base import UpdateRule, shape_scale
-from dist_ortho.strategies.balanced import orthogonalize_owned
 from dist_ortho.strategies.base import ExecContext
 from dist_ortho.testing.processes import spawn
 from tests.devices import TEST_DEVICE
@@ -72,7 +71,8 @@ def test_regression_mixed_ns_coefficients_batched_together_hit_an_assert():
     configs = [NSConfig(s, "float32", c) for c, s in settings]
     ctx = ExecContext(None, 0, 1, Orthogonalizer(configs), torch.float32, torch.device("cpu"))
     full = {k: randn(8, 6, seed=50 + k) for k in range(4)}
-    got = orthogonalize_owned(specs, full, ctx, batch_same_shape=True)
+    balanced = strategies.build("balanced")
+    got = balanced.execute(balanced.plan(specs, 1, 0), [full[k] for k in range(4)], ctx)
     for k, cfg in enumerate(configs):
         want = newton_schulz(full[k], cfg.steps, torch.float32, cfg.coefficients)
         # a batched matmul against single ones: two kernel paths, twice the derived NS path

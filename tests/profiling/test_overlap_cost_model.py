@@ -12,10 +12,20 @@ from dist_ortho import strategies
 from dist_ortho.profiling.interconnect import emulated_link
 from dist_ortho.profiling.overlap_model import interconnect_comm_model, predict_exposed
 from dist_ortho.profiling.prediction import matrix_specs
-from dist_ortho.profiling.timemodel import ComputeModel, aligned_calls
+from dist_ortho.core.schedule import Issue
+from dist_ortho.profiling.timemodel import ComputeModel, exchange_seconds
+from dist_ortho.strategies.exchanges import transport
 
 # two blocks of a GPT (attention 4 x (64, 64), MLP (256, 64) and (64, 256)), backward order
 BLOCK = [(64, 64)] * 4 + [(256, 64), (64, 256)]
+
+
+def exchange_durations(p, comm, phase: str) -> list[float]:
+    """Seconds of each of the plan's exchanges of `phase`, in issue order."""
+    return [exchange_seconds(transport(a.exchange.transport).items(p, a.exchange), comm,
+                             p.world_size)
+            for a in p.schedule.actions
+            if isinstance(a, Issue) and a.exchange.phase == phase]
 
 
 def plan(P: int, **options):
@@ -35,10 +45,10 @@ def test_lag_one_leaves_the_last_units_ns_and_return(P):
     last = len(p.buckets) - 1
     ns = max(compute.concurrent([compute.ns_matrices_seconds(
         [p.matrices[i] for i in p.buckets[last] if p.owner[i] == r], True) for r in range(P)]))
-    ret = [c.seconds for c in aligned_calls(p, comm) if c.phase == "return"]
+    ret = exchange_durations(p, comm, "return")
     assert got.backward_s == pytest.approx(ns + ret[last])
     # after backward, schedule step still has every bucket's forward, NS and return to do
-    fwd = [c.seconds for c in aligned_calls(p, comm) if c.phase == "forward"]
+    fwd = exchange_durations(p, comm, "forward")
     assert got.step_s >= sum(fwd) + ns + ret[last] - 1e-12
     assert got.difference_s == pytest.approx(got.step_s - got.backward_s) and got.difference_s > 0
     # the emulator's delay is the comm model's time

@@ -110,8 +110,10 @@ def run_case(case: dict, mesh, placements, steps: int = 3) -> dict:
         kwargs["beta2"] = 0.95
     from dist_ortho import strategies
 
-    opt = cls(list(zip(names, params)), strategy=strategies.build(case["strategy"],
-                                                                   **case["options"]), **kwargs)
+    strategy = case["strategy"]  # a registered name, or a Strategy declared by a test
+    if isinstance(strategy, str):
+        strategy = strategies.build(strategy, **case["options"])
+    opt = cls(list(zip(names, params)), strategy=strategy, **kwargs)
     ref = [full_tensor(s, 1000 + i) for i, s in enumerate(shapes)]
     ref_state: dict = {}
     hp = ReferenceHParams(lr=0.02, momentum=0.95, beta2=0.95, weight_decay=case["weight_decay"],

@@ -15,7 +15,7 @@ from dist_ortho import strategies
 from dist_ortho.models import matrix_shapes
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.strategies import two_level
-from dist_ortho.strategies.balanced import owner_pairs
+from dist_ortho.strategies.owner_exchange import owner_pairs
 from dist_ortho.testing.processes import spawn
 from tests import tolerances
 from tests.strategies import two_level_cases

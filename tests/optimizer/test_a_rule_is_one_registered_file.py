@@ -21,6 +21,7 @@ from dist_ortho.profiling import costmodel
 from dist_ortho.rules import registry
 from dist_ortho.rules.base import UpdateRule, shape_scale
 from dist_ortho.studies.config import ConfigError, apply_overrides, config_from_dict
+from dist_ortho.studies.convergence import load_study
 
 TOY = "scaled_muon_toy"
 
@@ -130,3 +131,14 @@ def test_dist_ortho_project_takes_the_registered_rule(toy_rule, tmp_path, capsys
     with open(tmp_path / "llama-tiny_h100.csv") as f:
         assert [row["rule"] for row in csv.DictReader(f)] == [TOY]
     assert f"# Projection: llama-tiny, {TOY}," in capsys.readouterr().out
+
+
+def test_a_convergence_study_compares_the_registered_rule(toy_rule, tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("run:\n  model: {preset: gpt-tiny}\nconvergence: {}\n")
+    study = load_study(path, [f"convergence.optimizers={{{TOY}: {{rule_hparams: {{scale: 0.25}}}}, "
+                              f"adamw: {{}}}}", f"convergence.sweep.lrs={{{TOY}: [0.01, 0.02]}}"])
+    assert study.run_config(TOY, 0).optimizer.hyperparameters_of_rule() == {"scale": 0.25}
+    with pytest.raises(ConfigError) as info:
+        load_study(path, ["convergence.optimizers={sign_sgd: {}}"])
+    assert info.value.key == "convergence.optimizers.sign_sgd" and TOY in str(info.value)

@@ -18,6 +18,7 @@ from dist_ortho.core.sharding import MatrixSpec, local_tensor
 from dist_ortho.optim.optimizer import Muon, NorMuon, OrthogonalizedOptimizer
 from dist_ortho.optim.param_groups import OptimizerConfig, build_optimizers
 from dist_ortho.profiling import costmodel
+from dist_ortho.profiling.deviation import DeviationMeter
 from dist_ortho.rules import registry
 from dist_ortho.rules.base import UpdateRule, shape_scale
 from dist_ortho.studies.config import ConfigError, apply_overrides, config_from_dict
@@ -142,3 +143,9 @@ def test_a_convergence_study_compares_the_registered_rule(toy_rule, tmp_path):
     with pytest.raises(ConfigError) as info:
         load_study(path, ["convergence.optimizers={sign_sgd: {}}"])
     assert info.value.key == "convergence.optimizers.sign_sgd" and TOY in str(info.value)
+
+
+def test_deviation_refuses_a_rule_without_a_reference_rather_than_using_muons(toy_rule):
+    opt = OrthogonalizedOptimizer([nn.Parameter(torch.ones(4, 3))], rule=TOY)
+    with pytest.raises(ValueError, match=f"reference of update rule '{TOY}'"):
+        DeviationMeter([opt])

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_ortho import models, rules
+from dist_ortho.core.hparams import check_lr
 from dist_ortho.core.schema import ConfigError
 from dist_ortho.core.schema import apply_overrides as apply_schema_overrides
-from dist_ortho.core.schema import (at_least, build, fraction, parse_overrides, positive, read_yaml,
+from dist_ortho.core.schema import (at_least, build, fraction, parse_overrides, read_yaml,
                                     to_dict)
 from dist_ortho.optim.param_groups import ADAMW_BASELINE, OptimizerConfig
 from dist_ortho.studies.config import Config, apply_overrides, config_from_dict
@@ -66,7 +67,10 @@ class SweepConfig:
             if not values:
                 raise ConfigError(f"{key}.lrs.{name}", "must be a non-empty list of learning rates")
             for i, v in enumerate(values):
-                positive(f"{key}.lrs.{name}[{i}]", v)
+                try:
+                    check_lr(lr_key(name), v)  # the check of optimizer.<that key>
+                except ValueError as exc:
+                    raise ConfigError(f"{key}.lrs.{name}[{i}]", str(exc)) from None
 
 
 @dataclass

@@ -37,7 +37,7 @@ from dist_ortho.optim.optimizer import (NONFINITE_POLICIES, OrthogonalizedOptimi
 from dist_ortho.strategies.mesh import REPLICA_MODES
 
 __all__ = ["SplitConfig", "split_params", "split_model_params", "assign_params",
-           "CombinedOptimizer", "OptimizerConfig", "build_optimizers"]
+           "CombinedOptimizer", "OptimizerConfig", "build_optimizers", "ADAMW_BASELINE"]
 
 
 @dataclass(frozen=True)

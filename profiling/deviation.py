@@ -57,6 +57,11 @@ class DeviationMeter:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"deviation every must be an int >= 1, got {every!r}")
         self.optimizers = [o for o in optimizers if isinstance(o, OrthogonalizedOptimizer)]
+        for opt in self.optimizers:
+            if opt.rule.name not in ("normuon", "muon"):
+                raise ValueError(f"deviation needs the single-process reference of update rule "
+                                 f"{opt.rule.name!r}; dist_ortho.optim.reference has normuon "
+                                 f"and muon")
         self.rank, self.every = rank, every
         self.rows: list[dict] = []
         self._pending: list[tuple] = []
@@ -92,7 +97,7 @@ class DeviationMeter:
                     v = (_full(state["v"]) if "v" in state
                          else torch.zeros(matrix_view_shape(weight.shape)[:-1]))
                     exact = normuon_update(grad, buf, v, hp)
-                else:
+                else:  # muon (the constructor refuses other rules)
                     exact = muon_update(grad, buf, hp)
                 name = opt._names.get(id(p), f"param{len(self._pending)}")
                 self._pending.append((name, p, weight, exact, lr, hp.weight_decay))

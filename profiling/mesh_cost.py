@@ -151,7 +151,7 @@ def _item_seconds(item: CommItem, members: tuple[int, ...], rank: int,
 def mesh_cost(shapes, mesh: MeshSpec | str, strategy: str, hw: HardwarePreset,
               replicas: str = "spread", param_dtype="bfloat16", ns_dtype="bfloat16",
               ns_steps: int = 5, options: dict | None = None,
-              algorithm: str = "normuon") -> MeshCost:
+              rule: str = "normuon") -> MeshCost:
     """Plan one step of these named matrices on `mesh` and price it on `hw` (module docstring)."""
     if replicas not in REPLICA_MODES:
         raise ValueError(f"replicas must be one of {REPLICA_MODES}, got {replicas!r}")
@@ -159,7 +159,7 @@ def mesh_cost(shapes, mesh: MeshSpec | str, strategy: str, hw: HardwarePreset,
     layouts = mesh_layouts(shapes, mesh)
     plan: MeshPlan = plan_mesh(build_strategy(strategy, **(options or {})), layouts, 0,
                                torch_dtype(param_dtype), torch_dtype(ns_dtype),
-                               [ns_steps] * len(layouts), rule_registry.get(algorithm).reductions,
+                               [ns_steps] * len(layouts), rule_registry.get(rule).reductions,
                                replicas)
     groups_of = {}
     busiest = max(range(plan.world_size), key=lambda w: plan.ranks[w].send_bytes)

@@ -23,6 +23,7 @@ import torch
 
 from dist_ortho import rules as rule_registry
 from dist_ortho import strategies as strategy_registry
+from dist_ortho.core.hparams import check_choice, check_ns_steps
 from dist_ortho.core.newton_schulz import NS_FORMS, matrix_view_shape
 from dist_ortho.core.plan import Plan, owner_bound_bytes
 from dist_ortho.core.sharding import MatrixSpec, chunk_sizes, dtype_size
@@ -73,10 +74,8 @@ def matrix_specs(shapes, world_size: int, param_dtype=torch.float32, ns_dtype="f
     extents), so that a strategy's plan() here is the plan it makes at run time."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if not isinstance(ns_steps, int) or ns_steps < 1:
-        raise ValueError(f"ns_steps must be an int >= 1, got {ns_steps!r}")
-    if ns_form not in NS_FORMS:
-        raise ValueError(f"ns_form must be one of {list(NS_FORMS)}, got {ns_form!r}")
+    check_ns_steps("ns_steps", ns_steps)
+    check_choice("ns_form", ns_form, NS_FORMS)
     pdt, ndt = torch_dtype(param_dtype), torch_dtype(ns_dtype)
     specs = []
     for i, (name, shape) in enumerate(_named_shapes(shapes)):
@@ -94,34 +93,27 @@ def _build_strategy(strategy, options: Mapping | None) -> Strategy:
 
 
 def predict_plan(specs: Sequence[MatrixSpec], world_size: int, strategy: Strategy,
-                 algorithm: str = "normuon", rank: int = 0) -> Plan:
-    """The plan of one optimizer step with update rule `algorithm`: equal to `opt.plan()`."""
-    return plan_step(strategy, specs, world_size, rank, _rule(algorithm))
+                 rule: str = "normuon", rank: int = 0) -> Plan:
+    """The plan of one optimizer step with update rule `rule`: equal to `opt.plan()`."""
+    return plan_step(strategy, specs, world_size, rank, rule_registry.get(rule))
 
 
-def _rule(algorithm: str):
-    if algorithm not in rule_registry.available():
-        raise ValueError(f"algorithm must be one of {rule_registry.available()}, got "
-                         f"{algorithm!r}")
-    return rule_registry.get(algorithm)
-
-
-def persistent_bytes(specs: Sequence[MatrixSpec], rank: int, algorithm: str = "normuon") -> int:
+def persistent_bytes(specs: Sequence[MatrixSpec], rank: int, rule: str = "normuon") -> int:
     """Optimizer state held by `rank`: momentum (the optimizer's default momentum dtype: float32
     for 16-bit parameters, else theirs) on its shard, the update rule's state
     (NorMuon's float32 v, one entry per local matrix row) and a float32 step counter per
     parameter."""
-    return _persistent_all(specs, algorithm)[rank]
+    return _persistent_all(specs, rule)[rank]
 
 
-def _persistent_all(specs: Sequence[MatrixSpec], algorithm: str) -> list[int]:
-    rule = _rule(algorithm)
+def _persistent_all(specs: Sequence[MatrixSpec], rule: str) -> list[int]:
+    update_rule = rule_registry.get(rule)
     P = specs[0].world_size
     total = [0] * P
     for m in specs:
         # bytes per dim-0 row: momentum row, plus the rule's state for that row
         per_row = (m.row_numel * dtype_size(momentum_dtype_for(m.dtype, None))
-                   + rule.state_bytes_per_row(m))
+                   + update_rule.state_bytes_per_row(m))
         for r, rows in enumerate(m.dim0_sizes):
             total[r] += rows * per_row + 4  # + the step counter
     return total
@@ -218,7 +210,7 @@ class Prediction:
     strategy: str
     options: dict
     world_size: int
-    algorithm: str
+    rule: str
     param_dtype: str
     ns_dtype: str
     plan: Plan
@@ -281,7 +273,7 @@ class Prediction:
 
 def predict(shapes, world_size: int, strategy="balanced", options: Mapping | None = None, *,
             constants=None, param_dtype=torch.float32, ns_dtype="float32", ns_steps: int = 5,
-            algorithm: str = "normuon", sharded: bool = True,
+            rule: str = "normuon", sharded: bool = True,
             ns_form: str = "standard") -> Prediction:
     """Predict one optimizer step of `strategy` on `world_size` ranks.
 
@@ -291,14 +283,14 @@ def predict(shapes, world_size: int, strategy="balanced", options: Mapping | Non
     """
     strat = _build_strategy(strategy, options)
     specs = matrix_specs(shapes, world_size, param_dtype, ns_dtype, ns_steps, sharded, ns_form)
-    plan = predict_plan(specs, world_size, strat, algorithm)
+    plan = predict_plan(specs, world_size, strat, rule)
     ns_name = str(specs[0].out_dtype).replace("torch.", "")
     if isinstance(constants, HardwarePreset):
         constants = constants.constants(world_size, ns_name)
     elif constants is not None and not isinstance(constants, CostConstants):
         raise ValueError(f"constants must be CostConstants, a HardwarePreset or None, got "
                          f"{type(constants).__name__}")
-    persistent = _persistent_all(specs, algorithm)
+    persistent = _persistent_all(specs, rule)
     local = [0] * world_size
     for m in specs:
         row = m.row_numel
@@ -313,7 +305,7 @@ def predict(shapes, world_size: int, strategy="balanced", options: Mapping | Non
             persistent_bytes=persistent[r], local_numel=local[r]))
     step = step_time(plan, constants, ranks) if constants is not None else None
     return Prediction(strategy=strat.name, options=asdict(strat.options) if strat.options else {},
-                      world_size=world_size, algorithm=algorithm,
+                      world_size=world_size, rule=rule,
                       param_dtype=str(specs[0].dtype).replace("torch.", ""), ns_dtype=ns_name,
                       plan=plan, ranks=ranks, bounds=lower_bounds(specs, world_size, constants),
                       time=step, constants_source=constants.source if constants else "")

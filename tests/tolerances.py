@@ -1,7 +1,7 @@
 """Tolerances of the exactness tests, derived from floating-point error growth.
 
 What is compared. The optimizer under test (any strategy, any world size) and the single-process
-reference (`dist_ortho.optim.reference`) run the same algorithm on the same float32 inputs. They may
+reference (`dist_ortho.optim.reference`) run the same optimizer on the same float32 inputs. They may
 differ only in where rounding lands: the BLAS kernel path (SSE4.2 / AVX2 / AVX-512 blocking, FMA or
 not, 1 or 2 threads), a batched matmul where the reference runs a single one, and the order in
 which ranks' partial sums are all-reduced. So a tolerance has to bound float rounding on *any*
@@ -160,20 +160,20 @@ def gram_ns_error(shape: Sequence[int], steps: int = 5, sigma: torch.Tensor | No
     return eps + float(err.norm() / out.norm())
 
 
-def update_error(shape: Sequence[int], algorithm: str, ns_dtype: torch.dtype | str = "float32",
+def update_error(shape: Sequence[int], optimizer: str, ns_dtype: torch.dtype | str = "float32",
                  steps: int = 5, split: bool = False) -> float:
     """Relative error of one computed update (model item 2), before the constant C. `split`:
     the NS may be split across ranks (split_ns_error)."""
-    batch, m, n = _dims(shape) if algorithm != "adamw" else (1, 1, 1)
+    batch, m, n = _dims(shape) if optimizer != "adamw" else (1, 1, 1)
     u = unit_roundoff(torch.float32)
-    if algorithm == "adamw":  # elementwise: two lerps, a sqrt, a division, bias corrections
+    if optimizer == "adamw":  # elementwise: two lerps, a sqrt, a division, bias corrections
         return 8 * u
     eps_ns = (split_ns_error if split else ns_error)(shape, ns_dtype, steps)
-    if algorithm == "muon":
+    if optimizer == "muon":
         return eps_ns + 2 * u
-    if algorithm == "normuon":
+    if optimizer == "normuon":
         return 2 * eps_ns + (2 * math.sqrt(batch * m * n) + math.sqrt(n) + 10) * u
-    raise ValueError(f"unknown algorithm {algorithm!r}")
+    raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
 def param_bound(eps_update: float, w_norms: Sequence[float], steps: Sequence[float],

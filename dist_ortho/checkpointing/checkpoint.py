@@ -28,10 +28,12 @@ through DCP's `get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`
 tensors are plain tensors, equal on every rank, stored once. DCP's helper would create missing
 state by running one optimizer step with zero gradients and lr 0; that changes step counters
 (AdamW's bias correction, NorMuon's `step`), so instead this module first gives every parameter
-of a NorMuon, Muon, Adam or AdamW optimizer the exact state a fresh optimizer would create at its
-first step (zeros, step 0). Saving before the first step therefore works, and every rank holds the
-same keys, which DCP requires. Other optimizer classes must have state for every parameter before
-`save` (take one step first) or a ValueError says so. NorMuon's own load_state_dict keeps its
+of an orthogonalized (NorMuon, Muon, any update rule), Adam or AdamW optimizer the exact state a
+fresh optimizer would create at its first step (zeros, step 0), by the optimizer's own lazy
+initialization (`OrthogonalizedOptimizer.init_state`, torch's `Adam._init_group`). Saving before
+the first step therefore works, and every rank holds the same keys, which DCP requires. Other
+optimizer classes must have state for every parameter before `save` (take one step first) or a
+ValueError says so. NorMuon's own load_state_dict keeps its
 float32 `v` exact for bfloat16 parameters (torch's would round it to the parameter dtype).
 
 Why a killed save never looks complete: all ranks write into `.step_<k:08d>.partial/`; after
@@ -88,7 +90,7 @@ from dist_ortho.checkpointing.retention import (fsync_dir, plan_deletions, remov
 from dist_ortho.core.io import atomic_write_bytes
 from dist_ortho.core.seeds import derive_seed
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
-from dist_ortho.optim.optimizer import Muon, NorMuon
+from dist_ortho.optim.optimizer import OrthogonalizedOptimizer
 from dist_ortho.optim.param_groups import CombinedOptimizer
 
 __all__ = ["save", "load", "snapshot", "write_snapshot", "Snapshot", "verify", "find_intact",
@@ -256,31 +258,29 @@ def _ensure_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             if not p.requires_grad or len(opt.state.get(p, {})) > 0:
                 continue
-            if isinstance(opt, (NorMuon, Muon)):
-                # the optimizer's own lazy initialization: momentum, step and (NorMuon) v, each
-                # sharded like the parameter
-                opt._init_state(p, opt._layouts[id(p)])
+            if isinstance(opt, OrthogonalizedOptimizer):
+                opt.init_state(p)  # momentum, step and the rule's state, sharded like p
             elif isinstance(opt, torch.optim.Adam):  # AdamW too: the same state as Adam
-                if group.get("capturable") or group.get("fused"):
-                    step = torch.zeros((), dtype=torch.float32, device=p.device)
-                else:
-                    # torch keeps this step on the CPU, float64 only under a float64 default
-                    dtype = (torch.float64 if torch.get_default_dtype() == torch.float64
-                             else torch.float32)
-                    step = torch.tensor(0.0, dtype=dtype)
-                state = opt.state[p]
-                state["step"] = step
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group.get("amsgrad"):
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format)
+                _adam_init_state(opt, group, p)
             else:
                 raise ValueError(
                     f"{type(opt).__name__} has no state yet for parameter "
                     f"{names.get(id(p), '<not in model>')!r}; checkpoint knows how to create the "
-                    f"initial state of NorMuon, Muon, Adam and AdamW only. Take one optimizer step "
-                    f"before saving.")
+                    f"initial state of NorMuon, Muon (any OrthogonalizedOptimizer), Adam and "
+                    f"AdamW only. Take one optimizer step before saving.")
+
+
+def _adam_init_state(opt: torch.optim.Adam, group: dict, p: torch.Tensor) -> None:
+    """torch's own lazy initialization of Adam/AdamW state, `Adam._init_group` (the first thing
+    its step does: step 0 on the device and in the dtype torch picks, zero moments), for `p` alone.
+    It initializes parameters that have a gradient, so `p` holds a zero one for the call."""
+    grad = p.grad
+    if grad is None:
+        p.grad = torch.zeros_like(p)
+    try:
+        opt._init_group({**group, "params": [p]}, [], [], [], [], [], [])
+    finally:
+        p.grad = grad
 
 
 def _optimizer_options():

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_ortho.core.hparams import check_choice, check_ns_steps
+
 __all__ = [
     "NSConfig",
     "JORDAN_COEFFICIENTS",
@@ -78,17 +80,12 @@ class NSConfig:
     form: str = "standard"  # "standard" or "gram" (Gram Newton-Schulz; see the module docstring)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"ns_steps must be an integer >= 1, got {self.steps!r}")
+        check_ns_steps("ns_steps", self.steps)
         object.__setattr__(self, "dtype", ns_dtype_name(self.dtype))
-        if self.coefficients not in COEFFICIENT_SETS:
-            raise ValueError(
-                f"ns_coefficients must be one of {list(COEFFICIENT_SETS)}, got {self.coefficients!r}"
-            )
+        check_choice("ns_coefficients", self.coefficients, COEFFICIENT_SETS)
         if not (self.eps > 0 and self.eps < 1):
             raise ValueError(f"ns eps must be in (0, 1), got {self.eps!r}")
-        if self.form not in NS_FORMS:
-            raise ValueError(f"ns_form must be one of {list(NS_FORMS)}, got {self.form!r}")
+        check_choice("ns_form", self.form, NS_FORMS)
 
     def torch_dtype(self, device: torch.device | str | None = None) -> torch.dtype:
         return resolve_ns_dtype(self.dtype, device)

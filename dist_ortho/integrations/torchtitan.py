@@ -3,8 +3,9 @@
 torchtitan builds its optimizers from `config.optimizer`, an `OptimizersContainer.Config`; the
 container turns parameter groups into optimizers through a fixed table of names. This module's
 container, `DistOrthoOptimizers` (built on first use, so that dist_ortho imports without
-torchtitan), adds two names, "NorMuon" and "Muon", built with a dist_ortho strategy, and by
-default assigns parameters by role instead of regex groups:
+torchtitan), adds the names "NorMuon" and "Muon", and every update rule of `dist_ortho.rules` by
+its own name (e.g. "normuon"), built with a dist_ortho strategy, and by default assigns parameters
+by role instead of regex groups:
 
 - the split is `dist_ortho.split_model_params`: hidden matrices to NorMuon/Muon; embeddings, the
   output head, norms and biases to torch's AdamW. Parameter names are recorded without wrapper
@@ -19,7 +20,8 @@ default assigns parameters by role instead of regex groups:
   the overlap is lost; counted as `overlap.fallbacks`). Train with `max_norm` off, or use
   another strategy, to keep the overlap;
 - regex groups still work: give `param_groups` (torchtitan's `ParamGroupConfig`) naming
-  "NorMuon", "Muon", "AdamW" or "Adam" and those are used instead of the role split.
+  "NorMuon", "Muon", an update rule, "AdamW" or "Adam" and those are used instead of the role
+  split.
 
 Checkpoints: torchtitan's checkpointer saves the container's flat, name-keyed state (each inner
 optimizer's state by parameter name), so it reshards through DCP like torchtitan's own optimizers.
@@ -40,17 +42,29 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from dist_ortho import rules as rule_registry
 from dist_ortho.optim.optimizer import Muon, NorMuon, OrthogonalizedOptimizer
 from dist_ortho.optim.param_groups import CombinedOptimizer, SplitConfig, split_model_params
 from dist_ortho.strategies import registry as strategy_registry
 
 __all__ = ["optimizers_config", "container_class", "MATRIX_OPTIMIZERS"]
 
-MATRIX_OPTIMIZERS = {"NorMuon": NorMuon, "Muon": Muon}
+MATRIX_OPTIMIZERS = {"NorMuon": NorMuon, "Muon": Muon}  # torchtitan's names are class names
+
 _GROUP_KEYS_NOT_OURS = ("fused", "foreach")  # torchtitan's AdamW implementation switches
 CLIPPING_NOTE = ("global-norm gradient clipping rescales gradients after the backward hooks ran: "
                  "strategy 'overlapped' then redoes its orthogonalization after backward on "
                  "every clipped step (exact; counted as overlap fallbacks)")
+
+
+def _matrix_class(name: str):
+    """The optimizer of a matrix-optimizer name: NorMuon/Muon by class name, any update rule by
+    its own name (an OrthogonalizedOptimizer with that rule); None for other names."""
+    if name in MATRIX_OPTIMIZERS:
+        return MATRIX_OPTIMIZERS[name]
+    if name in rule_registry.available():
+        return functools.partial(OrthogonalizedOptimizer, rule=name)
+    return None
 
 
 def _matrix_factory(cls, param_groups: list[dict], *, strategy: str = "balanced",
@@ -94,7 +108,7 @@ def container_class():
         @dataclass(kw_only=True, slots=True)
         class Config(OptimizersContainer.Config):
             name: str = "NorMuon"
-            """The matrix optimizer: "NorMuon" or "Muon"."""
+            """The matrix optimizer: "NorMuon", "Muon" or an update rule's name."""
             strategy: str = "balanced"
             """A name from dist_ortho.strategies.available()."""
             strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -102,11 +116,14 @@ def container_class():
             momentum: float = 0.95
             beta2: float = 0.95
             """NorMuon's second-moment decay (ignored by Muon)."""
+            rule_hparams: dict[str, Any] = field(default_factory=dict)
+            """The update rule's own hyperparameters other than beta2."""
             weight_decay: float = 0.0
             nesterov: bool = True
             ns_steps: int = 5
             ns_dtype: str = "auto"
             ns_coefficients: str = "jordan"
+            ns_form: str = "standard"
             replicas: str = "spread"
             nonfinite: str = "skip"
             adamw_lr: float = 8e-4
@@ -119,8 +136,8 @@ def container_class():
 
         @staticmethod
         def _resolve_optimizer_factory(name: str):
-            if name in MATRIX_OPTIMIZERS:
-                return functools.partial(_matrix_factory, MATRIX_OPTIMIZERS[name])
+            if _matrix_class(name) is not None:
+                return functools.partial(_matrix_factory, _matrix_class(name))
             return OptimizersContainer._resolve_optimizer_factory(name)
 
         def __init__(self, config, *, model_parts: list[nn.Module]) -> None:
@@ -146,7 +163,9 @@ def container_class():
                 matrices, others = split_model_params(model, split)
                 built = []
                 if matrices:
-                    rule = dict(beta2=config.beta2) if config.name == "NorMuon" else {}
+                    beta2 = ({"beta2": config.beta2} if "beta2" in _rule_of(config.name).defaults
+                             else {})
+                    rule = {**beta2, **config.rule_hparams}
                     built.append(self._resolve_optimizer_factory(config.name)(
                         [{"params": [p for _, p in matrices],
                           "param_names": [canonical_fqn(n) for n, _ in matrices]}],
@@ -154,7 +173,8 @@ def container_class():
                         lr=config.lr, momentum=config.momentum,
                         weight_decay=config.weight_decay, nesterov=config.nesterov,
                         ns_steps=config.ns_steps, ns_dtype=config.ns_dtype,
-                        ns_coefficients=config.ns_coefficients, replicas=config.replicas,
+                        ns_coefficients=config.ns_coefficients, ns_form=config.ns_form,
+                        replicas=config.replicas,
                         nonfinite=config.nonfinite, **rule))
                 if others:
                     built.append(torch.optim.AdamW(
@@ -196,10 +216,17 @@ def container_class():
     return DistOrthoOptimizers
 
 
+def _rule_of(name: str):
+    """The update rule of a matrix-optimizer name ("NorMuon" -> the normuon rule)."""
+    cls = MATRIX_OPTIMIZERS.get(name)
+    return rule_registry.get(cls.rule_name if cls is not None else name)
+
+
 def _check(config) -> None:
     """ValueError naming the field, before any optimizer (or collective) is made."""
-    if config.name not in MATRIX_OPTIMIZERS:
-        raise ValueError(f"optimizer.name must be one of {sorted(MATRIX_OPTIMIZERS)}, got "
+    if _matrix_class(config.name) is None:
+        raise ValueError(f"optimizer.name must be one of "
+                         f"{sorted(MATRIX_OPTIMIZERS) + rule_registry.available()}, got "
                          f"{config.name!r}")
     if config.strategy not in strategy_registry.available():
         raise ValueError(f"optimizer.strategy must be one of {strategy_registry.available()}, "

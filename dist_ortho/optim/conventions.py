@@ -20,27 +20,13 @@ ValueError naming it (torch only warns within a group).
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
-__all__ = ["TORCH_FLAGS", "check_torch_flags", "check_no_duplicates", "check_nonnegative"]
+__all__ = ["TORCH_FLAGS", "check_torch_flags", "check_no_duplicates"]
 
 TORCH_FLAGS = {"foreach": None, "fused": None, "capturable": False, "maximize": False}
-
-
-def check_nonnegative(name: str, value) -> None:
-    """A finite number >= 0, or a one-element tensor holding one (torch.optim takes a tensor lr;
-    read here, when the group is added, and never in step())."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(f"{name} must be a number or a 0-d floating-point tensor, got a "
-                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_torch_flags(group: dict, nonfinite: str, who: str, warned: set[str]) -> None:

@@ -71,7 +71,7 @@ def inexact_update(schedule: str, grad: torch.Tensor, momentum_buf: torch.Tensor
 
 
 def inexact_reference_step(schedule: str, params, grads, state: dict, hp: ReferenceHParams,
-                           world_size: int, algorithm: str = "normuon", k: int = 4,
+                           world_size: int, rule: str = "normuon", k: int = 4,
                            full_lr_scale: float = 1.0, sizes=None) -> None:
     """One step of `schedule` over full tensors, like `reference.reference_step`; the blocks are
     torch.chunk's split of dim 0 over `world_size` ranks unless `sizes` gives each parameter's."""
@@ -81,7 +81,7 @@ def inexact_reference_step(schedule: str, params, grads, state: dict, hp: Refere
             if "momentum_buffer" not in s:
                 s["momentum_buffer"] = torch.zeros_like(p)
                 s["step"] = 0
-                if algorithm == "normuon":
+                if rule == "normuon":
                     s["v"] = torch.zeros(matrix_view_shape(p.shape)[:-1], dtype=torch.float32,
                                          device=p.device)
             s["step"] += 1

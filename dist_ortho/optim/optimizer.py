@@ -57,8 +57,8 @@ from dist_ortho.core.plan import Plan
 from dist_ortho.core.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 from dist_ortho.optim import mesh_step
-from dist_ortho.optim.conventions import (TORCH_FLAGS, check_no_duplicates, check_nonnegative,
-                                         check_torch_flags)
+from dist_ortho.core.hparams import check_beta, check_lr, check_weight_decay
+from dist_ortho.optim.conventions import TORCH_FLAGS, check_no_duplicates, check_torch_flags
 from dist_ortho.optim.nonfinite import (HOST_SYNCS_PER_STEP, NONFINITE_POLICIES, STEP_COUNTED,
                                         count_nonfinite, handle_nonfinite, masked_writes,
                                         nonfinite_counts, step_counts, where_ok)
@@ -67,7 +67,7 @@ from dist_ortho.optim.precision import (check_momentum_dtype, momentum_dtype_for
                                         warn_if_updates_round_away)
 from dist_ortho.optim.step_ops import apply_updates, momentum_directions
 from dist_ortho.optim.step_plan import optimizer_items, plan_step
-from dist_ortho.rules.base import UpdateRule, check_unit_interval
+from dist_ortho.rules.base import UpdateRule
 from dist_ortho.strategies.base import ExecContext, Strategy
 from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, MeshPlan, check_replicas
 
@@ -89,6 +89,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     momentum_dtype: dtype of the momentum buffers; None (default): float32 for 16-bit parameters,
     the parameter's dtype otherwise (see `dist_ortho.optim.precision`).
     Extra keyword arguments are the rule's own hyperparameters (NorMuon: beta2)."""
+
+    rule_name: str | None = None  # a subclass named after its rule (NorMuon) sets it
 
     def __init__(self, params: Iterable, rule: str | UpdateRule = "normuon",
                  strategy: str | Strategy = "replicated", *, lr: float = 0.02,
@@ -141,11 +143,6 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self._ready = True
         self.plan()  # surfaces every planning error now, on every rank, before any collective
         warn_if_updates_round_away(self._entries(require_grad=False), self._names, self.rule)
-
-    @property
-    def algorithm(self) -> str:
-        """The update rule's name ("normuon", "muon")."""
-        return self.rule.name
 
     @property
     def executed_ns_flops(self) -> int:
@@ -210,9 +207,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
 
     # -- construction-time validation ------------------------------------------------------------
     def _validate_hparams(self, group: dict) -> None:
-        for name in ("lr", "weight_decay"):  # may be 0-d tensors: read here, never in step()
-            check_nonnegative(name, group[name])
-        check_unit_interval("momentum", group["momentum"])
+        # the checks of the run config too (dist_ortho.core.hparams); lr and weight_decay may be
+        # 0-d tensors: read here, never in step()
+        check_lr("lr", group["lr"])
+        check_weight_decay("weight_decay", group["weight_decay"])
+        check_beta("momentum", group["momentum"])
         self.rule.validate(group)
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
@@ -335,9 +334,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         return plan
 
     # -- state -----------------------------------------------------------------------------------
-    def _init_state(self, p: torch.Tensor, layout: Layout | None) -> dict:
+    def init_state(self, p: torch.Tensor, layout: Layout | None = None) -> dict:
+        """`p`'s state, created as its first step creates it (momentum zeros, step 0, the rule's
+        own state such as NorMuon's v, each sharded like `p`) if it has none yet; checkpoints call
+        it to save before the first step. `layout`: where `p`'s rows live (default: as planned)."""
         state = self.state[p]
         if "momentum_buffer" not in state:
+            layout = self._layouts[id(p)] if layout is None else layout
             if layout is None:  # mesh path (TP/EP), e.g. a checkpoint creating state before a step
                 entries = self._entries(require_grad=False)
                 index = [id(q) for _, q in entries].index(id(p))
@@ -452,14 +455,14 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 new_bufs, results = overlap.finish()
             with timer.phase("momentum"):
                 for (_, p), new in zip(entries, new_bufs):
-                    state = self._init_state(p, self._layouts[id(p)])
+                    state = self.init_state(p, self._layouts[id(p)])
                     state["step"] += 1 if ok is None else ok
                     buf = local_tensor(state["momentum_buffer"])
                     buf.copy_(where_ok(ok, new, buf))
             del new_bufs
         else:
             with timer.phase("momentum"):
-                directions = _momentum(entries, grads, [self._init_state(p, mesh_step.state_layout(
+                directions = _momentum(entries, grads, [self.init_state(p, mesh_step.state_layout(
                     plan, i, self._infos[id(p)], layout.device) if on_mesh
                     else self._layouts[id(p)]) for i, (_, p) in enumerate(entries)], ok)
         # the rule's own state (NorMuon's v) changes in normalize: kept unless the step is good
@@ -548,6 +551,8 @@ def _group_text(group: dict) -> str:
 class Muon(OrthogonalizedOptimizer):
     """Muon: momentum, then Newton-Schulz, scaled by max(1, m/n) ** 0.5."""
 
+    rule_name = "muon"
+
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95,
                  weight_decay: float = 0.0, nesterov: bool = True, ns_steps: int = 5,
                  ns_dtype: str | torch.dtype = "auto", ns_coefficients: str = "jordan",
@@ -557,7 +562,7 @@ class Muon(OrthogonalizedOptimizer):
                  foreach: bool | None = None, fused: bool | None = None,
                  capturable: bool = False, maximize: bool = False,
                  momentum_dtype: str | torch.dtype | None = None) -> None:
-        super().__init__(params, "muon", strategy, lr=lr, momentum=momentum,
+        super().__init__(params, self.rule_name, strategy, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
                          replicas=replicas, process_group=process_group, ns_form=ns_form,
@@ -570,6 +575,8 @@ class NorMuon(OrthogonalizedOptimizer):
     orthogonalized update, rescaled to keep Muon's update norm. See `dist_ortho.rules.normuon`
     and the reference `dist_ortho.optim.reference`."""
 
+    rule_name = "normuon"
+
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95,
                  beta2: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
                  ns_steps: int = 5, ns_dtype: str | torch.dtype = "auto",
@@ -579,7 +586,7 @@ class NorMuon(OrthogonalizedOptimizer):
                  foreach: bool | None = None, fused: bool | None = None,
                  capturable: bool = False, maximize: bool = False,
                  momentum_dtype: str | torch.dtype | None = None) -> None:
-        super().__init__(params, "normuon", strategy, lr=lr, momentum=momentum, beta2=beta2,
+        super().__init__(params, self.rule_name, strategy, lr=lr, momentum=momentum, beta2=beta2,
                          weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
                          ns_dtype=ns_dtype, ns_coefficients=ns_coefficients, nonfinite=nonfinite,
                          replicas=replicas, process_group=process_group, ns_form=ns_form,

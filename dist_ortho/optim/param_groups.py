@@ -17,22 +17,27 @@ without such modules (e.g. the shape-only benchmark models) are split by shape a
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from dist_ortho.core.newton_schulz import ns_dtype_name
-from dist_ortho.core.schema import ConfigError, at_least, nonnegative, positive, unit
+from dist_ortho import rules as rule_registry
+from dist_ortho.core.hparams import (check_beta, check_choice, check_lr, check_ns_steps,
+                                     check_weight_decay)
+from dist_ortho.core.newton_schulz import COEFFICIENT_SETS, NS_FORMS, ns_dtype_name
+from dist_ortho.core.schema import ConfigError
 from dist_ortho.core.sharding import local_tensor
-from dist_ortho.optim.optimizer import (NONFINITE_POLICIES, Muon, NorMuon, OrthogonalizedOptimizer,
+from dist_ortho.optim.optimizer import (NONFINITE_POLICIES, OrthogonalizedOptimizer,
                                         count_nonfinite, handle_nonfinite)
+from dist_ortho.strategies.mesh import REPLICA_MODES
 
 __all__ = ["SplitConfig", "split_params", "split_model_params", "assign_params",
-           "CombinedOptimizer", "OptimizerConfig", "build_optimizers"]
+           "CombinedOptimizer", "OptimizerConfig", "build_optimizers", "ADAMW_BASELINE"]
 
 
 @dataclass(frozen=True)
@@ -311,9 +316,18 @@ class CombinedOptimizer(torch.optim.Optimizer):
         return "\n".join(note + rows)
 
 
+ADAMW_BASELINE = "adamw"  # OptimizerConfig.name that sends every parameter to AdamW
+
+
 @dataclass
 class OptimizerConfig:
-    """What `build_optimizers` needs. `name`: the matrix optimizer, normuon | muon | adamw."""
+    """What `build_optimizers` needs (the YAML `optimizer:` section).
+
+    `name`: the matrix optimizer: an update rule from `dist_ortho.rules.available()` (normuon,
+    muon, and any rule registered there), or adamw (AdamW for every parameter, the baseline).
+    The rule's own hyperparameters: `beta2` (NorMuon's) is a key of its own; any other rule's go
+    in `rule_hparams` (e.g. {scale: 0.5}). Every value is checked by the function the optimizer's
+    constructor calls (`dist_ortho.core.hparams`, the rule's `validate`)."""
 
     name: str = "normuon"
     lr: float = 0.02
@@ -324,6 +338,10 @@ class OptimizerConfig:
     ns_steps: int = 5
     ns_dtype: str | torch.dtype = "auto"
     ns_coefficients: str = "jordan"
+    # "standard" Newton-Schulz or "gram" (the same polynomial in the k x k Gram space; fewer FLOPs
+    # for long matrices, see dist_ortho.core.newton_schulz)
+    ns_form: str = "standard"
+    rule_hparams: dict = field(default_factory=dict)
     adamw_lr: float = 3e-3
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_weight_decay: float = 0.0
@@ -343,51 +361,80 @@ class OptimizerConfig:
         except ValueError:
             raise ConfigError(f"{key}.ns_dtype", f"must be one of auto, float32, bfloat16, float64 "
                                                  f"(or the torch.dtype), got {self.ns_dtype!r}") from None
-        for name, choices in (("name", ("normuon", "muon", "adamw")),
-                              ("ns_coefficients", ("jordan", "polar_express")),
-                              ("nonfinite", ("skip", "raise")),
-                              ("replicas", ("spread", "repeat"))):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{key}.{name}", f"must be one of {', '.join(choices)}, got "
-                                                   f"{getattr(self, name)!r}")
-        positive(f"{key}.lr", self.lr)
-        unit(f"{key}.momentum", self.momentum)
-        unit(f"{key}.beta2", self.beta2)
-        nonnegative(f"{key}.weight_decay", self.weight_decay)
-        at_least(f"{key}.ns_steps", self.ns_steps, 1)
-        positive(f"{key}.adamw_lr", self.adamw_lr)
-        for i, beta in enumerate(self.adamw_betas):
-            unit(f"{key}.adamw_betas[{i}]", beta)
-        nonnegative(f"{key}.adamw_weight_decay", self.adamw_weight_decay)
+        names = (*rule_registry.available(), ADAMW_BASELINE)
+        checks = [("name", self.name, check_choice, names),
+                  ("ns_coefficients", self.ns_coefficients, check_choice, COEFFICIENT_SETS),
+                  ("ns_form", self.ns_form, check_choice, NS_FORMS),
+                  ("nonfinite", self.nonfinite, check_choice, ("skip", "raise")),
+                  ("replicas", self.replicas, check_choice, REPLICA_MODES),
+                  ("lr", self.lr, check_lr), ("momentum", self.momentum, check_beta),
+                  ("beta2", self.beta2, check_beta),
+                  ("weight_decay", self.weight_decay, check_weight_decay),
+                  ("ns_steps", self.ns_steps, check_ns_steps),
+                  ("adamw_lr", self.adamw_lr, check_lr),
+                  ("adamw_betas[0]", self.adamw_betas[0], check_beta),
+                  ("adamw_betas[1]", self.adamw_betas[1], check_beta),
+                  ("adamw_weight_decay", self.adamw_weight_decay, check_weight_decay)]
+        for name, value, check, *choices in checks:
+            try:
+                check(name, value, *choices)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.{name}", str(exc)) from None
+        if self.name != ADAMW_BASELINE:
+            rule = rule_registry.get(self.name)
+            for name in self.rule_hparams:
+                if name not in rule.defaults or name in _FIELDS:
+                    own = sorted(set(rule.defaults) - _FIELDS)
+                    raise ConfigError(f"{key}.rule_hparams.{name}",
+                                      (f"set it as {key}.{name}" if name in _FIELDS else
+                                       f"not a hyperparameter of update rule {rule.name!r} (its "
+                                       f"own: {', '.join(own) or 'none'})"))
+            try:
+                rule.validate({**rule.defaults, **self.hyperparameters_of_rule()})
+            except ValueError as exc:
+                raise ConfigError(f"{key}.rule_hparams", str(exc)) from None
+
+    def hyperparameters_of_rule(self) -> dict:
+        """The update rule's own keyword arguments: those of its `defaults` this section sets
+        (beta2 as a key of its own, the others in `rule_hparams`); {} for adamw."""
+        if self.name == ADAMW_BASELINE:
+            return {}
+        defaults = rule_registry.get(self.name).defaults
+        return {**{k: getattr(self, k) for k in defaults if k in _FIELDS},
+                **{k: v for k, v in self.rule_hparams.items() if k in defaults}}
+
+
+_FIELDS = {f.name for f in fields(OptimizerConfig)}
 
 
 def build_optimizers(model: nn.Module, config: OptimizerConfig | None = None,
                      strategy="replicated", **optimizer_kwargs) -> CombinedOptimizer:
-    """Matrix optimizer (NorMuon/Muon, or AdamW as a baseline) + AdamW for the rest, split by
-    `split_model_params`. The result's `assignment` maps each parameter name to "normuon",
-    "muon" or "adamw"; `describe()` prints it with the reasons."""
+    """Matrix optimizer (an update rule's: NorMuon, Muon, ...; or AdamW as a baseline) + AdamW for
+    the rest, split by `split_model_params`. The result's `assignment` maps each parameter name to
+    `config.name` or "adamw"; `describe()` prints it with the reasons."""
     config = config or OptimizerConfig()
     optimizer_kwargs.setdefault("nonfinite", config.nonfinite)
     matrix_kwargs = dict(replicas=config.replicas) if "replicas" not in optimizer_kwargs else {}
-    if config.name not in ("normuon", "muon", "adamw"):
-        raise ValueError(f"optimizer name must be normuon, muon or adamw, got {config.name!r}")
+    with_adamw = (*rule_registry.available(), ADAMW_BASELINE)
+    if config.name not in with_adamw:
+        raise ValueError(f"optimizer name must be one of {', '.join(with_adamw)}, got "
+                         f"{config.name!r}")
     rows = assign_params(model.named_parameters(), config.split, _roles(model))
     matrices = [(n, p) for n, p, dest, _ in rows if dest == MATRIX]
     others = [(n, p) for n, p, dest, _ in rows if dest == ADAMW]
-    if config.name == "adamw":  # the baseline: everything to AdamW, matrices first
+    if config.name == ADAMW_BASELINE:  # the baseline: everything to AdamW, matrices first
         others, matrices = matrices + others, []
         rows = [(n, p, ADAMW, f"adamw baseline ({reason})") for n, p, _, reason in rows]
     opts: list[torch.optim.Optimizer] = []
     common = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                   nesterov=config.nesterov, ns_steps=config.ns_steps,
                   ns_dtype=ns_dtype_name(config.ns_dtype),
-                  ns_coefficients=config.ns_coefficients, strategy=strategy, **optimizer_kwargs,
+                  ns_coefficients=config.ns_coefficients, ns_form=config.ns_form,
+                  strategy=strategy, **optimizer_kwargs,
                   **matrix_kwargs)
     if matrices:
-        if config.name == "normuon":
-            opts.append(NorMuon(matrices, beta2=config.beta2, **common))
-        else:
-            opts.append(Muon(matrices, **common))
+        opts.append(_matrix_optimizer(config.name)(matrices, **config.hyperparameters_of_rule(),
+                                                   **common))
         # a strategy that follows the backward pass gets the model's FSDP2 units (and, with
         # schedule backward, its hooks); without them (plain tensors) it runs at step time
         if (getattr(opts[0].strategy, "follows_backward", False)
@@ -404,3 +451,12 @@ def build_optimizers(model: nn.Module, config: OptimizerConfig | None = None,
         combined._reasons[n] = reason
         combined._shapes[n] = tuple(p.shape)
     return combined
+
+
+def _matrix_optimizer(rule: str):
+    """The optimizer class for update rule `rule`: its named class where it has one (NorMuon,
+    Muon: checkpoints record the class name), else OrthogonalizedOptimizer with that rule."""
+    for cls in OrthogonalizedOptimizer.__subclasses__():
+        if cls.rule_name == rule:
+            return cls
+    return functools.partial(OrthogonalizedOptimizer, rule=rule)

@@ -96,7 +96,7 @@ def muon_update(grad: torch.Tensor, momentum_buf: torch.Tensor,
 
 
 def reference_step(params: list[torch.Tensor], grads: list[torch.Tensor], state: dict,
-                   hp: ReferenceHParams, algorithm: str = "normuon") -> None:
+                   hp: ReferenceHParams, rule: str = "normuon") -> None:
     """One optimizer step over full tensors. `state` maps index -> dict of buffers (created
     here)."""
     with torch.no_grad():
@@ -104,14 +104,14 @@ def reference_step(params: list[torch.Tensor], grads: list[torch.Tensor], state:
             s = state.setdefault(i, {})
             if "momentum_buffer" not in s:
                 s["momentum_buffer"] = torch.zeros_like(p)
-                if algorithm == "normuon":
+                if rule == "normuon":
                     s["v"] = torch.zeros(matrix_view_shape(p.shape)[:-1], dtype=torch.float32,
                                          device=p.device)
-            if algorithm == "normuon":
+            if rule == "normuon":
                 update = normuon_update(g, s["momentum_buffer"], s["v"], hp)
-            elif algorithm == "muon":
+            elif rule == "muon":
                 update = muon_update(g, s["momentum_buffer"], hp)
             else:
-                raise ValueError(f"unknown algorithm {algorithm!r}; use 'normuon' or 'muon'")
+                raise ValueError(f"unknown rule {rule!r}; use 'normuon' or 'muon'")
             p.mul_(1 - hp.lr * hp.weight_decay)
             p.add_(update.to(p.dtype), alpha=-hp.lr)

@@ -4,7 +4,9 @@
     rules.get("normuon")     -> NorMuonRule()
 
 See `rules.base.UpdateRule` for the interface. Adding a rule: one file whose `UpdateRule` subclass
-is decorated with `@register`, and one import line below.
+is decorated with `@register`, and one import line below. Everything that takes a rule by name
+asks this registry: the run config's `optimizer.name`, `build_optimizers`, the cost model
+(`dist-ortho project --rule`), the convergence study and the torchtitan container (docs/rules.md).
 """
 
 from __future__ import annotations

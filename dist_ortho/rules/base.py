@@ -24,7 +24,6 @@ in `rules/__init__.py`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -33,18 +32,13 @@ from dist_ortho.core.newton_schulz import matrix_view_shape
 from dist_ortho.core.plan import CommItem
 from dist_ortho.core.sharding import Layout, MatrixSpec
 
-__all__ = ["UpdateRule", "shape_scale", "check_unit_interval"]
+__all__ = ["UpdateRule", "shape_scale"]
 
 
 def shape_scale(shape: tuple[int, ...]) -> float:
     """max(1, m/n) ** 0.5 of the matrix view: keeps the update RMS of tall matrices comparable."""
     view = matrix_view_shape(shape)
     return max(1.0, view[-2] / view[-1]) ** 0.5
-
-
-def check_unit_interval(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a finite number in [0, 1), got {value!r}")
 
 
 class UpdateRule:
@@ -55,7 +49,9 @@ class UpdateRule:
     float32_state: tuple[str, ...] = ()
 
     def validate(self, group: dict) -> None:
-        """Raise ValueError for a bad value of one of this rule's hyperparameters in `group`."""
+        """Raise ValueError for a bad value of one of this rule's hyperparameters in `group`
+        (`dist_ortho.core.hparams` has the shared checks); the optimizer calls it for each param
+        group, the run config for its `optimizer` section."""
 
     def init_state(self, p: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         """Extra state of a new parameter, sharded like it (default: none)."""

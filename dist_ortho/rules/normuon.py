@@ -20,10 +20,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from dist_ortho.core.batching import batches, stacked
+from dist_ortho.core.hparams import check_beta
 from dist_ortho.core.newton_schulz import matrix_view_shape
 from dist_ortho.core.plan import CommItem, all_reduce_bytes
 from dist_ortho.core.sharding import Layout, MatrixSpec, local_tensor
-from dist_ortho.rules.base import UpdateRule, check_unit_interval, shape_scale
+from dist_ortho.rules.base import UpdateRule, shape_scale
 from dist_ortho.rules.registry import register
 
 __all__ = ["NorMuonRule", "ROW_EPS", "NORM_EPS"]
@@ -50,7 +51,7 @@ class NorMuonRule(UpdateRule):
     float32_state = ("v",)
 
     def validate(self, group: dict) -> None:
-        check_unit_interval("beta2", group["beta2"])
+        check_beta("beta2", group["beta2"])
 
     def init_state(self, p: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         """v: zeros with one float32 entry per matrix row, sharded like `p`'s rows (on a mesh:

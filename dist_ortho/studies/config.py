@@ -3,9 +3,11 @@
 A config file has up to eight sections; every key is optional and falls back to the default below.
 
     model:      preset, num_layers (override of the preset's depth), dtype (parameter dtype)
-    optimizer:  `dist_ortho.optim.param_groups.OptimizerConfig` itself: name normuon|muon|adamw, lr,
-                momentum, beta2, weight_decay, nesterov, ns_steps, ns_dtype auto|float32|bfloat16,
-                ns_coefficients jordan|polar_express, adamw_lr, adamw_betas, adamw_weight_decay,
+    optimizer:  `dist_ortho.optim.param_groups.OptimizerConfig` itself: name (an update rule of
+                `dist_ortho.rules`, normuon|muon, or adamw), lr, momentum, beta2, weight_decay,
+                nesterov, ns_steps, ns_dtype auto|float32|bfloat16, ns_coefficients
+                jordan|polar_express, ns_form standard|gram, rule_hparams (the rule's own
+                hyperparameters other than beta2), adamw_lr, adamw_betas, adamw_weight_decay,
                 split (adamw_patterns, matrix_patterns), nonfinite skip|raise,
                 replicas spread|repeat (HSDP replica groups share the NS work or each repeat it)
     strategy:   name (see `strategies.available()`), options (checked by `strategies.build`)
@@ -311,7 +313,8 @@ def resolve(config: Config, device_type: str | None = None) -> Config:
 # sections that only say where files go: not part of what a run computes or measures
 HASH_EXCLUDED = ("output", "checkpoint")
 # (section, field, default) of fields added after results were recorded
-HASH_OMITTED_DEFAULTS = (("train", "replicate", 1), ("optimizer", "replicas", "spread"))
+HASH_OMITTED_DEFAULTS = (("train", "replicate", 1), ("optimizer", "replicas", "spread"),
+                         ("optimizer", "ns_form", "standard"), ("optimizer", "rule_hparams", {}))
 
 
 def config_hash(config: Config) -> str:

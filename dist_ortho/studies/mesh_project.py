@@ -37,7 +37,7 @@ def _shapes(model: str, num_layers: int | None):
 
 def project_mesh(model: str, mesh: str, hardware: str = "h100",
                  strategy_names: list[str] | None = None, param_dtype: str = "bfloat16",
-                 ns_dtype: str = "bfloat16", algorithm: str = "normuon",
+                 ns_dtype: str = "bfloat16", rule: str = "normuon",
                  num_layers: int | None = None) -> list[dict]:
     """One row per (strategy, replicas mode)."""
     with user_input():  # parse_mesh names --mesh itself
@@ -60,7 +60,7 @@ def project_mesh(model: str, mesh: str, hardware: str = "h100",
         options = {"bucket_bytes": bucket_bytes} if name == "bucketed_async" else {}
         for replicas in REPLICA_MODES:
             cost = mesh_cost(shapes, spec, name, hw, replicas, param_dtype, ns_dtype,
-                             options=options, algorithm=algorithm)
+                             options=options, rule=rule)
             rows.append(dict(model=model, hardware=hw.name, **cost.summary()))
     return rows
 
@@ -85,13 +85,13 @@ def main_mesh(args) -> int:
                                                    args.strategies.split(",") if s.strip()]
     param_dtype = args.param_dtype
     rows = project_mesh(args.model, args.mesh, args.hardware, names, param_dtype,
-                        args.ns_dtype, args.algorithm, args.num_layers)
+                        args.ns_dtype, args.rule, args.num_layers)
     hw = get_preset(args.hardware)
     tag = args.mesh.replace("=", "").replace(",", "x")
     prefix = os.path.join(args.out, f"{args.model}_{tag}_{hw.name}")
     atomic_write_text(prefix + ".csv", pd.DataFrame(rows).to_csv(index=False))
     header = (f"# Mesh projection: {args.model} on {args.mesh} ({rows[0]['world_size']} GPUs), "
-              f"{hw.name}, {args.algorithm}, params {param_dtype}, NS {args.ns_dtype}\n\n"
+              f"{hw.name}, {args.rule}, params {param_dtype}, NS {args.ns_dtype}\n\n"
               f"Predicted by `profiling.mesh_cost` (not measured): the mesh scheduler's plan, "
               f"each collective on NVLink ({hw.intra_node_bytes_per_s / 1e9:g} GB/s) when its "
               f"group sits on one node of {hw.gpus_per_node} GPUs, else its off-node share on "

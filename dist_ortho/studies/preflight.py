@@ -55,12 +55,20 @@ def check_launch(config: Config, world_size: int, faults: FaultConfig | None = N
     if faults is not None and faults.applies_to(config.output.name
                                                 or f"{config.run_name}-p{world_size}"):
         faults.check_against(config, world_size)
+    opt = config.optimizer
+    if opt.ns_form != "standard" and config.train.replicate > 1 and opt.replicas == "spread":
+        raise ConfigError("optimizer.ns_form", f"{opt.ns_form!r} runs on 1-D FSDP only; with "
+                                               f"train.replicate > 1 and replicas spread the step "
+                                               f"takes the mesh path, which plans standard "
+                                               f"Newton-Schulz: use ns_form standard or replicas "
+                                               f"repeat")
     resolved = resolve(config, device_type)
     shapes = matrix_shapes(resolved)
     if not shapes:
         return
     specs = matrix_specs(shapes, world_size, param_dtype=resolved.model.dtype,
-                         ns_dtype=resolved.optimizer.ns_dtype, ns_steps=resolved.optimizer.ns_steps)
+                         ns_dtype=resolved.optimizer.ns_dtype, ns_steps=resolved.optimizer.ns_steps,
+                         ns_form=resolved.optimizer.ns_form)
     strategy = strategies.build(resolved.strategy.name, **resolved.strategy.options)
     try:
         strategy.plan(specs, world_size, 0)

@@ -33,7 +33,7 @@ matplotlib.use("Agg")  # files only, no display: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dist_ortho import strategies
+from dist_ortho import rules, strategies
 from dist_ortho.core.commands import run_command  # noqa: E402
 from dist_ortho.core.errors import UserError, user_input  # noqa: E402
 from dist_ortho.core.io import atomic_write_bytes  # noqa: E402
@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Newton-Schulz dtype: the return path's bytes and the FLOP rate; "
                              "auto (default) is bfloat16 on a hardware preset (a GPU) and the "
                              "dtype a calibrated constants file was measured in")
-    parser.add_argument("--algorithm", default="normuon", choices=["normuon", "muon"])
+    parser.add_argument("--rule", default="normuon", choices=rules.available(),
+                        help="update rule (dist_ortho.rules.available()), default normuon")
     parser.add_argument("--bucket-bytes", type=int, default=None,
                         help="bucketed_async bucket size; default max(64 MiB, largest matrix, "
                              "a quarter of all matrix bytes)")
@@ -116,7 +117,7 @@ def _ns_dtype(ns_dtype: str, hardware: str) -> str:
 
 def project(model: str, world_sizes: list[int], hardware: str = "h100",
             strategy_names: list[str] | None = None, param_dtype: str = "float32",
-            ns_dtype: str = "bfloat16", algorithm: str = "normuon",
+            ns_dtype: str = "bfloat16", rule: str = "normuon",
             bucket_bytes: int | None = None, num_layers: int | None = None) -> list[dict]:
     """One row per (world size, strategy): the prediction's summary plus its inputs."""
     with user_input("--model/--num-layers"):
@@ -146,9 +147,9 @@ def project(model: str, world_sizes: list[int], hardware: str = "h100",
             if name == "split_ns":  # the planner weighs Gram bytes as this machine prices them
                 options = split_ns_options(constants, P, ns_dtype)
             pred = predict(shapes, P, name, options, constants=constants,
-                           param_dtype=param_dtype, ns_dtype=ns_dtype, algorithm=algorithm)
+                           param_dtype=param_dtype, ns_dtype=ns_dtype, rule=rule)
             row = dict(model=model, hardware=hw_name, param_dtype=param_dtype,
-                       ns_dtype=ns_dtype, algorithm=algorithm, **pred.summary())
+                       ns_dtype=ns_dtype, rule=rule, **pred.summary())
             row["options"] = ",".join(f"{k}={v}" for k, v in options.items())
             memory = getattr(constants, "memory_bytes", None)
             row["hbm_bytes"] = memory
@@ -198,7 +199,7 @@ def write_plots(rows: list[dict], prefix: str) -> list[str]:
     sizes = sorted({r["world_size"] for r in rows})
     names = sorted({r["strategy"] for r in rows})
     first = rows[0]
-    title = (f"{first['model']} on {first['hardware']}: {first['algorithm']}, params "
+    title = (f"{first['model']} on {first['hardware']}: {first['rule']}, params "
              f"{first['param_dtype']}, NS {first['ns_dtype']}")
     by = {(r["world_size"], r["strategy"]): r for r in rows}
     any_name = names[0]
@@ -253,7 +254,7 @@ def _main(args: argparse.Namespace) -> int:
     names = None if args.strategies == "all" else [s.strip() for s in
                                                    args.strategies.split(",") if s.strip()]
     rows = project(args.model, sizes, args.hardware, names, args.param_dtype, args.ns_dtype,
-                   args.algorithm, args.bucket_bytes, args.num_layers)
+                   args.rule, args.bucket_bytes, args.num_layers)
     tag = rows[0]["hardware"]
     suffix = "" if args.param_dtype == "float32" else f"_{args.param_dtype}"
     prefix = os.path.join(args.out, f"{args.model}_{tag}{suffix}")
@@ -273,7 +274,7 @@ def _main(args: argparse.Namespace) -> int:
     families = families_section(rows, matrix_shapes(args.model, args.num_layers),
                                 args.param_dtype, args.ns_dtype)
     table += "\n\n" + families if families else ""
-    header = (f"# Projection: {args.model}, {args.algorithm}, params {args.param_dtype}, "
+    header = (f"# Projection: {args.model}, {args.rule}, params {args.param_dtype}, "
               f"NS {args.ns_dtype}\n\nPredicted by `profiling.costmodel` (not measured). {note}\n"
               f"Bytes are the busiest rank's larger direction per step; bound columns are the "
               f"owner-based lower bounds (see `dist_ortho/studies/project.py`); opt. peak = optimizer "

@@ -213,7 +213,7 @@ def exact_grads(step: int) -> list[torch.Tensor]:
     return grads
 
 
-def run_reference(algorithm: str, nesterov: bool, weight_decay: float, steps: int = 4,
+def run_reference(rule: str, nesterov: bool, weight_decay: float, steps: int = 4,
                   ns_dtype: str = "float32", dtype=torch.float32):
     """The reference run of the exactness tests: its parameters and the sizes of its trajectory."""
     ref = [randn(*s, seed=20 + i).to(dtype) for i, s in enumerate(EXACT_SHAPES)]
@@ -221,18 +221,18 @@ def run_reference(algorithm: str, nesterov: bool, weight_decay: float, steps: in
     trajectory = Trajectory(ref, hp.lr, weight_decay)
     state: dict = {}
     for step in range(steps):
-        reference_step(ref, [g.to(dtype) for g in exact_grads(step)], state, hp, algorithm)
+        reference_step(ref, [g.to(dtype) for g in exact_grads(step)], state, hp, rule)
         trajectory.record(ref)
     return ref, trajectory
 
 
-def run_optimizer(algorithm: str, nesterov: bool, weight_decay: float, strategy: str,
+def run_optimizer(rule: str, nesterov: bool, weight_decay: float, strategy: str,
                   steps: int = 4, ns_dtype: str = "float32", mode=None):
     """The same run through the optimizer (`mode`: a context each step runs in)."""
     from contextlib import nullcontext
 
     params = [torch.nn.Parameter(randn(*s, seed=20 + i)) for i, s in enumerate(EXACT_SHAPES)]
-    cls = NorMuon if algorithm == "normuon" else Muon
+    cls = NorMuon if rule == "normuon" else Muon
     opt = cls(params, lr=0.02, weight_decay=weight_decay, nesterov=nesterov, ns_dtype=ns_dtype,
               strategy=strategy)
     for step in range(steps):
@@ -243,34 +243,34 @@ def run_optimizer(algorithm: str, nesterov: bool, weight_decay: float, strategy:
     return params
 
 
-def exactness_bounds(trajectory: Trajectory, algorithm: str, ns_dtype: str = "float32"):
-    return trajectory.bounds([update_error(s, algorithm, ns_dtype) for s in EXACT_SHAPES])
+def exactness_bounds(trajectory: Trajectory, rule: str, ns_dtype: str = "float32"):
+    return trajectory.bounds([update_error(s, rule, ns_dtype) for s in EXACT_SHAPES])
 
 
 @pytest.mark.exactness
-@pytest.mark.parametrize("algorithm", ["normuon", "muon"])
+@pytest.mark.parametrize("rule", ["normuon", "muon"])
 @pytest.mark.parametrize("nesterov,weight_decay", [(True, 0.0), (False, 0.1), (True, 0.05)])
 @pytest.mark.parametrize("strategy", ["replicated", "round_robin", "allgather_scatter",
                                       "bucketed_async", "balanced"])
-def test_optimizer_equals_reference_over_steps(algorithm, nesterov, weight_decay, strategy):
+def test_optimizer_equals_reference_over_steps(rule, nesterov, weight_decay, strategy):
     """||p - r||_F within the float32 bound of tests/tolerances.py, which the rounding of any
     kernel path respects (the old `<= 1e-6 of the displacement` was u-times-||W|| on one CPU)."""
-    ref, trajectory = run_reference(algorithm, nesterov, weight_decay)
-    params = run_optimizer(algorithm, nesterov, weight_decay, strategy)
-    assert_within(params, ref, exactness_bounds(trajectory, algorithm), (algorithm, strategy),
-                  family=f"foundation optimizer vs reference ({algorithm})")
+    ref, trajectory = run_reference(rule, nesterov, weight_decay)
+    params = run_optimizer(rule, nesterov, weight_decay, strategy)
+    assert_within(params, ref, exactness_bounds(trajectory, rule), (rule, strategy),
+                  family=f"foundation optimizer vs reference ({rule})")
 
 
 @pytest.mark.exactness
-@pytest.mark.parametrize("algorithm", ["normuon", "muon"])
-def test_float32_reference_is_within_the_bound_of_a_float64_run(algorithm):
+@pytest.mark.parametrize("rule", ["normuon", "muon"])
+def test_float32_reference_is_within_the_bound_of_a_float64_run(rule):
     """The bound is not a difference between two float32 runs that may share their rounding: the
     float32 reference is within it of the same run with float64 weights and Newton-Schulz (whose
     own error is ~1e-13; the reference normalizes in float32 in both)."""
-    ref32, trajectory = run_reference(algorithm, True, 0.05)
-    ref64, _ = run_reference(algorithm, True, 0.05, ns_dtype="float64", dtype=torch.float64)
-    assert_within(ref32, ref64, exactness_bounds(trajectory, algorithm), algorithm,
-                  family=f"foundation float32 vs float64 reference ({algorithm})")
+    ref32, trajectory = run_reference(rule, True, 0.05)
+    ref64, _ = run_reference(rule, True, 0.05, ns_dtype="float64", dtype=torch.float64)
+    assert_within(ref32, ref64, exactness_bounds(trajectory, rule), rule,
+                  family=f"foundation float32 vs float64 reference ({rule})")
 
 
 def test_state_dict_round_trip_continues_identically():

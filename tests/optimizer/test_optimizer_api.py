@@ -122,7 +122,7 @@ def test_rules_registry_and_one_optimizer_class():
     assert rules.available() == ["muon", "normuon"]
     w = nn.Parameter(randn(8, 6))
     assert isinstance(NorMuon([w]), OrthogonalizedOptimizer) and NorMuon([w]).rule.name == "normuon"
-    assert Muon([w]).algorithm == "muon"
+    assert Muon([w]).rule.name == "muon"
     opt = OrthogonalizedOptimizer([w], rule="normuon", beta2=0.9)
     assert opt.param_groups[0]["beta2"] == 0.9
     with pytest.raises(ValueError, match="beta2"):
@@ -163,12 +163,12 @@ def test_a_third_rule_is_one_class():
 
 def test_optimizer_and_cost_model_ask_the_same_plan():
     specs = costmodel.matrix_specs([(16, 8), (8, 16), (3, 4, 4)], 4)
-    for algorithm in ("normuon", "muon"):
-        a = costmodel.predict_plan(specs, 4, strategies.build("balanced"), algorithm)
-        b = plan_step(strategies.build("balanced"), specs, 4, 0, algorithm)
+    for rule in ("normuon", "muon"):
+        a = costmodel.predict_plan(specs, 4, strategies.build("balanced"), rule)
+        b = plan_step(strategies.build("balanced"), specs, 4, 0, rule)
         assert [c.comm for c in a.ranks] == [c.comm for c in b.ranks]
         phases = [c.phase for c in a.ranks[0].comm]
-        own = ["nonfinite_check", "normalize"] if algorithm == "normuon" else ["nonfinite_check"]
+        own = ["nonfinite_check", "normalize"] if rule == "normuon" else ["nonfinite_check"]
         assert phases[-len(own):] == own
         assert all(c.axis == "shard" for c in a.ranks[0].comm)
 

@@ -65,8 +65,8 @@ class KernelPath(TorchFunctionMode):
 
 
 @functools.lru_cache(maxsize=None)
-def reference_run(algorithm: str, nesterov: bool, weight_decay: float, ns_dtype: str):
-    return run_reference(algorithm, nesterov, weight_decay, ns_dtype=ns_dtype)
+def reference_run(rule: str, nesterov: bool, weight_decay: float, ns_dtype: str):
+    return run_reference(rule, nesterov, weight_decay, ns_dtype=ns_dtype)
 
 
 # --- 1. other kernel paths ---------------------------------------------------------------------
@@ -85,13 +85,13 @@ def test_kernel_path_emulation_changes_the_arithmetic():
 
 @pytest.mark.parametrize("kind", ["f64", "split"])
 @pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("algorithm", ["normuon", "muon"])
+@pytest.mark.parametrize("rule", ["normuon", "muon"])
 @pytest.mark.parametrize("strategy", ["replicated", "balanced"])
-def test_bound_holds_on_other_kernel_paths(kind, ns_dtype, algorithm, strategy):
-    ref, trajectory = reference_run(algorithm, True, 0.05, ns_dtype)
-    params = run_optimizer(algorithm, True, 0.05, strategy, ns_dtype=ns_dtype,
+def test_bound_holds_on_other_kernel_paths(kind, ns_dtype, rule, strategy):
+    ref, trajectory = reference_run(rule, True, 0.05, ns_dtype)
+    params = run_optimizer(rule, True, 0.05, strategy, ns_dtype=ns_dtype,
                            mode=lambda: KernelPath(kind))
-    ratios = distance_ratios(params, ref, exactness_bounds(trajectory, algorithm, ns_dtype))
+    ratios = distance_ratios(params, ref, exactness_bounds(trajectory, rule, ns_dtype))
     report(f"emulated kernel paths vs reference, {ns_dtype}", ratios)
     assert max(ratios) <= 1.0, ratios
 
@@ -170,11 +170,11 @@ def test_bound_catches_a_real_bug(mutation):
 
 # --- 3. bounds stay meaningful -----------------------------------------------------------------
 
-@pytest.mark.parametrize("algorithm", ["normuon", "muon"])
-def test_bounds_are_a_small_fraction_of_the_update(algorithm):
+@pytest.mark.parametrize("rule", ["normuon", "muon"])
+def test_bounds_are_a_small_fraction_of_the_update(rule):
     """float32 bounds below 1e-3 of the displacement they guard (they are ~1e-4 to 5e-4): a bug
     that changes the update by 0.1% is caught whatever the kernel path."""
-    ref, trajectory = reference_run(algorithm, True, 0.05, "float32")
-    start, _ = run_reference(algorithm, True, 0.05, steps=0)
-    for shape, b, r, s in zip(EXACT_SHAPES, exactness_bounds(trajectory, algorithm), ref, start):
+    ref, trajectory = reference_run(rule, True, 0.05, "float32")
+    start, _ = run_reference(rule, True, 0.05, steps=0)
+    for shape, b, r, s in zip(EXACT_SHAPES, exactness_bounds(trajectory, rule), ref, start):
         assert b <= 1e-3 * float((r - s).norm()), (shape, b, float((r - s).norm()))

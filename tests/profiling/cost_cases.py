@@ -32,37 +32,37 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def cases(strategy_names: list[str], fake: bool = False) -> list[dict]:
-    """Every strategy on several shape sets, dtypes and both algorithms."""
+    """Every strategy on several shape sets, dtypes and both rules."""
     out = []
     for s in strategy_names:
         small_bucket = ({"bucket_bytes": 2**17 if fake else 4096} if s == "bucketed_async"
                         else {})
         if fake:
             out += [dict(strategy=s, options=small_bucket, shapes=FAKE, param_dtype="float32",
-                         ns_dtype="float32", algorithm="normuon"),
+                         ns_dtype="float32", rule="normuon"),
                     dict(strategy=s, options={}, shapes=FAKE, param_dtype="float32",
-                         ns_dtype="bfloat16", algorithm="muon")]
+                         ns_dtype="bfloat16", rule="muon")]
             continue
         out += [
             dict(strategy=s, options=small_bucket, shapes=MIXED, param_dtype="float32",
-                 ns_dtype="float32", algorithm="normuon"),
+                 ns_dtype="float32", rule="normuon"),
             dict(strategy=s, options={}, shapes=LLAMA_LAYER, param_dtype="float32",
-                 ns_dtype="bfloat16", algorithm="normuon"),
+                 ns_dtype="bfloat16", rule="normuon"),
             dict(strategy=s, options={}, shapes=FEW, param_dtype="bfloat16",
-                 ns_dtype="float32", algorithm="normuon"),
+                 ns_dtype="float32", rule="normuon"),
             dict(strategy=s, options=small_bucket, shapes=FEW, param_dtype="float32",
-                 ns_dtype="float32", algorithm="muon"),
+                 ns_dtype="float32", rule="muon"),
         ]
     extra = dict(strategy="allgather_scatter", options={"assignment": "lpt"}, shapes=MIXED if
                  not fake else FAKE, param_dtype="float32", ns_dtype="float32",
-                 algorithm="normuon")
+                 rule="normuon")
     return out + [extra]
 
 
 def plain_cases() -> list[dict]:
     """Plain (unsharded, DDP-style) tensors: owners orthogonalize and broadcast."""
     return [dict(strategy=s, options={}, shapes=FEW, param_dtype="float32", ns_dtype="float32",
-                 algorithm="normuon", sharded=False) for s in ("replicated", "balanced")]
+                 rule="normuon", sharded=False) for s in ("replicated", "balanced")]
 
 
 def _make(case: dict, mesh, rank: int, world_size: int):
@@ -125,7 +125,7 @@ def run_case(case: dict, mesh, rank: int, world_size: int, fake: bool = False) -
     from dist_ortho.profiling.comm import CommCounter
 
     params = _make(case, mesh, rank, world_size)
-    cls = NorMuon if case["algorithm"] == "normuon" else Muon
+    cls = NorMuon if case["rule"] == "normuon" else Muon
     opt = cls([(f"w{i}", p) for i, p in enumerate(params)], ns_dtype=case["ns_dtype"],
               strategy=strategies.build(case["strategy"], **case["options"]))
     with _FakeAllToAllInput() if fake else contextlib.nullcontext():

@@ -41,12 +41,12 @@ FAKE_RUNS = [(64, 0), (64, 63), (1024, 0), (1024, 1023)]
 def _predict(case: dict, world_size: int) -> cm.Prediction:
     return cm.predict(case["shapes"], world_size, case["strategy"], case["options"],
                       param_dtype=case["param_dtype"], ns_dtype=case["ns_dtype"],
-                      algorithm=case["algorithm"], sharded=case.get("sharded", True))
+                      rule=case["rule"], sharded=case.get("sharded", True))
 
 
 def _assert_matches(case: dict, world_size: int, rank: int, got: dict) -> None:
     pred = _predict(case, world_size).rank(rank)
-    where = (case["strategy"], case["options"], case["algorithm"], world_size, rank)
+    where = (case["strategy"], case["options"], case["rule"], world_size, rank)
     assert not got["unparsed"], (where, got["unparsed"])
     counted = {k: tuple(v) for k, v in got["counted"].items()}
     assert counted.keys() == pred.bytes_by_kind.keys(), (where, counted, pred.bytes_by_kind)
@@ -106,7 +106,7 @@ def test_prediction_equals_counted_on_fake_process_group(world_size, rank):
 
 def test_gloo_cases_cover_every_strategy_and_both_algorithms():
     assert {c["strategy"] for c in GLOO_CASES} == set(STRATEGIES)
-    assert {c["algorithm"] for c in GLOO_CASES} == {"normuon", "muon"}
+    assert {c["rule"] for c in GLOO_CASES} == {"normuon", "muon"}
     assert {(c["param_dtype"], c["ns_dtype"]) for c in GLOO_CASES} >= {
         ("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "float32")}
 

@@ -142,7 +142,8 @@ def test_a_bad_key_through_the_torchrun_launchers_is_one_line_and_exit_2(script,
     assert proc.stderr.splitlines() == [
         "dist-ortho run: error: optimizer.lrr: unknown key; did you mean 'lr'? (known: name, "
         "lr, momentum, beta2, weight_decay, nesterov, ns_steps, ns_dtype, ns_coefficients, "
-        "adamw_lr, adamw_betas, adamw_weight_decay, split, nonfinite, replicas)"]
+        "ns_form, rule_hparams, adamw_lr, adamw_betas, adamw_weight_decay, split, nonfinite, "
+        "replicas)"]
     assert proc.stdout == ""
 
 

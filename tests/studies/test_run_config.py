@@ -14,8 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "configs"
 
 # (overrides, key the error must name, a phrase of the message)
 INVALID = [
-    ({"optimizer.lr": -0.1}, "optimizer.lr", "> 0"),
-    ({"optimizer.lr": 0}, "optimizer.lr", "> 0"),
+    ({"optimizer.lr": -0.1}, "optimizer.lr", ">= 0"),
     ({"optimizer.lr": float("nan")}, "optimizer.lr", "finite"),
     ({"optimizer.lr": "fast"}, "optimizer.lr", "must be a number"),
     ({"optimizer.momentum": 1.0}, "optimizer.momentum", "[0, 1)"),
@@ -27,7 +26,9 @@ INVALID = [
     ({"optimizer.ns_steps": 0}, "optimizer.ns_steps", ">= 1"),
     ({"optimizer.ns_dtype": "float16"}, "optimizer.ns_dtype", "auto, float32, bfloat16"),
     ({"optimizer.ns_coefficients": "newton"}, "optimizer.ns_coefficients", "polar_express"),
-    ({"optimizer.name": "sgd"}, "optimizer.name", "normuon, muon, adamw"),
+    ({"optimizer.name": "sgd"}, "optimizer.name", "muon, normuon, adamw"),
+    ({"optimizer.ns_form": "fast"}, "optimizer.ns_form", "standard, gram"),
+    ({"optimizer.rule_hparams": {"beta3": 0.9}}, "optimizer.rule_hparams.beta3", "normuon"),
     ({"model.preset": "gpt-huge"}, "model.preset", "available"),
     ({"model.num_layers": 0}, "model.num_layers", ">= 1"),
     ({"model.dtype": "float16"}, "model.dtype", "float32, bfloat16"),

@@ -11,12 +11,13 @@ schedule, validation, loss curve, the worker process), `analysis` (tables, plot,
 
 from dist_ortho.studies.convergence.analysis import analyze, steps_to_reach
 from dist_ortho.studies.convergence.cli import add_arguments, main, study_jobs, sweep
-from dist_ortho.studies.convergence.config import (LR_KEY, OPTIMIZERS, ConvergenceConfig,
-                                                   ConvergenceStudy, SweepConfig, load_study)
+from dist_ortho.studies.convergence.config import (OPTIMIZERS, ConvergenceConfig,
+                                                   ConvergenceStudy, SweepConfig, load_study,
+                                                   lr_key)
 from dist_ortho.studies.convergence.training import (Curve, evaluate, lr_scale, train_with_curve,
                                                      validation_batches)
 
-__all__ = ["OPTIMIZERS", "LR_KEY", "SweepConfig", "ConvergenceConfig", "ConvergenceStudy",
+__all__ = ["OPTIMIZERS", "lr_key", "SweepConfig", "ConvergenceConfig", "ConvergenceStudy",
            "load_study", "lr_scale", "validation_batches", "evaluate", "Curve",
            "train_with_curve", "steps_to_reach", "analyze", "study_jobs", "sweep",
            "add_arguments", "main"]

@@ -38,7 +38,7 @@ from dist_ortho.core.commands import add_grammar, run_command
 from dist_ortho.core.io import atomic_write_text
 from dist_ortho.studies.config import Config, ConfigError, default_device_type, resolve
 from dist_ortho.studies.convergence.analysis import analyze
-from dist_ortho.studies.convergence.config import LR_KEY, ConvergenceStudy, load_study
+from dist_ortho.studies.convergence.config import ConvergenceStudy, load_study, lr_key
 from dist_ortho.studies.convergence.training import CURVE_FILE, RESULT_FILE, worker
 from dist_ortho.studies.faults import from_sources
 from dist_ortho.studies.jobs import (Job, Progress, is_complete, run_as_rank, run_jobs,
@@ -147,7 +147,7 @@ def sweep(study: ConvergenceStudy, force: bool = False) -> tuple[list[dict], lis
         jobs = []
         for name in phase:
             for lr in grid[name]:
-                sets = {f"optimizer.{LR_KEY[name]}": lr, "train.steps": conv.sweep.steps}
+                sets = {f"optimizer.{lr_key(name)}": lr, "train.steps": conv.sweep.steps}
                 if adamw_lr is not None and name != "adamw":
                     sets["optimizer.adamw_lr"] = adamw_lr
                 run_name = f"{name}-lr{lr:g}-s{conv.sweep.seed}"
@@ -159,7 +159,7 @@ def sweep(study: ConvergenceStudy, force: bool = False) -> tuple[list[dict], lis
         for job in jobs:
             name = job.labels["optimizer"]
             result = json.loads((job.run_dir / RESULT_FILE).read_text())
-            rows.append({"optimizer": name, "swept_key": f"optimizer.{LR_KEY[name]}",
+            rows.append({"optimizer": name, "swept_key": f"optimizer.{lr_key(name)}",
                          "lr": job.config.optimizer.lr if name != "adamw" else None,
                          "adamw_lr": job.config.optimizer.adamw_lr, "steps": result["steps"],
                          "seed": job.labels["seed"], "final_val_loss": result["final_val_loss"],

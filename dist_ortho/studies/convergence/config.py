@@ -15,27 +15,37 @@ config (`train.steps=100`), each checked against its schema and named in errors.
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from dist_ortho import models
+from dist_ortho import models, rules
+from dist_ortho.core.hparams import check_lr
 from dist_ortho.core.schema import ConfigError
 from dist_ortho.core.schema import apply_overrides as apply_schema_overrides
-from dist_ortho.core.schema import (at_least, build, fraction, parse_overrides, positive, read_yaml,
+from dist_ortho.core.schema import (at_least, build, fraction, parse_overrides, read_yaml,
                                     to_dict)
-from dist_ortho.optim.param_groups import OptimizerConfig
+from dist_ortho.optim.param_groups import ADAMW_BASELINE, OptimizerConfig
 from dist_ortho.studies.config import Config, apply_overrides, config_from_dict
 
-__all__ = ["OPTIMIZERS", "LR_KEY", "SweepConfig", "DistributedCheck", "ConvergenceConfig",
+__all__ = ["OPTIMIZERS", "lr_key", "SweepConfig", "DistributedCheck", "ConvergenceConfig",
            "ConvergenceStudy", "load_study", "RUN_SETTINGS"]
 
-OptimizerName = Literal["normuon", "muon", "adamw"]
-OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
-# The learning rate the sweep varies: the matrix LR for NorMuon/Muon, the only LR for AdamW.
-LR_KEY = {"normuon": "lr", "muon": "lr", "adamw": "adamw_lr"}
+# the optimizers a study compares by default; any update rule of `dist_ortho.rules` (or adamw,
+# the baseline) may be named
+OPTIMIZERS: tuple[str, ...] = ("normuon", "muon", ADAMW_BASELINE)
+
+
+def lr_key(optimizer: str) -> str:
+    """The learning rate the sweep varies: the matrix LR of an update rule, AdamW's only LR."""
+    return "adamw_lr" if optimizer == ADAMW_BASELINE else "lr"
+
+
+def _check_optimizer(key: str, name: str) -> None:
+    names = (*rules.available(), ADAMW_BASELINE)
+    if name not in names:
+        raise ConfigError(key, f"unknown optimizer {name!r}; use an update rule or adamw: "
+                               f"{', '.join(names)}")
 # the convergence keys one run's worker needs (its job settings): they change its curve
 RUN_SETTINGS = ("eval_every", "eval_batches", "eval_batch_size", "eval_seed", "lr_warmup_frac",
                 "lr_decay_frac", "train_window")
@@ -43,20 +53,24 @@ RUN_SETTINGS = ("eval_every", "eval_batches", "eval_batch_size", "eval_seed", "l
 
 @dataclass
 class SweepConfig:
-    """The LR sweep: `lrs` maps an optimizer to the values of its `LR_KEY` to try."""
+    """The LR sweep: `lrs` maps an optimizer to the values of its `lr_key` to try."""
 
     steps: int = 300
     seed: int = 0
-    lrs: dict[OptimizerName, list[float]] = field(default_factory=dict)
+    lrs: dict[str, list[float]] = field(default_factory=dict)
 
     def check(self, key: str) -> None:
         at_least(f"{key}.steps", self.steps, 1)
         at_least(f"{key}.seed", self.seed, 0)
         for name, values in self.lrs.items():
+            _check_optimizer(f"{key}.lrs.{name}", name)
             if not values:
                 raise ConfigError(f"{key}.lrs.{name}", "must be a non-empty list of learning rates")
             for i, v in enumerate(values):
-                positive(f"{key}.lrs.{name}[{i}]", v)
+                try:
+                    check_lr(lr_key(name), v)  # the check of optimizer.<that key>
+                except ValueError as exc:
+                    raise ConfigError(f"{key}.lrs.{name}[{i}]", str(exc)) from None
 
 
 @dataclass
@@ -66,7 +80,7 @@ class DistributedCheck:
     batch is the run's divided by the ranks, and the data loader hands each rank its rows of the
     same global draw), so the curves must agree up to float rounding. Empty `optimizers`: none."""
 
-    optimizers: list[OptimizerName] = field(default_factory=list)
+    optimizers: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     nproc_per_node: int = 2
     strategy: str = "balanced"
@@ -88,7 +102,7 @@ class ConvergenceConfig:
     GPU group on CUDA)."""
 
     out_dir: str = "results/latest/convergence"
-    optimizers: dict[OptimizerName, dict] = field(
+    optimizers: dict[str, dict] = field(
         default_factory=lambda: {n: {} for n in OPTIMIZERS})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     eval_every: int = 25
@@ -133,10 +147,12 @@ class ConvergenceConfig:
             raise ConfigError(f"{key}.optimizers", "must name at least one optimizer")
         for name, overrides in self.optimizers.items():
             okey = f"{key}.optimizers.{name}"
+            _check_optimizer(okey, name)
             if "name" in overrides:
                 raise ConfigError(f"{okey}.name", f"the optimizer is this entry's key ({name}); "
                                                   f"remove the name")
-            build(OptimizerConfig, overrides, okey)  # types and ranges, named by key
+            # types and ranges, named by key; the rule's own hyperparameters against that rule
+            build(OptimizerConfig, {**overrides, "name": name}, okey)
         check = self.distributed
         for i, name in enumerate(check.optimizers):
             if name not in self.optimizers:

@@ -102,9 +102,9 @@ def worker(rank: int, world_size: int, preset: str, steps: int, labels: list[str
            layout: str = "fsdp") -> dict:
     out = {}
     for label in labels:
-        algo, name, options = RUNS[label]
+        rule, name, options = RUNS[label]
         model = _sharded_model(preset, layout, world_size)
-        config = OptimizerConfig(name=algo, ns_dtype="float32", adamw_lr=1e-3)
+        config = OptimizerConfig(name=rule, ns_dtype="float32", adamw_lr=1e-3)
         opt = build_optimizers(model, config, strategy=strategies.build(name, **options))
         seq, batch = model.config.seq_len, 2 * world_size
         losses = []

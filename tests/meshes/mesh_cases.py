@@ -48,7 +48,7 @@ def run_placed(case: dict, layouts: list, steps: int = 3, replicas: str | None =
     shapes = [s for s, _, _ in layouts]
     params = [torch.nn.Parameter(_place(dist_cases.full_tensor(s, 1000 + i), m, pl))
               for i, (s, m, pl) in enumerate(layouts)]
-    cls = NorMuon if case.get("algo", "normuon") == "normuon" else Muon
+    cls = NorMuon if case.get("rule", "normuon") == "normuon" else Muon
     kwargs = dict(lr=0.02, momentum=0.95, weight_decay=case.get("weight_decay", 0.0),
                   nesterov=case.get("nesterov", True), ns_dtype=case.get("ns_dtype", "float32"))
     if cls is NorMuon:
@@ -71,9 +71,9 @@ def run_placed(case: dict, layouts: list, steps: int = 3, replicas: str | None =
             opt.step()
         counted.append(counted_by_axis(plan, counter.records))
         unparsed += counter.unparsed
-        reference_step(ref, grads, ref_state, hp, case.get("algo", "normuon"))
+        reference_step(ref, grads, ref_state, hp, case.get("rule", "normuon"))
         trajectory.record(ref)
-    bounds = trajectory.bounds([tolerances.update_error(s, case.get("algo", "normuon"),
+    bounds = trajectory.bounds([tolerances.update_error(s, case.get("rule", "normuon"),
                                                         case.get("ns_dtype", "float32"))
                                 for s in shapes])
     ratios = tolerances.distance_ratios([p.full_tensor() for p in params], ref, bounds)
@@ -109,7 +109,7 @@ def hsdp_worker(rank: int, world_size: int, strategy_names: list[str]) -> dict:
     # Muon (no reductions) once, on the spread path
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     out[("2x2", "spread", "balanced", "muon")] = run_placed(
-        dict(strategy="balanced", algo="muon"),
+        dict(strategy="balanced", rule="muon"),
         [(s, mesh, [Replicate(), Shard(0)]) for s in dist_cases.MIXED], 2, "spread")
     return out
 
@@ -146,7 +146,7 @@ def tp_worker(rank: int, world_size: int, strategy_names: list[str]) -> dict:
                     if name == "bucketed_async" else {})
         for replicas in ("spread", "repeat"):
             out[(name, replicas)] = run_placed(case, layouts, 2, replicas)
-    out[("balanced", "muon")] = run_placed(dict(strategy="balanced", algo="muon"), layouts, 2)
+    out[("balanced", "muon")] = run_placed(dict(strategy="balanced", rule="muon"), layouts, 2)
     return out
 
 

@@ -47,7 +47,7 @@ def tp_worker(rank: int, world_size: int, strategy_names: list[str]) -> dict:
     out = {}
     for name in strategy_names:
         out[(name, "spread")] = mesh_cases.run_placed(_case(name, 600), layouts, 2, "spread")
-    out[("balanced", "muon")] = mesh_cases.run_placed(dict(strategy="balanced", algo="muon"),
+    out[("balanced", "muon")] = mesh_cases.run_placed(dict(strategy="balanced", rule="muon"),
                                                       layouts, 2)
     return out
 

@@ -42,21 +42,21 @@ def exactness_cases(strategies: list[str]) -> list[dict]:
         base = {"split": "all"} if s == "split_ns" else {}
         opts = opts or base
         cases += [
-            dict(strategy=s, options=opts, shapes=MIXED, ns_dtype="float32", algo="normuon"),
-            dict(strategy=s, options=opts, shapes=MIXED, ns_dtype="float32", algo="normuon",
+            dict(strategy=s, options=opts, shapes=MIXED, ns_dtype="float32", rule="normuon"),
+            dict(strategy=s, options=opts, shapes=MIXED, ns_dtype="float32", rule="normuon",
                  nesterov=False, weight_decay=0.1),
-            dict(strategy=s, options=base, shapes=SINGLE, ns_dtype="float32", algo="normuon"),
-            dict(strategy=s, options=base, shapes=FEW, ns_dtype="float32", algo="normuon"),
-            dict(strategy=s, options=opts, shapes=MIXED, ns_dtype="float32", algo="muon"),
-            dict(strategy=s, options=base, shapes=SMALL_BF16, ns_dtype="bfloat16", algo="normuon"),
+            dict(strategy=s, options=base, shapes=SINGLE, ns_dtype="float32", rule="normuon"),
+            dict(strategy=s, options=base, shapes=FEW, ns_dtype="float32", rule="normuon"),
+            dict(strategy=s, options=opts, shapes=MIXED, ns_dtype="float32", rule="muon"),
+            dict(strategy=s, options=base, shapes=SMALL_BF16, ns_dtype="bfloat16", rule="normuon"),
         ]
     cases.append(dict(strategy="bucketed_async", options={}, shapes=MIXED, ns_dtype="float32",
-                      algo="normuon"))
+                      rule="normuon"))
     cases.append(dict(strategy="allgather_scatter", options={"assignment": "lpt"}, shapes=MIXED,
-                      ns_dtype="float32", algo="normuon"))
+                      ns_dtype="float32", rule="normuon"))
     if "split_ns" in strategies:  # split groups inside "nodes" of 2 ranks (P = 3: one of 1 rank)
         cases.append(dict(strategy="split_ns", options={"split": "all", "ranks_per_node": 2},
-                          shapes=MIXED, ns_dtype="float32", algo="normuon"))
+                          shapes=MIXED, ns_dtype="float32", rule="normuon"))
     for case in cases:
         case.setdefault("nesterov", True)
         case.setdefault("weight_decay", 0.0)
@@ -103,10 +103,10 @@ def run_case(case: dict, mesh, placements, steps: int = 3) -> dict:
     shapes = case["shapes"]
     params = _make_params(shapes, mesh, placements)
     names = [f"w{i}" for i in range(len(shapes))]
-    cls = NorMuon if case["algo"] == "normuon" else Muon
+    cls = NorMuon if case["rule"] == "normuon" else Muon
     kwargs = dict(lr=0.02, momentum=0.95, weight_decay=case["weight_decay"],
                   nesterov=case["nesterov"], ns_dtype=case["ns_dtype"])
-    if case["algo"] == "normuon":
+    if case["rule"] == "normuon":
         kwargs["beta2"] = 0.95
     from dist_ortho import strategies
 
@@ -128,10 +128,10 @@ def run_case(case: dict, mesh, placements, steps: int = 3) -> dict:
         counted.append(counter.totals())
         unparsed.extend(counter.unparsed)
         planned.append(plan.mine.bytes_by_kind())
-        reference_step(ref, grads, ref_state, hp, case["algo"])
+        reference_step(ref, grads, ref_state, hp, case["rule"])
         trajectory.record(ref)
     split = case["strategy"] == "split_ns"
-    bounds = trajectory.bounds([tolerances.update_error(s, case["algo"], case["ns_dtype"],
+    bounds = trajectory.bounds([tolerances.update_error(s, case["rule"], case["ns_dtype"],
                                                         split=split) for s in shapes])
     ratios = tolerances.distance_ratios([_gather(p) for p in params], ref, bounds)
     return dict(ratios=ratios, counted=counted, planned=planned,

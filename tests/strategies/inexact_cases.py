@@ -29,12 +29,12 @@ STEPS = 4  # periodic with k = 2: block, full, block, full
 
 def schedule_cases() -> list[dict]:
     cases = []
-    for algo in ("normuon", "muon"):
-        cases += [dict(strategy="blockwise", options={}, algo=algo),
-                  dict(strategy="local_norms", options={}, algo=algo),
-                  dict(strategy="periodic", options={"k": 2, "full_lr_scale": 0.5}, algo=algo)]
-    cases.append(dict(strategy="periodic", options={"k": 3}, algo="normuon"))
-    cases.append(dict(strategy="blockwise", options={}, algo="normuon", ns_dtype="bfloat16",
+    for rule in ("normuon", "muon"):
+        cases += [dict(strategy="blockwise", options={}, rule=rule),
+                  dict(strategy="local_norms", options={}, rule=rule),
+                  dict(strategy="periodic", options={"k": 2, "full_lr_scale": 0.5}, rule=rule)]
+    cases.append(dict(strategy="periodic", options={"k": 3}, rule="normuon"))
+    cases.append(dict(strategy="blockwise", options={}, rule="normuon", ns_dtype="bfloat16",
                       shapes=dist_cases.SMALL_BF16))
     for case in cases:
         case.setdefault("ns_dtype", "float32")
@@ -69,7 +69,7 @@ def run_schedule(case: dict, layouts: list, world_size: int, steps: int = STEPS,
 
     params = [torch.nn.Parameter(place(dist_cases.full_tensor(s, 1000 + i), m, pl))
               for i, (s, m, pl) in enumerate(layouts)]
-    cls = NorMuon if case["algo"] == "normuon" else Muon
+    cls = NorMuon if case["rule"] == "normuon" else Muon
     kwargs = dict(lr=0.02, momentum=0.95, ns_dtype=case["ns_dtype"])
     if replicas is not None:
         kwargs["replicas"] = replicas
@@ -98,11 +98,11 @@ def run_schedule(case: dict, layouts: list, world_size: int, steps: int = STEPS,
         counted.append(counted_by_axis(plan, counter.records))
         unparsed += counter.unparsed
         inexact_reference_step(case["strategy"], ref, grads, ref_state, hp, world_size,
-                               case["algo"], k=case["options"].get("k", 4),
+                               case["rule"], k=case["options"].get("k", 4),
                                full_lr_scale=case["options"].get("full_lr_scale", 1.0),
                                sizes=sizes)
         trajectory.record(ref)
-    bounds = trajectory.bounds([tolerances.update_error(s, case["algo"], case["ns_dtype"])
+    bounds = trajectory.bounds([tolerances.update_error(s, case["rule"], case["ns_dtype"])
                                 for s in shapes])
     got = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in params]
     return dict(ratios=tolerances.distance_ratios(got, ref, bounds), counted=counted,
@@ -124,9 +124,9 @@ def _exact_distance(params, got, shapes, hp, case, steps) -> list[float]:
         grads = [dist_cases.full_tensor(s, 7919 * (step + 1) + i) for i, s in enumerate(shapes)]
         if case["shapes"] is dist_cases.MIXED:
             grads[dist_cases.DEAD_ROW[0]][dist_cases.DEAD_ROW[1]] *= dist_cases.DEAD_ROW[2]
-        reference_step(ref, grads, state, hp, case["algo"])
+        reference_step(ref, grads, state, hp, case["rule"])
         trajectory.record(ref)
-    bounds = trajectory.bounds([tolerances.update_error(s, case["algo"], case["ns_dtype"])
+    bounds = trajectory.bounds([tolerances.update_error(s, case["rule"], case["ns_dtype"])
                                 for s in shapes])
     return tolerances.distance_ratios(got, ref, bounds)
 
@@ -158,11 +158,11 @@ def tp_worker(rank: int, world_size: int) -> dict:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     layouts = mesh_cases._tp_layouts(mesh)
     out = {}
-    for algo in ("normuon", "muon"):
+    for rule in ("normuon", "muon"):
         for replicas in ("spread", "repeat"):
-            case = dict(strategy="blockwise", options={}, algo=algo, ns_dtype="float32",
+            case = dict(strategy="blockwise", options={}, rule=rule, ns_dtype="float32",
                         shapes=None)
-            out[(algo, replicas)] = run_schedule(case, layouts, world_size, 3, replicas)
+            out[(rule, replicas)] = run_schedule(case, layouts, world_size, 3, replicas)
     return out
 
 

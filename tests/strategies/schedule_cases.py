@@ -113,8 +113,8 @@ def declared_strategy_worker(rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     mesh = init_device_mesh("cpu", (world_size,))
     out = {}
-    for algo in ("normuon", "muon"):
+    for rule in ("normuon", "muon"):
         case = dict(strategy=MirroredPipeline(), options={}, shapes=dist_cases.MIXED,
-                    ns_dtype="float32", algo=algo, nesterov=True, weight_decay=0.1)
-        out[algo] = dist_cases.run_case(case, mesh, [Shard(0)])
+                    ns_dtype="float32", rule=rule, nesterov=True, weight_decay=0.1)
+        out[rule] = dist_cases.run_case(case, mesh, [Shard(0)])
     return out

@@ -30,7 +30,7 @@ def cases() -> list[dict]:
     for options in ({"split": "all", "max_group": 3}, {"split": "all", "max_group": 4},
                     {"split": "all", "ranks_per_node": 2}):
         out.append(dict(strategy="split_ns", options=options, shapes=SPLIT_SHAPES,
-                        ns_dtype="float32", algo="normuon", nesterov=True, weight_decay=0.0))
+                        ns_dtype="float32", rule="normuon", nesterov=True, weight_decay=0.0))
     return out
 
 

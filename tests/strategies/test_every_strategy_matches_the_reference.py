@@ -23,9 +23,9 @@ from tests.strategies import dist_cases
 STRATEGIES = strategies.available_exact()
 CASES = dist_cases.exactness_cases(STRATEGIES)
 WORLD_SIZES = [1, 2, 3, 4]
-HSDP_CASES = [c for c in CASES if c["shapes"] is dist_cases.MIXED and c["algo"] == "normuon"
+HSDP_CASES = [c for c in CASES if c["shapes"] is dist_cases.MIXED and c["rule"] == "normuon"
               and c["nesterov"] and c["strategy"] in ("balanced", "round_robin", "bucketed_async")]
-PLAIN_CASES = [c for c in CASES if c["shapes"] is dist_cases.MIXED and c["algo"] == "normuon"
+PLAIN_CASES = [c for c in CASES if c["shapes"] is dist_cases.MIXED and c["rule"] == "normuon"
                and c["nesterov"] and not c["options"]]
 
 
@@ -71,7 +71,7 @@ def case_id(case):
     opts = ",".join(f"{k}={v}" for k, v in case["options"].items())
     shapes = {id(dist_cases.MIXED): "mixed", id(dist_cases.SINGLE): "single",
               id(dist_cases.FEW): "few", id(dist_cases.SMALL_BF16): "small"}[id(case["shapes"])]
-    return (f"{case['strategy']}[{opts}]-{shapes}-{case['algo']}-{case['ns_dtype']}"
+    return (f"{case['strategy']}[{opts}]-{shapes}-{case['rule']}-{case['ns_dtype']}"
             f"-nesterov={case['nesterov']}-wd={case['weight_decay']}")
 
 
@@ -99,7 +99,7 @@ def test_matches_reference_and_plan(world_size, k):
 def test_replicated_does_p_times_the_work(world_size):
     by_name = {}
     for k, case in enumerate(CASES):
-        if case["shapes"] is dist_cases.MIXED and case["algo"] == "normuon" and not case["options"] \
+        if case["shapes"] is dist_cases.MIXED and case["rule"] == "normuon" and not case["options"] \
                 and case["nesterov"]:
             by_name[case["strategy"]] = sum(results(world_size)[0][k]["all_planned_flops"])
     total = by_name["round_robin"]

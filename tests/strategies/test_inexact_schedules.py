@@ -20,7 +20,7 @@ from tests.strategies.test_every_strategy_matches_the_reference import (assert_b
                                                                         assert_ratios)
 
 CASES = inexact_cases.schedule_cases()
-PLAIN = [c for c in CASES if c["algo"] == "normuon" and c["ns_dtype"] == "float32"]
+PLAIN = [c for c in CASES if c["rule"] == "normuon" and c["ns_dtype"] == "float32"]
 INEXACT = ("blockwise", "local_norms", "periodic")
 
 
@@ -31,7 +31,7 @@ def fsdp(world_size: int) -> list[list[dict]]:
 
 def case_id(case) -> str:
     opts = ",".join(f"{k}={v}" for k, v in case["options"].items())
-    return f"{case['strategy']}[{opts}]-{case['algo']}-{case['ns_dtype']}"
+    return f"{case['strategy']}[{opts}]-{case['rule']}-{case['ns_dtype']}"
 
 
 def _counted_equals_plan(case, res, world_size, context) -> None:
@@ -68,7 +68,7 @@ def test_schedules_differ_from_the_exact_update_where_their_definition_does(worl
     for k, case in enumerate(CASES):
         res = fsdp(world_size)[0][k]
         far = max(res["exact_ratios"])
-        if case["strategy"] == "local_norms" and case["algo"] == "muon":
+        if case["strategy"] == "local_norms" and case["rule"] == "muon":
             assert far <= 1.0, (case_id(case), far)
         else:
             assert far > (100.0 if case["ns_dtype"] == "float32" else 10.0), (case_id(case), far)

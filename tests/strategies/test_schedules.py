@@ -56,11 +56,11 @@ def test_every_registered_schedule_is_counted_as_planned_per_mesh_axis():
 def test_a_strategy_declared_by_its_schedule_alone_is_exact_counted_and_priced():
     per_rank = _spawn(schedule_cases.declared_strategy_worker, 3)
     for rank, out in enumerate(per_rank):
-        for algo, res in out.items():
-            assert_ratios(res["ratios"], f"schedule-only strategy ({algo})", (rank, algo))
+        for rule, res in out.items():
+            assert_ratios(res["ratios"], f"schedule-only strategy ({rule})", (rank, rule))
             for counted, planned in zip(res["counted"], res["planned"]):
-                assert_bytes_equal(counted, planned, (rank, algo))
-            assert res["executed_flops"] == res["planned_flops"], (rank, algo)
+                assert_bytes_equal(counted, planned, (rank, rule))
+            assert res["executed_flops"] == res["planned_flops"], (rank, rule)
     assert len({tuple(r["normuon"]["owners"]) for r in per_rank}) == 1
     # priced by the cost model from the same actions: two buckets' pipelined exchanges
     P = 64

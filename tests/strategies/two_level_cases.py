@@ -18,10 +18,10 @@ from tests.strategies import dist_cases
 def cases() -> list[dict]:
     out = []
     for G in (2, 3):
-        for shapes, algo in ((dist_cases.MIXED, "normuon"), (dist_cases.FEW, "muon")):
+        for shapes, rule in ((dist_cases.MIXED, "normuon"), (dist_cases.FEW, "muon")):
             out.append(dict(strategy="balanced", options={"exchange": "two_level",
                                                           "ranks_per_node": G},
-                            shapes=shapes, ns_dtype="float32", algo=algo, nesterov=True,
+                            shapes=shapes, ns_dtype="float32", rule=rule, nesterov=True,
                             weight_decay=0.0))
     return out
 

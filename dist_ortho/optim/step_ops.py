@@ -93,10 +93,14 @@ def apply_updates(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor
 
 def nonfinite_count(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Number of `tensors` holding a NaN or Inf, as a one-element float32 tensor on `device`: one
-    sum-of-|x| reduction over all of them (`torch._foreach_norm`, ord 1, in float32), which is
-    NaN/Inf iff an element is (or the sum overflows float32, which is no healthier), then a count.
-    Nothing is read on the host."""
+    sum-of-|x| reduction over all of them (`torch._foreach_norm`, ord 1, in float32; float64
+    tensors in float64, which torch will not narrow), which is NaN/Inf iff an element is (or the
+    sum overflows, which is no healthier), then a count. Nothing is read on the host."""
     if not tensors:
         return torch.zeros(1, device=device)
-    sums = torch._foreach_norm(list(tensors), 1, dtype=torch.float32)
-    return (~torch.isfinite(torch.stack(sums).to(device))).sum().to(torch.float32).reshape(1)
+    wide = [t for t in tensors if t.dtype == torch.float64]
+    narrow = [t for t in tensors if t.dtype != torch.float64]
+    bad = [~torch.isfinite(torch.stack(torch._foreach_norm(ts, 1, dtype=dtype)).to(device))
+           for ts, dtype in ((narrow, torch.float32), (wide, torch.float64)) if ts]
+    flags = bad[0] if len(bad) == 1 else torch.cat(bad)
+    return flags.sum().to(torch.float32).reshape(1)

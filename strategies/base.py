@@ -191,8 +191,3 @@ class Strategy:
     def step_schedule(self, plan: Plan) -> Schedule:
         """The schedule this step runs: the plan's (periodic alternates)."""
         return plan.schedule
-
-    @property
-    def batches_same_shape(self) -> bool:
-        """Whether an owner's same-shape matrices run as one batched NS call."""
-        return bool(getattr(self.options, "batch_same_shape", True))

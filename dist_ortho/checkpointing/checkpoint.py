@@ -257,9 +257,8 @@ def _ensure_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
             if not p.requires_grad or len(opt.state.get(p, {})) > 0:
                 continue
             if isinstance(opt, (NorMuon, Muon)):
-                # the optimizer's own lazy initialization: momentum, step and (NorMuon) v, each
-                # sharded like the parameter
-                opt._init_state(p, opt._layouts[id(p)])
+                # the state the optimizer's first step creates: momentum, step and (NorMuon) v
+                opt._init_state(p)
             elif isinstance(opt, torch.optim.Adam):  # AdamW too: the same state as Adam
                 if group.get("capturable") or group.get("fused"):
                     step = torch.zeros((), dtype=torch.float32, device=p.device)

@@ -129,12 +129,16 @@ class FlatRun(StepRun):
         self.stats_layout = (layout if strategy.global_statistics
                              else dataclasses.replace(layout, group=None, world_size=1))
 
-    def orthogonalize(self, step: StepInputs, directions) -> list[torch.Tensor]:
+    def context(self, configs: Sequence[NSConfig], timer: PhaseTimer,
+                group=None) -> ExecContext:
+        """The strategy's `ExecContext` for this plan, on `group` (default: the parameters')."""
         lay = self.layout
-        ctx = ExecContext(lay.group, lay.rank, lay.world_size,
-                          Orthogonalizer(step.configs, lay.device, self.flops),
-                          self.plan.matrices[0].out_dtype, lay.device, step.timer)
-        return self.strategy.execute(self.plan, directions, ctx)
+        return ExecContext(lay.group if group is None else group, lay.rank, lay.world_size,
+                           Orthogonalizer(configs, lay.device, self.flops),
+                           self.plan.matrices[0].out_dtype, lay.device, timer)
+
+    def orthogonalize(self, step: StepInputs, directions) -> list[torch.Tensor]:
+        return self.strategy.execute(self.plan, directions, self.context(step.configs, step.timer))
 
     def normalize(self, step: StepInputs, results: list) -> list[torch.Tensor]:
         updates = self.rule.updates(step.groups, step.states, self.plan.matrices, results,

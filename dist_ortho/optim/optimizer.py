@@ -137,13 +137,14 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self._names: dict[int, str] = {}
         # by which parameters take part: the plan and the run that steps it (optim.step_runs)
         self._plans: dict[tuple[int, ...], tuple[Plan, StepRun]] = {}
+        self._full_run: StepRun | None = None  # the run of all parameters: their state layouts
         self._units: dict[int, int] = {}  # id(param) -> FSDP unit in backward order (overlap)
         self._overlap: BackwardOverlap | None = None
         self._comm_context = null_comm_context
         self._ready = False
         super().__init__(params, defaults)
         self._ready = True
-        self.plan()  # surfaces every planning error now, on every rank, before any collective
+        self._replan()  # surfaces every planning error now, on every rank, before any collective
         warn_if_updates_round_away(self._entries(require_grad=False), self._names, self.rule)
 
     @property
@@ -196,8 +197,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if getattr(self.strategy, "runs_in_backward", False):
             self._overlap = BackwardOverlap(self, model)
         self._units = units
-        self._plans.clear()
-        self.plan()
+        self._replan()
 
     @property
     def overlap(self) -> BackwardOverlap | None:
@@ -264,8 +264,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         f"uneven shardings are not supported.")
             self._layouts[id(p)] = layout
         if self._ready:
-            self._plans.clear()
-            self.plan()
+            self._replan()
 
     def _group_layout(self, params: Sequence[torch.Tensor]) -> Layout:
         layouts = [self._layouts[id(p)] for p in params]
@@ -291,6 +290,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         """The strategy's plan for these parameters (default: all), plus the optimizer's own
         all-reduces (`plan_step`), cached by which parameters take part."""
         return self._planned(entries)[0]
+
+    def _replan(self) -> None:
+        """Forget every plan and plan all parameters again (they or their FSDP units changed)."""
+        self._plans.clear()
+        self._full_run = self._planned()[1]
 
     def _planned(self, entries: list[tuple[dict, torch.Tensor]] | None = None
                  ) -> tuple[Plan, StepRun]:
@@ -360,7 +364,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             # "mask" steps count on the device (torch's capturable convention), else on the host
             state["step"] = torch.zeros((), dtype=torch.float32, device=(
                 local_tensor(p).device if self.nonfinite == "mask" else None))
-            state.update(self.rule.init_state(p, self._planned()[1].state_layouts[id(p)]))
+            state.update(self.rule.init_state(p, self._full_run.state_layouts[id(p)]))
         return state
 
     def buffer_dtype(self, p: torch.Tensor) -> torch.dtype:

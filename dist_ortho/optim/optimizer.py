@@ -315,6 +315,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                              f"results travel in one buffer dtype, so use one ns_dtype per optimizer")
         infos = [self._infos[id(p)] for _, p in entries]
         if mesh_step.needs_mesh(infos, self.replicas):
+            # a MeshRun whatever the strategy: overlap_with_backward refuses meshes, and the mesh
+            # plan counts the non-finite all-reduce without the backward pipeline's flag
             return self._mesh_plan(entries, infos, next(iter(out_dtypes)), device)
         layout = self._group_layout([p for _, p in entries])
         specs = []

@@ -1,4 +1,4 @@
-"""Workers for tests/meshes/test_every_layout_steps_through_one_path.py, run on 4 gloo ranks.
+"""Workers for tests/optimizer/test_every_layout_steps_through_one_path.py, run on 4 gloo ranks.
 
 For each layout (1-D FSDP2 with `overlapped`'s backward hooks, HSDP 2x2 with replicas spread,
 FSDP2 x TP 2x2), one optimizer takes a step while a `PhaseLog` records the phases it marks, and

@@ -14,8 +14,8 @@ import torch
 
 from dist_ortho import NorMuon, strategies
 from dist_ortho.testing.processes import spawn
-from tests.meshes import one_path_cases
-from tests.meshes.one_path_cases import STEP_PHASES, PhaseLog, describe_state
+from tests.optimizer import one_path_cases
+from tests.optimizer.one_path_cases import STEP_PHASES, PhaseLog, describe_state
 
 CASES = {"fsdp_backward": "BackwardRun", "hsdp_spread": "MeshRun", "fsdp_tp": "MeshRun"}
 

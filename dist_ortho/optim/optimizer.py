@@ -362,12 +362,17 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         made at construction, gives it (the rows the rule sees)."""
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=self.buffer_dtype(p))
+            state["momentum_buffer"] = self._fresh_momentum(p)
             # "mask" steps count on the device (torch's capturable convention), else on the host
             state["step"] = torch.zeros((), dtype=torch.float32, device=(
                 local_tensor(p).device if self.nonfinite == "mask" else None))
             state.update(self.rule.init_state(p, self._full_run.state_layouts[id(p)]))
         return state
+
+    def _fresh_momentum(self, p: torch.Tensor) -> torch.Tensor:
+        """The momentum of a parameter before its first step: zeros like `p` in its buffer dtype
+        (backward hooks read it too, without creating state: the step that counts does)."""
+        return torch.zeros_like(p, dtype=self.buffer_dtype(p))
 
     def buffer_dtype(self, p: torch.Tensor) -> torch.dtype:
         """The momentum buffer's dtype for parameter `p` (`momentum_dtype`)."""

@@ -236,8 +236,7 @@ class BackwardOverlap:
         if record:
             self._prints[k] = (g.data_ptr(), _fingerprint(g))
             self._hparams[k] = (group["momentum"], group["nesterov"], group.get("maximize"))
-        buf = (torch.zeros_like(local_tensor(p), dtype=self.opt.buffer_dtype(p)) if buf is None
-               else buf)
+        buf = local_tensor(self.opt._fresh_momentum(p)) if buf is None else buf
         g = -g if group.get("maximize") else g
         g = g.to(buf.dtype)  # float32 momentum of 16-bit parameters (optim.precision)
         # the same lerps as the step-time path (which updates buf in place), into new tensors:

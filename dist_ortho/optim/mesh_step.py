@@ -170,7 +170,7 @@ class MeshRun(StepRun):
     plan, its process groups by member ranks, the layouts the rule runs on per row group and of
     each parameter's rule state); each step brings only its `StepInputs`."""
 
-    def __init__(self, plan: MeshPlan, strategy: Strategy, rule: UpdateRule, groups: dict,
+    def __init__(self, plan: MeshPlan, *, strategy: Strategy, rule: UpdateRule, groups: dict,
                  params: Sequence[torch.Tensor], infos: Sequence[MeshParam],
                  device: torch.device, flops: FlopCount) -> None:
         self.plan = plan

@@ -330,11 +330,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                                     ns_form=g.get("ns_form", "standard")))
         plan = plan_step(self.strategy, specs, layout.world_size, layout.rank, self.rule)
         plan.layout = layout
-        state_layouts = {id(p): self._layouts[id(p)] for _, p in entries}
+        common = dict(strategy=self.strategy, rule=self.rule, layout=layout, flops=self._flops,
+                      state_layouts={id(p): self._layouts[id(p)] for _, p in entries})
         if getattr(self.strategy, "runs_in_backward", False):
-            return plan, BackwardRun(plan, self.strategy, self.rule, layout, state_layouts,
-                                     self._flops, self._overlap)
-        return plan, FlatRun(plan, self.strategy, self.rule, layout, state_layouts, self._flops)
+            return plan, BackwardRun(plan, overlap=self._overlap, **common)
+        return plan, FlatRun(plan, **common)
 
     def _mesh_plan(self, entries, infos, out_dtype: torch.dtype,
                    device) -> tuple[Plan, StepRun]:
@@ -349,8 +349,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         plan = mesh_step.mesh_plan(params, [self._names[id(p)] for p in params], infos,
                                    self.strategy, self.rule, [g["ns_steps"] for g, _ in entries],
                                    out_dtype, self.replicas, rank)
-        run = mesh_step.MeshRun(plan, self.strategy, self.rule, mesh_step.make_groups(plan, infos),
-                                params, infos, device, self._flops)
+        run = mesh_step.MeshRun(plan, strategy=self.strategy, rule=self.rule,
+                                groups=mesh_step.make_groups(plan, infos), params=params,
+                                infos=infos, device=device, flops=self._flops)
         plan.layout = run.layout
         return plan, run
 

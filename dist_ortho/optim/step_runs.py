@@ -117,7 +117,7 @@ class StepRun:
 class FlatRun(StepRun):
     """A plan on one process group: the strategy's `execute`, then the rule on that group."""
 
-    def __init__(self, plan: Plan, strategy: Strategy, rule: UpdateRule, layout: Layout,
+    def __init__(self, plan: Plan, *, strategy: Strategy, rule: UpdateRule, layout: Layout,
                  state_layouts: dict[int, Layout], flops: FlopCount) -> None:
         self.plan = plan
         self.strategy = strategy
@@ -153,9 +153,8 @@ class BackwardRun(FlatRun):
     """A `FlatRun` whose momentum and exchanges may have started in backward (`overlap`: the
     hooks, or None when `overlap_with_backward` was not called)."""
 
-    def __init__(self, plan: Plan, strategy: Strategy, rule: UpdateRule, layout: Layout,
-                 state_layouts: dict[int, Layout], flops: FlopCount, overlap) -> None:
-        super().__init__(plan, strategy, rule, layout, state_layouts, flops)
+    def __init__(self, plan: Plan, *, overlap, **common) -> None:
+        super().__init__(plan, **common)
         self.overlap = overlap
         # with hooks, whether their work is usable decides on the host which code runs
         self.reads_verdict = overlap is not None

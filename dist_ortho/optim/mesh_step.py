@@ -10,7 +10,8 @@ At construction (`mesh_plan`): every parameter's layout is analyzed (`meshes.Mat
 a ValueError naming the parameter for placements that cannot be scheduled exactly, e.g. Partial),
 its local shape is checked against the layout, then the plan is made and only then the process
 groups it needs are made or looked up (`mesh_groups.group_for`).
-So a mistake raises on every rank alike before any collective or group creation.
+So a mistake raises on every rank alike before any collective or group creation. With the plan
+comes its `MeshRun`, the step's orthogonalize and normalize on the mesh (`step_runs.StepRun`).
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dist_ortho.core.mesh_groups import common_root, describe, group_for, root_mesh
 from dist_ortho.core.meshes import MatrixLayout, MeshSpec, is_strided
-from dist_ortho.core.newton_schulz import NSConfig
 from dist_ortho.core.orthogonalizer import FlopCount
 from dist_ortho.core.sharding import Layout, local_tensor
-from dist_ortho.core.timing import PhaseTimer
+from dist_ortho.optim.step_runs import StepInputs, StepRun
 from dist_ortho.rules.base import UpdateRule
 from dist_ortho.strategies import mesh_exec
 from dist_ortho.strategies.base import Strategy
 from dist_ortho.strategies.mesh import MeshPlan, plan_mesh
 
-__all__ = ["MeshParam", "inspect_param", "needs_mesh", "mesh_plan", "state_layout", "check_grads", "run_step"]
+__all__ = ["MeshParam", "inspect_param", "needs_mesh", "mesh_plan", "make_groups", "state_layout",
+           "check_grads", "MeshRun"]
 
 
 @dataclass(frozen=True)
@@ -164,27 +165,52 @@ def check_grads(entries: Sequence[tuple[dict, torch.Tensor]]) -> None:
                              f"(redistribute) before the optimizer step")
 
 
-def run_step(plan: MeshPlan, strategy: Strategy, rule: UpdateRule, groups: dict,
-             entries: Sequence[tuple[dict, torch.Tensor]], states: Sequence[dict],
-             directions: Sequence[torch.Tensor], configs: Sequence[NSConfig], rule_keys,
-             device: torch.device, flops: FlopCount, timer: PhaseTimer) -> list[torch.Tensor]:
-    """Orthogonalize and normalize on the mesh; returns each parameter's local update."""
-    with timer.phase("orthogonalize"):
-        rows = mesh_exec.to_rows(plan, directions, groups, timer)
-        results = mesh_exec.orthogonalize(plan, strategy, rows, groups, configs, device, flops,
-                                          timer)
-    del rows
-    me = plan.global_rank
-    with timer.phase("normalize"):
+class MeshRun(StepRun):
+    """A `MeshPlan`'s step (`step_runs.StepRun`): everything fixed when the plan is made (the
+    plan, its process groups by member ranks, the layouts the rule runs on per row group and of
+    each parameter's rule state); each step brings only its `StepInputs`."""
+
+    def __init__(self, plan: MeshPlan, *, strategy: Strategy, rule: UpdateRule, groups: dict,
+                 params: Sequence[torch.Tensor], infos: Sequence[MeshParam],
+                 device: torch.device, flops: FlopCount) -> None:
+        self.plan = plan
+        self.strategy = strategy
+        self.rule = rule
+        self.groups = groups
+        self.device = device
+        self.flops = flops
+        self.layout = Layout(groups.get(plan.world), plan.rank, plan.world_size, True, device)
+        self.state_layouts = {id(p): state_layout(plan, i, info, device)
+                              for i, (p, info) in enumerate(zip(params, infos))}
+        me = plan.global_rank
+        self._row_layouts = []  # per domain: the row group this rank's instance normalizes on
+        for dom in plan.domains:
+            inst = dom.instance(me)
+            self._row_layouts.append(Layout(groups.get(inst.members), inst.members.index(me),
+                                            len(inst.members), True, device))
+
+    def check(self, entries: Sequence[tuple[dict, torch.Tensor]]) -> None:
+        check_grads(entries)
+
+    def orthogonalize(self, step: StepInputs, directions) -> list[list[torch.Tensor]]:
+        """Per domain, this rank's rows of NS of each unit its instance holds."""
+        rows = mesh_exec.to_rows(self.plan, directions, self.groups, step.timer)
+        return mesh_exec.orthogonalize(self.plan, self.strategy, rows, self.groups, step.configs,
+                                       self.device, self.flops, step.timer)
+
+    def normalize(self, step: StepInputs, results) -> list[torch.Tensor]:
+        """The rule per row group, then the updates back to each parameter's local shape."""
+        me = self.plan.global_rank
+        groups = step.groups
         updates = []
-        for dom, res in zip(plan.domains, results):
+        for dom, res, layout in zip(self.plan.domains, results, self._row_layouts):
             inst = dom.instance(me)
             params = [dom.units[k].param for k in inst.units]
-            unit_states = [{key: mesh_exec.unit_piece(dom, k, local_tensor(states[p][key]), me)
-                            for key in rule_keys} for k, p in zip(inst.units, params)]
-            layout = Layout(groups.get(inst.members), inst.members.index(me),
-                            len(inst.members), True, device)
-            updates.append(rule.updates([entries[p][0] for p in params], unit_states,
-                                        inst.specs(dom, inst.units), res, layout))
-        return mesh_exec.from_rows(plan, updates, [local_tensor(p) for _, p in entries], groups,
-                                   timer)
+            unit_states = [{key: mesh_exec.unit_piece(dom, k, local_tensor(step.states[p][key]),
+                                                      me)
+                            for key in self.rule.float32_state}
+                           for k, p in zip(inst.units, params)]
+            updates.append(self.rule.updates([groups[p] for p in params], unit_states,
+                                             inst.specs(dom, inst.units), res, layout))
+        return mesh_exec.from_rows(self.plan, updates, [local_tensor(p) for p in step.params],
+                                   self.groups, step.timer)

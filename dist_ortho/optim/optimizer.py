@@ -30,9 +30,13 @@ asserts these numbers.
 Streams on CUDA: `dist_ortho.optim.streams`. torch.optim's flags (foreach, fused, capturable,
 maximize): `dist_ortho.optim.conventions`.
 
-On 2-D/3-D meshes (HSDP with replicas="spread", tensor parallel, expert parallel) steps 3-4 go
-through `dist_ortho.optim.mesh_step` (`strategies.mesh`): the same strategies per row group, plus
-the TP column exchange and the replica exchange.
+`step()` runs these five in this order on every layout. Steps 2-4 are asked of a `StepRun` made
+with the plan (`dist_ortho.optim.step_runs`): `FlatRun` for parameters on one process group,
+`BackwardRun` when the strategy runs in backward (its hooks already computed momentum and started
+the exchanges; step() drains them), and on 2-D/3-D meshes (HSDP with replicas="spread", tensor
+parallel, expert parallel) `mesh_step.MeshRun` (`strategies.mesh`): the same strategies per row
+group, plus the TP column exchange and the replica exchange. A parameter's state is created in one
+place, `init_state`, at its first counted step (or by a checkpoint before it).
 
 With one rank, the same code runs with every collective skipped. Parameters must be 2-D or more
 (4-D conv weights are viewed as (out, -1), 3-D stacks as batches of matrices); use
@@ -52,7 +56,7 @@ import torch.distributed as dist
 from dist_ortho import rules as rule_registry
 from dist_ortho import strategies as strategy_registry
 from dist_ortho.core.newton_schulz import NSConfig, matrix_view_shape, ns_dtype_name
-from dist_ortho.core.orthogonalizer import FlopCount, Orthogonalizer
+from dist_ortho.core.orthogonalizer import FlopCount
 from dist_ortho.core.plan import Plan
 from dist_ortho.core.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
@@ -61,15 +65,15 @@ from dist_ortho.core.hparams import check_beta, check_lr, check_weight_decay
 from dist_ortho.optim.conventions import TORCH_FLAGS, check_no_duplicates, check_torch_flags
 from dist_ortho.optim.nonfinite import (HOST_SYNCS_PER_STEP, NONFINITE_POLICIES, STEP_COUNTED,
                                         count_nonfinite, handle_nonfinite, masked_writes,
-                                        nonfinite_counts, step_counts, where_ok)
+                                        nonfinite_counts, step_counts)
 from dist_ortho.optim.overlap import BackwardOverlap, null_comm_context, unit_positions
 from dist_ortho.optim.precision import (check_momentum_dtype, momentum_dtype_for,
                                         warn_if_updates_round_away)
-from dist_ortho.optim.step_ops import apply_updates, momentum_directions
 from dist_ortho.optim.step_plan import optimizer_items, plan_step
+from dist_ortho.optim.step_runs import BackwardRun, FlatRun, StepInputs, StepRun, step_apply
 from dist_ortho.rules.base import UpdateRule
-from dist_ortho.strategies.base import ExecContext, Strategy
-from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, MeshPlan, check_replicas
+from dist_ortho.strategies.base import Strategy
+from dist_ortho.strategies.mesh import DEFAULT_REPLICAS, check_replicas
 
 __all__ = ["OrthogonalizedOptimizer", "NorMuon", "Muon", "NONFINITE_POLICIES", "plan_step",
            "optimizer_items", "count_nonfinite", "handle_nonfinite", "HOST_SYNCS_PER_STEP",
@@ -132,16 +136,17 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self._flops = FlopCount()  # NS FLOPs actually run on this rank, counted from the shapes
         self._layouts: dict[int, Layout | None] = {}  # None: mesh path only (mesh_step)
         self._infos: dict[int, mesh_step.MeshParam] = {}
-        self._mesh_groups: dict[tuple[int, ...], dict] = {}  # per plan key: member ranks -> group
         self._names: dict[int, str] = {}
-        self._plans: dict[tuple[int, ...], Plan] = {}
+        # by which parameters take part: the plan and the run that steps it (optim.step_runs)
+        self._plans: dict[tuple[int, ...], tuple[Plan, StepRun]] = {}
+        self._full_run: StepRun | None = None  # the run of all parameters: their state layouts
         self._units: dict[int, int] = {}  # id(param) -> FSDP unit in backward order (overlap)
         self._overlap: BackwardOverlap | None = None
         self._comm_context = null_comm_context
         self._ready = False
         super().__init__(params, defaults)
         self._ready = True
-        self.plan()  # surfaces every planning error now, on every rank, before any collective
+        self._replan()  # surfaces every planning error now, on every rank, before any collective
         warn_if_updates_round_away(self._entries(require_grad=False), self._names, self.rule)
 
     @property
@@ -189,8 +194,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if getattr(self.strategy, "runs_in_backward", False):
             self._overlap = BackwardOverlap(self, model)
         self._units = units
-        self._plans.clear()
-        self.plan()
+        self._replan()
 
     @property
     def overlap(self) -> BackwardOverlap | None:
@@ -259,8 +263,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         f"uneven shardings are not supported.")
             self._layouts[id(p)] = layout
         if self._ready:
-            self._plans.clear()
-            self.plan()
+            self._replan()
 
     def _group_layout(self, params: Sequence[torch.Tensor]) -> Layout:
         layouts = [self._layouts[id(p)] for p in params]
@@ -285,10 +288,23 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     def plan(self, entries: list[tuple[dict, torch.Tensor]] | None = None) -> Plan:
         """The strategy's plan for these parameters (default: all), plus the optimizer's own
         all-reduces (`plan_step`), cached by which parameters take part."""
+        return self._planned(entries)[0]
+
+    def _replan(self) -> None:
+        """Forget every plan and plan all parameters again (they or their FSDP units changed)."""
+        self._plans.clear()
+        self._full_run = self._planned()[1]
+
+    def _planned(self, entries: list[tuple[dict, torch.Tensor]] | None = None
+                 ) -> tuple[Plan, StepRun]:
+        """`plan(entries)` and the `StepRun` that steps it, made together and cached."""
         entries = self._entries(require_grad=False) if entries is None else entries
         key = tuple(id(p) for _, p in entries)
-        if key in self._plans:
-            return self._plans[key]
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(entries)
+        return self._plans[key]
+
+    def _make_plan(self, entries: list[tuple[dict, torch.Tensor]]) -> tuple[Plan, StepRun]:
         if not entries:
             raise ValueError(f"{type(self).__name__} has no parameters to step")
         device = local_tensor(entries[0][1]).device
@@ -298,9 +314,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                              f"results travel in one buffer dtype, so use one ns_dtype per optimizer")
         infos = [self._infos[id(p)] for _, p in entries]
         if mesh_step.needs_mesh(infos, self.replicas):
-            plan = self._mesh_plan(entries, infos, next(iter(out_dtypes)), device)
-            self._plans[key] = plan
-            return plan
+            # a MeshRun whatever the strategy: overlap_with_backward refuses meshes, and the mesh
+            # plan counts the non-finite all-reduce without the backward pipeline's flag
+            return self._mesh_plan(entries, infos, next(iter(out_dtypes)), device)
         layout = self._group_layout([p for _, p in entries])
         specs = []
         for i, (g, p) in enumerate(entries):
@@ -313,10 +329,14 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                                     ns_form=g.get("ns_form", "standard")))
         plan = plan_step(self.strategy, specs, layout.world_size, layout.rank, self.rule)
         plan.layout = layout
-        self._plans[key] = plan
-        return plan
+        common = dict(strategy=self.strategy, rule=self.rule, layout=layout, flops=self._flops,
+                      state_layouts={id(p): self._layouts[id(p)] for _, p in entries})
+        if getattr(self.strategy, "runs_in_backward", False):
+            return plan, BackwardRun(plan, overlap=self._overlap, **common)
+        return plan, FlatRun(plan, **common)
 
-    def _mesh_plan(self, entries, infos, out_dtype: torch.dtype, device) -> MeshPlan:
+    def _mesh_plan(self, entries, infos, out_dtype: torch.dtype,
+                   device) -> tuple[Plan, StepRun]:
         """The mesh path's plan (`mesh_step`): validate, plan, then make the groups it needs."""
         params = [p for _, p in entries]
         gram = [self._names[id(p)] for g, p in entries if g.get("ns_form", "standard") != "standard"]
@@ -328,30 +348,32 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         plan = mesh_step.mesh_plan(params, [self._names[id(p)] for p in params], infos,
                                    self.strategy, self.rule, [g["ns_steps"] for g, _ in entries],
                                    out_dtype, self.replicas, rank)
-        groups = mesh_step.make_groups(plan, infos)
-        self._mesh_groups[tuple(id(p) for p in params)] = groups
-        plan.layout = Layout(groups.get(plan.world), plan.rank, plan.world_size, True, device)
-        return plan
+        run = mesh_step.MeshRun(plan, strategy=self.strategy, rule=self.rule,
+                                groups=mesh_step.make_groups(plan, infos), params=params,
+                                infos=infos, device=device, flops=self._flops)
+        plan.layout = run.layout
+        return plan, run
 
     # -- state -----------------------------------------------------------------------------------
-    def init_state(self, p: torch.Tensor, layout: Layout | None = None) -> dict:
-        """`p`'s state, created as its first step creates it (momentum zeros, step 0, the rule's
-        own state such as NorMuon's v, each sharded like `p`) if it has none yet; checkpoints call
-        it to save before the first step. `layout`: where `p`'s rows live (default: as planned)."""
+    def init_state(self, p: torch.Tensor) -> dict:
+        """`p`'s state, created as its first step creates it, if it has none yet: the one place
+        state is made (the step after its non-finite check, whatever the layout or schedule, and
+        checkpoints saving before the first step). The momentum buffer sharded like `p`, the step
+        counter, and the rule's own state (NorMuon's v) in the layout the plan of all parameters,
+        made at construction, gives it (the rows the rule sees)."""
         state = self.state[p]
         if "momentum_buffer" not in state:
-            layout = self._layouts[id(p)] if layout is None else layout
-            if layout is None:  # mesh path (TP/EP), e.g. a checkpoint creating state before a step
-                entries = self._entries(require_grad=False)
-                index = [id(q) for _, q in entries].index(id(p))
-                layout = mesh_step.state_layout(self.plan(entries), index, self._infos[id(p)],
-                                                local_tensor(p).device)
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=self.buffer_dtype(p))
+            state["momentum_buffer"] = self._fresh_momentum(p)
             # "mask" steps count on the device (torch's capturable convention), else on the host
             state["step"] = torch.zeros((), dtype=torch.float32, device=(
                 local_tensor(p).device if self.nonfinite == "mask" else None))
-            state.update(self.rule.init_state(p, layout))
+            state.update(self.rule.init_state(p, self._full_run.state_layouts[id(p)]))
         return state
+
+    def _fresh_momentum(self, p: torch.Tensor) -> torch.Tensor:
+        """The momentum of a parameter before its first step: zeros like `p` in its buffer dtype
+        (backward hooks read it too, without creating state: the step that counts does)."""
+        return torch.zeros_like(p, dtype=self.buffer_dtype(p))
 
     def buffer_dtype(self, p: torch.Tensor) -> torch.dtype:
         """The momentum buffer's dtype for parameter `p` (`momentum_dtype`)."""
@@ -401,139 +423,66 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                       sum(len(g["params"]) for g in self.param_groups) - len(entries))
         if not entries:
             return
-        plan = self.plan(entries)
-        layout: Layout = plan.layout
+        _, run = self._planned(entries)  # what differs per layout and schedule (optim.step_runs)
+        run.check(entries)
         grads = [local_tensor(p.grad) for _, p in entries]
         timer = self.timer
-        overlap = self._overlap
-        # the mesh path never runs in backward (overlap_with_backward refuses it), and its plan
-        # counts the non-finite all-reduce without the overlap's usability flag
-        backward_mode = (getattr(self.strategy, "runs_in_backward", False)
-                         and not isinstance(plan, MeshPlan))
-
-        ok = None  # "mask": the device's verdict, a 0-d bool every write of the step obeys
         with timer.phase("nonfinite_check"):
-            checked = list(grads) + [local_tensor(g) for g in companion_grads]
-            reason, flag = None, None
-            if backward_mode:  # the same all-reduce agrees whether backward's work is usable
-                reason, flag = (overlap.verdict(entries) if overlap is not None
-                                else (None, torch.zeros(1, device=layout.device)))
-            if self.nonfinite == "mask":
-                counts = nonfinite_counts(checked, layout.group, layout.world_size,
-                                          layout.device, flag)
-                ok = counts[0] == 0
-                # backward's usability decides which code runs: host_syncs_per_step's one read
-                # (without hooks, on every rank alike, there is nothing to decide)
-                bad, unusable = 0, (int(counts[1].item()) if overlap is not None else 0)
-                self.last_step_ok = ok
-                self.masked_steps = ((~ok).long() if self.masked_steps is None
-                                     else self.masked_steps.add_(~ok))
-            elif flag is not None:
-                bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
-                                                layout.device, flag=flag)
-            else:
-                bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
-                                                layout.device), 0
-            if bad:
-                if overlap is not None:
-                    overlap.discard()
-                handle_nonfinite(bad, self.nonfinite, type(self).__name__)
-                self.skipped_steps += 1
-                self.last_step_skipped = True
-                return
-        if overlap is not None and unusable:  # every rank drops it alike
-            overlap.fall_back(reason or "a gradient changed after its backward hook (clipping? "
-                                        "unscaling?) on this or another rank")
-
-        on_mesh = isinstance(plan, MeshPlan)
-        if on_mesh:
-            mesh_step.check_grads(entries)
-        from_backward = overlap is not None and overlap.started
-        assert not (on_mesh and from_backward), "overlap_with_backward refuses mesh layouts"
-        if from_backward:
-            with timer.phase("orthogonalize"):
-                new_bufs, results = overlap.finish()
-            with timer.phase("momentum"):
-                for (_, p), new in zip(entries, new_bufs):
-                    state = self.init_state(p, self._layouts[id(p)])
-                    state["step"] += 1 if ok is None else ok
-                    buf = local_tensor(state["momentum_buffer"])
-                    buf.copy_(where_ok(ok, new, buf))
-            del new_bufs
-        else:
-            with timer.phase("momentum"):
-                directions = _momentum(entries, grads, [self.init_state(p, mesh_step.state_layout(
-                    plan, i, self._infos[id(p)], layout.device) if on_mesh
-                    else self._layouts[id(p)]) for i, (_, p) in enumerate(entries)], ok)
+            go, ok = self._nonfinite_check(run, entries, grads, companion_grads)
+        if not go:
+            return
+        with timer.phase("momentum"):
+            step = StepInputs(entries, grads, [self.init_state(p) for _, p in entries],
+                              [self._ns_config(g) for g, _ in entries], timer, ok)
+            directions = run.momentum(step)  # None: backward's hooks computed it
+        with timer.phase("orthogonalize"):
+            results = run.orthogonalize(step, directions)
+        del directions
         # the rule's own state (NorMuon's v) changes in normalize: kept unless the step is good
-        masked = masked_writes(ok, [local_tensor(t) for _, p in entries
-                                    for k, t in self.state[p].items()
+        masked = masked_writes(ok, [local_tensor(t) for state in step.states
+                                    for k, t in state.items()
                                     if k not in ("momentum_buffer", "step")])
-
-        if on_mesh:
-            with masked:
-                updates = mesh_step.run_step(
-                    plan, self.strategy, self.rule,
-                    self._mesh_groups[tuple(id(p) for _, p in entries)], entries,
-                    [self.state[p] for _, p in entries], directions,
-                    [self._ns_config(g) for g, _ in entries], tuple(self.rule.float32_state),
-                    layout.device, self._flops, timer)
-            del directions
-        else:
-            if not from_backward:
-                orthogonalizer = Orthogonalizer([self._ns_config(g) for g, _ in entries],
-                                                layout.device, self._flops)
-                ctx = ExecContext(layout.group, layout.rank, layout.world_size, orthogonalizer,
-                                  plan.matrices[0].out_dtype, layout.device, timer)
-                with timer.phase("orthogonalize"):
-                    results = self.strategy.execute(plan, directions, ctx)
-                del directions
-            with timer.phase("normalize"), masked:
-                # local statistics (strategy local_norms): the rule sees a world of one rank
-                updates = self.rule.updates(
-                    [g for g, _ in entries], [self.state[p] for _, p in entries], plan.matrices,
-                    results, layout if self.strategy.global_statistics
-                    else dataclasses.replace(layout, group=None, world_size=1))
-                if self.strategy.update_scale() != 1.0:  # periodic's lr of its full steps
-                    torch._foreach_mul_(updates, self.strategy.update_scale())
+        with timer.phase("normalize"), masked:
+            updates = run.normalize(step, results)
+        del results
         with timer.phase("apply"):
-            _apply(entries, updates, ok)
+            step_apply(step, updates)
 
-
-def _runs(entries) -> list[list[int]]:
-    """Positions of entries grouped by param group (one torch._foreach_* call each)."""
-    runs: dict[int, list[int]] = {}
-    for j, (group, _) in enumerate(entries):
-        runs.setdefault(id(group), []).append(j)
-    return list(runs.values())
-
-
-def _momentum(entries, grads, states, ok: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Each param group's momentum (`step_ops.momentum_directions`: a few _foreach_ ops per
-    group; g is -grad with maximize); directions come back in the parameters' dtype, the wire
-    dtype of every plan. `ok` (0-d bool): buffers and step counters change only where it holds
-    (`nonfinite="mask"`)."""
-    directions: list[torch.Tensor | None] = [None] * len(entries)
-    for run in _runs(entries):
-        group = entries[run[0]][0]
-        gs = [grads[j] for j in run]
-        gs = torch._foreach_neg(gs) if group.get("maximize") else gs
-        outs = momentum_directions([local_tensor(states[j]["momentum_buffer"]) for j in run],
-                                   gs, [states[j]["step"] for j in run],
-                                   group["momentum"], group["nesterov"], ok=ok,
-                                   out_dtype=grads[run[0]].dtype)
-        for j, u in zip(run, outs):
-            directions[j] = u
-    return directions  # type: ignore[return-value]
-
-
-def _apply(entries, updates, ok: torch.Tensor | None = None) -> None:
-    """p <- p (1 - lr wd) - lr update, in place (`step_ops.apply_updates`, per param group; only
-    where `ok` holds, when given); lr and weight_decay as 0-d tensors are never read on the host."""
-    for run in _runs(entries):
-        group = entries[run[0]][0]
-        apply_updates([local_tensor(entries[j][1]) for j in run], [updates[j] for j in run],
-                      group["lr"], group["weight_decay"], ok=ok)
+    def _nonfinite_check(self, run: StepRun, entries, grads: Sequence[torch.Tensor],
+                         companion_grads: Sequence[torch.Tensor]
+                         ) -> tuple[bool, torch.Tensor | None]:
+        """One all-reduce agrees on every rank whether any gradient is non-finite (and, for work
+        started in backward, whether it is usable: `run.verdict`). Returns (whether the step goes
+        on, the "mask" policy's on-device verdict or None)."""
+        layout = run.layout
+        checked = list(grads) + [local_tensor(g) for g in companion_grads]
+        reason, flag = run.verdict(entries)
+        ok = None
+        if self.nonfinite == "mask":
+            counts = nonfinite_counts(checked, layout.group, layout.world_size, layout.device,
+                                      flag)
+            ok = counts[0] == 0  # a 0-d bool every write of the step obeys
+            # backward's usability decides which code runs: host_syncs_per_step's one read
+            # (without hooks, on every rank alike, there is nothing to decide)
+            bad, unusable = 0, (int(counts[1].item()) if run.reads_verdict else 0)
+            self.last_step_ok = ok
+            self.masked_steps = ((~ok).long() if self.masked_steps is None
+                                 else self.masked_steps.add_(~ok))
+        elif flag is not None:
+            bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
+                                            layout.device, flag=flag)
+        else:
+            bad, unusable = count_nonfinite(checked, layout.group, layout.world_size,
+                                            layout.device), 0
+        if bad:
+            run.discard()
+            handle_nonfinite(bad, self.nonfinite, type(self).__name__)
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            return False, None
+        if unusable:  # every rank drops it alike
+            run.fall_back(reason)
+        return True, ok
 
 
 def _options_text(options) -> str:

@@ -60,10 +60,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from dist_ortho.core.orthogonalizer import Orthogonalizer
 from dist_ortho.core.sharding import local_tensor
 from dist_ortho.optim.streams import Streams
-from dist_ortho.strategies.base import ExecContext
 
 __all__ = ["BackwardOverlap", "fsdp_units", "unit_members", "unit_positions", "null_comm_context"]
 
@@ -218,13 +216,11 @@ class BackwardOverlap:
                     self._next += 1
 
     def _start(self) -> None:
-        opt, layout = self.opt, self.layout
-        plan = opt.plan(self.entries)
+        opt = self.opt
+        plan, run = opt._planned(self.entries)
         self._plan = plan
-        ctx = ExecContext(self.group, layout.rank, layout.world_size,
-                          Orthogonalizer([opt._ns_config(g) for g, _ in self.entries],
-                                         layout.device, opt._flops),
-                          plan.matrices[0].out_dtype, layout.device, opt.timer)
+        # the step-time context, on this overlap's own group
+        ctx = run.context([opt._ns_config(g) for g, _ in self.entries], opt.timer, self.group)
         self._pipe = opt.strategy.start(plan, ctx)
         # buckets of each unit, in plan order (the plan orders buckets by unit)
         self._unit_buckets = [[] for _ in self.units]
@@ -240,8 +236,7 @@ class BackwardOverlap:
         if record:
             self._prints[k] = (g.data_ptr(), _fingerprint(g))
             self._hparams[k] = (group["momentum"], group["nesterov"], group.get("maximize"))
-        buf = (torch.zeros_like(local_tensor(p), dtype=self.opt.buffer_dtype(p)) if buf is None
-               else buf)
+        buf = local_tensor(self.opt._fresh_momentum(p)) if buf is None else buf
         g = -g if group.get("maximize") else g
         g = g.to(buf.dtype)  # float32 momentum of 16-bit parameters (optim.precision)
         # the same lerps as the step-time path (which updates buf in place), into new tensors:

@@ -159,7 +159,8 @@ class Strategy:
             for i in members:
                 bucket[i] = b
         plan = Plan(self.name, world_size, rank, matrices, tuple(owner), tuple(bucket), [],
-                    buckets=tuple(buckets), schedule=Schedule(tuple(actions), tuple(buckets), splits))
+                    buckets=tuple(buckets),
+                    schedule=Schedule(tuple(actions), tuple(buckets), splits))
         plan.ranks = executor.count(plan)
         return plan
 

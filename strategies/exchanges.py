@@ -13,9 +13,9 @@ priced from one description:
 Registered here: `owner_rows` (one all-to-all with exact split sizes between every rank and each
 matrix's owner; `two_level` inside the node first with `ranks_per_node`), `all_rows` (one
 all-gather of every rank's zero-padded shards: every rank gets every matrix), `owner_gather`
-(one gather per matrix to its owner forward, one scatter back, zero-padded rows), `broadcast` (a plain matrix's
-result from its owner to all) and `shape_blocks` (megabatch's dense per-shape blocks with zero
-matrices). The split Newton-Schulz rounds register theirs in `strategies.split_rounds`.
+(one gather per matrix to its owner forward, one scatter back, zero-padded rows), `broadcast`
+(a plain matrix's result from its owner to all) and `shape_blocks` (megabatch's dense per-shape
+blocks with zero matrices). The split Newton-Schulz rounds register theirs in `strategies.split_rounds`.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ if torch stops calling the hook this way.
 
 What runs in the hook. The unit's momentum directions are computed from the final shard
 (`lerp(M, G, 1-mu)`, Nesterov `lerp(G, M', mu)`) into new tensors, without touching the
-optimizer's state, and the unit's buckets are pushed into the strategy's run (`Strategy.start`, the executor's `Run`)
-(forward all-to-all issued async; the bucket pushed `lag` buckets earlier is waited for,
-orthogonalized and its return issued). Units are launched in plan order (backward order, known
+optimizer's state, and the unit's buckets are pushed into the strategy's run (`Strategy.start`,
+the executor's `Run`: forward all-to-all issued async; the bucket pushed `lag` buckets earlier is
+waited for, orthogonalized and its return issued; the last ones wait for step()'s drain). Units are launched in plan order (backward order, known
 from the model): a unit that fires early waits for the ones before it, so every rank issues the
 same collectives in the same order whatever order its hooks fire in.
 

@@ -84,7 +84,7 @@ def _attach(container, model_parts) -> None:
         opts = container.optimizers[start:start + count]
         start += count
         leader = next((o for o in opts if isinstance(o, OrthogonalizedOptimizer)), None)
-        if leader is not None and getattr(leader.strategy, "follows_backward", False) and \
+        if leader is not None and leader.strategy.follows_backward and \
                 any(isinstance(m, FSDPModule) for m in model.modules()):
             leader.overlap_with_backward(model)
         container._combined.append(CombinedOptimizer(
@@ -206,7 +206,7 @@ def container_class():
         def describe(self) -> str:
             """Which optimizer each parameter went to; the clipping note for `overlapped`."""
             lines = [f"{name} -> {dest}" for name, dest in getattr(self, "assignment", {}).items()]
-            if any(getattr(c.strategy, "follows_backward", False) for c in self._combined):
+            if any(c.strategy.follows_backward for c in self._combined):
                 lines.append(f"note: {CLIPPING_NOTE}")
             return "\n".join(lines)
 

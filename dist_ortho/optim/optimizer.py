@@ -174,7 +174,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         cannot work."""
         if self._units:
             raise ValueError("overlap_with_backward() was already called for this optimizer")
-        if not getattr(self.strategy, "follows_backward", False):
+        if not self.strategy.follows_backward:
             raise ValueError(f"strategy {self.strategy.name!r} does not order its work by the "
                              f"backward pass; use strategy 'overlapped'")
         # the same test plan() makes: HSDP with replicas="spread" takes the mesh path too
@@ -182,7 +182,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         on_mesh = ([self._names[id(p)] for _, p in entries if self._infos[id(p)].mesh is not None]
                    if mesh_step.needs_mesh([self._infos[id(p)] for _, p in entries], self.replicas)
                    else [])
-        if on_mesh and getattr(self.strategy, "runs_in_backward", False):
+        if on_mesh and self.strategy.runs_in_backward:
             # placements are alike on every rank, so every rank raises here
             raise ValueError(f"parameter {on_mesh[0]!r} lives on a 2-D/3-D mesh (HSDP, TP or "
                              f"EP): the mesh path has no backward overlap; use the strategy "
@@ -191,7 +191,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if on_mesh:  # schedule step: the mesh path plans per row group, FSDP units unused
             return
         units = unit_positions(self._entries(require_grad=False), model, self._names)
-        if getattr(self.strategy, "runs_in_backward", False):
+        if self.strategy.runs_in_backward:
             self._overlap = BackwardOverlap(self, model)
         self._units = units
         self._replan()
@@ -331,7 +331,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         plan.layout = layout
         common = dict(strategy=self.strategy, rule=self.rule, layout=layout, flops=self._flops,
                       state_layouts={id(p): self._layouts[id(p)] for _, p in entries})
-        if getattr(self.strategy, "runs_in_backward", False):
+        if self.strategy.runs_in_backward:
             return plan, BackwardRun(plan, overlap=self._overlap, **common)
         return plan, FlatRun(plan, **common)
 

@@ -131,7 +131,7 @@ class BackwardOverlap:
 
     def __init__(self, optimizer, model: nn.Module) -> None:
         strategy = optimizer.strategy
-        if not getattr(strategy, "runs_in_backward", False):
+        if not strategy.runs_in_backward:
             raise ValueError(f"strategy {strategy.name!r} runs after backward; overlapping the "
                              f"backward pass needs strategy 'overlapped' (schedule: backward)")
         entries = optimizer._entries(require_grad=False)

@@ -306,7 +306,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
             return "(no parameter assignment recorded)"
         width = max(len(n) for n in self.assignment)
         note = []
-        if getattr(self.strategy, "runs_in_backward", False):
+        if self.strategy.runs_in_backward:
             note = ["note: strategy 'overlapped' starts its work in backward; global-norm "
                     "gradient clipping changes the gradients after that, so every clipped step "
                     "redoes the work after backward (exact, but not overlapped; the profiler "
@@ -437,7 +437,7 @@ def build_optimizers(model: nn.Module, config: OptimizerConfig | None = None,
                                                    **common))
         # a strategy that follows the backward pass gets the model's FSDP2 units (and, with
         # schedule backward, its hooks); without them (plain tensors) it runs at step time
-        if (getattr(opts[0].strategy, "follows_backward", False)
+        if (opts[0].strategy.follows_backward
                 and any(isinstance(m, FSDPModule) for m in model.modules())):
             opts[0].overlap_with_backward(model)
     if others:

@@ -34,7 +34,7 @@ def plan_step(strategy: Strategy, specs: Sequence[MatrixSpec], world_size: int, 
     """The plan of one optimizer step: the strategy's plan completed with `optimizer_items`. The
     optimizer's `plan()` and the cost model both call this, so their bytes agree by construction."""
     plan = strategy.plan(specs, world_size, rank)
-    flags = 2 if getattr(strategy, "runs_in_backward", False) else 1
+    flags = 2 if strategy.runs_in_backward else 1
     items = optimizer_items(plan.matrices, world_size, rule_registry.get(rule), flags,
                             strategy.global_statistics)
     for cost in plan.ranks:

@@ -84,7 +84,7 @@ def _study(tmp_path: Path, strategies: list) -> Path:
 def test_a_bad_mode_in_a_strategy_entry_fails_before_launch(tmp_path):
     path = _study(tmp_path, [{"name": "balanced", "label": "b",
                               "set": {"optimizer.replicas": "both"}}])
-    with pytest.raises(ConfigError, match=r"^optimizer\.replicas: must be one of spread, repeat"):
+    with pytest.raises(ConfigError, match=r"^optimizer\.replicas: replicas must be one of spread, repeat"):
         expand(load_study(path), "cpu")
 
 

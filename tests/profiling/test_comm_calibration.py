@@ -1,0 +1,51 @@
+"""The communication constants are fitted on what an optimizer step issues: message sizes that
+reach its exchanges' pieces, and each collective's median repeat (the statistic the validation
+holds the model to), with every repeat kept."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch.distributed as dist
+
+from dist_ortho import strategies
+from dist_ortho.models.shapes import matrix_shapes
+from dist_ortho.profiling.calibration import COMM_SIZES, measure_collectives
+from dist_ortho.profiling.costmodel import predict
+from dist_ortho.testing.processes import spawn
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_calibrated_sizes_reach_the_pieces_a_benchmark_step_exchanges(world_size):
+    """Every whole-group all-to-all / all-gather of transformer-bench (the validated model) sends
+    each peer a piece no larger than the largest calibrated one: the fit interpolates there."""
+    shapes = matrix_shapes("transformer-bench")
+    largest = 0.0
+    for name in strategies.available_exact():
+        plan = predict(shapes, world_size, name).plan
+        for cost in plan.ranks:
+            for c in cost.comm:
+                if c.group is None and c.kind in ("all_to_all", "all_gather"):
+                    largest = max(largest, max(c.send_bytes, c.recv_bytes) / (world_size - 1))
+    assert 2**20 < largest <= max(COMM_SIZES)
+
+
+def statistic_worker(rank: int, world_size: int) -> dict:
+    out = {s: measure_collectives(None, sizes_bytes=(2**10, 2**14), repeats=5,
+                                  kinds=("all_to_all",), statistic=s) for s in ("min", "median")}
+    try:
+        measure_collectives(None, sizes_bytes=(2**10,), statistic="mean")
+    except ValueError as exc:
+        out["error"] = str(exc)
+    dist.barrier()
+    return out
+
+
+def test_collective_samples_keep_every_repeat_and_the_chosen_statistic():
+    out = spawn(statistic_worker, 2)[0]
+    for statistic, pick in (("min", min), ("median", statistics.median)):
+        for s in out[statistic]:
+            assert len(s.times) == 5
+            assert s.seconds == pick(s.times)
+    assert "statistic='mean'" in out["error"]

@@ -131,26 +131,38 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_collective(kind: str, numel: int, group, device: torch.device, P: int, me: int):
-    """Issue one collective of `kind` with pieces of `numel` float32 elements."""
+    """A call issuing one collective of `kind` with pieces of `numel` float32 elements and
+    returning the buffer it received into (None where this rank receives nothing). Each call
+    receives into a buffer allocated for it, as an optimizer step does: on a CPU host the first
+    writes into fresh pages (page faults, zeroing) are part of what a transfer costs there."""
     x = torch.ones(numel, dtype=torch.float32, device=device)
+
+    def fresh(n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.float32, device=device)
+
+    def into(out, issue):
+        issue(out)
+        return out
+
     if kind == "all_gather":
-        out = torch.empty(P * numel, dtype=torch.float32, device=device)
-        return lambda: all_gather_single(out, x, group=group)
+        return lambda: into(fresh(P * numel), lambda o: all_gather_single(o, x, group=group))
     if kind == "all_to_all":
         inp = torch.ones(P * numel, dtype=torch.float32, device=device)
-        out = torch.empty_like(inp)
-        return lambda: dist.all_to_all_single(out, inp, group=group)
+        return lambda: into(fresh(P * numel), lambda o: dist.all_to_all_single(o, inp, group=group))
     if kind == "gather":
-        bufs = [torch.empty_like(x) for _ in range(P)] if me == 0 else None
-        return lambda: dist.gather(x, bufs, group=group, group_dst=0)
+        return lambda: into([fresh(numel) for _ in range(P)] if me == 0 else None,
+                            lambda o: dist.gather(x, o, group=group, group_dst=0))
     if kind == "scatter":
         pieces = [torch.ones_like(x) for _ in range(P)] if me == 0 else None
-        out = torch.empty_like(x)
-        return lambda: dist.scatter(out, pieces, group=group, group_src=0)
+        return lambda: into(fresh(numel),
+                            lambda o: dist.scatter(o, pieces, group=group, group_src=0))
     if kind == "broadcast":
-        return lambda: dist.broadcast(x, group=group, group_src=0)
-    if kind == "all_reduce":
-        return lambda: dist.all_reduce(x, group=group)
+        # the root sends what it holds; every other rank receives into a new buffer
+        return lambda: into(None if me == 0 else fresh(numel),
+                            lambda o: dist.broadcast(x if o is None else o, group=group,
+                                                     group_src=0))
+    if kind == "all_reduce":  # in place, on a tensor the caller has already written
+        return lambda: into(x, lambda o: dist.all_reduce(o, group=group))
     raise ValueError(f"cannot calibrate collective kind {kind!r}; use {CALIBRATED_KINDS}")
 
 

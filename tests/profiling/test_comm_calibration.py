@@ -7,11 +7,13 @@ from __future__ import annotations
 import statistics
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from dist_ortho import strategies
 from dist_ortho.models.shapes import matrix_shapes
-from dist_ortho.profiling.calibration import COMM_SIZES, measure_collectives
+from dist_ortho.profiling.calibration import (CALIBRATED_KINDS, COMM_SIZES, _run_collective,
+                                              measure_collectives)
 from dist_ortho.profiling.costmodel import predict
 from dist_ortho.testing.processes import spawn
 
@@ -49,3 +51,30 @@ def test_collective_samples_keep_every_repeat_and_the_chosen_statistic():
             assert len(s.times) == 5
             assert s.seconds == pick(s.times)
     assert "statistic='mean'" in out["error"]
+
+
+def fresh_buffer_worker(rank: int, world_size: int) -> dict:
+    """Per kind: whether two calls received into different memory, and into what they received."""
+    out = {}
+    for kind in CALIBRATED_KINDS:
+        op = _run_collective(kind, 8, None, torch.device("cpu"), world_size, rank)
+        first, second = op(), op()
+        if kind == "all_reduce" or first is None:
+            continue  # in place, or this rank receives nothing (a root, a gather's sender)
+        a, b = (t if isinstance(t, list) else [t] for t in (first, second))
+        out[kind] = dict(shared=any(x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+                                    for x in a for y in b),
+                         ones=all(bool((x == 1).all()) for x in a + b))
+    return out
+
+
+def test_calibration_receives_into_new_buffers_as_a_step_does():
+    """An optimizer step receives every exchange into buffers it has just allocated (first-touch
+    page faults on a CPU host are part of the transfer); the calibration's calls do the same, and
+    still receive the right values."""
+    out = spawn(fresh_buffer_worker, 2)
+    assert set(out[0]) | set(out[1]) == set(CALIBRATED_KINDS) - {"all_reduce"}
+    for rank_out in out:
+        for kind, r in rank_out.items():
+            assert not r["shared"], kind
+            assert r["ones"], kind

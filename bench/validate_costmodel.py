@@ -6,30 +6,30 @@
 1. Out-of-sample calibration: one gloo process group at a world size that is NOT validated (3 by
    default) fits the NS rate on shapes that are NOT the model's (`NS_CALIBRATION_SHAPES` less the
    model's shapes) and alpha/beta per collective kind (`profiling.costmodel.calibrate`: the median
-   of each collective's repeats, pieces up to 16 MiB). The prediction for another world size and the
+   of each collective's repeats, pieces up to 8 MiB). The prediction for another world size and the
    model's shapes is then a genuine extrapolation. The same samples fitted on the best of each
    collective's repeats instead are reported beside ("comm on best of repeats"), to show what the
    choice of statistic does.
-2. Per validated world size P, one process group: the in-sample calibration (at P, with the
+2. Per validated world size P, `reruns` process groups one after another (the same points
+   rerun: how far the measurement itself repeats), each: the in-sample calibration (at P, with the
    model's own shapes, whose measured NS seconds the model then uses), then the shape-only model
    sharded with FSDP2 and stepped by NorMuon (float32 NS) under every strategy, interleaved as the
-   study does (`dist_ortho.studies.interleaved`): `repeats` x `steps` rounds, one step of each strategy per
-   round, the order rotated every repeat. Every timed step is recorded (steps.csv): the step's
+   study does (`dist_ortho.studies.interleaved`): `repeats` x `steps` rounds, one step of each
+   strategy per round, the order rotated every repeat. Every timed step is recorded (steps.csv): the step's
    time (slowest rank), the slowest rank's seconds in Newton-Schulz (`ns`) and blocked in
    collectives (`comm_wait`), and that blocked time split in two (`profiling.transfer`): the
-   transfer (per collective, completion after the last rank arrived, summed) and the wait for a
-   slower rank (per collective, the last arrival after this rank's own; the slowest rank's sum).
-   The transfer is the time the group's link was busy: the union of the collectives' in-flight
-   intervals (from the last rank's arrival to completion), so collectives queued behind each other
-   count once.
+   transfer, the time the group's link was busy (the union of the collectives' in-flight
+   intervals, each from the last rank's arrival to completion, so collectives queued behind each
+   other count once), and the wait for a slower rank (per collective, the last arrival after this
+   rank's own; the slowest rank's sum).
 3. In the parent, both calibrations predict every strategy from shapes alone, and each prediction
    is compared with the MEDIAN of the measured steps and its order-statistic 95% interval
    (`profiling.stats.median_interval`), for the whole step and separately for the compute (NS)
    and communication terms.
 
 Writes results/costmodel_validation/: validation.md (out of sample first), validation.csv (one row
-per P, strategy and calibration), steps.csv (every timed step), calibration_oos_P<k>.json and
-calibration_P<P>.json. Error = predicted / median - 1; target |error| <= 25% per term.
+per P, strategy and calibration), steps.csv (every timed step, with its process group `run`),
+calibration_oos_P<k>.json and calibration_P<P>.json (the first process group's). Error = predicted / median - 1; target |error| <= 25% per term.
 
 What "measured comm" is: the transfer time, the part of the blocked time the cost model's comm term
 prices. The blocked time (`comm_wait`) also holds the time a rank waits for a slower rank to
@@ -189,6 +189,10 @@ def compare_rows(steps: pd.DataFrame, shapes, P: int, names, bucket_bytes: int,
         # run to run: the interquartile range of the timed steps over their median
         spread = {term: (mine[f"{k}_s"].quantile(0.75) - mine[f"{k}_s"].quantile(0.25))
                   / mine[f"{k}_s"].median() for k, term in columns.items()}
+        # the same point in separate process groups: largest / smallest run median - 1
+        runs = mine.groupby("run")
+        between = {term: runs[f"{k}_s"].median().max() / runs[f"{k}_s"].median().min() - 1
+                   for k, term in columns.items()}
         for label, constants in calibrations.items():
             pred = predict(shapes, P, name, options_for(name, bucket_bytes), constants=constants,
                            param_dtype=torch.float32, ns_dtype="float32").time
@@ -201,7 +205,8 @@ def compare_rows(steps: pd.DataFrame, shapes, P: int, names, bucket_bytes: int,
                             f"{term}_low_s": m.low, f"{term}_high_s": m.high,
                             f"{term}_error": predicted / m.median - 1 if m.median else None,
                             f"{term}_in_interval": bool(m.low <= predicted <= m.high),
-                            f"{term}_spread": spread[term]})
+                            f"{term}_spread": spread[term],
+                            f"{term}_between_runs": between[term]})
             row.update(peer_wait_median_s=measured["peer_wait"].median,
                        elementwise_predicted_s=pred.elementwise_s, overlap_predicted_s=pred.overlap_s,
                        timed_steps=measured["step"].n, coverage=measured["step"].coverage)
@@ -218,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reruns", type=int, default=2,
+                        help="process groups per validated world size: the same points rerun, "
+                             "whose medians' spread says how far the measurement itself repeats")
     parser.add_argument("--bucket-bytes", type=int, default=4 * 2**20,
                         help="bucketed_async bucket size (default 4 MiB: several buckets)")
     parser.add_argument("--out", default=OUT)
@@ -250,16 +258,22 @@ def main(argv=None) -> int:
 
     frames, rows = [], []
     for P in world_sizes:
-        _wait_for_quiet(args.max_load, args.max_wait_s)
-        per_rank, foreign, loads = _measured(
-            step_worker, P, (args.model, args.repeats, args.steps, args.warmup, names,
-                             args.bucket_bytes))
-        res = per_rank[0]
-        ins = CostConstants.from_dict(res["constants"])
-        ins.save(os.path.join(args.out, f"calibration_P{P}.json"))
-        machine.append(dict(job=f"calibration and steps, P={P}", foreign=foreign, loads=loads,
-                            seconds=res["calibration_s"]))
-        steps = pd.DataFrame(res["rows"]).assign(world_size=P)
+        mine = []
+        for run in range(args.reruns):
+            _wait_for_quiet(args.max_load, args.max_wait_s)
+            per_rank, foreign, loads = _measured(
+                step_worker, P, (args.model, args.repeats, args.steps, args.warmup, names,
+                                 args.bucket_bytes))
+            res = per_rank[0]
+            if run == 0:  # the in-sample constants: the first process group's
+                ins = CostConstants.from_dict(res["constants"])
+                ins.save(os.path.join(args.out, f"calibration_P{P}.json"))
+            machine.append(dict(job=f"calibration and steps, P={P}, run {run + 1}",
+                                foreign=foreign, loads=loads, seconds=res["calibration_s"]))
+            mine.append(pd.DataFrame(res["rows"]).assign(world_size=P, run=run))
+            print(f"P={P} run {run + 1}: {len(mine[-1])} timed steps; other processes {foreign}",
+                  flush=True)
+        steps = pd.concat(mine, ignore_index=True)
         frames.append(steps)
         # the in-sample constants, without the model's per-shape NS times: the fitted rate only
         rate_only = dataclasses.replace(
@@ -267,7 +281,6 @@ def main(argv=None) -> int:
         rows += compare_rows(steps, shapes, P, names, args.bucket_bytes,
                              {"out-of-sample": oos, BEST: oos_best, "in-sample": ins,
                               "in-sample, fitted rate only": rate_only})
-        print(f"P={P}: {len(steps)} timed steps; other processes {foreign}", flush=True)
     steps = pd.concat(frames, ignore_index=True)
     steps.to_csv(os.path.join(args.out, "steps.csv"), index=False)
     table = pd.DataFrame(rows)
@@ -312,7 +325,11 @@ def _why(table: pd.DataFrame, label: str, term: str, col: str) -> str | None:
             f"{inside} of them inside the measured median's 95% interval; run-to-run spread "
             f"(interquartile range / median of the timed steps) at those points "
             f"{miss[f'{col}_spread'].min():.0%} to {miss[f'{col}_spread'].max():.0%} "
-            f"(median {miss[f'{col}_spread'].median():.0%})")
+            f"(median {miss[f'{col}_spread'].median():.0%})"
+            + (f"; the same points' medians in separate process groups differ by "
+               f"{miss[f'{col}_between_runs'].min():.0%} to "
+               f"{miss[f'{col}_between_runs'].max():.0%}"
+               if miss[f"{col}_between_runs"].max() > 0 else ""))
 
 
 def markdown(table: pd.DataFrame, args, oos_shapes, machine, comm_spread: float) -> str:
@@ -335,6 +352,15 @@ def markdown(table: pd.DataFrame, args, oos_shapes, machine, comm_spread: float)
     lines += ["", f"Other processes used {min(foreign):.2f} to {max(foreign):.2f} of the "
                   f"{os.cpu_count()} cores on average during the validated runs (table at the "
                   f"end; {shared})." if foreign else "", ""]
+    sel = table[table["calibration"] == "out-of-sample"]
+    if args.reruns > 1:
+        lines.append("The measurement repeated (the same points in " + str(args.reruns)
+                     + " process groups; largest / smallest run median - 1, per point): "
+                     + "; ".join(f"{term} median {sel[f'{col}_between_runs'].median():.0%}, "
+                                 f"worst {sel[f'{col}_between_runs'].max():.0%}"
+                                 for term, col in (("whole step", "total"), ("NS", "ns"),
+                                                   ("comm", "comm"))) + ".")
+        lines.append("")
     for label in ("out-of-sample", "in-sample"):
         why = [w for w in (_why(table, label, "whole step", "total"),
                            _why(table, label, "NS", "ns"), _why(table, label, "comm", "comm"))
@@ -354,7 +380,8 @@ def markdown(table: pd.DataFrame, args, oos_shapes, machine, comm_spread: float)
               "- **in-sample**: constants fitted in the same process group as the measurement, "
               "with the model's own shapes (whose measured NS seconds the model uses); "
               "'fitted rate only' drops those per-shape times.",
-              f"- measured: median over {args.repeats} x {args.steps} interleaved timed steps "
+              f"- measured: median over {args.reruns} process groups x {args.repeats} x "
+              f"{args.steps} interleaved timed steps "
               f"per strategy with its order-statistic 95% interval `[low, high]` (ms); a step is "
               f"its slowest rank; NS and comm are the slowest rank's seconds in the strategy's "
               f"`ns` phase; comm is the transfer time of the whole-group collectives "

@@ -6,8 +6,9 @@ since other jobs on a shared machine only ever add time. A collective's timing i
 repeats: on CPU ranks the backend's own threads copy and send the bytes on cores that everything
 else shares too, so a transfer's spread is part of what it costs, and the model is held to the
 median of measured steps (`bench/validate_costmodel.py` compares both statistics). Message sizes
-reach 16 MiB per peer, beyond the pieces an optimizer step's exchanges carry. The NS times of the
-shapes it measured are kept too and used for those shapes. The fits (`fit_*`) are pure; the
+reach 8 MiB per peer, so that at P >= 3 the busiest rank's bytes span those of an optimizer step's
+exchanges (larger pieces grow superlinearly on a CPU host and would bend the fit). The NS times of
+the shapes it measured are kept too and used for those shapes. The fits (`fit_*`) are pure; the
 measurements (`measure_*`) are collective. The GPU presets in `profiling.hardware` give
 data-sheet constants instead.
 """
@@ -166,7 +167,7 @@ def _run_collective(kind: str, numel: int, group, device: torch.device, P: int, 
     raise ValueError(f"cannot calibrate collective kind {kind!r}; use {CALIBRATED_KINDS}")
 
 
-COMM_SIZES = (2**12, 2**16, 2**19, 2**21, 2**22, 2**24)
+COMM_SIZES = (2**12, 2**16, 2**19, 2**21, 2**22, 2**23)
 STATISTICS = {"min": min, "median": lambda ts: float(np.median(ts))}
 
 

@@ -29,7 +29,11 @@
 
 Writes results/costmodel_validation/: validation.md (out of sample first), validation.csv (one row
 per P, strategy and calibration), steps.csv (every timed step, with its process group `run`),
-calibration_oos_P<k>.json and calibration_P<P>.json (the first process group's). Error = predicted / median - 1; target |error| <= 25% per term.
+calibration_oos_P<k>.json and calibration_P<P>.json (the first process group's). Error =
+predicted / median - 1; target |error| <= 25% per term. Beside the errors it reports what the
+measurement says about each miss: the steps' spread, the same points rerun in another process
+group, and how the out-of-sample constants carry over to the validated world size's own
+calibration calls.
 
 What "measured comm" is: the transfer time, the part of the blocked time the cost model's comm term
 prices. The blocked time (`comm_wait`) also holds the time a rank waits for a slower rank to
@@ -153,6 +157,20 @@ def calibration_spread(constants: CostConstants, min_bytes: float = 2**20) -> fl
     return float(np.median(ratios)) if ratios else float("nan")
 
 
+def carried_over(measured_at: CostConstants, fitted: CostConstants,
+                 min_bytes: float = 2**20) -> dict:
+    """{kind: median over `measured_at`'s calibration calls of at least `min_bytes` of their
+    measured seconds / what `fitted`'s alpha-beta predicts for them}: how well constants fitted
+    at one world size carry over to the calls of another (the same microbenchmark, so the step
+    plays no part)."""
+    ratios: dict[str, list[float]] = {}
+    for d in measured_at.meta["comm_samples"]:
+        predicted = fitted.comm.time(d["kind"], d["nbytes"], d["world_size"])
+        if d["nbytes"] >= min_bytes and predicted > 0:
+            ratios.setdefault(d["kind"], []).append(d["seconds"] / predicted)
+    return {k: float(np.median(v)) for k, v in sorted(ratios.items())}
+
+
 def _measured(fn, P: int, args: tuple) -> tuple[list, float | None, list]:
     """One spawn; the cores other processes used meanwhile (machine busy time minus this run's
     own CPU time, over the wall time), and the load averages at start and end."""
@@ -256,7 +274,7 @@ def main(argv=None) -> int:
                         seconds=per_rank[0]["seconds"]))
     print(f"calibrated at P={Pc} on {oos_shapes} in {per_rank[0]['seconds']:.0f} s", flush=True)
 
-    frames, rows = [], []
+    frames, rows, carried = [], [], {}
     for P in world_sizes:
         mine = []
         for run in range(args.reruns):
@@ -278,6 +296,7 @@ def main(argv=None) -> int:
         # the in-sample constants, without the model's per-shape NS times: the fitted rate only
         rate_only = dataclasses.replace(
             ins, compute=dataclasses.replace(ins.compute, ns_seconds_by_shape={}))
+        carried[P] = carried_over(ins, oos)
         rows += compare_rows(steps, shapes, P, names, args.bucket_bytes,
                              {"out-of-sample": oos, BEST: oos_best, "in-sample": ins,
                               "in-sample, fitted rate only": rate_only})
@@ -285,7 +304,7 @@ def main(argv=None) -> int:
     steps.to_csv(os.path.join(args.out, "steps.csv"), index=False)
     table = pd.DataFrame(rows)
     table.to_csv(os.path.join(args.out, "validation.csv"), index=False)
-    md = markdown(table, args, oos_shapes, machine, calibration_spread(oos))
+    md = markdown(table, args, oos_shapes, machine, calibration_spread(oos), carried)
     with open(os.path.join(args.out, "validation.md"), "w") as f:
         f.write(md)
     print(md)
@@ -332,7 +351,8 @@ def _why(table: pd.DataFrame, label: str, term: str, col: str) -> str | None:
                if miss[f"{col}_between_runs"].max() > 0 else ""))
 
 
-def markdown(table: pd.DataFrame, args, oos_shapes, machine, comm_spread: float) -> str:
+def markdown(table: pd.DataFrame, args, oos_shapes, machine, comm_spread: float,
+             carried: dict) -> str:
     labels = ("out-of-sample", BEST, "in-sample", "in-sample, fitted rate only")
     lines = [f"# Cost model vs measured optimizer step ({args.model}, gloo CPU, one thread per "
              f"rank, NorMuon float32 NS)", "",
@@ -372,6 +392,12 @@ def markdown(table: pd.DataFrame, args, oos_shapes, machine, comm_spread: float)
                   f"(last "
                   f"column) the comm term is further off: that time also holds the wait for a "
                   f"slower or descheduled rank, which the transfer column leaves out (see below)."]
+    for P, ratios in carried.items():
+        lines += ["", f"Constants carried from P = {args.calibration_world_size} to P = {P}: the "
+                      f"P = {P} calibration's own calls of 1 MiB and more take "
+                      + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items())
+                      + f" what the P = {args.calibration_world_size} fit predicts for them "
+                        f"(median per kind; the same microbenchmark, no step involved)."]
     lines += ["", f"- **out-of-sample**: constants fitted at P = {args.calibration_world_size} "
                   f"(not validated), NS rate on shapes {', '.join('x'.join(map(str, s)) for s in oos_shapes)}"
                   f" (none of the model's), alpha/beta per collective kind there (median of each "

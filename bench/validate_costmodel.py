@@ -88,7 +88,9 @@ def options_for(name: str, bucket_bytes: int) -> dict:
 def calibration_worker(rank: int, world_size: int, ns_shapes: list) -> dict:
     start = time.perf_counter()
     constants = calibrate(ns_shapes=tuple(ns_shapes))
-    return dict(constants=constants.to_dict(), seconds=time.perf_counter() - start)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this rank's CPU: not another process's
+    return dict(constants=constants.to_dict(), seconds=time.perf_counter() - start,
+                cpu_s=usage.ru_utime + usage.ru_stime)
 
 
 def step_worker(rank: int, world_size: int, model_name: str, repeats: int, steps: int,

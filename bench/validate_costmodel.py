@@ -1,7 +1,8 @@
 """Does the cost model predict measured optimizer-step times? Out of sample first, then in sample.
 
-    python bench/validate_costmodel.py --world-sizes 2,4 --calibration-world-size 3 \
-        --model transformer-bench --max-load 1.5
+    flock -x /tmp/dist_ortho_cpu.lock python bench/validate_costmodel.py --world-sizes 2,4 \
+        --calibration-world-size 3 --model transformer-bench --repeats 3 --steps 3 --reruns 2 \
+        --max-load 1.0   # about 10 minutes on 2 cores
 
 1. Out-of-sample calibration: one gloo process group at a world size that is NOT validated (3 by
    default) fits the NS rate on shapes that are NOT the model's (`NS_CALIBRATION_SHAPES` less the

@@ -1,29 +1,40 @@
 """Does the cost model predict measured optimizer-step times? Out of sample first, then in sample.
 
-    python bench/validate_costmodel.py --world-sizes 2,4 --calibration-world-size 3 \
-        --model transformer-bench --max-load 1.5
+    flock -x /tmp/dist_ortho_cpu.lock python bench/validate_costmodel.py --world-sizes 2,4 \
+        --calibration-world-size 3 --model transformer-bench --repeats 3 --steps 3 --reruns 2 \
+        --max-load 1.0   # about 10 minutes on 2 cores
 
 1. Out-of-sample calibration: one gloo process group at a world size that is NOT validated (3 by
    default) fits the NS rate on shapes that are NOT the model's (`NS_CALIBRATION_SHAPES` less the
-   model's shapes) and alpha/beta per collective kind (`profiling.costmodel.calibrate`). The
-   prediction for another world size and the model's shapes is then a genuine extrapolation.
-2. Per validated world size P, one process group: the in-sample calibration (at P, with the
+   model's shapes) and alpha/beta per collective kind (`profiling.costmodel.calibrate`: the median
+   of each collective's repeats, pieces up to 8 MiB). The prediction for another world size and the
+   model's shapes is then a genuine extrapolation. The same samples fitted on the best of each
+   collective's repeats instead are reported beside ("comm on best of repeats"), to show what the
+   choice of statistic does.
+2. Per validated world size P, `reruns` process groups one after another (the same points
+   rerun: how far the measurement itself repeats), each: the in-sample calibration (at P, with the
    model's own shapes, whose measured NS seconds the model then uses), then the shape-only model
    sharded with FSDP2 and stepped by NorMuon (float32 NS) under every strategy, interleaved as the
-   study does (`dist_ortho.studies.interleaved`): `repeats` x `steps` rounds, one step of each strategy per
-   round, the order rotated every repeat. Every timed step is recorded (steps.csv): the step's
+   study does (`dist_ortho.studies.interleaved`): `repeats` x `steps` rounds, one step of each
+   strategy per round, the order rotated every repeat. Every timed step is recorded (steps.csv): the step's
    time (slowest rank), the slowest rank's seconds in Newton-Schulz (`ns`) and blocked in
    collectives (`comm_wait`), and that blocked time split in two (`profiling.transfer`): the
-   transfer (per collective, completion after the last rank arrived, summed) and the wait for a
-   slower rank (per collective, the last arrival after this rank's own; the slowest rank's sum).
+   transfer, the time the group's link was busy (the union of the collectives' in-flight
+   intervals, each from the last rank's arrival to completion, so collectives queued behind each
+   other count once), and the wait for a slower rank (per collective, the last arrival after this
+   rank's own; the slowest rank's sum).
 3. In the parent, both calibrations predict every strategy from shapes alone, and each prediction
    is compared with the MEDIAN of the measured steps and its order-statistic 95% interval
    (`profiling.stats.median_interval`), for the whole step and separately for the compute (NS)
    and communication terms.
 
 Writes results/costmodel_validation/: validation.md (out of sample first), validation.csv (one row
-per P, strategy and calibration), steps.csv (every timed step), calibration_oos_P<k>.json and
-calibration_P<P>.json. Error = predicted / median - 1; target |error| <= 25% per term.
+per P, strategy and calibration), steps.csv (every timed step, with its process group `run`),
+calibration_oos_P<k>.json and calibration_P<P>.json (the first process group's). Error =
+predicted / median - 1; target |error| <= 25% per term. Beside the errors it reports what the
+measurement says about each miss: the steps' spread, the same points rerun in another process
+group, and how the out-of-sample constants carry over to the validated world size's own
+calibration calls.
 
 What "measured comm" is: the transfer time, the part of the blocked time the cost model's comm term
 prices. The blocked time (`comm_wait`) also holds the time a rank waits for a slower rank to
@@ -42,6 +53,7 @@ import resource
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -57,7 +69,8 @@ from dist_ortho import strategies  # noqa: E402
 from dist_ortho.core.timing import SecondsTimer  # noqa: E402
 from dist_ortho.models import synthetic_grads  # noqa: E402
 from dist_ortho.models.shapes import matrix_shapes  # noqa: E402
-from dist_ortho.profiling.calibration import NS_CALIBRATION_SHAPES, calibrate  # noqa: E402
+from dist_ortho.profiling.calibration import (NS_CALIBRATION_SHAPES, CommSample,  # noqa: E402
+                                              calibrate, fit_comm_model)
 from dist_ortho.profiling.comm import CommCounter  # noqa: E402
 from dist_ortho.profiling.transfer import TransferClock  # noqa: E402
 from dist_ortho.profiling.costmodel import CostConstants, predict  # noqa: E402
@@ -76,7 +89,9 @@ def options_for(name: str, bucket_bytes: int) -> dict:
 def calibration_worker(rank: int, world_size: int, ns_shapes: list) -> dict:
     start = time.perf_counter()
     constants = calibrate(ns_shapes=tuple(ns_shapes))
-    return dict(constants=constants.to_dict(), seconds=time.perf_counter() - start)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this rank's CPU: not another process's
+    return dict(constants=constants.to_dict(), seconds=time.perf_counter() - start,
+                cpu_s=usage.ru_utime + usage.ru_stime)
 
 
 def step_worker(rank: int, world_size: int, model_name: str, repeats: int, steps: int,
@@ -128,6 +143,37 @@ def step_worker(rank: int, world_size: int, model_name: str, repeats: int, steps
 
 
 
+def best_of_repeats(constants: CostConstants) -> CostConstants:
+    """The same calibration with alpha/beta refitted on the best of each collective's repeats (the
+    samples it recorded) instead of their median."""
+    samples = [CommSample(d["kind"], d["world_size"], d["nbytes"], min(d["times"]),
+                          tuple(d["times"])) for d in constants.meta["comm_samples"]]
+    return dataclasses.replace(constants, comm=fit_comm_model(samples))
+
+
+def calibration_spread(constants: CostConstants, min_bytes: float = 2**20) -> float:
+    """Median over the calibration's collectives of at least `min_bytes` of their median / best
+    repeat: how much a transfer's typical time exceeds its best on this host."""
+    ratios = [float(np.median(d["times"])) / min(d["times"])
+              for d in constants.meta["comm_samples"]
+              if d["nbytes"] >= min_bytes and min(d["times"]) > 0]
+    return float(np.median(ratios)) if ratios else float("nan")
+
+
+def carried_over(measured_at: CostConstants, fitted: CostConstants,
+                 min_bytes: float = 2**20) -> dict:
+    """{kind: median over `measured_at`'s calibration calls of at least `min_bytes` of their
+    measured seconds / what `fitted`'s alpha-beta predicts for them}: how well constants fitted
+    at one world size carry over to the calls of another (the same microbenchmark, so the step
+    plays no part)."""
+    ratios: dict[str, list[float]] = {}
+    for d in measured_at.meta["comm_samples"]:
+        predicted = fitted.comm.time(d["kind"], d["nbytes"], d["world_size"])
+        if d["nbytes"] >= min_bytes and predicted > 0:
+            ratios.setdefault(d["kind"], []).append(d["seconds"] / predicted)
+    return {k: float(np.median(v)) for k, v in sorted(ratios.items())}
+
+
 def _measured(fn, P: int, args: tuple) -> tuple[list, float | None, list]:
     """One spawn; the cores other processes used meanwhile (machine busy time minus this run's
     own CPU time, over the wall time), and the load averages at start and end."""
@@ -159,8 +205,15 @@ def compare_rows(steps: pd.DataFrame, shapes, P: int, names, bucket_bytes: int,
     rows = []
     for name in names:
         mine = steps[(steps["world_size"] == P) & (steps["strategy"] == name)]
-        measured = {k: median_interval(mine[f"{k}_s"])
-                    for k in ("step", "ns", "comm_wait", "transfer", "peer_wait")}
+        columns = {"step": "total", "ns": "ns", "transfer": "comm", "comm_wait": "wait"}
+        measured = {k: median_interval(mine[f"{k}_s"]) for k in list(columns) + ["peer_wait"]}
+        # run to run: the interquartile range of the timed steps over their median
+        spread = {term: (mine[f"{k}_s"].quantile(0.75) - mine[f"{k}_s"].quantile(0.25))
+                  / mine[f"{k}_s"].median() for k, term in columns.items()}
+        # the same point in separate process groups: largest / smallest run median - 1
+        runs = mine.groupby("run")
+        between = {term: runs[f"{k}_s"].median().max() / runs[f"{k}_s"].median().min() - 1
+                   for k, term in columns.items()}
         for label, constants in calibrations.items():
             pred = predict(shapes, P, name, options_for(name, bucket_bytes), constants=constants,
                            param_dtype=torch.float32, ns_dtype="float32").time
@@ -172,7 +225,9 @@ def compare_rows(steps: pd.DataFrame, shapes, P: int, names, bucket_bytes: int,
                 row.update({f"{term}_predicted_s": predicted, f"{term}_median_s": m.median,
                             f"{term}_low_s": m.low, f"{term}_high_s": m.high,
                             f"{term}_error": predicted / m.median - 1 if m.median else None,
-                            f"{term}_in_interval": bool(m.low <= predicted <= m.high)})
+                            f"{term}_in_interval": bool(m.low <= predicted <= m.high),
+                            f"{term}_spread": spread[term],
+                            f"{term}_between_runs": between[term]})
             row.update(peer_wait_median_s=measured["peer_wait"].median,
                        elementwise_predicted_s=pred.elementwise_s, overlap_predicted_s=pred.overlap_s,
                        timed_steps=measured["step"].n, coverage=measured["step"].coverage)
@@ -189,6 +244,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reruns", type=int, default=2,
+                        help="process groups per validated world size: the same points rerun, "
+                             "whose medians' spread says how far the measurement itself repeats")
     parser.add_argument("--bucket-bytes", type=int, default=4 * 2**20,
                         help="bucketed_async bucket size (default 4 MiB: several buckets)")
     parser.add_argument("--out", default=OUT)
@@ -214,35 +272,42 @@ def main(argv=None) -> int:
     per_rank, foreign, loads = _measured(calibration_worker, Pc, (oos_shapes,))
     oos = CostConstants.from_dict(per_rank[0]["constants"])
     oos.save(os.path.join(args.out, f"calibration_oos_P{Pc}.json"))
+    oos_best = best_of_repeats(oos)
     machine.append(dict(job=f"out-of-sample calibration, P={Pc}", foreign=foreign, loads=loads,
                         seconds=per_rank[0]["seconds"]))
     print(f"calibrated at P={Pc} on {oos_shapes} in {per_rank[0]['seconds']:.0f} s", flush=True)
 
-    frames, rows = [], []
+    frames, rows, carried = [], [], {}
     for P in world_sizes:
-        _wait_for_quiet(args.max_load, args.max_wait_s)
-        per_rank, foreign, loads = _measured(
-            step_worker, P, (args.model, args.repeats, args.steps, args.warmup, names,
-                             args.bucket_bytes))
-        res = per_rank[0]
-        ins = CostConstants.from_dict(res["constants"])
-        ins.save(os.path.join(args.out, f"calibration_P{P}.json"))
-        machine.append(dict(job=f"calibration and steps, P={P}", foreign=foreign, loads=loads,
-                            seconds=res["calibration_s"]))
-        steps = pd.DataFrame(res["rows"]).assign(world_size=P)
+        mine = []
+        for run in range(args.reruns):
+            _wait_for_quiet(args.max_load, args.max_wait_s)
+            per_rank, foreign, loads = _measured(
+                step_worker, P, (args.model, args.repeats, args.steps, args.warmup, names,
+                                 args.bucket_bytes))
+            res = per_rank[0]
+            if run == 0:  # the in-sample constants: the first process group's
+                ins = CostConstants.from_dict(res["constants"])
+                ins.save(os.path.join(args.out, f"calibration_P{P}.json"))
+            machine.append(dict(job=f"calibration and steps, P={P}, run {run + 1}",
+                                foreign=foreign, loads=loads, seconds=res["calibration_s"]))
+            mine.append(pd.DataFrame(res["rows"]).assign(world_size=P, run=run))
+            print(f"P={P} run {run + 1}: {len(mine[-1])} timed steps; other processes {foreign}",
+                  flush=True)
+        steps = pd.concat(mine, ignore_index=True)
         frames.append(steps)
         # the in-sample constants, without the model's per-shape NS times: the fitted rate only
         rate_only = dataclasses.replace(
             ins, compute=dataclasses.replace(ins.compute, ns_seconds_by_shape={}))
+        carried[P] = carried_over(ins, oos)
         rows += compare_rows(steps, shapes, P, names, args.bucket_bytes,
-                             {"out-of-sample": oos, "in-sample": ins,
+                             {"out-of-sample": oos, BEST: oos_best, "in-sample": ins,
                               "in-sample, fitted rate only": rate_only})
-        print(f"P={P}: {len(steps)} timed steps; other processes {foreign}", flush=True)
     steps = pd.concat(frames, ignore_index=True)
     steps.to_csv(os.path.join(args.out, "steps.csv"), index=False)
     table = pd.DataFrame(rows)
     table.to_csv(os.path.join(args.out, "validation.csv"), index=False)
-    md = markdown(table, args, oos_shapes, machine)
+    md = markdown(table, args, oos_shapes, machine, calibration_spread(oos), carried)
     with open(os.path.join(args.out, "validation.md"), "w") as f:
         f.write(md)
     print(md)
@@ -264,56 +329,95 @@ def _cell(r, term: str) -> list[str]:
             f"{r[f'{term}_error']:+.0%}"]
 
 
+BEST = "out-of-sample, comm on best of repeats"
 QUIET_CORES = 0.25  # other processes' mean CPU (cores) below which a run counts as quiet
 
 
-def markdown(table: pd.DataFrame, args, oos_shapes, machine) -> str:
+def _why(table: pd.DataFrame, label: str, term: str, col: str) -> str | None:
+    """What the measurement says about one term's misses under one calibration: how many miss,
+    how many of those lie inside the measured median's 95% interval, and the run-to-run spread
+    (interquartile range / median of the timed steps) at the missed points."""
+    sel = table[table["calibration"] == label]
+    miss = sel[sel[f"{col}_error"].abs() > TARGET]
+    if miss.empty:
+        return None
+    inside = int(miss[f"{col}_in_interval"].sum())
+    low = int((miss[f"{col}_error"] < 0).sum())
+    return (f"{term}: {len(miss)}/{len(sel)} beyond {TARGET:.0%} ({low} predicted short), "
+            f"{inside} of them inside the measured median's 95% interval; run-to-run spread "
+            f"(interquartile range / median of the timed steps) at those points "
+            f"{miss[f'{col}_spread'].min():.0%} to {miss[f'{col}_spread'].max():.0%} "
+            f"(median {miss[f'{col}_spread'].median():.0%})"
+            + (f"; the same points' medians in separate process groups differ by "
+               f"{miss[f'{col}_between_runs'].min():.0%} to "
+               f"{miss[f'{col}_between_runs'].max():.0%}"
+               if miss[f"{col}_between_runs"].max() > 0 else ""))
+
+
+def markdown(table: pd.DataFrame, args, oos_shapes, machine, comm_spread: float,
+             carried: dict) -> str:
+    labels = ("out-of-sample", BEST, "in-sample", "in-sample, fitted rate only")
     lines = [f"# Cost model vs measured optimizer step ({args.model}, gloo CPU, one thread per "
              f"rank, NorMuon float32 NS)", "",
              "## Summary (error = predicted / measured median - 1; target |error| <= 25% per "
              "term)", "",
              "| calibration | whole step | compute (NS) | comm (transfer) | comm vs blocked "
              "time (transfer + wait for peers) |", "|---|---|---|---|---|"]
-    for label in ("out-of-sample", "in-sample", "in-sample, fitted rate only"):
+    for label in labels:
         lines.append(f"| {label} | {_worst(table, label, 'total')} | "
                      f"{_worst(table, label, 'ns')} | {_worst(table, label, 'comm')} | "
                      f"{_worst(table, label, 'wait')} |")
     # other processes' CPU during the validated runs (not the out-of-sample calibration job)
     foreign = [m["foreign"] for m in machine
                if m["foreign"] is not None and m["job"].startswith("calibration and steps")]
-    missed = [f"{term} ({label})" for label in ("out-of-sample", "in-sample")
-              for term, col in (("whole step", "total"), ("NS", "ns"), ("comm", "comm"))
-              if (table[table["calibration"] == label][f"{col}_error"].abs() > TARGET).any()]
-    if missed:
-        lines += ["", f"Not within {TARGET:.0%} for every point: {', '.join(missed)}. Why: "
-                      + (f"other processes used {min(foreign):.2f} to {max(foreign):.2f} of "
-                         f"the {os.cpu_count()} cores on average during these runs (table at "
-                         f"the end); the model assumes the ranks run at full speed on free "
-                         f"cores, so where the machine is shared it predicts too little, in "
-                         f"every term. " if foreign and max(foreign) >= QUIET_CORES else "")
-                      + (f"the machine was quiet during the validated runs (other processes at "
-                         f"most {max(foreign):.2f} cores), so the misses are the model's own: "
-                         f"it predicts Newton-Schulz shorter than it runs inside a step, most "
-                         f"where ranks outnumber cores (its rate comes from NS timed alone, "
-                         f"with a calibrated slot-sharing factor); not explained further yet. "
-                         if foreign and max(foreign) < QUIET_CORES else "")
-                      + "Against the blocked time (last column) the comm term is further off: "
-                        "that time also holds the wait for a slower or descheduled rank, which "
-                        "the transfer column leaves out (see below)."]
+    shared = ("quiet" if foreign and max(foreign) < QUIET_CORES else
+              "a shared machine: the model assumes free cores, so every measured term is inflated")
+    lines += ["", f"Other processes used {min(foreign):.2f} to {max(foreign):.2f} of the "
+                  f"{os.cpu_count()} cores on average during the validated runs (table at the "
+                  f"end; {shared})." if foreign else "", ""]
+    sel = table[table["calibration"] == "out-of-sample"]
+    if args.reruns > 1:
+        lines.append("The measurement repeated (the same points in " + str(args.reruns)
+                     + " process groups; largest / smallest run median - 1, per point): "
+                     + "; ".join(f"{term} median {sel[f'{col}_between_runs'].median():.0%}, "
+                                 f"worst {sel[f'{col}_between_runs'].max():.0%}"
+                                 for term, col in (("whole step", "total"), ("NS", "ns"),
+                                                   ("comm", "comm"))) + ".")
+        lines.append("")
+    for label in ("out-of-sample", "in-sample"):
+        why = [w for w in (_why(table, label, "whole step", "total"),
+                           _why(table, label, "NS", "ns"), _why(table, label, "comm", "comm"))
+               if w]
+        lines.append(f"Misses, {label}: " + ("; ".join(why) if why else "none") + ".")
+    lines += ["", f"Comm constants: each collective's median repeat is {comm_spread:.2f}x its best "
+                  f"(median over the out-of-sample calibration's collectives of 1 MiB and more); "
+                  f"the row '{BEST}' shows the fit on the best repeats. Against the blocked time "
+                  f"(last "
+                  f"column) the comm term is further off: that time also holds the wait for a "
+                  f"slower or descheduled rank, which the transfer column leaves out (see below)."]
+    for P, ratios in carried.items():
+        lines += ["", f"Constants carried from P = {args.calibration_world_size} to P = {P}: the "
+                      f"P = {P} calibration's own calls of 1 MiB and more take "
+                      + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items())
+                      + f" what the P = {args.calibration_world_size} fit predicts for them "
+                        f"(median per kind; the same microbenchmark, no step involved)."]
     lines += ["", f"- **out-of-sample**: constants fitted at P = {args.calibration_world_size} "
                   f"(not validated), NS rate on shapes {', '.join('x'.join(map(str, s)) for s in oos_shapes)}"
-                  f" (none of the model's), alpha/beta per collective kind there; predictions "
-                  f"at P = {args.world_sizes} are extrapolations.",
+                  f" (none of the model's), alpha/beta per collective kind there (median of each "
+                  f"collective's repeats); predictions at P = {args.world_sizes} are "
+                  f"extrapolations.",
               "- **in-sample**: constants fitted in the same process group as the measurement, "
               "with the model's own shapes (whose measured NS seconds the model uses); "
               "'fitted rate only' drops those per-shape times.",
-              f"- measured: median over {args.repeats} x {args.steps} interleaved timed steps "
+              f"- measured: median over {args.reruns} process groups x {args.repeats} x "
+              f"{args.steps} interleaved timed steps "
               f"per strategy with its order-statistic 95% interval `[low, high]` (ms); a step is "
               f"its slowest rank; NS and comm are the slowest rank's seconds in the strategy's "
               f"`ns` phase; comm is the transfer time of the whole-group collectives "
-              f"(`profiling.transfer`: per collective, completion after the last rank arrived); "
-              f"blocked is the slowest rank's `comm_wait` phase, which also holds its wait for "
-              f"slower ranks (peer wait, median in validation.csv). Every step is in steps.csv.",
+              f"(`profiling.transfer`: the union of their in-flight intervals, each from the last "
+              f"rank's arrival to completion); blocked is the slowest rank's `comm_wait` phase, "
+              f"which also holds its wait for slower ranks (peer wait, median in validation.csv). "
+              f"Every step is in steps.csv.",
               "- the blocked time holds the wait for a slower rank (uneven NS, and at P = 4 on 2 "
               "cores a rank descheduled while others compute): the model counts that as compute "
               "and prices the transfer only.", ""]
@@ -321,7 +425,7 @@ def markdown(table: pd.DataFrame, args, oos_shapes, machine) -> str:
             "NS meas. (ms)", "pred.", "error", "transfer meas. (ms)", "pred.", "error",
             "blocked meas. (ms)", "error"]
     lines += ["## Every point", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, r in table.iterrows():
+    for _, r in table[table["calibration"] != BEST].iterrows():
         lines.append("| " + " | ".join([str(int(r["world_size"])), r["strategy"],
                                          r["calibration"]] + _cell(r, "total") + _cell(r, "ns")
                                         + _cell(r, "comm") + [_cell(r, "wait")[0],

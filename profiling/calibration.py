@@ -1,10 +1,16 @@
 """Cost-model calibration: fit this machine's constants from a short measured run.
 
 `calibrate` fits alpha and beta per collective kind and the NS rate by least squares from timings
-on the current process group (gloo -> CPU, NCCL -> GPU); every timing is the best of a few repeats,
-since other jobs on a shared machine only ever add time. The NS times of the shapes it measured are
-kept too and used for those shapes. The fits (`fit_*`) are pure; the measurements (`measure_*`)
-are collective. The GPU presets in `profiling.hardware` give data-sheet constants instead.
+on the current process group (gloo -> CPU, NCCL -> GPU). An NS timing is the best of a few repeats,
+since other jobs on a shared machine only ever add time. A collective's timing is the median of its
+repeats: on CPU ranks the backend's own threads copy and send the bytes on cores that everything
+else shares too, so a transfer's spread is part of what it costs, and the model is held to the
+median of measured steps (`bench/validate_costmodel.py` compares both statistics). Message sizes
+reach 8 MiB per peer, so that at P >= 3 the busiest rank's bytes span those of an optimizer step's
+exchanges (larger pieces grow superlinearly on a CPU host and would bend the fit). The NS times of
+the shapes it measured are kept too and used for those shapes. The fits (`fit_*`) are pure; the
+measurements (`measure_*`) are collective. The GPU presets in `profiling.hardware` give
+data-sheet constants instead.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from dist_ortho.profiling.timemodel import (CommModel, ComputeModel, CostConstan
                                             shape_key)
 from dist_ortho.strategies.collectives import all_gather_single  # the op the strategies issue
 
-__all__ = ["CALIBRATED_KINDS", "CommSample", "NSSample", "ElementwiseSample", "fit_comm_model",
-           "fit_ns_rate", "fit_elementwise", "measure_collectives", "measure_ns",
+__all__ = ["CALIBRATED_KINDS", "COMM_SIZES", "CommSample", "NSSample", "ElementwiseSample",
+           "fit_comm_model", "fit_ns_rate", "fit_elementwise", "measure_collectives", "measure_ns",
            "measure_elementwise", "calibrate", "NS_CALIBRATION_SHAPES"]
 
 CALIBRATED_KINDS = ("all_gather", "all_to_all", "gather", "scatter", "broadcast", "all_reduce")
@@ -41,7 +47,8 @@ class CommSample:
     kind: str
     world_size: int
     nbytes: float  # the busiest rank's bytes, as the time model uses them
-    seconds: float
+    seconds: float  # the statistic of `times` the fit uses (measure_collectives' `statistic`)
+    times: tuple = ()  # every repeat's seconds (the slowest rank's)
 
 
 @dataclass(frozen=True)
@@ -125,38 +132,57 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_collective(kind: str, numel: int, group, device: torch.device, P: int, me: int):
-    """Issue one collective of `kind` with pieces of `numel` float32 elements."""
+    """A call issuing one collective of `kind` with pieces of `numel` float32 elements and
+    returning the buffer it received into (None where this rank receives nothing). Each call
+    receives into a buffer allocated for it, as an optimizer step does: on a CPU host the first
+    writes into fresh pages (page faults, zeroing) are part of what a transfer costs there."""
     x = torch.ones(numel, dtype=torch.float32, device=device)
+
+    def fresh(n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.float32, device=device)
+
+    def into(out, issue):
+        issue(out)
+        return out
+
     if kind == "all_gather":
-        out = torch.empty(P * numel, dtype=torch.float32, device=device)
-        return lambda: all_gather_single(out, x, group=group)
+        return lambda: into(fresh(P * numel), lambda o: all_gather_single(o, x, group=group))
     if kind == "all_to_all":
         inp = torch.ones(P * numel, dtype=torch.float32, device=device)
-        out = torch.empty_like(inp)
-        return lambda: dist.all_to_all_single(out, inp, group=group)
+        return lambda: into(fresh(P * numel), lambda o: dist.all_to_all_single(o, inp, group=group))
     if kind == "gather":
-        bufs = [torch.empty_like(x) for _ in range(P)] if me == 0 else None
-        return lambda: dist.gather(x, bufs, group=group, group_dst=0)
+        return lambda: into([fresh(numel) for _ in range(P)] if me == 0 else None,
+                            lambda o: dist.gather(x, o, group=group, group_dst=0))
     if kind == "scatter":
         pieces = [torch.ones_like(x) for _ in range(P)] if me == 0 else None
-        out = torch.empty_like(x)
-        return lambda: dist.scatter(out, pieces, group=group, group_src=0)
+        return lambda: into(fresh(numel),
+                            lambda o: dist.scatter(o, pieces, group=group, group_src=0))
     if kind == "broadcast":
-        return lambda: dist.broadcast(x, group=group, group_src=0)
-    if kind == "all_reduce":
-        return lambda: dist.all_reduce(x, group=group)
+        # the root sends what it holds; every other rank receives into a new buffer
+        return lambda: into(None if me == 0 else fresh(numel),
+                            lambda o: dist.broadcast(x if o is None else o, group=group,
+                                                     group_src=0))
+    if kind == "all_reduce":  # in place, on a tensor the caller has already written
+        return lambda: into(x, lambda o: dist.all_reduce(o, group=group))
     raise ValueError(f"cannot calibrate collective kind {kind!r}; use {CALIBRATED_KINDS}")
 
 
-def measure_collectives(group=None, sizes_bytes: Sequence[int] = (2**12, 2**16, 2**19, 2**21),
-                        repeats: int = 5, kinds: Sequence[str] = CALIBRATED_KINDS
-                        ) -> list[CommSample]:
+COMM_SIZES = (2**12, 2**16, 2**19, 2**21, 2**22, 2**23)
+STATISTICS = {"min": min, "median": lambda ts: float(np.median(ts))}
+
+
+def measure_collectives(group=None, sizes_bytes: Sequence[int] = COMM_SIZES,
+                        repeats: int = 5, kinds: Sequence[str] = CALIBRATED_KINDS,
+                        statistic: str = "min") -> list[CommSample]:
     """Time each collective kind at several piece sizes on every rank of `group` (collective).
 
     Bytes come from `profiling.comm.CommCounter` (the counter the tests check plans against), taken
-    from the busiest rank; a sample's time is the slowest rank's, best of `repeats` (on a shared
-    machine other processes only add time, so the minimum is the stable statistic).
+    from the busiest rank; a repeat's time is the slowest rank's. A sample's `seconds` is the
+    `statistic` of the repeats: "min" (the best: what the link can do, a bound) or "median" (what
+    a collective typically costs where the ranks share the host); `times` keeps them all.
     """
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic={statistic!r}: use one of {sorted(STATISTICS)}")
     P, me = dist.get_world_size(group), dist.get_rank(group)
     device = _device_of(group)
     samples = []
@@ -181,8 +207,8 @@ def measure_collectives(group=None, sizes_bytes: Sequence[int] = (2**12, 2**16, 
             # a broadcast streams n bytes through a pipeline; every other kind is bound by the
             # busiest rank's larger direction (see the module doc)
             nbytes = recv if kind == "broadcast" else max(send, recv)
-            # best of the repeats: background load only ever adds time
-            samples.append(CommSample(kind, P, nbytes, min(stats[2:].tolist())))
+            times = tuple(stats[2:].tolist())
+            samples.append(CommSample(kind, P, nbytes, STATISTICS[statistic](times), times))
     return samples
 
 
@@ -273,13 +299,16 @@ def measure_elementwise(group=None, param_sets: Sequence[Sequence[tuple]] = _EW_
     return samples
 
 
-def calibrate(group=None, *, sizes_bytes: Sequence[int] = (2**12, 2**16, 2**19, 2**21),
-              repeats: int = 5, ns_shapes: Sequence[tuple] | None = None,
+def calibrate(group=None, *, sizes_bytes: Sequence[int] = COMM_SIZES,
+              repeats: int = 5, comm_repeats: int = 9, comm_statistic: str = "median",
+              ns_shapes: Sequence[tuple] | None = None,
               ns_dtype: str | None = None,
               elementwise_sets: Sequence[Sequence[tuple]] = _EW_SETS) -> CostConstants:
     """Measure and fit this machine's constants on the current process group (call on all ranks).
 
-    Returns the same CostConstants on every rank (fitted on rank 0 and broadcast)."""
+    `repeats`: NS and element-wise timings (best of); `comm_repeats` and `comm_statistic`: each
+    collective's timings and the statistic the fit uses (`measure_collectives`). Returns the same
+    CostConstants on every rank (fitted on rank 0 and broadcast)."""
     if not dist.is_initialized():
         raise ValueError("calibrate() needs an initialized process group (all ranks call it)")
     P, me = dist.get_world_size(group), dist.get_rank(group)
@@ -288,7 +317,8 @@ def calibrate(group=None, *, sizes_bytes: Sequence[int] = (2**12, 2**16, 2**19, 
     # the NS rate belongs to one dtype: float32 on CPU (bf16 matmul is ~90x slower there),
     # bf16 on GPUs, unless asked; it is recorded with the constants
     ns_dtype = ns_dtype or ("float32" if device.type == "cpu" else "bfloat16")
-    comm_samples = measure_collectives(group, sizes_bytes, repeats)
+    comm_samples = measure_collectives(group, sizes_bytes, comm_repeats,
+                                       statistic=comm_statistic)
     ns_kwargs = {} if ns_shapes is None else {"shapes": ns_shapes}
     alone, loaded = measure_ns(group, ns_dtype=ns_dtype, **ns_kwargs)
     # element-wise work on rank 0 alone, in a group of one so the optimizer sends nothing; every
@@ -315,7 +345,7 @@ def calibrate(group=None, *, sizes_bytes: Sequence[int] = (2**12, 2**16, 2**19, 
                                                     for a in alone},
                                contention=contention_of(alone, loaded, P, slots))
         meta = dict(backend=backend, ns_dtype=ns_dtype, torch=torch.__version__,
-                    threads=torch.get_num_threads(),
+                    threads=torch.get_num_threads(), comm_statistic=comm_statistic,
                     cpu_count=os.cpu_count(),
                     comm_samples=[asdict(s) for s in comm_samples],
                     ns_alone=[asdict(s) for s in alone], ns_loaded=[asdict(s) for s in loaded],

@@ -9,8 +9,13 @@ future, so an asynchronous collective's end is its completion, not when someone 
 `split(group)` (collective: every rank calls it) gathers the records of every rank; per
 collective, the last rank's arrival is max(issue), and
 
-- transfer = max(completion) - last arrival: the bytes in flight once everyone is there;
+- in flight: from the last arrival to max(completion), the bytes moving once everyone is there;
 - wait (per rank) = last arrival - its own issue: the time it waited for the slowest rank.
+
+The transfer time of a window is the length of the union of the in-flight intervals, the time the
+group's link was busy. Summing them instead would count queueing twice: collectives issued
+asynchronously at once (round_robin's gathers, bucketed_async's buckets) run one after another on
+the backend, so each later one's interval also holds the transfers of those ahead of it.
 
 Times are the host's wall clock (`time.time_ns`), which all ranks of one machine share. Messages
 among a few ranks (split_ns's point-to-point rounds) are not aligned across ranks and are left
@@ -30,18 +35,35 @@ from dist_ortho.profiling import comm
 from dist_ortho.profiling.interconnect import future_of
 from dist_ortho.profiling.timeline import _work_of
 
-__all__ = ["TransferClock", "CommSplit"]
+__all__ = ["TransferClock", "CommSplit", "busy_seconds"]
 
 
 @dataclass(frozen=True)
 class CommSplit:
-    """Seconds of one window: transfer (summed over collectives, the same on every rank), this
-    rank's wait, and the largest wait of any rank; collectives: how many were aligned."""
+    """Seconds of one window: transfer (the union of the collectives' in-flight intervals, the
+    same on every rank), this rank's wait (summed over collectives), and the largest wait of any
+    rank; collectives: how many were aligned."""
 
     transfer_s: float
     wait_s: float
     max_wait_s: float
     collectives: int
+
+
+def busy_seconds(starts: torch.Tensor, ends: torch.Tensor) -> float:
+    """Seconds (inputs in ns) covered by at least one interval [starts[j], ends[j]]: the length
+    of their union; empty intervals (end <= start) cover nothing."""
+    total, reach = 0, None
+    for s, e in sorted(zip(starts.tolist(), ends.tolist())):
+        if e <= s:
+            continue
+        if reach is None or s > reach:
+            total += e - s
+            reach = e
+        elif e > reach:
+            total += e - reach
+            reach = e
+    return total * 1e-9
 
 
 class TransferClock:
@@ -91,8 +113,8 @@ class TransferClock:
         if not len(spans):
             return CommSplit(0.0, 0.0, 0.0, 0)
         last = stacked[:, :, 0].max(dim=0).values
-        transfer = (stacked[:, :, 1].max(dim=0).values - last).clamp(min=0)
+        transfer = busy_seconds(last, stacked[:, :, 1].max(dim=0).values)
         wait = last.unsqueeze(0) - stacked[:, :, 0]
         me = dist.get_rank(group) if P > 1 else 0
-        return CommSplit(float(transfer.sum()) * 1e-9, float(wait[me].sum()) * 1e-9,
+        return CommSplit(transfer, float(wait[me].sum()) * 1e-9,
                          float(wait.sum(dim=1).max()) * 1e-9, len(spans))

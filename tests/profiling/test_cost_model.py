@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -315,6 +316,9 @@ def test_calibrate_on_gloo_gives_one_usable_set_of_constants(tmp_path):
     assert set(c.comm.beta_s_per_byte) == set(cm.CALIBRATED_KINDS)
     assert c.compute.ns_flops_per_s > 1e8
     assert all(v >= 0 for v in c.comm.alpha_s.values())
+    # alpha/beta fitted on each collective's median repeat, every repeat kept
+    assert c.meta["comm_statistic"] == "median"
+    assert all(s["seconds"] == statistics.median(s["times"]) for s in c.meta["comm_samples"])
     path = str(tmp_path / "c.json")
     c.save(path)
     assert cm.load_constants(path) == c

@@ -5,9 +5,11 @@ timemodel.shared_makespan)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.profiling.calibration import NSSample, contention_of
+from dist_ortho.profiling.transfer import TransferClock, busy_seconds
 from dist_ortho.testing.processes import spawn
 from tests.profiling import transfer_cases
 
@@ -22,6 +24,28 @@ def test_waiting_for_a_late_rank_is_not_transfer():
     assert out[0]["wait"] >= 0.5 * late and out[1]["wait"] < 0.1 * late
     assert out[0]["transfer"] == out[1]["transfer"] < 0.5 * late
     assert out[0]["max_wait"] == out[1]["max_wait"] == pytest.approx(out[0]["wait"])
+
+
+def test_transfer_is_the_union_of_in_flight_intervals():
+    """Two collectives every rank issued at 0 ns, done at 10 and 20 ns: the link was busy 20 ns,
+    not 30 (the second queued behind the first); disjoint and nested intervals add up right."""
+    assert busy_seconds(torch.tensor([0, 0]), torch.tensor([10, 20])) == pytest.approx(20e-9)
+    assert busy_seconds(torch.tensor([0, 30, 5]), torch.tensor([10, 40, 8])) == pytest.approx(
+        20e-9)
+    assert busy_seconds(torch.tensor([5, 0]), torch.tensor([5, 0])) == 0.0
+    clock = TransferClock()  # one process: split() needs no process group
+    clock._spans = [[0, 10], [0, 20]]
+    assert clock.split().transfer_s == pytest.approx(20e-9)
+
+
+def test_queued_collectives_are_not_counted_twice():
+    """QUEUED asynchronous all-to-alls issued at once on 2 ranks: the transfer fits inside the
+    window that holds them all (summing each one's issue-to-completion time would exceed it
+    several times over)."""
+    out = spawn(transfer_cases.queued_worker, 2)
+    for r in out:
+        assert r["collectives"] == transfer_cases.QUEUED
+        assert 0 < r["transfer"] <= r["window"]
 
 
 def _ns(shape, seconds):

@@ -14,8 +14,9 @@ prices it:
 - the cost model prices the same actions (`profiling.simulator`).
 
 Parameters that are *not* sharded (plain tensors, whole on every rank of a group, as under DDP)
-take a common path here: every rank already holds the whole matrix, so the owner (from the strategy's own
-`assign_owners`) orthogonalizes it and broadcasts the result; nothing travels forward.
+take a common path here: every rank already holds the whole matrix, so the owner (from the
+strategy's own `assign_owners`) orthogonalizes it and broadcasts the result; nothing travels
+forward.
 
 Adding a strategy: one file with a `Strategy` subclass (name, Options dataclass, `assign`,
 `schedule`) registered with `@register` and imported once in `strategies/__init__.py`.

@@ -55,15 +55,11 @@ class ParamLayout:
 
 
 def _fits_one_group(param: DTensor) -> bool:
-    """FSDP2-style row sharding: one Shard(0) (not strided), every other dim Replicate(), and at
-    most one dim of size > 1 that is not Replicate()."""
+    """FSDP2-style row sharding: one Shard(0) (not strided), every other dim Replicate()."""
     placements = tuple(param.placements)
-    sizes = tuple(param.device_mesh.mesh.shape)
-    spread = [pl for pl, s in zip(placements, sizes) if not isinstance(pl, Replicate) and s > 1]
     sharded = [pl for pl in placements if isinstance(pl, Shard)]
     return (len(sharded) == 1 and sharded[0].dim == 0 and not is_strided(sharded[0])
-            and all(isinstance(pl, (Shard, Replicate)) for pl in placements)
-            and len(spread) <= 1)
+            and all(isinstance(pl, (Shard, Replicate)) for pl in placements))
 
 
 def param_layout(param: torch.Tensor, name: str,
@@ -78,11 +74,11 @@ def param_layout(param: torch.Tensor, name: str,
     device = local_tensor(param).device
     if not isinstance(param, DTensor):
         return ParamLayout(name, device, _checked(param, name, process_group))
-    mesh, dims, placements = describe(param, name)
+    root, dims, placements = describe(param, name)
     sizes = tuple(param.device_mesh.mesh.shape)
     replicate_dim = any(isinstance(pl, Replicate) and s > 1 for pl, s in zip(placements, sizes))
     one_group = _checked(param, name, process_group) if _fits_one_group(param) else None
-    return ParamLayout(name, device, one_group, mesh, dims, placements, param.device_mesh,
+    return ParamLayout(name, device, one_group, root, dims, placements, param.device_mesh,
                        replicate_dim)
 
 

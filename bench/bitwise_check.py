@@ -135,7 +135,8 @@ def worker(rank: int, world_size: int, preset: str, steps: int, labels: list[str
 def _merge_ranks(results: list[dict]) -> dict:
     """One record for all ranks: each field (losses, parameters, optimizer state) once where every
     rank recorded the same, else per rank as `rank<r>/<key>` (the mesh path keeps row-group state
-    as plain tensors; ranks that each compute a replicated matrix may round it differently)."""
+    as plain tensors; ranks that each compute a matrix whole (every rank of a group, as `repeat`
+    replicas or the strategy `replicated` do) may round it differently)."""
     merged = {}
     for label, first in results[0].items():
         merged[label] = {"losses": first["losses"]}

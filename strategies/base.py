@@ -13,9 +13,10 @@ prices it:
   ctx)` gives the run itself, fed bucket by bucket from backward hooks.
 - the cost model prices the same actions (`profiling.simulator`).
 
-Parameters that are *not* sharded (plain tensors replicated on a group, as under DDP) take a common
-path here: every rank already holds the whole matrix, so the owner (from the strategy's own
-`assign_owners`) orthogonalizes it and broadcasts the result; nothing travels forward.
+Parameters that are *not* sharded (plain tensors, whole on every rank of a group, as under DDP)
+take a common path here: every rank already holds the whole matrix, so the owner (from the
+strategy's own `assign_owners`) orthogonalizes it and broadcasts the result; nothing travels
+forward.
 
 Adding a strategy: one file with a `Strategy` subclass (name, Options dataclass, `assign`,
 `schedule`) registered with `@register` and imported once in `strategies/__init__.py`.
@@ -66,8 +67,8 @@ class ExecContext:
 
 class Strategy:
     """Base class: subclasses declare `schedule` (owners of the sharded matrices and the actions)
-    and `assign_owners` (their ownership policy, which plain matrices use too); plain (replicated)
-    matrices' actions are appended here."""
+    and `assign_owners` (their ownership policy, which plain matrices use too); plain matrices'
+    actions (whole on every rank) are appended here."""
 
     name: str = "base"
     # False for the inexact schedules (strategies blockwise, local_norms, periodic): their update

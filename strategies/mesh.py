@@ -108,7 +108,7 @@ class Domain:
     key: tuple
     label: str  # axes of G
     replica_label: str
-    replicas: int  # R: instances holding the same units
+    copies: int  # R: instances holding copies of the same units (on Replicate() dims)
     units: list[Unit]
     instances: list[Instance]
     dtype: torch.dtype
@@ -133,8 +133,8 @@ class MeshPlan(Plan):
     mesh: MeshSpec | None = None
     world: tuple[int, ...] = ()  # global rank of each plan rank
     world_label: str = ""
-    replicas: str = DEFAULT_REPLICAS
-    layouts: tuple[MatrixLayout, ...] = ()
+    replicas: str = DEFAULT_REPLICAS  # the replicas= option: "spread" or "repeat"
+    layouts: tuple[MatrixLayout, ...] = ()  # per parameter: how the scheduler cuts its rows
     domains: list[Domain] = field(default_factory=list)
 
     @property
@@ -147,7 +147,7 @@ class MeshPlan(Plan):
         for dom in self.domains:
             inst = dom.instance(rank)
             out.append((inst.members, dom.label))
-            if dom.replicas > 1 and self.replicas == "spread":
+            if dom.copies > 1 and self.replicas == "spread":
                 out.append((self.mesh.members(rank, dom.key[2]), dom.replica_label))
             for dims in col_dims_of(dom, inst):
                 out.append((self.mesh.members(rank, dims), self.mesh.label(dims)))
@@ -274,7 +274,7 @@ def plan_mesh(strategy: Strategy, layouts: Sequence[MatrixLayout], rank: int,
                 cost.computes += sorted({dom.units[inst.share[j]].param for j in sub.computes}
                                         - set(cost.computes))
                 held[where[member]] += sub.transient_bytes
-        if dom.replicas > 1 and replicas == "spread":  # repeat: replicas exchange nothing
+        if dom.copies > 1 and replicas == "spread":  # repeat: the copies exchange nothing
             _replica_items(dom, ranks, where, mesh, b_out, held)
     for dom in domains:  # 4: the update rule's reductions, per domain on G
         for inst in dom.instances:

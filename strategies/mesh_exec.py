@@ -121,7 +121,7 @@ def orthogonalize(plan: MeshPlan, strategy: Strategy, rows: list[list[torch.Tens
         if inst.share:
             done = strategy.execute(sub, [inputs[position[k]] for k in inst.share], ctx)
             results.update(zip(inst.share, done))
-        if dom.replicas > 1 and plan.replicas == "spread":
+        if dom.copies > 1 and plan.replicas == "spread":
             results.update(_share_replicas(plan, dom, inst, results, groups, device, timer))
         out.append([results[k] for k in inst.units])
     return out

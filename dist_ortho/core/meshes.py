@@ -1,9 +1,10 @@
-"""Device meshes as plain data, and where each piece of a parameter lives on one.
+"""Device meshes as plain data, and how the mesh scheduler cuts a parameter's rows on one.
 
-Core module (no communication, no process group): the optimizer builds these descriptions from
-DTensors when it is constructed (`dist_ortho.core.mesh_groups`), the cost model builds them from
-shapes and a mesh shape, and the mesh scheduler (`dist_ortho.strategies.mesh`) plans from them
-alone, so a plan for 1024 ranks can be made on a laptop and is the same on every rank.
+Core module (no communication, no process group): the optimizer derives these from where each
+parameter's rows live (`param_layout.ParamLayout`, read from the DTensor at construction through
+`mesh_groups.describe`), the cost model builds them from shapes and a mesh shape, and the mesh
+scheduler (`dist_ortho.strategies.mesh`) plans from them alone, so a plan for 1024 ranks can be
+made on a laptop and is the same on every rank.
 
 A parameter is a DTensor on a mesh with one placement per mesh dim; we describe that mesh by the
 *root* mesh it was sliced or flattened from (`MeshSpec`: dim names, sizes, global ranks) plus, per
@@ -31,7 +32,9 @@ names the parameter and the fix) the roles of the mesh dims:
   first trades column blocks for row blocks inside that dim's group (one all-to-all), so that every
   rank holds whole rows: a torch.chunk sub-chunk of its row block, by its column coordinate;
 - expert dims (stacks only): shard the experts; each expert stays whole on its rank;
-- replica dims: explicit `Replicate` and implicit ones (above).
+- replica dims: explicit `Replicate()` and implicit ones (above). What the replicas do with the
+  Newton-Schulz work is the `replicas=` option's choice (spread it or repeat it; see
+  `strategies.mesh`).
 
 The row and column dims together form the "row group" G: after the column exchange the matrix is
 row-sharded over G's ranks, which is exactly what every strategy schedules. Rows are held in the
@@ -186,7 +189,10 @@ def span_of(layouts: Sequence["MatrixLayout"]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class MatrixLayout:
-    """One parameter on a root mesh; see the module docstring. Build with `analyze`."""
+    """How the mesh scheduler cuts one parameter's rows on a root mesh: the roles of its mesh dims
+    (row, column, expert and replica dims; see the module docstring). Derived, by `analyze`, from
+    where the rows live (`param_layout.ParamLayout`: placements and root dims) or, in the cost
+    model, from a shape and a mesh shape alone. Pure data, equal on every rank."""
 
     name: str
     shape: tuple[int, ...]

@@ -20,12 +20,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dist_ortho.core.schedule import Schedule
-from dist_ortho.core.sharding import Layout, MatrixSpec
+from dist_ortho.core.sharding import MatrixSpec
 
 __all__ = ["CommItem", "RankCost", "Plan", "EVERY_RANK", "all_reduce_bytes", "bytes_by_kind",
            "owner_bound_bytes", "TimedCall", "bytes_by_group"]
 
-EVERY_RANK = -1  # owner value of a matrix that every rank orthogonalizes (replicated strategy)
+# owner value of a matrix that every rank orthogonalizes (every matrix under the strategy
+# `replicated`)
+EVERY_RANK = -1
 
 
 def all_reduce_bytes(nbytes: int, world_size: int) -> float:
@@ -112,8 +114,8 @@ class RankCost:
 class Plan:
     """Who does what, and what every rank will pay for it. Identical on every rank but `rank`.
 
-    `buckets`: matrix indices per bucket, in the order the schedule is fed. `layout`: where the optimizer's parameters live (set by the optimizer; None for a
-    plan made from shapes alone, as the cost model makes them)."""
+    `buckets`: matrix indices per bucket, in the order the schedule is fed. A plan holds no
+    process group: the `StepRun` made with it (`optim.step_runs`) holds the group it runs on."""
 
     strategy: str
     world_size: int
@@ -123,7 +125,6 @@ class Plan:
     bucket: tuple[int, ...]  # per matrix; 0 for strategies without buckets
     ranks: list[RankCost]  # indexed by rank
     buckets: tuple[tuple[int, ...], ...] | None = None
-    layout: Layout | None = None
     schedule: Schedule | None = None  # the actions the strategy declared (None: made by hand)
 
     @property

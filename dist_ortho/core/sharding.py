@@ -1,16 +1,21 @@
-"""FSDP2 glue: how a parameter is laid out across ranks, described as plain data.
+"""FSDP2 row arithmetic and the plain data plans are made of.
 
 FSDP2 (`fully_shard`) turns every parameter into a DTensor placed `Shard(0)` over the mesh's shard
 axis: rank r holds rows [r*c, (r+1)*c) of dim 0 with c = ceil(rows / P) (torch.chunk semantics, so
 trailing ranks may hold fewer rows or none: 10 rows over 4 ranks are 3,3,3,1; 3 rows are 1,1,1,0).
 `to_local()` is that unpadded shard. A 2-D HSDP mesh (replicate x shard) places (Replicate(),
-Shard(0)); every replica group does the same work, so we schedule across the shard axis only.
+Shard(0)): each replica group holds a copy of the same shards. The 1-D plans schedule across the
+shard axis only, every replica group repeating the work (`replicas="repeat"`); the mesh path can
+spread it over the replica groups instead (`replicas="spread"`, `optim.mesh_step`).
 
 Core module: imports nothing of dist_ortho but `newton_schulz`.
 
-`MatrixSpec` is what a strategy's `plan()` needs: global shape, dtype and each rank's dim-0 extent.
-It holds no tensors, so planning is pure and identical on every rank. Validation happens here, when
-the optimizer is built, so that a bad parameter raises on every rank before any collective starts.
+- `Layout`: a process group some rows are spread over and this rank's place in it, with how
+  per-row state is placed. Collectives, the non-finite check and an update rule's reductions run
+  on one; `param_layout.ParamLayout.one_group` is the one a parameter's rows live on.
+- `MatrixSpec`: what a strategy's 1-D `plan()` needs of one matrix: global shape, dtype, each
+  rank's dim-0 extent (from the parameter's `ParamLayout.one_group`) and its param group's
+  Newton-Schulz settings. It holds no tensors, so planning is pure and identical on every rank.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
 from dist_ortho.core.newton_schulz import matrix_view_shape, ns_flops
 
-__all__ = ["MatrixSpec", "Layout", "chunk_sizes", "resolve_layout", "local_tensor", "dtype_size"]
+__all__ = ["MatrixSpec", "Layout", "chunk_sizes", "local_tensor", "dtype_size"]
 
 
 def chunk_sizes(n: int, world_size: int) -> tuple[int, ...]:
@@ -44,14 +49,17 @@ def dtype_size(dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class MatrixSpec:
-    """One parameter as the planner sees it. Pure data, equal on every rank."""
+    """One matrix as a 1-D plan sees it: pure data, equal on every rank. Where the parameter's
+    rows live is its `param_layout.ParamLayout` (read once, at construction); this is the part a
+    strategy plans with: the shape, the rows each rank holds, and the Newton-Schulz settings. The
+    mesh scheduler's counterpart is `meshes.MatrixLayout`."""
 
     index: int
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     dim0_sizes: tuple[int, ...]  # rows (dim 0) held by each rank; all equal to shape[0] if not sharded
-    sharded: bool = True
+    sharded: bool = True  # False: a plain tensor, whole on every rank
     ns_steps: int = 5
     out_dtype: torch.dtype | None = None  # dtype of NS results on the wire (the NS compute dtype)
     # position, in backward order, of the FSDP2 unit (`fully_shard` module) holding this matrix:
@@ -108,12 +116,16 @@ class MatrixSpec:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a parameter lives: the process group its shards span and this rank's place in it."""
+    """A process group rows are spread over, this rank's place in it and the device; for rule
+    state, how its per-row tensors are placed. A parameter's rows live on the one in its
+    `ParamLayout.one_group` (1-D FSDP, HSDP, plain tensors); a `StepRun` holds the one its step's
+    non-finite check agrees over, and hands an update rule the one it reduces on and the ones its
+    state is made in."""
 
     group: dist.ProcessGroup | None  # None: a single process, nothing to communicate
     rank: int
     world_size: int
-    sharded: bool
+    sharded: bool  # rows split over the group (FSDP2); False: whole on every rank (plain tensor)
     device: torch.device
     mesh: object | None = None  # the DTensor's DeviceMesh, kept to rebuild state DTensors
     placements: tuple | None = None
@@ -122,41 +134,6 @@ class Layout:
     # own (a column-split TP weight, a stack split by rows); None: derived from the parameter
     state_shape: tuple[int, ...] | None = None
     state_placements: tuple | None = None
-
-
-def _describe(name: str) -> str:
-    return f"parameter {name!r}"
-
-
-def resolve_layout(param: torch.Tensor, name: str,
-                   process_group: dist.ProcessGroup | None = None) -> Layout:
-    """Find the shard group of `param`, raising ValueError for layouts we cannot schedule.
-
-    DTensor: exactly one mesh axis may be Shard(0), every other axis Replicate (FSDP or HSDP).
-    Plain tensor: replicated on `process_group` (default: the world group when initialized).
-    """
-    if isinstance(param, DTensor):
-        mesh, placements = param.device_mesh, tuple(param.placements)
-        shard_axes = [a for a, pl in enumerate(placements) if isinstance(pl, Shard)]
-        others_ok = all(isinstance(pl, (Shard, Replicate)) for pl in placements)
-        if (len(shard_axes) != 1 or not others_ok
-                or any(placements[a].dim != 0 for a in shard_axes)):
-            raise ValueError(
-                f"{_describe(name)} has placements {placements} on a mesh of shape "
-                f"{tuple(mesh.shape)}; dist_ortho schedules FSDP2-style row sharding only: exactly "
-                f"one mesh axis Shard(0) and the others Replicate(). For tensor parallel (Shard(1)) "
-                f"or partial tensors, orthogonalize those parameters with another optimizer.")
-        axis = shard_axes[0]
-        group = mesh.get_group(axis) if mesh.size(axis) > 1 else None
-        world = mesh.size(axis)
-        rank = mesh.get_local_rank(axis) if world > 1 else 0
-        return Layout(group, rank, world, True, param.to_local().device, mesh, placements)
-    if dist.is_available() and dist.is_initialized():
-        group = process_group if process_group is not None else dist.group.WORLD
-        world = dist.get_world_size(group)
-        if world > 1:
-            return Layout(group, dist.get_rank(group), world, False, param.device)
-    return Layout(None, 0, 1, False, param.device)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,18 @@
 """The optimizer's mesh path: parameters on 2-D/3-D meshes (HSDP spread, tensor and expert
 parallel), planned by `strategies.mesh` and run by `strategies.mesh_exec`.
 
-`OrthogonalizedOptimizer` takes this path when a parameter's placements are more than FSDP's one
-`Shard(0)` mesh dim plus replicate dims, or when `replicas="spread"` (the default) and some
-parameter has a replicate dim: `needs_mesh`. Everything else (1-D FSDP, HSDP with
-`replicas="repeat"`, plain tensors) keeps the one-group path, whose plans and bytes are unchanged.
+`OrthogonalizedOptimizer` takes this path when some parameter's rows live on no single group
+(`ParamLayout.one_group` is None: placements beyond FSDP's one `Shard(0)` mesh dim plus
+`Replicate()` dims), or when `replicas="spread"` (the default) and some parameter has a
+`Replicate()` dim of size > 1 (HSDP's replica groups share the work): `needs_mesh`. Everything
+else (1-D FSDP, HSDP with `replicas="repeat"`, plain tensors) takes the one-group path
+(`step_runs.FlatRun`).
 
-At construction (`mesh_plan`): every parameter's layout is analyzed (`meshes.MatrixLayout.analyze`:
-a ValueError naming the parameter for placements that cannot be scheduled exactly, e.g. Partial),
-its local shape is checked against the layout, then the plan is made and only then the process
-groups it needs are made or looked up (`mesh_groups.group_for`).
+At construction (`mesh_plan`): where each parameter's rows live (`param_layout.ParamLayout`, read
+when it joined the optimizer) is analyzed into how the mesh scheduler cuts them
+(`meshes.MatrixLayout.analyze`: a ValueError naming the parameter for placements that cannot be
+scheduled exactly, e.g. Partial), its local shape is checked against that, then the plan is made
+and only then the process groups it needs are made or looked up (`mesh_groups.group_for`).
 So a mistake raises on every rank alike before any collective or group creation. With the plan
 comes its `MeshRun`, the step's orthogonalize and normalize on the mesh (`step_runs.StepRun`).
 """
@@ -17,14 +20,14 @@ comes its `MeshRun`, the step's orthogonalize and normalize on the mesh (`step_r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
-from dist_ortho.core.mesh_groups import common_root, describe, group_for, root_mesh
-from dist_ortho.core.meshes import MatrixLayout, MeshSpec, is_strided
+from dist_ortho.core.mesh_groups import common_root, group_for, root_mesh
+from dist_ortho.core.meshes import MatrixLayout
 from dist_ortho.core.orthogonalizer import FlopCount
+from dist_ortho.core.param_layout import ParamLayout
 from dist_ortho.core.sharding import Layout, local_tensor
 from dist_ortho.optim.step_runs import StepInputs, StepRun
 from dist_ortho.rules.base import UpdateRule
@@ -32,79 +35,47 @@ from dist_ortho.strategies import mesh_exec
 from dist_ortho.strategies.base import Strategy
 from dist_ortho.strategies.mesh import MeshPlan, plan_mesh
 
-__all__ = ["MeshParam", "inspect_param", "needs_mesh", "mesh_plan", "make_groups", "state_layout",
+__all__ = ["needs_mesh", "mesh_plan", "make_groups", "state_layout",
            "check_grads", "MeshRun"]
 
 
-@dataclass(frozen=True)
-class MeshParam:
-    """What construction learns about one parameter for the mesh path."""
-
-    mesh: MeshSpec | None  # None for a plain tensor
-    dims: tuple
-    placements: tuple
-    device_mesh: object | None
-    one_group: bool  # FSDP/HSDP: one Shard(0) dim, the others Replicate
-    replicated_dim: bool  # some dim of size > 1 is Replicate
-
-
-def inspect_param(p: torch.Tensor, name: str) -> MeshParam:
-    if not isinstance(p, DTensor):
-        return MeshParam(None, (), (), None, True, False)
-    mesh, dims, placements = describe(p, name)
-    sizes = tuple(p.device_mesh.mesh.shape)
-    shards = [pl for pl, s in zip(placements, sizes) if not isinstance(pl, Replicate) and s > 1]
-    sharded = [pl for pl in placements if isinstance(pl, Shard)]
-    one = (len(sharded) == 1 and sharded[0].dim == 0 and not is_strided(sharded[0])
-           and all(isinstance(pl, (Shard, Replicate)) for pl in placements)
-           and len(shards) <= 1)
-    replicated = any(isinstance(pl, Replicate) and s > 1 for pl, s in zip(placements, sizes))
-    return MeshParam(mesh, dims, placements, p.device_mesh, one, replicated)
-
-
-def needs_mesh(infos: Sequence[MeshParam], replicas: str) -> bool:
+def needs_mesh(layouts: Sequence[ParamLayout], replicas: str) -> bool:
     """Whether these parameters take the mesh path (see the module docstring)."""
-    if all(i.mesh is None for i in infos):
+    if not any(lay.on_mesh for lay in layouts):
         return False
-    if any(not i.one_group for i in infos):
+    if any(lay.one_group is None for lay in layouts):
         return True
-    return replicas == "spread" and any(i.replicated_dim for i in infos)
+    return replicas == "spread" and any(lay.replicate_dim for lay in layouts)
 
 
-def _layouts(params, names, infos: Sequence[MeshParam]) -> list[MatrixLayout]:
-    on_mesh = [i for i in infos if i.mesh is not None]
-    common = common_root([(i.mesh, i.dims) for i in on_mesh])
+def _analyzed(params, layouts: Sequence[ParamLayout]) -> list[MatrixLayout]:
+    """How the mesh scheduler cuts each parameter's rows, on the root mesh common to all."""
+    common = common_root([(lay.root, lay.dims) for lay in layouts if lay.on_mesh])
     if common is None:
         raise ValueError("parameters live on different root device meshes; one optimizer "
                          "schedules on one mesh (use one optimizer per mesh)")
     root, dims = common
-    infos = [i if i.mesh is None else replace(i, mesh=root, dims=next(it))
-             for it in [iter(dims)] for i in infos]
+    on_root = iter(dims)  # each DTensor's dims, re-expressed on the common root
     all_dims = tuple((d,) for d in range(len(root.sizes)))
+    # a plain tensor is whole on every rank of the mesh: Replicate() on every root dim
+    described = [(next(on_root), lay.placements) if lay.on_mesh
+                 else (all_dims, (Replicate(),) * len(all_dims)) for lay in layouts]
     # the root dims the optimizer spans: any parameter's mesh covers them (a plain tensor, all)
-    span = tuple(sorted({d for i in infos for dd in (all_dims if i.mesh is None else i.dims)
-                         for d in dd}))
-    out = []
-    for p, name, info in zip(params, names, infos):
-        if info.mesh is None:  # a plain tensor: replicated on every rank of the mesh
-            out.append(MatrixLayout.analyze(name, tuple(p.shape), root, all_dims,
-                                            (Replicate(),) * len(all_dims), span))
-        else:
-            out.append(MatrixLayout.analyze(name, tuple(p.shape), root, info.dims,
-                                            info.placements, span))
-    return out
+    span = tuple(sorted({d for pdims, _ in described for dd in pdims for d in dd}))
+    return [MatrixLayout.analyze(lay.name, tuple(p.shape), root, pdims, placements, span)
+            for p, lay, (pdims, placements) in zip(params, layouts, described)]
 
 
-def mesh_plan(params: Sequence[torch.Tensor], names: Sequence[str], infos: Sequence[MeshParam],
-              strategy: Strategy, rule: UpdateRule, ns_steps: Sequence[int],
-              out_dtype: torch.dtype, replicas: str, rank: int) -> MeshPlan:
+def mesh_plan(params: Sequence[torch.Tensor], layouts: Sequence[ParamLayout], strategy: Strategy,
+              rule: UpdateRule, ns_steps: Sequence[int], out_dtype: torch.dtype, replicas: str,
+              rank: int) -> MeshPlan:
     """Validate and plan (pure: no group is made here)."""
     if not strategy.on_mesh:  # placements are alike on every rank, so every rank raises here
         raise ValueError(f"strategy {strategy.name!r} runs on 1-D layouts only (FSDP2 or "
-                         f"plain), and parameter {names[0]!r} lives on a 2-D/3-D mesh (HSDP, TP "
-                         f"or EP); use an exact strategy or 'blockwise' there")
-    layouts = _layouts(params, names, infos)
-    for p, lay in zip(params, layouts):
+                         f"plain), and parameter {layouts[0].name!r} lives on a 2-D/3-D mesh "
+                         f"(HSDP, TP or EP); use an exact strategy or 'blockwise' there")
+    analyzed = _analyzed(params, layouts)
+    for p, lay in zip(params, analyzed):
         want = lay.local_shape(rank)
         if tuple(local_tensor(p).shape) != want:
             raise ValueError(f"parameter {lay.name!r} holds a local tensor of shape "
@@ -112,22 +83,22 @@ def mesh_plan(params: Sequence[torch.Tensor], names: Sequence[str], infos: Seque
                              f"give {want} (torch.chunk, nested in mesh order); custom uneven "
                              f"shardings are not supported")
     dtypes = {}
-    for p, name in zip(params, names):
-        dtypes.setdefault(p.dtype, name)
+    for p, lay in zip(params, layouts):
+        dtypes.setdefault(p.dtype, lay.name)
     if len(dtypes) > 1:
         listed = ", ".join(f"{n!r}: {str(d).replace('torch.', '')}" for d, n in dtypes.items())
         raise ValueError(f"mixed parameter dtypes in one optimizer ({listed}); strategies pack "
                          f"matrices into shared communication buffers of one dtype. Cast the "
                          f"parameters to one dtype or give each dtype its own optimizer.")
-    return plan_mesh(strategy, layouts, rank, params[0].dtype, out_dtype, ns_steps,
+    return plan_mesh(strategy, analyzed, rank, params[0].dtype, out_dtype, ns_steps,
                      rule.reductions, replicas)
 
 
-def make_groups(plan: MeshPlan, infos: Sequence[MeshParam]) -> dict:
+def make_groups(plan: MeshPlan, layouts: Sequence[ParamLayout]) -> dict:
     """Every process group this rank's part of the plan uses, by member ranks."""
     candidates = []
-    for info in infos:
-        mesh = info.device_mesh
+    for lay in layouts:
+        mesh = lay.device_mesh
         if mesh is None:
             continue
         for m in (mesh, root_mesh(mesh)):
@@ -139,16 +110,16 @@ def make_groups(plan: MeshPlan, infos: Sequence[MeshParam]) -> dict:
     return groups
 
 
-def state_layout(plan: MeshPlan, p_index: int, info: MeshParam, device) -> Layout:
+def state_layout(plan: MeshPlan, p_index: int, layout: ParamLayout, device) -> Layout:
     """How the update rule lays out its per-row state for parameter `p_index`: the row layout's
     local shape and placements (NorMuon's v)."""
-    lay = plan.layouts[p_index]
+    cut = plan.layouts[p_index]
     me = plan.global_rank
-    if info.device_mesh is None:
-        return Layout(None, 0, 1, False, device, state_shape=lay.state_shape(me))
-    return Layout(None, 0, 1, True, device, mesh=info.device_mesh,
-                  placements=info.placements, state_shape=lay.state_shape(me),
-                  state_placements=lay.state_placements())
+    if layout.device_mesh is None:
+        return Layout(None, 0, 1, False, device, state_shape=cut.state_shape(me))
+    return Layout(None, 0, 1, True, device, mesh=layout.device_mesh,
+                  placements=layout.placements, state_shape=cut.state_shape(me),
+                  state_placements=cut.state_placements())
 
 
 def check_grads(entries: Sequence[tuple[dict, torch.Tensor]]) -> None:
@@ -171,7 +142,7 @@ class MeshRun(StepRun):
     each parameter's rule state); each step brings only its `StepInputs`."""
 
     def __init__(self, plan: MeshPlan, *, strategy: Strategy, rule: UpdateRule, groups: dict,
-                 params: Sequence[torch.Tensor], infos: Sequence[MeshParam],
+                 params: Sequence[torch.Tensor], layouts: Sequence[ParamLayout],
                  device: torch.device, flops: FlopCount) -> None:
         self.plan = plan
         self.strategy = strategy
@@ -180,8 +151,8 @@ class MeshRun(StepRun):
         self.device = device
         self.flops = flops
         self.layout = Layout(groups.get(plan.world), plan.rank, plan.world_size, True, device)
-        self.state_layouts = {id(p): state_layout(plan, i, info, device)
-                              for i, (p, info) in enumerate(zip(params, infos))}
+        self.state_layouts = {id(p): state_layout(plan, i, lay, device)
+                              for i, (p, lay) in enumerate(zip(params, layouts))}
         me = plan.global_rank
         self._row_layouts = []  # per domain: the row group this rank's instance normalizes on
         for dom in plan.domains:

@@ -1,4 +1,5 @@
-"""NorMuon and Muon as torch optimizers that work on FSDP2-sharded, replicated or local parameters.
+"""NorMuon and Muon as torch optimizers for FSDP2-sharded parameters (1-D, HSDP, TP/EP meshes)
+and plain ones (whole on every rank, as under DDP, or on a single process).
 
 One step, on every rank, whatever the world size:
 1. non-finite check: one tiny all-reduce agrees across ranks whether any gradient holds NaN/Inf; if
@@ -58,7 +59,8 @@ from dist_ortho import strategies as strategy_registry
 from dist_ortho.core.newton_schulz import NSConfig, matrix_view_shape, ns_dtype_name
 from dist_ortho.core.orthogonalizer import FlopCount
 from dist_ortho.core.plan import Plan
-from dist_ortho.core.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor, resolve_layout
+from dist_ortho.core.param_layout import ParamLayout, param_layout
+from dist_ortho.core.sharding import Layout, MatrixSpec, chunk_sizes, local_tensor
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 from dist_ortho.optim import mesh_step
 from dist_ortho.core.hparams import check_beta, check_lr, check_weight_decay
@@ -87,9 +89,11 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
 
     rule: a name from `dist_ortho.rules.available()` ("normuon", "muon") or an UpdateRule.
     strategy: a name from `dist_ortho.strategies.available()` or a Strategy instance.
-    replicas: on a 2-D/3-D mesh, ranks holding the same values of a matrix (HSDP's replicate
-    axis, a TP axis a weight is not split on) "spread" the matrices between them, each
-    orthogonalized once in the job, or "repeat" all of them (`dist_ortho.optim.mesh_step`).
+    replicas: what ranks holding copies of the same rows do with the Newton-Schulz work (the
+    copies: mesh dims that place a matrix `Replicate()`, as HSDP's replicate axis or a TP axis a
+    weight is not split on): "spread" the matrices between them, each orthogonalized once in the
+    job, or "repeat" all of them (`dist_ortho.optim.mesh_step`). Not the strategy `replicated`,
+    which chooses who orthogonalizes within one group of shards.
     momentum_dtype: dtype of the momentum buffers; None (default): float32 for 16-bit parameters,
     the parameter's dtype otherwise (see `dist_ortho.optim.precision`).
     Extra keyword arguments are the rule's own hyperparameters (NorMuon: beta2)."""
@@ -124,7 +128,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                         foreach=foreach, fused=fused, capturable=capturable, maximize=maximize)
         self.strategy = strategy
         self.nonfinite = nonfinite
-        self.replicas = check_replicas(replicas)  # HSDP/TP replicas: "spread" the NS or "repeat"
+        self.replicas = check_replicas(replicas)  # copies on Replicate() dims: "spread" or "repeat"
         self.momentum_dtype = check_momentum_dtype(momentum_dtype)
         self.process_group = process_group
         self.timer: PhaseTimer = NULL_TIMER  # set_timer(); the null timer costs nothing
@@ -134,8 +138,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self.masked_steps: torch.Tensor | None = None  # "mask": steps dropped, counted on device
         self._warned: set[str] = set()
         self._flops = FlopCount()  # NS FLOPs actually run on this rank, counted from the shapes
-        self._layouts: dict[int, Layout | None] = {}  # None: mesh path only (mesh_step)
-        self._infos: dict[int, mesh_step.MeshParam] = {}
+        self._layouts: dict[int, ParamLayout] = {}  # id(param) -> where its rows live
         self._names: dict[int, str] = {}
         # by which parameters take part: the plan and the run that steps it (optim.step_runs)
         self._plans: dict[tuple[int, ...], tuple[Plan, StepRun]] = {}
@@ -179,9 +182,9 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                              f"backward pass; use strategy 'overlapped'")
         # the same test plan() makes: HSDP with replicas="spread" takes the mesh path too
         entries = self._entries(require_grad=False)
-        on_mesh = ([self._names[id(p)] for _, p in entries if self._infos[id(p)].mesh is not None]
-                   if mesh_step.needs_mesh([self._infos[id(p)] for _, p in entries], self.replicas)
-                   else [])
+        layouts = [self._layouts[id(p)] for _, p in entries]
+        on_mesh = ([lay.name for lay in layouts if lay.on_mesh]
+                   if mesh_step.needs_mesh(layouts, self.replicas) else [])
         if on_mesh and self.strategy.runs_in_backward:
             # placements are alike on every rank, so every rank raises here
             raise ValueError(f"parameter {on_mesh[0]!r} lives on a 2-D/3-D mesh (HSDP, TP or "
@@ -247,26 +250,15 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"parameter {name!r} has dtype {p.dtype}; needs floating point")
             matrix_view_shape(p.shape)  # raises for 5-D and up
-            info = mesh_step.inspect_param(p, name)
-            self._infos[id(p)] = info
+            # TP/EP placements (no one group) are validated by the mesh path's plan()
+            self._layouts[id(p)] = param_layout(p, name, self.process_group)
             self._names[id(p)] = name
-            if not info.one_group:  # TP/EP placements: validated by the mesh path's plan()
-                self._layouts[id(p)] = None
-                continue
-            layout = resolve_layout(p, name, self.process_group)
-            if layout.sharded:
-                expected = chunk_sizes(p.shape[0], layout.world_size)[layout.rank]
-                if local_tensor(p).shape[0] != expected:
-                    raise ValueError(
-                        f"parameter {name!r} holds {local_tensor(p).shape[0]} rows on rank "
-                        f"{layout.rank}, but FSDP2's torch.chunk layout gives {expected}; custom "
-                        f"uneven shardings are not supported.")
-            self._layouts[id(p)] = layout
         if self._ready:
             self._replan()
 
     def _group_layout(self, params: Sequence[torch.Tensor]) -> Layout:
-        layouts = [self._layouts[id(p)] for p in params]
+        """The one process group these parameters' rows live on (the 1-D path)."""
+        layouts = [self._layouts[id(p)].one_group for p in params]
         first = layouts[0]
         for p, lay in zip(params, layouts):
             if lay.group is not first.group or lay.world_size != first.world_size:
@@ -312,15 +304,15 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if len(out_dtypes) > 1:
             raise ValueError(f"param groups use different ns_dtype values {sorted(map(str, out_dtypes))}; "
                              f"results travel in one buffer dtype, so use one ns_dtype per optimizer")
-        infos = [self._infos[id(p)] for _, p in entries]
-        if mesh_step.needs_mesh(infos, self.replicas):
+        layouts = [self._layouts[id(p)] for _, p in entries]
+        if mesh_step.needs_mesh(layouts, self.replicas):
             # a MeshRun whatever the strategy: overlap_with_backward refuses meshes, and the mesh
             # plan counts the non-finite all-reduce without the backward pipeline's flag
-            return self._mesh_plan(entries, infos, next(iter(out_dtypes)), device)
+            return self._mesh_plan(entries, layouts, next(iter(out_dtypes)), device)
         layout = self._group_layout([p for _, p in entries])
         specs = []
         for i, (g, p) in enumerate(entries):
-            lay = self._layouts[id(p)]
+            lay = self._layouts[id(p)].one_group
             sizes = (chunk_sizes(p.shape[0], lay.world_size) if lay.sharded
                      else (p.shape[0],) * lay.world_size)
             specs.append(MatrixSpec(i, self._names[id(p)], tuple(p.shape), p.dtype, sizes,
@@ -328,14 +320,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                                     unit=self._units.get(id(p)),
                                     ns_form=g.get("ns_form", "standard")))
         plan = plan_step(self.strategy, specs, layout.world_size, layout.rank, self.rule)
-        plan.layout = layout
         common = dict(strategy=self.strategy, rule=self.rule, layout=layout, flops=self._flops,
-                      state_layouts={id(p): self._layouts[id(p)] for _, p in entries})
+                      state_layouts={id(p): self._layouts[id(p)].one_group for _, p in entries})
         if self.strategy.runs_in_backward:
             return plan, BackwardRun(plan, overlap=self._overlap, **common)
         return plan, FlatRun(plan, **common)
 
-    def _mesh_plan(self, entries, infos, out_dtype: torch.dtype,
+    def _mesh_plan(self, entries, layouts: Sequence[ParamLayout], out_dtype: torch.dtype,
                    device) -> tuple[Plan, StepRun]:
         """The mesh path's plan (`mesh_step`): validate, plan, then make the groups it needs."""
         params = [p for _, p in entries]
@@ -345,13 +336,12 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                              f"whose plans count standard Newton-Schulz only; use "
                              f"ns_form='standard' for it")
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        plan = mesh_step.mesh_plan(params, [self._names[id(p)] for p in params], infos,
-                                   self.strategy, self.rule, [g["ns_steps"] for g, _ in entries],
-                                   out_dtype, self.replicas, rank)
+        plan = mesh_step.mesh_plan(params, layouts, self.strategy, self.rule,
+                                   [g["ns_steps"] for g, _ in entries], out_dtype,
+                                   self.replicas, rank)
         run = mesh_step.MeshRun(plan, strategy=self.strategy, rule=self.rule,
-                                groups=mesh_step.make_groups(plan, infos), params=params,
-                                infos=infos, device=device, flops=self._flops)
-        plan.layout = run.layout
+                                groups=mesh_step.make_groups(plan, layouts), params=params,
+                                layouts=layouts, device=device, flops=self._flops)
         return plan, run
 
     # -- state -----------------------------------------------------------------------------------

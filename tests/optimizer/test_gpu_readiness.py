@@ -82,8 +82,8 @@ def test_optimizer_plans_for_fake_cuda_parameters_on_their_device_in_bfloat16():
     with FakeTensorMode():
         params = [torch.nn.Parameter(torch.empty(s, device="cuda")) for s in gpu_cases.SHAPES]
         for name in STRATEGIES:
-            plan = NorMuon(params, strategy=name).plan()
-            assert plan.layout.device.type == "cuda", name
+            plan, run = NorMuon(params, strategy=name)._planned()
+            assert run.layout.device.type == "cuda", name
             assert {m.out_dtype for m in plan.matrices} == {torch.bfloat16}, name
 
 

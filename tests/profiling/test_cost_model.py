@@ -105,7 +105,7 @@ def test_prediction_equals_counted_on_fake_process_group(world_size, rank):
     assert all(got["counted"] for got in results)
 
 
-def test_gloo_cases_cover_every_strategy_and_both_algorithms():
+def test_gloo_cases_cover_every_strategy_and_both_rules():
     assert {c["strategy"] for c in GLOO_CASES} == set(STRATEGIES)
     assert {c["rule"] for c in GLOO_CASES} == {"normuon", "muon"}
     assert {(c["param_dtype"], c["ns_dtype"]) for c in GLOO_CASES} >= {

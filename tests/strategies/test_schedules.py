@@ -53,6 +53,7 @@ def test_every_registered_schedule_is_counted_as_planned_per_mesh_axis():
                 _same(counted, r["planned"], (rank, key))
 
 
+@pytest.mark.exactness
 def test_a_strategy_declared_by_its_schedule_alone_is_exact_counted_and_priced():
     per_rank = _spawn(schedule_cases.declared_strategy_worker, 3)
     for rank, out in enumerate(per_rank):

@@ -9,7 +9,7 @@ pricing each action with the time model:
   An exchange among a few members (point-to-point messages of a split round) starts when its
   members have issued it and occupies only them, each group of members on its own;
 - `Wait`: the rank's clock moves to the exchange's end;
-- `Compute`: every rank's share (the kernel's `work`) is priced by the compute model, all ranks at
+- `Compute`: every rank's share (the kernel's `shares`) is priced by the compute model, all ranks at
   once (`ComputeModel.concurrent`: ranks sharing a CPU share its cores);
 - `Feed(b)`: with a backward pass modelled, the backward compute before bucket b's hook;
   `Drain`: the backward compute after the last hook (`tail`): backward ends there.
@@ -108,8 +108,7 @@ def simulate(plan: Plan, price: Callable[[list[list[CommItem]]], dict[str, float
             end = ends.pop(action.tag)
             t = [max(a, b) for a, b in zip(t, end)]
         elif isinstance(action, Compute):
-            k = kernel(action.kernel)
-            works = [_seconds(compute, k.work(plan, action, r)) for r in range(P)]
+            works = [_seconds(compute, w) for w in kernel(action.kernel).shares(plan, action)]
             finish = compute.concurrent(works)
             for r in range(P):
                 if works[r] > 0:

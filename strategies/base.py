@@ -37,10 +37,9 @@ from dist_ortho.core.schedule import Compute, Exchange, Feed, Issue, Schedule, W
 from dist_ortho.core.sharding import MatrixSpec
 from dist_ortho.core.timing import NULL_TIMER, PhaseTimer
 from dist_ortho.strategies import executor
-from dist_ortho.strategies.collectives import ns_batches
 
 __all__ = ["CommItem", "RankCost", "Plan", "ExecContext", "Strategy", "EVERY_RANK",
-           "all_reduce_bytes", "ns_batches"]
+           "all_reduce_bytes"]
 
 
 @dataclass

@@ -67,14 +67,16 @@ def full_batches(matrices: Sequence[MatrixSpec], groups: Sequence[Sequence[int]]
     return out
 
 
-def all_gather_flat(flat: torch.Tensor, group: dist.ProcessGroup | None,
-                    world_size: int) -> torch.Tensor:
-    """(world_size, len(flat)) with row r = rank r's buffer. No communication when alone."""
+def all_gather_flat(flat: torch.Tensor, group: dist.ProcessGroup | None, world_size: int,
+                    async_op: bool = False):
+    """((world_size, len(flat)) with row r = rank r's buffer, the Work to wait for before reading
+    it, or None when it is already there: alone, nothing travels; synchronous, it has arrived).
+    An asynchronous caller keeps `flat` alive until the wait."""
     if world_size == 1:
-        return flat.unsqueeze(0)
+        return flat.unsqueeze(0), None
     out = torch.empty(world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
-    all_gather_single(out, flat, group=group)
-    return out.view(world_size, flat.numel())
+    work = all_gather_single(out, flat, group=group, async_op=async_op)
+    return out.view(world_size, flat.numel()), work if async_op else None
 
 
 class Exchange:

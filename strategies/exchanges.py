@@ -4,7 +4,8 @@ Each transport is one registered object with three faces, so that a schedule is 
 priced from one description:
 - `items(plan, exchange)`: per rank, the `CommItem`s of the call(s) (the byte convention of
   `dist_ortho.core.plan`): the counter's source, compared with what the profiler counts;
-- `buffer_bytes(plan, exchange)`: per rank, the send and receive buffers it holds while in flight;
+- `buffer_bytes(plan, exchange, items)`: per rank, the send and receive buffers it holds while in
+  flight;
 - `start(run, exchange)` / `finish(run, exchange, handle)`: the executor's code; `start` issues the
   collective (asynchronously where the backend allows) and `finish` waits and unpacks into the
   run's `full` (forward: whole matrices on the ranks that compute them) or `out` (return: this
@@ -15,7 +16,8 @@ matrix's owner; `two_level` inside the node first with `ranks_per_node`), `all_r
 all-gather of every rank's zero-padded shards: every rank gets every matrix), `owner_gather`
 (one gather per matrix to its owner forward, one scatter back, zero-padded rows), `broadcast`
 (a plain matrix's result from its owner to all) and `shape_blocks` (megabatch's dense per-shape
-blocks with zero matrices). The split Newton-Schulz rounds register theirs in `strategies.split_rounds`.
+blocks with zero matrices). The split Newton-Schulz rounds register theirs in
+`strategies.split_rounds`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dist_ortho.core.schedule import Exchange
 from dist_ortho.core.sharding import dtype_size
 from dist_ortho.strategies import owner_exchange as ox
 from dist_ortho.strategies import two_level
-from dist_ortho.strategies.collectives import (all_gather_single, full_batches, ns_batches,
+from dist_ortho.strategies.collectives import (all_gather_flat, full_batches, ns_batches,
                                                pack_batches)
 
 __all__ = ["Transport", "register_transport", "transport", "TRANSPORTS"]
@@ -54,9 +56,10 @@ class Transport:
     def items(self, plan: Plan, ex: Exchange) -> list[list[CommItem]]:
         raise NotImplementedError
 
-    def buffer_bytes(self, plan: Plan, ex: Exchange) -> list[int]:
-        """Default: what each rank sends and receives."""
-        return [int(sum(c.send_bytes + c.recv_bytes for c in its)) for its in self.items(plan, ex)]
+    def buffer_bytes(self, plan: Plan, ex: Exchange, items: list[list[CommItem]]) -> list[int]:
+        """Per rank, the buffers held while in flight, given the exchange's `items`. Default:
+        what each rank sends and receives."""
+        return [int(sum(c.send_bytes + c.recv_bytes for c in its)) for its in items]
 
     def start(self, run, ex: Exchange):
         raise NotImplementedError
@@ -79,7 +82,8 @@ def _itemsize(plan: Plan, ex: Exchange) -> int:
 class OwnerRows(Transport):
     """Every rank's rows of each matrix to (forward) or from (return) the matrix's owner, in one
     `all_to_all_single` with exact split sizes (`owner_exchange`); with the plan's
-    `ranks_per_node` set on the exchange, node-aware in two stages of point-to-point messages (`two_level`)."""
+    `ranks_per_node` set on the exchange, node-aware in two stages of point-to-point messages
+    (`two_level`)."""
 
     name = "owner_rows"
 
@@ -130,10 +134,6 @@ class OwnerRows(Transport):
             for i, out in zip(ex.matrices, ox.split_returns(ms, owners, me, P, pieces)):
                 run.out[i] = out
 
-    def buffer_bytes(self, plan, ex):
-        # flat: the send and receive buffers; two-level holds about the same (each piece once)
-        return super().buffer_bytes(plan, ex)
-
 
 def _owned_lists(owners, P: int) -> list[list[int]]:
     owned: list[list[int]] = [[] for _ in range(P)]
@@ -157,7 +157,7 @@ class AllRows(Transport):
         wire = (P - 1) * _slot_bytes(plan, ex)
         return [[CommItem("all_gather", wire, wire, "forward")] for _ in range(P)]
 
-    def buffer_bytes(self, plan, ex):
+    def buffer_bytes(self, plan, ex, items):
         return [(plan.world_size + 1) * _slot_bytes(plan, ex)] * plan.world_size
 
     def start(self, run, ex):
@@ -165,17 +165,13 @@ class AllRows(Transport):
         groups = ns_batches(ms)
         flat = pack_batches(ms, groups, [run.shard[i] for i in ex.matrices], run.ctx.rank,
                             run.ctx.device)
-        P = run.ctx.world_size
-        if P == 1:
-            return groups, flat.unsqueeze(0), None
-        out = torch.empty(P * flat.numel(), dtype=flat.dtype, device=flat.device)
-        handle = all_gather_single(out, flat, group=run.ctx.group, async_op=True)
-        return groups, out.view(P, flat.numel()), (handle, flat)
+        gathered, work = all_gather_flat(flat, run.ctx.group, run.ctx.world_size, async_op=True)
+        return groups, gathered, work, flat  # the send buffer lives until the wait
 
     def finish(self, run, ex, handle):
-        groups, gathered, work = handle
+        groups, gathered, work, _ = handle
         if work is not None:
-            work[0].wait()
+            work.wait()
         ms = [run.plan.matrices[i] for i in ex.matrices]
         me = run.ctx.rank
         owners = [run.plan.owner[i] for i in ex.matrices]
@@ -183,9 +179,9 @@ class AllRows(Transport):
         for ks, batch in zip(groups, full_batches(ms, groups, gathered, wanted)):
             if batch is None:
                 continue
-            indices = tuple(ex.matrices[k] for k in ks)
-            if all(owners[k] == EVERY_RANK for k in ks):
-                run.stacks[indices] = batch  # computed as one stack: no copy
+            if all(owners[k] == EVERY_RANK for k in ks):  # computed as one stack: no copy
+                run.stacks[tuple(ex.matrices[k] for k in ks)] = batch
+                continue
             for k, x in zip(ks, batch.unbind(0)):
                 if owners[k] in (me, EVERY_RANK):
                     run.full[ex.matrices[k]] = x
@@ -203,25 +199,12 @@ class OwnerGather(Transport):
     name = "owner_gather"
 
     def items(self, plan, ex):
-        P = plan.world_size
-        out: list[list[CommItem]] = [[] for _ in range(P)]
-        if P == 1:
-            return out
-        for i in ex.matrices:
-            m, o = plan.matrices[i], plan.owner[i]
-            piece = m.padded_rows * m.row_numel
-            for r in range(P):
-                if ex.phase == "forward":
-                    b = dtype_size(m.dtype)
-                    out[r].append(CommItem("gather", 0, (P - 1) * piece * b) if r == o
-                                  else CommItem("gather", piece * b, 0))
-                else:
-                    b = m.out_itemsize
-                    out[r].append(CommItem("scatter", (P - 1) * piece * b, 0, "return") if r == o
-                                  else CommItem("scatter", 0, piece * b, "return"))
-        return out
+        forward = ex.phase == "forward"
+        return _rooted_items(plan, ex, "gather" if forward else "scatter", lambda m: (
+            m.padded_rows * m.row_numel * (dtype_size(m.dtype) if forward else m.out_itemsize)),
+            root_sends=not forward)
 
-    def buffer_bytes(self, plan, ex):
+    def buffer_bytes(self, plan, ex, items):
         held = [0] * plan.world_size
         for i in ex.matrices:
             m = plan.matrices[i]
@@ -275,6 +258,24 @@ class OwnerGather(Transport):
                 run.out[i] = out if out.shape[0] == rows else out[:rows]
 
 
+def _rooted_items(plan: Plan, ex: Exchange, kind: str, piece_bytes, root_sends: bool
+                  ) -> list[list[CommItem]]:
+    """One rooted collective per matrix, rooted at its owner: every other rank sends (or, with
+    `root_sends`, receives) `piece_bytes(m)` and the root receives (sends) that from (to) each of
+    the P - 1 others."""
+    P = plan.world_size
+    out: list[list[CommItem]] = [[] for _ in range(P)]
+    if P == 1:
+        return out
+    for i in ex.matrices:
+        n, root = piece_bytes(plan.matrices[i]), plan.owner[i]
+        for r in range(P):
+            many, one = ((P - 1) * n, 0) if r == root else (0, n)
+            send, recv = (many, one) if root_sends else (one, many)
+            out[r].append(CommItem(kind, send, recv, ex.phase))
+    return out
+
+
 def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] == rows:  # an even shard travels as it is
         return t
@@ -290,19 +291,10 @@ class Broadcast(Transport):
     name = "broadcast"
 
     def items(self, plan, ex):
-        P = plan.world_size
-        out: list[list[CommItem]] = [[] for _ in range(P)]
-        if P == 1:
-            return out
-        for i in ex.matrices:
-            m, o = plan.matrices[i], plan.owner[i]
-            n = m.numel * m.out_itemsize
-            for r in range(P):
-                out[r].append(CommItem("broadcast", (P - 1) * n if r == o else 0,
-                                       0 if r == o else n, "return"))
-        return out
+        return _rooted_items(plan, ex, "broadcast", lambda m: m.numel * m.out_itemsize,
+                             root_sends=True)
 
-    def buffer_bytes(self, plan, ex):
+    def buffer_bytes(self, plan, ex, items):
         held = [0] * plan.world_size
         for i in ex.matrices:
             m = plan.matrices[i]
@@ -344,7 +336,7 @@ class ShapeBlocks(Transport):
         wire = (P - 1) * piece * b
         return [[CommItem("all_to_all", wire, wire, ex.phase)] for _ in range(P)]
 
-    def buffer_bytes(self, plan, ex):
+    def buffer_bytes(self, plan, ex, items):
         P = plan.world_size
         m = plan.matrices[ex.matrices[0]]
         b = _itemsize(plan, ex)

@@ -25,7 +25,6 @@ import torch
 
 from dist_ortho.core.plan import Plan, RankCost
 from dist_ortho.core.schedule import Compute, Drain, Feed, Issue, Schedule, Wait
-from dist_ortho.core.sharding import dtype_size
 from dist_ortho.strategies.exchanges import transport
 from dist_ortho.strategies.kernels import kernel
 
@@ -125,58 +124,65 @@ def count(plan: Plan) -> list[RankCost]:
     """Every rank's predicted cost of the plan's schedule (see the module docstring).
 
     Transient bytes: an exchange's buffers are held from its issue until its wait (a forward's
-    until the compute that reads them), and a computed matrix's whole input and result from the
-    compute until its return is waited for."""
+    until every matrix it brought has been computed), and a compute's whole inputs and results
+    (or a split matrix's blocks) until every matrix it computed has been sent back."""
     P = plan.world_size
     ranks = [RankCost() for _ in range(P)]
     live = [0] * P
     peak = [0] * P
     held: dict = {}  # key -> per-rank bytes still held
-    forward_of: dict[tuple[int, ...], list] = {}  # matrices -> keys freed by their compute
+    # key -> the matrices whose compute (a forward's buffers) or return (a compute's) frees it
+    awaiting: dict[str, dict] = {"compute": {}, "return": {}}
 
     exchanges = {a.tag: a.exchange for a in plan.schedule.actions if isinstance(a, Issue)}
 
     def hold(key, sizes) -> None:
-        if key in held:  # the same buffers (a split kernel's rounds)
-            return
-        held[key] = sizes
+        # a key held again is the same buffers (a split kernel's rounds): the larger of the two
+        before = held.get(key, [0] * P)
+        held[key] = [max(a, b) for a, b in zip(before, sizes)]
         for r in range(P):
-            live[r] += sizes[r]
+            live[r] += held[key][r] - before[r]
             peak[r] = max(peak[r], live[r])
 
     def free(key) -> None:
         for r, n in enumerate(held.pop(key, ())):
             live[r] -= n
 
+    def done(event: str, matrices) -> None:
+        """`matrices` were computed / sent back: free what waited for nothing else."""
+        for key, rest in list(awaiting[event].items()):
+            rest.difference_update(matrices)
+            if not rest:
+                del awaiting[event][key]
+                free(key)
+
     for action in plan.schedule.actions:
         if isinstance(action, Issue):
             ex = action.exchange
             t = transport(ex.transport)
-            for r, items in enumerate(t.items(plan, ex)):
-                ranks[r].comm.extend(items)
-            hold(("x", action.tag), t.buffer_bytes(plan, ex))
+            items = t.items(plan, ex)
+            for cost, its in zip(ranks, items):
+                cost.comm.extend(its)
+            hold(("x", action.tag), t.buffer_bytes(plan, ex, items))
             if ex.phase == "forward":
-                forward_of.setdefault(ex.matrices, []).append(("x", action.tag))
+                awaiting["compute"][("x", action.tag)] = set(ex.matrices)
         elif isinstance(action, Wait):
             ex = exchanges[action.tag]
             if ex.phase != "forward":
                 free(("x", action.tag))
             if ex.phase == "return":
-                free(("c", ex.matrices))
+                done("return", ex.matrices)
         elif isinstance(action, Compute):
-            k = kernel(action.kernel)
-            sizes = []
-            for r in range(P):
-                work = k.work(plan, action, r)
-                ranks[r].computes.extend(i for i in k.computes(plan, action, r)
-                                         if i not in ranks[r].computes)
-                ranks[r].ns_flops += work.total_flops
-                ranks[r].ns_calls += work.ns_calls
-                sizes.append(sum(m.numel * (dtype_size(m.dtype) + m.out_itemsize)
-                                 for m in work.matrices))
-            hold(("c", action.matrices), sizes)
-            for key in forward_of.pop(action.matrices, ()):
-                free(key)
+            shares = kernel(action.kernel).shares(plan, action)
+            for cost, work in zip(ranks, shares):
+                cost.computes.extend(work.indices)
+                cost.ns_flops += work.total_flops
+                cost.ns_calls += work.ns_calls
+            key = ("c", action.matrices)
+            hold(key, [work.held_bytes for work in shares])
+            if action.matrices:
+                awaiting["return"].setdefault(key, set(action.matrices))
+            done("compute", action.matrices)
     for r, cost in enumerate(ranks):
         cost.transient_bytes = peak[r]
     return ranks

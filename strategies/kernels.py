@@ -2,9 +2,11 @@
 
 Like a transport (`strategies.exchanges`), each kernel is one registered object with the faces the
 executor, the counter and the simulator need:
-- `work(plan, compute, rank)`: the matrices (as `MatrixSpec`s, shaped as they are computed) rank
-  `rank` runs Newton-Schulz on, whether they run batched, and any FLOPs not in whole matrices (a
-  split Newton-Schulz round's share): the counter sums their FLOPs, the simulator prices them;
+- `shares(plan, compute)`: every rank's `Work`, in one pass over the action's matrices: which
+  matrices it computes, the matrices (as `MatrixSpec`s, shaped as they are computed) it runs
+  Newton-Schulz on, whether they run batched, any FLOPs not in whole matrices (a split
+  Newton-Schulz round's share) and the bytes it holds: the counter sums them, the simulator
+  prices them;
 - `run(run, compute)`: the executor's code, reading the run's `full` / `shard` / `stacks` and
   writing `result` (or `out`, for a kernel whose result is already this rank's rows).
 
@@ -25,7 +27,7 @@ import torch
 from dist_ortho.core.batching import batches, stacked
 from dist_ortho.core.plan import EVERY_RANK, Plan
 from dist_ortho.core.schedule import Compute
-from dist_ortho.core.sharding import MatrixSpec
+from dist_ortho.core.sharding import MatrixSpec, dtype_size
 from dist_ortho.strategies.collectives import ns_batches
 
 __all__ = ["Work", "Kernel", "register_kernel", "kernel", "KERNELS"]
@@ -45,13 +47,23 @@ def kernel(name: str) -> "Kernel":
 
 @dataclass
 class Work:
-    """One rank's share of a compute action: `matrices` run through Newton-Schulz (batched per
-    shape when `batched`), plus `flops` in `calls` calls outside whole matrices."""
+    """One rank's share of a compute action: the plan indices it computes (`indices`), the
+    `matrices` it runs through Newton-Schulz (batched per shape when `batched`), `flops` in
+    `calls` calls outside whole matrices, and `extra_bytes` held beyond those matrices' whole
+    inputs and results (a split matrix's block)."""
 
+    indices: list[int] = field(default_factory=list)
     matrices: list[MatrixSpec] = field(default_factory=list)
     batched: bool = True
     flops: int = 0
     calls: int = 0
+    extra_bytes: int = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Inputs and results held while it runs."""
+        return self.extra_bytes + sum(m.numel * (dtype_size(m.dtype) + m.out_itemsize)
+                                      for m in self.matrices)
 
     @property
     def total_flops(self) -> int:
@@ -65,17 +77,34 @@ class Work:
 
 
 class Kernel:
+    """Default: each matrix is computed whole by its owner (by every rank where it is
+    EVERY_RANK), batched per shape and setting."""
+
     name = "kernel"
+    batch = True
 
-    def computes(self, plan: Plan, c: Compute, rank: int) -> list[int]:
-        """Plan indices whose Newton-Schulz rank `rank` (partly) runs."""
-        return [i for i in c.matrices if plan.owner[i] in (rank, EVERY_RANK)]
-
-    def work(self, plan: Plan, c: Compute, rank: int) -> Work:
-        return Work([plan.matrices[i] for i in self.computes(plan, c, rank)])
+    def shares(self, plan: Plan, c: Compute) -> list[Work]:
+        """Every rank's share of `c` (see the module docstring)."""
+        owned: list[list[int]] = [[] for _ in range(plan.world_size)]
+        for i in c.matrices:
+            for mine in (owned if plan.owner[i] == EVERY_RANK else (owned[plan.owner[i]],)):
+                mine.append(i)
+        return [Work(ix, [plan.matrices[i] for i in ix], self.batch) for ix in owned]
 
     def run(self, run, c: Compute) -> None:
         raise NotImplementedError
+
+
+def _owned(run, c: Compute) -> list[int]:
+    """The matrices of `c` this rank computes whole."""
+    return [i for i in c.matrices if run.plan.owner[i] in (run.ctx.rank, EVERY_RANK)]
+
+
+def _take_stack(run, ids: list[int]):
+    """The (n, *shape) stack of whole matrices `ids`: one a transport left in `run.stacks`, else
+    one stacked from `run.full`; either is dropped from the run."""
+    stack = run.stacks.pop(tuple(ids), None)
+    return stack if stack is not None else stacked([run.full.pop(i) for i in ids])
 
 
 def _batched_ns(run, indices: list[int], batch: bool, contiguous: bool = False) -> dict:
@@ -87,12 +116,7 @@ def _batched_ns(run, indices: list[int], batch: bool, contiguous: bool = False) 
     results = {}
     for ks in groups:
         ids = [indices[k] for k in ks]
-        stack = run.stacks.pop(tuple(ids), None)
-        if stack is None:
-            stack = stacked([run.full.pop(i) for i in ids])
-        else:
-            for i in ids:
-                run.full.pop(i, None)
+        stack = _take_stack(run, ids)
         with ctx.phase("ns"):
             out = ctx.orthogonalizer.run(ids, stack)
         if contiguous:
@@ -108,12 +132,8 @@ class OwnedNS(Kernel):
     def __init__(self, name: str, batch: bool) -> None:
         self.name, self.batch = name, batch
 
-    def work(self, plan, c, rank):
-        return Work([plan.matrices[i] for i in self.computes(plan, c, rank)], self.batch)
-
     def run(self, run, c):
-        mine = self.computes(run.plan, c, run.ctx.rank)
-        run.result.update(_batched_ns(run, mine, self.batch))
+        run.result.update(_batched_ns(run, _owned(run, c), self.batch))
 
 
 class OwnRows(Kernel):
@@ -127,9 +147,7 @@ class OwnRows(Kernel):
         specs = [run.plan.matrices[i] for i in c.matrices]
         for ks in ns_batches(specs):
             ids = [c.matrices[k] for k in ks]
-            stack = run.stacks.pop(tuple(ids), None)
-            if stack is None:
-                stack = stacked([run.full.pop(i) for i in ids])
+            stack = _take_stack(run, ids)
             with ctx.phase("ns"):
                 result = ctx.orthogonalizer.run(ids, stack)
             m = specs[ks[0]]
@@ -146,7 +164,7 @@ class PlainNS(Kernel):
     name = "ns_plain"
 
     def run(self, run, c):
-        mine = self.computes(run.plan, c, run.ctx.rank)
+        mine = _owned(run, c)
         for i in mine:
             run.full[i] = run.shard[i]
         results = _batched_ns(run, mine, True, contiguous=True)
@@ -168,13 +186,15 @@ class ShapeBlocksNS(Kernel):
         blocks = -(-len(c.matrices) // P)
         return [b * P + rank for b in range(blocks)]
 
-    def computes(self, plan, c, rank):
-        return [c.matrices[j] for j in self._slots(plan, c, rank) if j < len(c.matrices)]
-
-    def work(self, plan, c, rank):
+    def shares(self, plan, c):
         first = plan.matrices[c.matrices[0]]
-        return Work([plan.matrices[c.matrices[j]] if j < len(c.matrices) else first
-                     for j in self._slots(plan, c, rank)], True)
+        out = []
+        for r in range(plan.world_size):
+            slots = self._slots(plan, c, r)
+            out.append(Work([c.matrices[j] for j in slots if j < len(c.matrices)],
+                            [plan.matrices[c.matrices[j]] if j < len(c.matrices) else first
+                             for j in slots]))
+        return out
 
     def run(self, run, c):
         ctx = run.ctx
@@ -192,18 +212,18 @@ class Blocks(Kernel):
 
     name = "blocks"
 
-    def computes(self, plan, c, rank):
-        return list(c.matrices)
-
-    def work(self, plan, c, rank):
-        specs = []
-        for i in c.matrices:
-            m = plan.matrices[i]
-            if not m.sharded:
-                specs.append(m)
-            elif m.dim0_sizes[rank]:
-                specs.append(dataclasses.replace(m, shape=m.local_shape(rank)))
-        return Work(specs, False)
+    def shares(self, plan, c):
+        out = []
+        for r in range(plan.world_size):
+            specs = []
+            for i in c.matrices:
+                m = plan.matrices[i]
+                if not m.sharded:
+                    specs.append(m)
+                elif m.dim0_sizes[r]:
+                    specs.append(dataclasses.replace(m, shape=m.local_shape(r)))
+            out.append(Work(list(c.matrices), specs, False))
+        return out
 
     def run(self, run, c):
         ctx = run.ctx

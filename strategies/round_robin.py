@@ -47,7 +47,8 @@ class RoundRobin(Strategy):
         idx = [m.index for m in matrices]
         n = len(idx)
         actions = ([Feed(0)]
-                   + [Issue(t, Exchange("owner_gather", "forward", (i,))) for t, i in enumerate(idx)]
+                   + [Issue(t, Exchange("owner_gather", "forward", (i,)))
+                      for t, i in enumerate(idx)]
                    + [Wait(t) for t in range(n)]
                    + [Compute("ns", tuple(idx))]
                    + [Issue(n + t, Exchange("owner_gather", "return", (i,)))

@@ -27,7 +27,8 @@ tests/tolerances.py; B's rows are computed as in the reference and travel lossle
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -135,18 +136,25 @@ def _reassemble(matrices, parts, me: int, P: int, got: list[torch.Tensor]) -> li
 
 
 
-def _round_items(rounds, rank: int) -> list[CommItem]:
-    """Rank's messages in the split rounds (`round_traffic`), in the order `_SplitRounds` posts
-    them: per round, per fellow member (ascending), the send and then the receive."""
+def _round_items(peers: dict, rank: int, link: str | None) -> list[CommItem]:
+    """Rank's messages in one split round (an entry of `round_traffic`), in the order
+    `SplitRound.start` posts them: per fellow member (ascending), the send and then the receive,
+    one message each on `link`."""
     items = []
-    for peers in rounds:
-        for q, (send, recv) in sorted(peers.get(rank, {}).items()):
-            pair = (min(rank, q), max(rank, q))
-            if send:
-                items.append(CommItem("send", send, 0, "forward", group=pair))
-            if recv:
-                items.append(CommItem("recv", 0, recv, "forward", group=pair))
+    for q, (send, recv) in sorted(peers.get(rank, {}).items()):
+        pair = (min(rank, q), max(rank, q))
+        if send:
+            items.append(CommItem("send", send, 0, "forward", group=pair, link=link, messages=1))
+        if recv:
+            items.append(CommItem("recv", 0, recv, "forward", group=pair, link=link, messages=1))
     return items
+
+
+@functools.lru_cache(maxsize=8)
+def _rounds(matrices: tuple[MatrixSpec, ...], parts: tuple) -> tuple:
+    """`round_traffic` of a plan's split matrices, once for all its rounds (the counter and the
+    simulator ask round by round)."""
+    return tuple(round_traffic(list(matrices), list(parts)))
 
 
 
@@ -240,12 +248,12 @@ class SplitRound(Transport):
     def items(self, plan, ex):
         parts = parts_of(plan)
         idx = [i for i in ex.matrices if len(parts[i]) > 1]
-        rounds = round_traffic([plan.matrices[i] for i in idx], [parts[i] for i in idx])
+        rounds = _rounds(tuple(plan.matrices[i] for i in idx), tuple(parts[i] for i in idx))
         peers = rounds[ex.step] if ex.step < len(rounds) else {}
         # groups inside one node (the planner's ranks_per_node) talk on the intra-node link
         link = "intra_node" if ex.ranks_per_node is not None else None
-        return [[dataclasses.replace(c, link=link, messages=1) for c in _round_items([peers], r)]
-                if plan.world_size > 1 else [] for r in range(plan.world_size)]
+        return [_round_items(peers, r, link) if plan.world_size > 1 else []
+                for r in range(plan.world_size)]
 
     def start(self, run, ex):
         ctx, me = run.ctx, run.ctx.rank
@@ -298,16 +306,25 @@ class SplitKernel(Kernel):
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def computes(self, plan, c, rank):
-        return [i for i, _ in _mine(plan, split_indices(plan, c.matrices), rank)]
-
-    def work(self, plan, c, rank):
-        if self.name != "split_finish":
-            return Work()
-        mine = _mine(plan, split_indices(plan, c.matrices), rank)
-        flops = sum(part_flops(plan.matrices[i], split_dims(plan.matrices[i])[1], p.hi - p.lo,
-                               p.ahi - p.alo) for i, p in mine)
-        return Work(flops=flops, calls=len(mine))
+    def shares(self, plan, c):
+        """Every member holds its blocks through all the stages; the last stage carries the
+        matrices it computes and their FLOPs (one call per block)."""
+        out = [Work() for _ in range(plan.world_size)]
+        parts = parts_of(plan)
+        last = self.name == "split_finish"
+        for i in c.matrices:
+            if len(parts[i]) < 2:
+                continue
+            m = plan.matrices[i]
+            k = split_dims(m)[1]
+            for p in parts[i]:
+                w = out[p.member]
+                w.extra_bytes += _part_numel(m, p) * (dtype_size(m.dtype) + m.out_itemsize)
+                if last:
+                    w.indices.append(i)
+                    w.flops += part_flops(m, k, p.hi - p.lo, p.ahi - p.alo)
+                    w.calls += 1
+        return out
 
     def run(self, run, c):
         mine = dict(_mine(run.plan, split_indices(run.plan, c.matrices), run.ctx.rank))

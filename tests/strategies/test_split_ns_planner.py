@@ -14,7 +14,9 @@ from dist_ortho.models import matrix_shapes
 from dist_ortho.profiling import costmodel as cm
 from dist_ortho.profiling.hardware import HARDWARE_PRESETS
 from dist_ortho.reporting.families import split_ns_options
+from dist_ortho.core.schedule import Issue
 from dist_ortho.strategies import split_plan
+from dist_ortho.strategies.exchanges import transport
 
 
 def _specs(model: str, P: int):
@@ -190,3 +192,22 @@ def test_planning_at_4096_ranks_counts_each_rank_piece_as_the_executor_does():
             part = split_plan.Part(member=1, axis=axis, lo=lo, hi=hi)
             want = [split_plan.piece_numel(m, part, r) for r in range(6)]
             assert split_plan.piece_numels(m, part).tolist() == want, (m.shape, part)
+
+
+def test_regression_a_split_matrix_blocks_are_in_its_members_transient_bytes():
+    """Bug: the split stages before the last carry no FLOPs, so the counter held each split
+    matrix at zero bytes from its first stage on and never counted the members' blocks. A
+    member's peak is its block (input and result) plus its busiest round's buffers: the forward
+    buffers are freed once the block is computed on, the return comes after the rounds."""
+    P = 4
+    specs = cm.matrix_specs([(64, 256)], P)
+    plan = strategies.build("split_ns", split="all").plan(specs, P, 0)
+    m, parts = specs[0], dict(plan.schedule.splits)[0]
+    assert len(parts) == P
+    rounds = [a.exchange for a in plan.schedule.actions
+              if isinstance(a, Issue) and a.exchange.transport == "split_round"]
+    for p in parts:  # a wide matrix splits its columns: each block is all rows of some columns
+        block = (p.hi - p.lo) * m.shape[0] * (m.dtype.itemsize + m.out_itemsize)
+        busiest = max(sum(c.send_bytes + c.recv_bytes for c in transport(ex.transport).items(
+            plan, ex)[p.member]) for ex in rounds)
+        assert plan.ranks[p.member].transient_bytes == block + busiest, (p, block, busiest)

@@ -218,6 +218,15 @@ class Trajectory:
         return [param_bound(e, w, s, wd) for e, w, s, wd
                 in zip(eps_updates, self.w_norms, self.steps, self.wd)]
 
+    def loss_bound(self, loss: float, grad_norms: Sequence[float], eps_updates: Sequence[float],
+                   eps_loss: float) -> float:
+        """Bound on |loss - reference loss| at the step about to be taken: the loss's own rounding
+        (2 C eps_loss |loss|) plus, to first order, each gradient's norm times the bound on its
+        weights after the steps recorded so far."""
+        first_order = sum(g * param_bound(e, w, s) for g, e, w, s
+                          in zip(grad_norms, eps_updates, self.w_norms, self.steps))
+        return 2 * C * eps_loss * abs(loss) + first_order
+
 
 def assert_within(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor],
                   bounds: Sequence[float], context=None, family: str | None = None) -> list[float]:

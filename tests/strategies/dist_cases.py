@@ -319,10 +319,9 @@ def fsdp_train_worker(rank: int, world_size: int, strategy_names: list[str],
         if step == 0:
             ref_grads0 = {n: p.grad.detach().clone() for n, p in named}
         # weights entering this step's loss are within the bound of the steps taken so far
-        first_order = sum(float(p.grad.double().norm()) * tolerances.param_bound(
-            eps_update[n], trajectory.w_norms[i], trajectory.steps[i])
-            for i, (n, p) in enumerate(named))
-        loss_bounds.append(2 * tolerances.C * eps_loss * abs(loss.item()) + first_order)
+        loss_bounds.append(trajectory.loss_bound(
+            loss.item(), [float(p.grad.double().norm()) for _, p in named],
+            [eps_update[n] for n, _ in named], eps_loss))
         ref_opt.step()
         ref_opt.zero_grad()
         trajectory.record([p for _, p in named])
